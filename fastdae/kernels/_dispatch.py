@@ -1,0 +1,65 @@
+"""The one place that turns `impl=` into a backend, and the one launch heuristic helper.
+
+auto: Triton for CUDA tensors, the C++ op for CPU tensors when it is built, else the reference.
+The Triton interpreter (TRITON_INTERPRET=1) lets impl="triton" run on CPU tensors: that is for
+tests, never a user's fast path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from fastdae import _ext
+
+Impl = Literal["auto", "triton", "cpp", "ref"]
+BASE_IMPLS = ("auto", "triton", "cpp", "ref")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    op: str,
+    cpp: tuple[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> str:
+    """Validate `impl` for an op on `device` and resolve "auto".
+
+    cpp: (csrc stem, op name) of the C++ implementation, or None when the op has none.
+    extra: op-specific backends beyond the base four (e.g. "sdpa", "xformers" for attention).
+    """
+    allowed = BASE_IMPLS + extra
+    if impl not in allowed:
+        raise ValueError(f"{op}: impl must be one of {allowed}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and cpp is not None and _ext.has_op(*cpp):
+            return "cpp"
+        return "ref"
+    if impl == "triton" and device.type != "cuda" and not triton_interpret():
+        raise RuntimeError(
+            f"{op}: impl='triton' needs CUDA tensors (got {device.type}); "
+            "on CPU use impl='cpp' or 'ref', or set TRITON_INTERPRET=1 before importing fastdae to test kernels"
+        )
+    if impl == "cpp":
+        if cpp is None:
+            raise ValueError(f"{op}: has no C++ implementation; use impl='auto', 'triton' or 'ref'")
+        if device.type != "cpu":
+            raise RuntimeError(f"{op}: impl='cpp' runs on CPU tensors only (got {device.type})")
+        _ext.get_op(*cpp)  # raises with the reason when unavailable
+    return impl
+
+
+def num_warps_for(block_elems: int) -> int:
+    """Warps per program from the number of elements one program touches per step."""
+    if block_elems >= 16384:
+        return 8
+    if block_elems >= 2048:
+        return 4
+    return 2 if block_elems >= 256 else 1

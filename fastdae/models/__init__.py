@@ -1,0 +1,1 @@
+"""Models: autoencoder.py (Encoder, Decoder, bottlenecks), discriminator.py, dit.py, diffusion.py."""
