@@ -1,0 +1,267 @@
+// LPIPS head on CPU: for each layer l with features f0, f1 (B, C, H, W) and weights w (C,),
+//   u = f / (||f||_2 + eps)   (norm over channels, per image and position)
+//   out[b] += 1/(H W) * sum_p sum_c w_c (u0 - u1)_c^2
+// Backward (a_c = 2 g_b / (H W) * w_c (u0 - u1)_c = dL/du0 = -dL/du1, r = 1 / (n + eps)):
+//   dL/df = r a - r^2 / n * (a . f) f        (the second term -> 0 as f -> 0, so f = 0 gives r a)
+// Both passes read each feature map from memory once: a tile of TP positions x all C channels is
+// gathered (converted to float) into a thread-local channel-major buffer, every reduction and the
+// gradient run on that cache-resident buffer, and gradients are scattered back in the input layout.
+// Contiguous (NCHW) and channels_last (NHWC) inputs are read in place; other strides are copied.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TP = 16;     // positions per tile: one AVX-512 / two AVX2 float vectors
+constexpr float EPS = 1e-10f;  // added to the norm, as in the lpips package
+constexpr int64_t TILE_GRAIN_ELEMS = 1 << 15;  // per parallel chunk, so tiny layers stay serial
+
+// Calls fn(scalar_t{}) for the feature dtypes the op accepts.
+template <typename Fn>
+void dispatch_feature_dtype(at::ScalarType t, const char* name, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, name, ": features must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+// One layer's inputs in a layout the tile loops read in place.
+struct Layer {
+  at::Tensor f0, f1, w;  // f0, f1 share one layout; w (C,) float32
+  int64_t B, C, HW;
+  bool nhwc;             // channels_last (channel stride 1) rather than contiguous (spatial stride 1)
+  int64_t tiles;         // tiles per image
+};
+
+Layer prepare(const at::Tensor& f0, const at::Tensor& f1, const at::Tensor& w) {
+  TORCH_CHECK(f0.dim() == 4 && f0.sizes() == f1.sizes(), "lpips_head: feats0/feats1 must be equal (B, C, H, W), got ",
+              f0.sizes(), " and ", f1.sizes());
+  TORCH_CHECK(f0.scalar_type() == f1.scalar_type(), "lpips_head: feats0/feats1 dtypes differ");
+  TORCH_CHECK(w.numel() == f0.size(1), "lpips_head: weights must have C=", f0.size(1), " elements, got ", w.numel());
+  // NHWC only when it differs from NCHW (for C == 1 or H W == 1 both layouts are the same memory).
+  const bool nhwc = !f0.is_contiguous() && f0.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  Layer L{f0.contiguous(fmt), f1.contiguous(fmt), w.to(at::kFloat).contiguous(), f0.size(0), f0.size(1),
+          f0.size(2) * f0.size(3), nhwc, 0};
+  L.tiles = (L.HW + TP - 1) / TP;
+  return L;
+}
+
+// src: one image's map; dst[c * TP + p] for positions p0 .. p0 + np, lanes np .. TP zero-filled.
+template <typename scalar_t>
+void gather(const scalar_t* src, const Layer& L, int64_t p0, int64_t np, float* dst) {
+  if (np < TP) std::fill(dst, dst + L.C * TP, 0.0f);
+  if (L.nhwc) {
+    for (int64_t p = 0; p < np; ++p) {
+      const scalar_t* v = src + (p0 + p) * L.C;
+      for (int64_t c = 0; c < L.C; ++c) dst[c * TP + p] = static_cast<float>(v[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < L.C; ++c) {
+      const scalar_t* row = src + c * L.HW + p0;
+      for (int64_t p = 0; p < np; ++p) dst[c * TP + p] = static_cast<float>(row[p]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void scatter(const float* src, const Layer& L, int64_t p0, int64_t np, scalar_t* dst) {
+  if (L.nhwc) {
+    for (int64_t p = 0; p < np; ++p) {
+      scalar_t* v = dst + (p0 + p) * L.C;
+      for (int64_t c = 0; c < L.C; ++c) v[c] = static_cast<scalar_t>(src[c * TP + p]);
+    }
+  } else {
+    for (int64_t c = 0; c < L.C; ++c) {
+      scalar_t* row = dst + c * L.HW + p0;
+      for (int64_t p = 0; p < np; ++p) row[p] = static_cast<scalar_t>(src[c * TP + p]);
+    }
+  }
+}
+
+// Per-lane norms of the two gathered tiles: n = ||x[:, p]||, r = 1 / (n + eps).
+void tile_norms(const float* x0, const float* x1, int64_t C, float* n0, float* n1, float* r0, float* r1) {
+  float s0[TP] = {}, s1[TP] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const float* a = x0 + c * TP;
+    const float* b = x1 + c * TP;
+#pragma omp simd
+    for (int64_t p = 0; p < TP; ++p) {
+      s0[p] += a[p] * a[p];
+      s1[p] += b[p] * b[p];
+    }
+  }
+  for (int64_t p = 0; p < TP; ++p) {
+    n0[p] = std::sqrt(s0[p]);
+    n1[p] = std::sqrt(s1[p]);
+    r0[p] = 1.0f / (n0[p] + EPS);
+    r1[p] = 1.0f / (n1[p] + EPS);
+  }
+}
+
+int64_t grain_for(const Layer& L) { return std::max<int64_t>(1, TILE_GRAIN_ELEMS / (L.C * TP)); }
+
+// Adds this layer's distance to out (B,). Tile sums land in `partial` and are added in a fixed order,
+// so the result does not depend on the thread count.
+template <typename scalar_t>
+void layer_fwd(const Layer& L, float* out) {
+  const scalar_t* f0 = L.f0.data_ptr<scalar_t>();
+  const scalar_t* f1 = L.f1.data_ptr<scalar_t>();
+  const float* w = L.w.data_ptr<float>();
+  const int64_t image = L.C * L.HW;
+  std::vector<double> partial(L.B * L.tiles);
+  at::parallel_for(0, L.B * L.tiles, grain_for(L), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * L.C * TP);
+    float* x0 = buf.data();
+    float* x1 = x0 + L.C * TP;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / L.tiles, p0 = (t % L.tiles) * TP, np = std::min(TP, L.HW - p0);
+      gather(f0 + b * image, L, p0, np, x0);
+      gather(f1 + b * image, L, p0, np, x1);
+      float n0[TP], n1[TP], r0[TP], r1[TP];
+      tile_norms(x0, x1, L.C, n0, n1, r0, r1);
+      float acc[TP] = {};  // sum_c w_c d_c^2 per lane; zero-filled lanes give d = 0
+      for (int64_t c = 0; c < L.C; ++c) {
+        const float wc = w[c];
+        const float* a = x0 + c * TP;
+        const float* bb = x1 + c * TP;
+#pragma omp simd
+        for (int64_t p = 0; p < TP; ++p) {
+          const float d = a[p] * r0[p] - bb[p] * r1[p];
+          acc[p] += wc * d * d;
+        }
+      }
+      double s = 0.0;
+      for (int64_t p = 0; p < TP; ++p) s += acc[p];
+      partial[t] = s;
+    }
+  });
+  for (int64_t b = 0; b < L.B; ++b) {
+    double s = 0.0;
+    for (int64_t i = 0; i < L.tiles; ++i) s += partial[b * L.tiles + i];
+    out[b] += static_cast<float>(s / static_cast<double>(L.HW));
+  }
+}
+
+// Writes dL/df0 into g0 and dL/df1 into g1 (either may be undefined when not needed).
+template <typename scalar_t>
+void layer_bwd(const Layer& L, const float* grad, at::Tensor& g0, at::Tensor& g1) {
+  const scalar_t* f0 = L.f0.data_ptr<scalar_t>();
+  const scalar_t* f1 = L.f1.data_ptr<scalar_t>();
+  const float* w = L.w.data_ptr<float>();
+  scalar_t* g0p = g0.defined() ? g0.data_ptr<scalar_t>() : nullptr;
+  scalar_t* g1p = g1.defined() ? g1.data_ptr<scalar_t>() : nullptr;
+  const int64_t image = L.C * L.HW;
+  at::parallel_for(0, L.B * L.tiles, grain_for(L), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * L.C * TP);
+    float* x0 = buf.data();
+    float* x1 = x0 + L.C * TP;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / L.tiles, p0 = (t % L.tiles) * TP, np = std::min(TP, L.HW - p0);
+      gather(f0 + b * image, L, p0, np, x0);
+      gather(f1 + b * image, L, p0, np, x1);
+      float n0[TP], n1[TP], r0[TP], r1[TP];
+      tile_norms(x0, x1, L.C, n0, n1, r0, r1);
+      const float coef = 2.0f * grad[b] / static_cast<float>(L.HW);
+      float s0[TP] = {}, s1[TP] = {};  // a . f0, a . f1 per lane
+      for (int64_t c = 0; c < L.C; ++c) {
+        const float wc = coef * w[c];
+        const float* a = x0 + c * TP;
+        const float* bb = x1 + c * TP;
+#pragma omp simd
+        for (int64_t p = 0; p < TP; ++p) {
+          const float ac = wc * (a[p] * r0[p] - bb[p] * r1[p]);
+          s0[p] += ac * a[p];
+          s1[p] += ac * bb[p];
+        }
+      }
+      float k0[TP], k1[TP];  // dL/df0 = a r0 - k0 f0, dL/df1 = -a r1 - k1 f1
+      for (int64_t p = 0; p < TP; ++p) {
+        k0[p] = n0[p] > 0.0f ? r0[p] * r0[p] / n0[p] * s0[p] : 0.0f;
+        k1[p] = n1[p] > 0.0f ? -r1[p] * r1[p] / n1[p] * s1[p] : 0.0f;
+      }
+      for (int64_t c = 0; c < L.C; ++c) {  // in place: x0 <- dL/df0, x1 <- dL/df1
+        const float wc = coef * w[c];
+        float* a = x0 + c * TP;
+        float* bb = x1 + c * TP;
+#pragma omp simd
+        for (int64_t p = 0; p < TP; ++p) {
+          const float ac = wc * (a[p] * r0[p] - bb[p] * r1[p]);
+          const float ga = ac * r0[p] - k0[p] * a[p];
+          const float gb = -ac * r1[p] - k1[p] * bb[p];
+          a[p] = ga;
+          bb[p] = gb;
+        }
+      }
+      if (g0p) scatter(x0, L, p0, np, g0p + b * image);
+      if (g1p) scatter(x1, L, p0, np, g1p + b * image);
+    }
+  });
+}
+
+void check_lists(at::TensorList f0, at::TensorList f1, at::TensorList w) {
+  TORCH_CHECK(!f0.empty() && f0.size() == f1.size() && f0.size() == w.size(),
+              "lpips_head: feats0, feats1 and weights must be non-empty lists of one length");
+}
+
+at::Tensor lpips_head_fwd(at::TensorList feats0, at::TensorList feats1, at::TensorList weights) {
+  check_lists(feats0, feats1, weights);
+  at::Tensor out = at::zeros({feats0[0].size(0)}, feats0[0].options().dtype(at::kFloat));
+  for (size_t l = 0; l < feats0.size(); ++l) {
+    TORCH_CHECK(feats0[l].size(0) == out.size(0), "lpips_head: every layer needs the same batch size");
+    const Layer L = prepare(feats0[l], feats1[l], weights[l]);
+    dispatch_feature_dtype(L.f0.scalar_type(), "lpips_head_fwd", [&](auto tag) {
+      layer_fwd<decltype(tag)>(L, out.data_ptr<float>());
+    });
+  }
+  return out;
+}
+
+// A gradient buffer in the layout the tile loops write (that of the prepared f0), returned in the
+// layout torch.empty_like(f) has, which is what the op's fake implementation promises.
+at::Tensor in_layout_of(const at::Tensor& g, const at::Tensor& f) {
+  at::Tensor out = at::empty_like(f);
+  if (out.strides() == g.strides()) return g;
+  return out.copy_(g);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_head_bwd(
+    const at::Tensor& grad, at::TensorList feats0, at::TensorList feats1, at::TensorList weights, bool need0,
+    bool need1) {
+  check_lists(feats0, feats1, weights);
+  const at::Tensor g = grad.to(at::kFloat).contiguous();
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == feats0[0].size(0), "lpips_head_bwd: grad must be (B,)");
+  std::vector<at::Tensor> grads0, grads1;
+  for (size_t l = 0; l < feats0.size(); ++l) {
+    const Layer L = prepare(feats0[l], feats1[l], weights[l]);
+    at::Tensor g0 = need0 ? at::empty_like(L.f0) : at::Tensor();
+    at::Tensor g1 = need1 ? at::empty_like(L.f0) : at::Tensor();
+    dispatch_feature_dtype(L.f0.scalar_type(), "lpips_head_bwd", [&](auto tag) {
+      layer_bwd<decltype(tag)>(L, g.data_ptr<float>(), g0, g1);
+    });
+    if (need0) grads0.push_back(in_layout_of(g0, feats0[l]));
+    if (need1) grads1.push_back(in_layout_of(g1, feats1[l]));
+  }
+  return {grads0, grads1};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastdae_cpp, m) {
+  m.def("lpips_head_fwd(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor");
+  m.def(
+      "lpips_head_bwd(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
+      " -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fastdae_cpp, CPU, m) {
+  m.impl("lpips_head_fwd", &lpips_head_fwd);
+  m.impl("lpips_head_bwd", &lpips_head_bwd);
+}

@@ -1,0 +1,286 @@
+"""The LPIPS head (Zhang et al., CVPR 2018): the part of LPIPS after the VGG trunk, fused.
+
+For layers l with features f0_l, f1_l (B, C_l, H_l, W_l) and non-negative weights w_l (C_l,):
+
+    u = f / (||f||_2 + eps)                        norm over channels, per image and position
+    d[b] = sum_l 1/(H_l W_l) sum_{h,w} sum_c w_lc (u0 - u1)_c^2          -> (B,) float32
+
+Backward, with a_c = 2 g_b / (H W) * w_c (u0 - u1)_c = dL/du0 = -dL/du1 and r = 1 / (n + eps):
+
+    dL/df = r a - r^2 / n * (a . f) f
+
+The second term tends to 0 as f -> 0 (|f_c f_k| / n <= n), so at f = 0 the gradient is r a, finite;
+the public lpips package takes sqrt of the squared norm and gets 0 * inf = NaN there.
+
+The fused kernels read each feature map once per pass: one program holds all C channels of a tile
+of positions, so the norms, the weighted channel sum and (backward) a . f are computed from
+registers; backward recomputes the norms instead of saving normalised copies. Per-tile sums are
+written to a (B, tiles) buffer and summed in a fixed order, so results are deterministic.
+
+File order: Triton kernels -> launchers -> custom ops (+ fake, autograd) -> lpips_head_ref -> lpips_head.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastdae import _ext
+from fastdae.kernels._dispatch import num_warps_for, resolve_impl
+
+EPS = 1e-10  # added to the channel norm, as in the lpips package
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPP = ("lpips", "lpips_head_fwd")
+_TILE_ELEMS = 4096  # channels x positions held by one program (per input map)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels: program (tile, b) owns positions tile*BLOCK_P ... of image b, all channels.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_offsets(b, c, p, W, sb, sc, sh, sw):
+    """int64 element offsets (BLOCK_C, BLOCK_P) of channels c at flat positions p = h * W + w."""
+    p64 = p.to(tl.int64)
+    return b.to(tl.int64) * sb + c.to(tl.int64)[:, None] * sc + ((p64 // W) * sh + (p64 % W) * sw)[None, :]
+
+
+@triton.jit
+def _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS: tl.constexpr):
+    """fp32 tiles x0, x1 (BLOCK_C, BLOCK_P), their channel norms n and r = 1 / (n + eps) (BLOCK_P,)."""
+    x0 = tl.load(f0_ptr + off0, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(f1_ptr + off1, mask=mask, other=0.0).to(tl.float32)
+    n0 = tl.sqrt(tl.sum(x0 * x0, axis=0))
+    n1 = tl.sqrt(tl.sum(x1 * x1, axis=0))
+    return x0, x1, n0, n1, 1.0 / (n0 + EPS), 1.0 / (n1 + EPS)
+
+
+@triton.jit
+def _lpips_head_fwd_kernel(
+    f0_ptr, f1_ptr, w_ptr, part_ptr,
+    C, HW, W, part_stride_b, inv_hw,
+    s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w,
+    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (c < C)[:, None] & (p < HW)[None, :]
+    off0 = _tile_offsets(b, c, p, W, s0b, s0c, s0h, s0w)
+    off1 = _tile_offsets(b, c, p, W, s1b, s1c, s1h, s1w)
+    x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
+    w = tl.load(w_ptr + c, mask=c < C, other=0.0)
+    d = x0 * r0[None, :] - x1 * r1[None, :]  # masked lanes: x = 0 -> d = 0
+    tile_sum = tl.sum(tl.sum(w[:, None] * d * d, axis=0), axis=0)
+    tl.store(part_ptr + b.to(tl.int64) * part_stride_b + tile, tile_sum * inv_hw)
+
+
+@triton.jit
+def _lpips_head_bwd_kernel(
+    f0_ptr, f1_ptr, w_ptr, grad_ptr, g0_ptr, g1_ptr,
+    C, HW, W, inv_hw,
+    s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w,
+    t0b, t0c, t0h, t0w, t1b, t1c, t1h, t1w,
+    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    NEED0: tl.constexpr, NEED1: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (c < C)[:, None] & (p < HW)[None, :]
+    off0 = _tile_offsets(b, c, p, W, s0b, s0c, s0h, s0w)
+    off1 = _tile_offsets(b, c, p, W, s1b, s1c, s1h, s1w)
+    x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
+    w = tl.load(w_ptr + c, mask=c < C, other=0.0)
+    coef = 2.0 * tl.load(grad_ptr + b) * inv_hw
+    a = (coef * w)[:, None] * (x0 * r0[None, :] - x1 * r1[None, :])  # dL/du0 (BLOCK_C, BLOCK_P)
+    if NEED0:
+        # k0 = r0^2 / n0 * (a . f0), and 0 where n0 == 0 (there f0 == 0, the limit of the term)
+        inv_n0 = tl.where(n0 > 0, 1.0 / tl.maximum(n0, 1e-30), 0.0)
+        k0 = r0 * r0 * inv_n0 * tl.sum(a * x0, axis=0)
+        g0 = a * r0[None, :] - k0[None, :] * x0
+        tl.store(g0_ptr + _tile_offsets(b, c, p, W, t0b, t0c, t0h, t0w), g0.to(g0_ptr.dtype.element_ty), mask=mask)
+    if NEED1:
+        inv_n1 = tl.where(n1 > 0, 1.0 / tl.maximum(n1, 1e-30), 0.0)
+        k1 = -r1 * r1 * inv_n1 * tl.sum(a * x1, axis=0)
+        g1 = -a * r1[None, :] - k1[None, :] * x1
+        tl.store(g1_ptr + _tile_offsets(b, c, p, W, t1b, t1c, t1h, t1w), g1.to(g1_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _launch_config(C: int, HW: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps): all channels in one program, positions to fill _TILE_ELEMS."""
+    block_c = triton.next_power_of_2(C)
+    block_p = min(triton.next_power_of_2(HW), max(1, _TILE_ELEMS // block_c))
+    return block_c, block_p, num_warps_for(block_c * block_p)
+
+
+def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
+    B = feats0[0].shape[0]
+    configs = [_launch_config(f.shape[1], f.shape[2] * f.shape[3]) for f in feats0]
+    tiles = [triton.cdiv(f.shape[2] * f.shape[3], cfg[1]) for f, cfg in zip(feats0, configs)]
+    part = torch.empty(B, sum(tiles), device=feats0[0].device, dtype=torch.float32)  # (B, tiles of all layers)
+    col = 0
+    for f0, f1, w, (block_c, block_p, warps), n in zip(feats0, feats1, weights, configs, tiles):
+        _, C, H, W = f0.shape
+        _lpips_head_fwd_kernel[(n, B)](
+            f0, f1, w, part[:, col:],
+            C, H * W, W, part.stride(0), 1.0 / (H * W),
+            *f0.stride(), *f1.stride(),
+            EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+        )
+        col += n
+    return part.sum(dim=1)
+
+
+def _bwd_triton(
+    grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], need0: bool, need1: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    grad = grad.to(torch.float32).contiguous()
+    grads0 = [torch.empty_like(f) for f in feats0] if need0 else []
+    grads1 = [torch.empty_like(f) for f in feats1] if need1 else []
+    for l, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
+        _, C, H, W = f0.shape
+        block_c, block_p, warps = _launch_config(C, H * W)
+        g0 = grads0[l] if need0 else f0  # an unused pointer when not needed
+        g1 = grads1[l] if need1 else f1
+        _lpips_head_bwd_kernel[(triton.cdiv(H * W, block_p), f0.shape[0])](
+            f0, f1, w, grad, g0, g1,
+            C, H * W, W, 1.0 / (H * W),
+            *f0.stride(), *f1.stride(), *g0.stride(), *g1.stride(),
+            EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, NEED0=need0, NEED1=need1, num_warps=warps,
+        )
+    return grads0, grads1
+
+
+@functools.cache
+def _cpp_op(name: str):
+    """torch.ops.fastdae_cpp.<name>, with fake implementations registered once so it passes opcheck."""
+    op = _ext.get_op("lpips", name)
+    torch.library.register_fake("fastdae_cpp::lpips_head_fwd")(_fwd_fake)
+    torch.library.register_fake("fastdae_cpp::lpips_head_bwd")(
+        lambda grad, feats0, feats1, weights, need0, need1: _bwd_fake(grad, feats0, feats1, weights, "cpp", need0, need1)
+    )
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: impl is "triton" or "cpp" (resolved by lpips_head); torch.compile sees one node.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdae::lpips_head", mutates_args=())
+def _lpips_head_op(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], impl: str) -> Tensor:
+    if impl == "cpp":
+        return _cpp_op("lpips_head_fwd")(feats0, feats1, weights)
+    return _fwd_triton(feats0, feats1, weights)
+
+
+@torch.library.custom_op("fastdae::lpips_head_backward", mutates_args=())
+def _lpips_head_backward_op(
+    grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], impl: str,
+    need0: bool, need1: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    if impl == "cpp":
+        return _cpp_op("lpips_head_bwd")(grad, feats0, feats1, weights, need0, need1)
+    return _bwd_triton(grad, feats0, feats1, weights, need0, need1)
+
+
+def _fwd_fake(feats0, feats1, weights, impl="cpp"):
+    return feats0[0].new_empty(feats0[0].shape[0], dtype=torch.float32)
+
+
+def _bwd_fake(grad, feats0, feats1, weights, impl, need0, need1):
+    return ([torch.empty_like(f) for f in feats0] if need0 else [],
+            [torch.empty_like(f) for f in feats1] if need1 else [])
+
+
+_lpips_head_op.register_fake(_fwd_fake)
+_lpips_head_backward_op.register_fake(_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    feats0, feats1, weights, impl = inputs
+    ctx.n_layers, ctx.impl = len(feats0), impl
+    ctx.save_for_backward(*feats0, *feats1, *weights)
+
+
+def _backward(ctx, grad: Tensor):
+    L = ctx.n_layers
+    saved = ctx.saved_tensors
+    feats0, feats1, weights = list(saved[:L]), list(saved[L : 2 * L]), list(saved[2 * L :])
+    need0, need1 = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
+    grads0, grads1 = _lpips_head_backward_op(grad, feats0, feats1, weights, ctx.impl, need0, need1)
+    none = [None] * L
+    return grads0 or none, grads1 or none, none, None
+
+
+_lpips_head_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference and public entry
+# ---------------------------------------------------------------------------------------------
+def lpips_head_ref(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """Plain-torch LPIPS head in the features' dtype: the documentation and the CPU fallback.
+
+    Returns (B,) float32 (float64 for float64 features). torch's norm has subgradient 0 at 0, so
+    its gradients at zero features equal the kernels' (finite) ones."""
+    out = None
+    for f0, f1, w in zip(feats0, feats1, weights):
+        u0 = f0 / (torch.linalg.vector_norm(f0, dim=1, keepdim=True) + EPS)  # (B, C, H, W)
+        u1 = f1 / (torch.linalg.vector_norm(f1, dim=1, keepdim=True) + EPS)
+        dist = (w.to(f0.dtype).view(1, -1, 1, 1) * (u0 - u1).square()).sum(dim=1).mean(dim=(1, 2))  # (B,)
+        out = dist if out is None else out + dist
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
+def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Sequence[Tensor], impl: str) -> None:
+    for name, seq in (("feats0", feats0), ("feats1", feats1), ("weights", weights)):
+        if not isinstance(seq, (list, tuple)) or not all(isinstance(t, Tensor) for t in seq):
+            raise TypeError(f"lpips_head: {name} must be a list of tensors, got {type(seq).__name__}")
+    if not feats0 or not (len(feats0) == len(feats1) == len(weights)):
+        raise ValueError(
+            f"lpips_head: feats0, feats1, weights must be non-empty lists of one length, "
+            f"got {len(feats0)}, {len(feats1)}, {len(weights)}"
+        )
+    device = feats0[0].device
+    allowed = KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ())
+    for l, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
+        B = feats0[0].shape[0] if feats0[0].dim() == 4 else "B"
+        if f0.dim() != 4 or f0.shape != f1.shape or f0.shape[0] != B:
+            raise ValueError(
+                f"lpips_head: feats0[{l}] and feats1[{l}] must both be (B={B}, C, H, W), "
+                f"got {tuple(f0.shape)} and {tuple(f1.shape)}"
+            )
+        if f0.dtype != f1.dtype or f0.dtype not in allowed:
+            raise TypeError(f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}")
+        if w.shape != (f0.shape[1],) or not w.is_floating_point():
+            raise ValueError(f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}")
+        if not (f0.device == f1.device == w.device == device):
+            raise ValueError(f"lpips_head: layer {l} tensors are on {f0.device}, {f1.device}, {w.device}; expected {device}")
+
+
+def lpips_head(
+    feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Sequence[Tensor], impl: str = "auto"
+) -> Tensor:
+    """LPIPS distance (B,) float32 from per-layer VGG features and lin weights.
+
+    feats0, feats1: per layer (B, C_l, H_l, W_l) float32/bfloat16/float16, contiguous or channels_last
+    (any strides work); weights: per layer (C_l,). Differentiable w.r.t. both feature lists; the
+    weights are constants for impl "triton"/"cpp" (use impl="ref" to learn them).
+    impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
+    """
+    _validate(feats0, feats1, weights, impl)
+    impl = resolve_impl(impl, feats0[0].device, "lpips_head", cpp=_CPP)
+    if impl == "ref":
+        return lpips_head_ref(feats0, feats1, weights)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        raise ValueError("lpips_head: weights must not require grad with impl='triton'/'cpp'; use impl='ref'")
+    weights = [w.detach().to(torch.float32).contiguous() for w in weights]
+    return _lpips_head_op(list(feats0), list(feats1), weights, impl)
