@@ -36,6 +36,8 @@ EPS = 1e-10  # added to the channel norm, as in the lpips package
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CPP = ("lpips", "lpips_head_fwd")
 _TILE_ELEMS = 4096  # channels x positions held by one program (per input map)
+# torch.compile evaluates the backend choice once at trace time instead of tracing the C++ loader
+_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ def lpips_head(
     impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
     """
     _validate(feats0, feats1, weights, impl)
-    impl = resolve_impl(impl, feats0[0].device, "lpips_head", cpp=_CPP)
+    impl = _resolve_impl(impl, feats0[0].device, "lpips_head", cpp=_CPP)
     if impl == "ref":
         return lpips_head_ref(feats0, feats1, weights)
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):

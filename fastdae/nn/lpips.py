@@ -1,0 +1,219 @@
+"""LPIPS perceptual distance (Zhang et al., CVPR 2018, v0.1 "vgg") over fastdae's fused head.
+
+    lpips = LPIPS(trunk_weights="vgg16-397923af.pth")   # torchvision vgg16 state dict, local file
+    d = lpips(x0, x1)                                     # (B,), images in [-1, 1]
+    loss = lpips.loss(recon, images).mean()               # training: the target branch runs under no_grad
+
+Nothing is downloaded. The VGG16 trunk is built here (no torchvision import) with torchvision's
+parameter names, so torchvision's vgg16 state dict (.pth or .safetensors) loads as is. The lin
+weights come from a local lpips v0.1 file, or by default from the copy bundled inside the installed
+`lpips` package (`pip install --no-deps lpips==0.1.4`); that package is located, never imported
+(it imports torchvision).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastdae.kernels.lpips import lpips_head
+
+# torchvision's vgg16 `features` up to relu5_3: ints are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max-pool
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+TAPS = (3, 8, 15, 22, 29)  # features.N indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+CHANNELS = (64, 128, 256, 512, 512)
+MIN_SIZE = 16  # four 2x2 pools before relu5_3: smaller images leave no position there
+# lpips' ScalingLayer: x -> (x - shift) / scale maps [-1, 1] images to ImageNet-normalised inputs
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+RANGE_SLACK = 1.0  # inputs beyond [-1 - slack, 1 + slack] are "far outside" the range (e.g. [0, 255] images)
+LIN_KEY = "lin{}.model.1.weight"  # lpips v0.1 lin weights, (1, C_l, 1, 1)
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Tensors of a local .safetensors file or a torch.save'd state dict (loaded with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def bundled_lin_weights() -> Path | None:
+    """The v0.1 vgg lin weights shipped inside the installed `lpips` package, or None.
+
+    find_spec on a top-level name locates the package without running its __init__."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / "vgg.pth"
+    return path if path.is_file() else None
+
+
+class VGG16Trunk(nn.Module):
+    """torchvision's vgg16().features[:30] (up to relu5_3), returning the five LPIPS taps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                c_in = v
+        self.features = nn.Sequential(*layers)  # features.N as in torchvision, so state dicts match
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x (B, 3, H, W) ImageNet-normalised -> [relu1_2 (B, 64, H, W), ..., relu5_3 (B, 512, H/16, W/16)]."""
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in TAPS:
+                taps.append(x)
+        return taps
+
+    def load_torchvision(self, path: str | os.PathLike) -> None:
+        """Load a torchvision vgg16 state dict file; its classifier.* entries are ignored."""
+        state = {k: v for k, v in load_state_file(path).items() if k.startswith("features.")}
+        expected = self.state_dict().keys()
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: not a torchvision vgg16 state dict (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
+        for key, value in state.items():
+            if value.shape != self.state_dict()[key].shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, vgg16 needs {tuple(self.state_dict()[key].shape)}")
+        self.load_state_dict(state)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance (B,) between image batches, v0.1 vgg variant, with a frozen trunk.
+
+    trunk_weights: local torchvision vgg16 state dict (.pth/.safetensors). Required unless random_init.
+    lin_weights: local lpips v0.1 lin file (keys lin{0..4}.model.1.weight); default: the installed
+        lpips package's bundled copy (random when random_init and none is given).
+    random_init: initialise whatever is not given from a file randomly (tests, benchmarks).
+    normalize: inputs are in [0, 1] (mapped to [-1, 1]); else inputs are in [-1, 1].
+    impl: backend of the head (see fastdae.lpips_head).
+    trunk_dtype: e.g. torch.bfloat16 to run the trunk in bf16 (the head accumulates in fp32).
+    channels_last: run the trunk in channels_last memory format (faster convolutions on GPU).
+    check_range: raise when inputs lie far outside their range; costs one host sync per call.
+    """
+
+    def __init__(
+        self,
+        trunk_weights: str | os.PathLike | None = None,
+        lin_weights: str | os.PathLike | None = None,
+        random_init: bool = False,
+        normalize: bool = False,
+        impl: str = "auto",
+        trunk_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        check_range: bool = True,
+    ) -> None:
+        super().__init__()
+        self.normalize, self.impl, self.check_range = normalize, impl, check_range
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
+
+        self.trunk = VGG16Trunk()
+        if trunk_weights is not None:
+            self.trunk.load_torchvision(trunk_weights)
+        elif not random_init:
+            raise ValueError(
+                "LPIPS: trunk_weights is required (a local torchvision vgg16 state dict, e.g. "
+                "vgg16-397923af.pth or a .safetensors of it); fastdae downloads nothing. "
+                "Pass random_init=True for an untrained trunk (tests only)."
+            )
+        self.trunk.requires_grad_(False).eval()
+        self.trunk.to(dtype=trunk_dtype, memory_format=self.memory_format)
+
+        if lin_weights is None and not random_init:
+            lin_weights = bundled_lin_weights()
+            if lin_weights is None:
+                raise ValueError(
+                    "LPIPS: lin_weights not given and the lpips package is not installed; pass a local lpips "
+                    "v0.1 vgg.pth or `pip install --no-deps lpips==0.1.4` for its bundled weights"
+                )
+        lins = self._load_lins(lin_weights) if lin_weights is not None else [torch.rand(c) for c in CHANNELS]
+        for l, w in enumerate(lins):
+            self.register_buffer(f"lin{l}", w)  # (C_l,) non-negative channel weights
+
+    @staticmethod
+    def _load_lins(path: str | os.PathLike) -> list[Tensor]:
+        state = load_state_file(path)
+        lins = []
+        for l, c in enumerate(CHANNELS):
+            key = LIN_KEY.format(l)
+            if key not in state or state[key].shape != (1, c, 1, 1):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"{path}: {key} must be a (1, {c}, 1, 1) tensor (lpips v0.1 vgg format), got {got}")
+            w = state[key].reshape(c).to(torch.float32)
+            if (w < 0).any():
+                raise ValueError(f"{path}: {key} has negative entries; LPIPS channel weights are non-negative")
+            lins.append(w)
+        return lins
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """The trunk stays in eval mode: it is a frozen feature extractor."""
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    @property
+    def lin_weights(self) -> list[Tensor]:
+        return [getattr(self, f"lin{l}") for l in range(len(CHANNELS))]
+
+    def _check(self, x0: Tensor, x1: Tensor) -> None:
+        for name, x in (("x0", x0), ("x1", x1)):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise TypeError(f"LPIPS: {name} must be a floating-point tensor (B, 3, H, W)")
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise ValueError(f"LPIPS: {name} must be (B, 3, H, W) RGB images, got {tuple(x.shape)}")
+            if min(x.shape[2:]) < MIN_SIZE:
+                raise ValueError(f"LPIPS: {name} must be at least {MIN_SIZE}x{MIN_SIZE} (4 VGG pools), got {tuple(x.shape)}")
+        if x0.shape != x1.shape:
+            raise ValueError(f"LPIPS: x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+        if self.check_range:
+            lo_ok, hi_ok = (0.0, 1.0) if self.normalize else (-1.0, 1.0)
+            lo, hi = torch.stack([torch.stack(torch.aminmax(x.detach())) for x in (x0, x1)]).float().aminmax()
+            lo, hi = lo.item(), hi.item()
+            if lo < lo_ok - RANGE_SLACK or hi > hi_ok + RANGE_SLACK:
+                raise ValueError(
+                    f"LPIPS: inputs must be images in [{lo_ok:g}, {hi_ok:g}] "
+                    f"({'normalize=True' if self.normalize else 'use normalize=True for [0, 1] images'}), "
+                    f"got values in [{lo:.3g}, {hi:.3g}]; check_range=False skips this check"
+                )
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Images (B, 3, H, W) -> the five trunk feature maps (in the trunk's dtype and memory format)."""
+        if self.normalize:
+            x = 2 * x - 1
+        x = (x.float() - self.shift) / self.scale
+        w = self.trunk.features[0].weight
+        return self.trunk(x.to(dtype=w.dtype, memory_format=self.memory_format))
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """LPIPS distance (B,) float32; differentiable w.r.t. both inputs."""
+        self._check(x0, x1)
+        return lpips_head(self.features(x0), self.features(x1), self.lin_weights, impl=self.impl)
+
+    def loss(self, x: Tensor, target: Tensor) -> Tensor:
+        """LPIPS distance (B,) for training: differentiable w.r.t. x; target's features run under no_grad."""
+        self._check(x, target)
+        with torch.no_grad():
+            target_feats = self.features(target)
+        return lpips_head(self.features(x), target_feats, self.lin_weights, impl=self.impl)
