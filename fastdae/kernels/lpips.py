@@ -44,10 +44,12 @@ _resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
 # Triton kernels: program (tile, b) owns positions tile*BLOCK_P ... of image b, all channels.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_offsets(b, c, p, W, sb, sc, sh, sw):
-    """int64 element offsets (BLOCK_C, BLOCK_P) of channels c at flat positions p = h * W + w."""
-    p64 = p.to(tl.int64)
-    return b.to(tl.int64) * sb + c.to(tl.int64)[:, None] * sc + ((p64 // W) * sh + (p64 % W) * sw)[None, :]
+def _tile_offsets(b, c, p, sb, sc, sp):
+    """int64 element offsets (BLOCK_C, BLOCK_P) of channels c at flat positions p = h * W + w.
+
+    sp is the stride of p (the maps' H, W strides flatten; see _position_stride): a stride of 1
+    (contiguous: sp, channels_last: sc) is specialised by Triton, which then vectorises that axis."""
+    return b.to(tl.int64) * sb + c.to(tl.int64)[:, None] * sc + p.to(tl.int64)[None, :] * sp
 
 
 @triton.jit
@@ -63,8 +65,8 @@ def _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS: tl.constexpr):
 @triton.jit
 def _lpips_head_fwd_kernel(
     f0_ptr, f1_ptr, w_ptr, part_ptr,
-    C, HW, W, part_stride_b, inv_hw,
-    s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w,
+    C, HW, part_stride_b, inv_hw,
+    s0b, s0c, s0p, s1b, s1c, s1p,
     EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -72,8 +74,8 @@ def _lpips_head_fwd_kernel(
     c = tl.arange(0, BLOCK_C)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (c < C)[:, None] & (p < HW)[None, :]
-    off0 = _tile_offsets(b, c, p, W, s0b, s0c, s0h, s0w)
-    off1 = _tile_offsets(b, c, p, W, s1b, s1c, s1h, s1w)
+    off0 = _tile_offsets(b, c, p, s0b, s0c, s0p)
+    off1 = _tile_offsets(b, c, p, s1b, s1c, s1p)
     x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
     w = tl.load(w_ptr + c, mask=c < C, other=0.0)
     d = x0 * r0[None, :] - x1 * r1[None, :]  # masked lanes: x = 0 -> d = 0
@@ -84,9 +86,9 @@ def _lpips_head_fwd_kernel(
 @triton.jit
 def _lpips_head_bwd_kernel(
     f0_ptr, f1_ptr, w_ptr, grad_ptr, g0_ptr, g1_ptr,
-    C, HW, W, inv_hw,
-    s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w,
-    t0b, t0c, t0h, t0w, t1b, t1c, t1h, t1w,
+    C, HW, inv_hw,
+    s0b, s0c, s0p, s1b, s1c, s1p,
+    t0b, t0c, t0p, t1b, t1c, t1p,
     EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     NEED0: tl.constexpr, NEED1: tl.constexpr,
 ):
@@ -95,8 +97,8 @@ def _lpips_head_bwd_kernel(
     c = tl.arange(0, BLOCK_C)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (c < C)[:, None] & (p < HW)[None, :]
-    off0 = _tile_offsets(b, c, p, W, s0b, s0c, s0h, s0w)
-    off1 = _tile_offsets(b, c, p, W, s1b, s1c, s1h, s1w)
+    off0 = _tile_offsets(b, c, p, s0b, s0c, s0p)
+    off1 = _tile_offsets(b, c, p, s1b, s1c, s1p)
     x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
     w = tl.load(w_ptr + c, mask=c < C, other=0.0)
     coef = 2.0 * tl.load(grad_ptr + b) * inv_hw
@@ -106,12 +108,12 @@ def _lpips_head_bwd_kernel(
         inv_n0 = tl.where(n0 > 0, 1.0 / tl.maximum(n0, 1e-30), 0.0)
         k0 = r0 * r0 * inv_n0 * tl.sum(a * x0, axis=0)
         g0 = a * r0[None, :] - k0[None, :] * x0
-        tl.store(g0_ptr + _tile_offsets(b, c, p, W, t0b, t0c, t0h, t0w), g0.to(g0_ptr.dtype.element_ty), mask=mask)
+        tl.store(g0_ptr + _tile_offsets(b, c, p, t0b, t0c, t0p), g0.to(g0_ptr.dtype.element_ty), mask=mask)
     if NEED1:
         inv_n1 = tl.where(n1 > 0, 1.0 / tl.maximum(n1, 1e-30), 0.0)
         k1 = -r1 * r1 * inv_n1 * tl.sum(a * x1, axis=0)
         g1 = -a * r1[None, :] - k1[None, :] * x1
-        tl.store(g1_ptr + _tile_offsets(b, c, p, W, t1b, t1c, t1h, t1w), g1.to(g1_ptr.dtype.element_ty), mask=mask)
+        tl.store(g1_ptr + _tile_offsets(b, c, p, t1b, t1c, t1p), g1.to(g1_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,22 @@ def _launch_config(C: int, HW: int) -> tuple[int, int, int]:
     return block_c, block_p, num_warps_for(block_c * block_p)
 
 
+def _position_stride(t: Tensor) -> int | None:
+    """Stride of the flat position p = h * W + w of a (B, C, H, W) tensor, or None when H, W do not
+    flatten (true of contiguous and channels_last maps; a sliced map may need a copy)."""
+    _, _, H, W = t.shape
+    if W == 1:
+        return t.stride(2)
+    return t.stride(3) if H == 1 or t.stride(2) == W * t.stride(3) else None
+
+
+def _flat_strides(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """(t or a contiguous copy, its (batch, channel, position) strides)."""
+    if _position_stride(t) is None:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), _position_stride(t))
+
+
 def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
     B = feats0[0].shape[0]
     configs = [_launch_config(f.shape[1], f.shape[2] * f.shape[3]) for f in feats0]
@@ -132,10 +150,11 @@ def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor
     col = 0
     for f0, f1, w, (block_c, block_p, warps), n in zip(feats0, feats1, weights, configs, tiles):
         _, C, H, W = f0.shape
+        (f0, s0), (f1, s1) = _flat_strides(f0), _flat_strides(f1)
         _lpips_head_fwd_kernel[(n, B)](
             f0, f1, w, part[:, col:],
-            C, H * W, W, part.stride(0), 1.0 / (H * W),
-            *f0.stride(), *f1.stride(),
+            C, H * W, part.stride(0), 1.0 / (H * W),
+            *s0, *s1,
             EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
         )
         col += n
@@ -145,20 +164,28 @@ def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor
 def _bwd_triton(
     grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], need0: bool, need1: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients come back laid out as torch.empty_like(feature) (what the fake promises)."""
     grad = grad.to(torch.float32).contiguous()
-    grads0 = [torch.empty_like(f) for f in feats0] if need0 else []
-    grads1 = [torch.empty_like(f) for f in feats1] if need1 else []
-    for l, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
+    grads0, grads1 = [], []
+    for f0, f1, w in zip(feats0, feats1, weights):
         _, C, H, W = f0.shape
         block_c, block_p, warps = _launch_config(C, H * W)
-        g0 = grads0[l] if need0 else f0  # an unused pointer when not needed
-        g1 = grads1[l] if need1 else f1
+        out0 = torch.empty_like(f0) if need0 else None
+        out1 = torch.empty_like(f1) if need1 else None
+        (f0, s0), (f1, s1) = _flat_strides(f0), _flat_strides(f1)
+        # outputs in odd strides are computed in a contiguous buffer and copied; unneeded ones alias f
+        g0, t0 = _flat_strides(out0) if need0 else (f0, s0)
+        g1, t1 = _flat_strides(out1) if need1 else (f1, s1)
         _lpips_head_bwd_kernel[(triton.cdiv(H * W, block_p), f0.shape[0])](
             f0, f1, w, grad, g0, g1,
-            C, H * W, W, 1.0 / (H * W),
-            *f0.stride(), *f1.stride(), *g0.stride(), *g1.stride(),
+            C, H * W, 1.0 / (H * W),
+            *s0, *s1, *t0, *t1,
             EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, NEED0=need0, NEED1=need1, num_warps=warps,
         )
+        if need0:
+            grads0.append(g0 if g0 is out0 else out0.copy_(g0))
+        if need1:
+            grads1.append(g1 if g1 is out1 else out1.copy_(g1))
     return grads0, grads1
 
 
