@@ -1,2 +1,32 @@
 """Adapters for other codebases (DiT/timm attention patching, diffusers processor, export).
-Never imported by the rest of fastdae; imports third-party libraries only inside functions."""
+Never imported by the rest of fastdae; imports third-party libraries only inside functions.
+
+    patch_attention(model)                   timm/DiT-style Attention modules -> fastdae.nn.Attention
+    FastDAEAttnProcessor()                   diffusers attention processor over fastdae.attention
+    save_pretrained(module, path, config)    model.safetensors + config.json
+    load_pretrained(path)                    rebuilds the saved decoder/autoencoder without fastdae.train
+
+Names resolve lazily, so importing this package loads no kernels.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "patch_attention": "fastdae.integrations.attention",
+    "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
+    "save_pretrained": "fastdae.integrations.export",
+    "load_pretrained": "fastdae.integrations.export",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fastdae.integrations' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
