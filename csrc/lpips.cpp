@@ -18,6 +18,7 @@
 namespace {
 
 constexpr int64_t TP = 64;  // positions per tile: 256 B of each NCHW channel row per read; measured best of 16-128
+constexpr int64_t CB = 16;     // channels per block of the NHWC <-> tile transpose
 constexpr float EPS = 1e-10f;  // added to the norm, as in the lpips package
 constexpr int64_t TILE_GRAIN_ELEMS = 1 << 15;  // per parallel chunk, so tiny layers stay serial
 
@@ -58,10 +59,13 @@ Layer prepare(const at::Tensor& f0, const at::Tensor& f1, const at::Tensor& w) {
 template <typename scalar_t>
 void gather(const scalar_t* src, const Layer& L, int64_t p0, int64_t np, float* dst) {
   if (np < TP) std::fill(dst, dst + L.C * TP, 0.0f);
-  if (L.nhwc) {
-    for (int64_t p = 0; p < np; ++p) {
-      const scalar_t* v = src + (p0 + p) * L.C;
-      for (int64_t c = 0; c < L.C; ++c) dst[c * TP + p] = static_cast<float>(v[c]);
+  if (L.nhwc) {  // a blocked transpose: CB channels x TP positions stay within L1
+    for (int64_t c0 = 0; c0 < L.C; c0 += CB) {
+      const int64_t c1 = std::min(L.C, c0 + CB);
+      for (int64_t p = 0; p < np; ++p) {
+        const scalar_t* v = src + (p0 + p) * L.C;
+        for (int64_t c = c0; c < c1; ++c) dst[c * TP + p] = static_cast<float>(v[c]);
+      }
     }
   } else {
     for (int64_t c = 0; c < L.C; ++c) {
@@ -74,9 +78,12 @@ void gather(const scalar_t* src, const Layer& L, int64_t p0, int64_t np, float* 
 template <typename scalar_t>
 void scatter(const float* src, const Layer& L, int64_t p0, int64_t np, scalar_t* dst) {
   if (L.nhwc) {
-    for (int64_t p = 0; p < np; ++p) {
-      scalar_t* v = dst + (p0 + p) * L.C;
-      for (int64_t c = 0; c < L.C; ++c) v[c] = static_cast<scalar_t>(src[c * TP + p]);
+    for (int64_t c0 = 0; c0 < L.C; c0 += CB) {
+      const int64_t c1 = std::min(L.C, c0 + CB);
+      for (int64_t p = 0; p < np; ++p) {
+        scalar_t* v = dst + (p0 + p) * L.C;
+        for (int64_t c = c0; c < c1; ++c) v[c] = static_cast<scalar_t>(src[c * TP + p]);
+      }
     }
   } else {
     for (int64_t c = 0; c < L.C; ++c) {

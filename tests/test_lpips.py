@@ -259,3 +259,45 @@ def test_module_loss_target_branch_no_grad():
 def test_module_input_validation(x0, x1, match):
     with pytest.raises(ValueError, match=match):
         LPIPS(random_init=True)(x0, x1)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: real VGG feature shapes and the bf16 / channels_last trunk
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("img", [64, 256])
+def test_head_vgg_shapes_gpu(img, dtype, layout):
+    layers = [(c, img >> l, img >> l) for l, c in enumerate(CHANNELS)]
+    f0, f1, w = make_feats(layers, batch=4)
+    f0, f1, w = [f.cuda() for f in f0], [f.cuda() for f in f1], [x.cuda() for x in w]
+    upstream = torch.rand(4, dtype=torch.float64, device="cuda") + 0.5
+    ref = head_with_grads(f0, f1, w, "ref", torch.float64, upstream=upstream)
+    plain = head_with_grads(f0, f1, w, "ref", dtype, upstream=upstream)
+    out, g0, g1, _, _ = head_with_grads(f0, f1, w, "triton", dtype, layout, upstream=upstream)
+    assert_close_to_ref(out, ref[0], plain[0], "out")
+    for l in range(len(layers)):
+        assert_close_to_ref(g0[l], ref[1][l], plain[1][l], f"grad0[{l}]")
+        assert_close_to_ref(g1[l], ref[2][l], plain[2][l], f"grad1[{l}]")
+
+
+@pytest.mark.gpu
+def test_module_bf16_channels_last_trunk_gpu():
+    fp32 = LPIPS(random_init=True).cuda()
+    fast = LPIPS(random_init=True, trunk_dtype=torch.bfloat16, channels_last=True).cuda()
+    fast.load_state_dict(fp32.state_dict())
+    x0 = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
+    x1 = (x0 + 0.2 * torch.randn_like(x0)).clamp(-1, 1)
+    x = x0.clone().requires_grad_()
+    out = fast.loss(x, x1)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out, fp32(x0, x1), rtol=5e-2, atol=1e-4)
+
+
+def test_module_compiles_fullgraph():
+    model = LPIPS(random_init=True)
+    x, target = torch.rand(B, 3, 16, 16) * 2 - 1, torch.rand(B, 3, 16, 16) * 2 - 1
+    compiled = torch.compile(model.loss, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, target), model.loss(x, target))
