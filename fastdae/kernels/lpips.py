@@ -34,7 +34,7 @@ from fastdae.kernels._dispatch import num_warps_for, resolve_impl
 
 EPS = 1e-10  # added to the channel norm, as in the lpips package
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CPP = ("lpips", "lpips_head_fwd")
+_CPP = ("lpips", "lpips_head_fwd")  # (csrc stem, op) for resolve_impl
 _TILE_ELEMS = 4096  # channels x positions held by one program (per input map)
 # torch.compile evaluates the backend choice once at trace time instead of tracing the C++ loader
 _resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
@@ -189,15 +189,22 @@ def _bwd_triton(
     return grads0, grads1
 
 
-@functools.cache
 def _cpp_op(name: str):
-    """torch.ops.fastdae_cpp.<name>, with fake implementations registered once so it passes opcheck."""
-    op = _ext.get_op("lpips", name)
-    torch.library.register_fake("fastdae_cpp::lpips_head_fwd")(_fwd_fake)
+    """torch.ops.fastdae_cpp.<name> (lpips_head_fwd / lpips_head_bwd) with its fake implementation."""
+    op = _ext.get_op(_CPP[0], name)
+    _register_cpp_fakes()
+    return op
+
+
+@functools.cache
+def _register_cpp_fakes() -> None:
+    """Shape-only versions of the C++ ops, so they pass opcheck and trace under torch.compile."""
+    torch.library.register_fake("fastdae_cpp::lpips_head_fwd")(
+        lambda feats0, feats1, weights: _fwd_fake(feats0, feats1, weights, "cpp")
+    )
     torch.library.register_fake("fastdae_cpp::lpips_head_bwd")(
         lambda grad, feats0, feats1, weights, need0, need1: _bwd_fake(grad, feats0, feats1, weights, "cpp", need0, need1)
     )
-    return op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ def _lpips_head_backward_op(
     return _bwd_triton(grad, feats0, feats1, weights, need0, need1)
 
 
-def _fwd_fake(feats0, feats1, weights, impl="cpp"):
+def _fwd_fake(feats0, feats1, weights, impl):
     return feats0[0].new_empty(feats0[0].shape[0], dtype=torch.float32)
 
 
@@ -279,9 +286,9 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
             f"got {len(feats0)}, {len(feats1)}, {len(weights)}"
         )
     device = feats0[0].device
+    B = feats0[0].shape[0] if feats0[0].dim() == 4 else "B"
     allowed = KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ())
     for l, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
-        B = feats0[0].shape[0] if feats0[0].dim() == 4 else "B"
         if f0.dim() != 4 or f0.shape != f1.shape or f0.shape[0] != B:
             raise ValueError(
                 f"lpips_head: feats0[{l}] and feats1[{l}] must both be (B={B}, C, H, W), "
@@ -303,6 +310,8 @@ def lpips_head(
     feats0, feats1: per layer (B, C_l, H_l, W_l) float32/bfloat16/float16, contiguous or channels_last
     (any strides work); weights: per layer (C_l,). Differentiable w.r.t. both feature lists; the
     weights are constants for impl "triton"/"cpp" (use impl="ref" to learn them).
+    At an all-zero feature vector the exact gradient is a / eps (see the module docstring): finite in
+    float32/bfloat16, beyond float16's range (inf); the trunk's ReLU backward zeroes it there.
     impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
     """
     _validate(feats0, feats1, weights, impl)
