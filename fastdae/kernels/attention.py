@@ -1,0 +1,559 @@
+"""Fused attention (FlashAttention-2 style, Dao 2023): softmax(scale * Q K^T) V without the N x N matrix.
+
+For one (batch, head), Q (N, D), K and V (M, D), S = scale * Q K^T, P = softmax(S) row-wise:
+
+    forward    O = P V,  lse_i = log sum_j exp(S_ij)                     (online softmax over K/V tiles)
+    backward   dV = P^T dO,  dP = dO V^T,  Delta_i = sum_d dO_id O_id,
+               dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q
+
+Only O and lse (B, H, N) float32 are saved; backward recomputes P = exp(S - lse) tile by tile. The
+backward is atomic-free: one kernel owns a K/V tile and streams Q/dO tiles (dK, dV), another owns a
+Q tile and streams K/V tiles (dQ); Delta comes from a small pre-pass. Exponentials are base 2
+(exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
+
+Any sequence length: the loops run over full tiles without masks, then one masked tail tile.
+Head dims: multiples of 8 up to 128. tl.arange and tl.dot need power-of-two extents >= 16, so the
+head dim is held as two register chunks D = D0 + D1 (D0 the largest power of two <= D, at least 16;
+D1 the next power of two >= the rest, at least 16, masked), e.g. 72 = 64 + 16 (8 live), 40 = 32 + 16,
+8 = 16 (masked), 128 = 128. Every product over D is a sum of two tl.dot's. The tensors are never
+padded in memory; the registers carry at most 16 dead columns (72 -> 80 work, where padding to a
+power of two would do 128 and FlashAttention-2's 96-wide kernels 96).
+
+Inputs: any strides (e.g. q, k, v as views of one fused qkv projection). fp32/bf16/fp16, fp32
+accumulation; fp32 products use IEEE fp32 (no TF32), like torch's default matmul. The output is a
+(B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
+is free.
+
+File order: Triton kernels -> launch config -> launchers -> custom ops (+ fake, autograd) ->
+attention_ref -> attention.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastdae.kernels._dispatch import resolve_impl, triton_interpret
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 128
+MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2, which carry heads and batch
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+IMPLS_EXTRA = ("sdpa", "xformers")
+# torch.compile evaluates the backend choice once at trace time
+_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Program (tile, h, b); every (rows, D) matrix is read as chunks [0, D0), [D0, D0 + D1).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation. PRECISION "upcast" is for the interpreter only: its bf16
+    dot multiplies the raw bits as integers (Triton 3.9), so operands are widened to fp32 first,
+    which gives the same exact products as a bf16 tensor-core dot."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, row_stride, d_stride,
+               D_START: tl.constexpr, D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """(len(rows), D_BLOCK) tile of columns D_START... of a (n_rows, HEAD_DIM) matrix; zeros outside it."""
+    cols = D_START + tl.arange(0, D_BLOCK)
+    ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * d_stride
+    if MASK_ROWS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    elif D_START + D_BLOCK > HEAD_DIM:
+        tile = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, tile, rows, n_rows, row_stride, d_stride,
+                D_START: tl.constexpr, D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = D_START + tl.arange(0, D_BLOCK)
+    ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * d_stride
+    mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_vec(base, rows, n_rows, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        vec = tl.load(base + rows, mask=rows < n_rows, other=0.0)
+    else:
+        vec = tl.load(base + rows)
+    return vec
+
+
+@triton.jit
+def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, N_KV,
+              skn, skd, svn, svd, qk_scale,
+              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One K/V tile of the online softmax: rescale the running (acc, m, l) to the new row max."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
+    s = _dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
+    if SPLIT:
+        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
+        s = _dot(q1, tl.trans(k1), s, PRECISION)
+    s = s * qk_scale  # log2 units
+    if MASK_N:
+        s = tl.where((cols < N_KV)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has at least one live column
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(k0.dtype)
+    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
+    acc0 = _dot(p, v0, acc0 * alpha[:, None], PRECISION)
+    if SPLIT:
+        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, MASK_N)
+        acc1 = _dot(p, v1, acc1 * alpha[:, None], PRECISION)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    H, N_Q, N_KV, qk_scale,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, True)  # (BLOCK_M, D0)
+    if SPLIT:
+        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, True)  # (BLOCK_M, D1)
+    else:
+        q1 = tl.zeros((BLOCK_M, D1), dtype=q0.dtype)  # unused placeholder
+    acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, N_KV,
+                                         skn, skd, svn, svd, qk_scale,
+                                         HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False, PRECISION)
+    if n_full < N_KV:
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, n_full, N_KV,
+                                         skn, skd, svn, svd, qk_scale,
+                                         HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True, PRECISION)
+    o_base = o_ptr + b * sob + h * soh
+    inv_l = 1.0 / l_i
+    _store_rows(o_base, acc0 * inv_l[:, None], rows, N_Q, son, sod, 0, D0, HEAD_DIM)
+    if SPLIT:
+        _store_rows(o_base, acc1 * inv_l[:, None], rows, N_Q, son, sod, D0, D1, HEAD_DIM)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log lse of the scaled scores
+    tl.store(lse_ptr + (b * H + h) * N_Q + rows, lse, mask=rows < N_Q)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, H, N_Q,
+    sob, soh, son, sod, sdb, sdh, sdn, sdd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta_i = sum_d O_id dO_id (B, H, N) float32; BLOCK_D is a power of two >= HEAD_DIM (no dot here)."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_rows(o_ptr + b * sob + h * soh, rows, N_Q, son, sod, 0, BLOCK_D, HEAD_DIM, True)
+    do = _load_rows(do_ptr + b * sdb + h * sdh, rows, N_Q, sdn, sdd, 0, BLOCK_D, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + (b * H + h) * N_Q + rows, delta, mask=rows < N_Q)
+
+
+@triton.jit
+def _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
+                   start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, MASK_M)  # (BLOCK_M, D0)
+    do0 = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, D0, HEAD_DIM, MASK_M)
+    s_t = _dot(k0, tl.trans(q0), None, PRECISION)  # (BLOCK_N, BLOCK_M) = S^T / scale
+    if SPLIT:
+        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, MASK_M)
+        do1 = _load_rows(do_base, rows, N_Q, sdn, sdd, D0, D1, HEAD_DIM, MASK_M)
+        s_t = _dot(k1, tl.trans(q1), s_t, PRECISION)
+    lse2 = _load_vec(lse_base, rows, N_Q, MASK_M) * 1.4426950408889634
+    p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])  # P^T
+    if MASK_M:
+        p_t = tl.where((rows < N_Q)[None, :], p_t, 0.0)
+    dv0 = _dot(p_t.to(q0.dtype), do0, dv0, PRECISION)
+    dp_t = _dot(v0, tl.trans(do0), None, PRECISION)  # (BLOCK_N, BLOCK_M) = dP^T
+    if SPLIT:
+        dv1 = _dot(p_t.to(q0.dtype), do1, dv1, PRECISION)
+        dp_t = _dot(v1, tl.trans(do1), dp_t, PRECISION)
+    delta = _load_vec(delta_base, rows, N_Q, MASK_M)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)  # dS^T
+    dk0 = _dot(ds_t, q0, dk0, PRECISION)
+    if SPLIT:
+        dk1 = _dot(ds_t, q1, dk1, PRECISION)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, N_Q, N_KV, qk_scale, scale,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdb + h * sdh
+    lse_base = lse_ptr + (b * H + h) * N_Q
+    delta_base = delta_ptr + (b * H + h) * N_Q
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # K/V rows past N_KV load as 0; their dK/dV rows are never stored and no other row reads them
+    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, True)  # (BLOCK_N, D0)
+    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, True)
+    if SPLIT:
+        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, True)  # (BLOCK_N, D1)
+        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, True)
+    else:
+        k1 = tl.zeros((BLOCK_N, D1), dtype=k0.dtype)  # unused placeholders
+        v1 = tl.zeros((BLOCK_N, D1), dtype=k0.dtype)
+    dk0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
+    dv0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
+    dk1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
+    dv1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
+                                            delta_base, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, False, PRECISION)
+    if m_full < N_Q:
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
+                                            delta_base, m_full, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, True, PRECISION)
+    dk_base = dk_ptr + b * sdkb + h * sdkh
+    dv_base = dv_ptr + b * sdvb + h * sdvh
+    _store_rows(dk_base, dk0 * scale, cols, N_KV, sdkn, sdkd, 0, D0, HEAD_DIM)
+    _store_rows(dv_base, dv0, cols, N_KV, sdvn, sdvd, 0, D0, HEAD_DIM)
+    if SPLIT:
+        _store_rows(dk_base, dk1 * scale, cols, N_KV, sdkn, sdkd, D0, D1, HEAD_DIM)
+        _store_rows(dv_base, dv1, cols, N_KV, sdvn, sdvd, D0, D1, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N_KV,
+                 skn, skd, svn, svd, qk_scale,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
+    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
+    s = _dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
+    dp = _dot(do0, tl.trans(v0), None, PRECISION)
+    if SPLIT:
+        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
+        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, MASK_N)
+        s = _dot(q1, tl.trans(k1), s, PRECISION)
+        dp = _dot(do1, tl.trans(v1), dp, PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASK_N:  # dead columns would add exp(-lse) * 0 terms, which overflow to NaN for very negative lse
+        p = tl.where((cols < N_KV)[None, :], p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)  # (BLOCK_M, BLOCK_N)
+    dq0 = _dot(ds, k0, dq0, PRECISION)
+    if SPLIT:
+        dq1 = _dot(ds, k1, dq1, PRECISION)
+    return dq0, dq1
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    H, N_Q, N_KV, qk_scale, scale,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdb + h * sdh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, True)  # (BLOCK_M, D0)
+    do0 = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, D0, HEAD_DIM, True)
+    if SPLIT:
+        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, True)  # (BLOCK_M, D1)
+        do1 = _load_rows(do_base, rows, N_Q, sdn, sdd, D0, D1, HEAD_DIM, True)
+    else:
+        q1 = tl.zeros((BLOCK_M, D1), dtype=q0.dtype)  # unused placeholders
+        do1 = tl.zeros((BLOCK_M, D1), dtype=q0.dtype)
+    lse2 = _load_vec(lse_ptr + (b * H + h) * N_Q, rows, N_Q, True) * 1.4426950408889634
+    delta = _load_vec(delta_ptr + (b * H + h) * N_Q, rows, N_Q, True)
+    dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    dq1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N_KV,
+                                skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False, PRECISION)
+    if n_full < N_KV:
+        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, n_full, N_KV,
+                                skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True, PRECISION)
+    dq_base = dq_ptr + b * sdqb + h * sdqh
+    _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
+    if SPLIT:
+        _store_rows(dq_base, dq1 * scale, rows, N_Q, sdqn, sdqd, D0, D1, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: the one place block sizes, warps and stages are chosen.
+# ---------------------------------------------------------------------------------------------
+def head_chunks(head_dim: int) -> tuple[int, int]:
+    """(D0, D1) register chunks of the head dim: powers of two >= 16 with D0 <= D (unless D < 16) and
+    D0 + D1 >= D; D1 = 0 when one chunk covers D. 72 -> (64, 16), 40 -> (32, 16), 8 -> (16, 0)."""
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d0
+    return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for Hopper-class GPUs (H100: 228 KB shared
+# memory per SM), narrow (D0 + D1 <= 64) and wide heads. fwd: a program owns BLOCK_M queries and
+# streams K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays
+# small); dq: owns BLOCK_M queries and streams small K/V tiles. The first entry of each list is the
+# default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
+_CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
+    ("fwd", False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
+    ("dkdv", True): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+    ("dq", False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    ("dq", True): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+}
+_DELTA_BLOCK_M = 64
+
+
+def _configs(kernel: str, wide: bool) -> list[triton.Config]:
+    options = _CONFIGS[(kernel, wide)]
+    if triton_interpret():  # no timer worth tuning on: the default only
+        options = options[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
+
+
+@functools.cache
+def _tuned(kernel: str, wide: bool) -> triton.runtime.Autotuner:
+    """The kernel wrapped in an autotuner over its configs; tunes once per key (dtypes are keyed too)."""
+    fn = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}[kernel]
+    return triton.autotune(configs=_configs(kernel, wide), key=["N_Q", "N_KV", "HEAD_DIM"])(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _constexprs(head_dim: int, dtype: torch.dtype) -> dict:
+    d0, d1 = head_chunks(head_dim)
+    return dict(
+        HEAD_DIM=head_dim, D0=d0, D1=d1 or 16, SPLIT=d1 > 0,  # D1 = 16 sizes unused placeholders
+        PRECISION=_precision(dtype),
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"  # no TF32: fp32 inputs get fp32 products, like torch's default matmul
+    return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
+
+
+def _wide(head_dim: int) -> bool:
+    return sum(head_chunks(head_dim)) > 64
+
+
+def _on_device(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    o = q.new_empty(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
+    lse = q.new_empty(B, H, N, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    with _on_device(q):
+        _tuned("fwd", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
+            q, k, v, o, lse, H, N, M, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            **_constexprs(D, q.dtype),
+        )
+    return o, lse
+
+
+def _bwd_triton(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    dq, dk, dv = torch.empty(q.shape, **_like(q)), torch.empty(k.shape, **_like(k)), torch.empty(v.shape, **_like(v))
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty_like(lse)  # (B, H, N) float32
+    consts = _constexprs(D, q.dtype)
+    with _on_device(q):
+        _attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_M), H, B)](
+            o, grad, delta, H, N, *o.stride(), *grad.stride(),
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=_DELTA_BLOCK_M,
+        )
+        _tuned("dkdv", _wide(D))[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B)](
+            q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(),
+            **consts,
+        )
+        _tuned("dq", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
+            q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(),
+            **consts,
+        )
+    return dq, dk, dv
+
+
+def _like(t: Tensor) -> dict:
+    return dict(dtype=t.dtype, device=t.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: torch.compile sees one node per pass; autograd saves (q, k, v, o, lse).
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdae::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(o (B, H, N, D), lse (B, H, N) float32)."""
+    return _fwd_triton(q, k, v, scale)
+
+
+@torch.library.custom_op("fastdae::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_triton(grad, q, k, v, o, lse, scale)
+
+
+@_attention_fwd_op.register_fake
+def _fwd_fake(q, k, v, scale):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@_attention_bwd_op.register_fake
+def _bwd_fake(grad, q, k, v, o, lse, scale):
+    return torch.empty(q.shape, **_like(q)), torch.empty(k.shape, **_like(k)), torch.empty(v.shape, **_like(v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, other backends and the public entry
+# ---------------------------------------------------------------------------------------------
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(scale * q k^T) v in plain torch, in the inputs' dtype: the documentation and CPU path.
+
+    Materialises the (B, H, N, M) score matrix: fine on a CPU at DiT-T sizes, not on a GPU at scale."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, N, M)
+    return s.softmax(dim=-1) @ v  # (B, H, N, D)
+
+
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    try:
+        import xformers.ops as xops
+    except ImportError as err:
+        raise ImportError("attention: impl='xformers' needs the xformers package, which is not installed") from err
+    # xformers works in (B, N, H, D)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be (B, H, N, D), got shape {tuple(t.shape)}")
+    B, H, N, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D or k.shape[2] == 0:
+        raise ValueError(
+            f"attention: k and v must both be (B={B}, H={H}, M>=1, D={D}) for q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _validate_kernel(q: Tensor) -> None:
+    B, H, _, D = q.shape
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"attention: impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'")
+    if D % 8 or not 8 <= D <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"attention: impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
+            f"got D={D}; use impl='sdpa' or 'ref'"
+        )
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        raise ValueError(f"attention: impl='triton' needs B, H <= {MAX_GRID_YZ}, got B={B}, H={H}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
+    """Non-causal softmax attention, like F.scaled_dot_product_attention without mask or dropout.
+
+    q (B, H, N, D), k and v (B, H, M, D), any strides; returns (B, H, N, D) in q's dtype.
+    scale: multiplies q k^T, default 1 / sqrt(D).
+    impl: "auto" (Triton on CUDA, the reference on CPU), "triton" (fp32/bf16/fp16, D a multiple of 8
+    up to 128), "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
+    """
+    _validate(q, k, v)
+    impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "ref":
+        return attention_ref(q, k, v, scale)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if impl == "xformers":
+        return _xformers_attention(q, k, v, scale)
+    _validate_kernel(q)
+    return _attention_fwd_op(q, k, v, scale)[0]
