@@ -51,8 +51,8 @@ class DataConfig:
 
 def _to_signed_unit(rgb_uint8: np.ndarray) -> Tensor:
     """(..., H, W, 3) uint8 -> float32 (..., 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb_uint8)).movedim(-1, -3)
-    return x.float().div_(127.5).sub_(1.0)
+    x = np.ascontiguousarray(np.moveaxis(rgb_uint8, -1, -3), dtype=np.float32)  # a writable copy
+    return torch.from_numpy(x).div_(127.5).sub_(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
