@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, peak_extra_memory
+from conftest import HAS_CUDA, peak_extra_memory  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LPIPS
 

@@ -197,11 +197,21 @@ def test_bad_weight_files(tmp_path):
     torch.save(trunk, tmp_path / "vgg19.pth")
     with pytest.raises(ValueError, match="not a torchvision vgg16"):
         LPIPS(trunk_weights=tmp_path / "vgg19.pth", random_init=True)
+    trunk = torchvision_state()
+    trunk["features.0.weight"] = torch.randn(64, 3, 5, 5)
+    save_file(trunk, str(tmp_path / "vgg16-5x5.safetensors"))
+    with pytest.raises(ValueError, match=r"features.0.weight has shape \(64, 3, 5, 5\)"):
+        LPIPS(trunk_weights=tmp_path / "vgg16-5x5.safetensors", random_init=True)
     lins = lin_state()
     lins[LIN_KEY.format(2)] = torch.rand(1, 3, 1, 1)
     torch.save(lins, tmp_path / "lin.pth")
     with pytest.raises(ValueError, match=r"lin2.model.1.weight must be a \(1, 256, 1, 1\)"):
         LPIPS(lin_weights=tmp_path / "lin.pth", random_init=True)
+    lins = lin_state()
+    lins[LIN_KEY.format(4)] = -lins[LIN_KEY.format(4)]
+    torch.save(lins, tmp_path / "lin-negative.pth")
+    with pytest.raises(ValueError, match="negative"):
+        LPIPS(lin_weights=tmp_path / "lin-negative.pth", random_init=True)
     with pytest.raises(ValueError, match="trunk_weights is required"):
         LPIPS()
     with pytest.raises(FileNotFoundError):

@@ -203,7 +203,9 @@ def _register_cpp_fakes() -> None:
         lambda feats0, feats1, weights: _fwd_fake(feats0, feats1, weights, "cpp")
     )
     torch.library.register_fake("fastdae_cpp::lpips_head_bwd")(
-        lambda grad, feats0, feats1, weights, need0, need1: _bwd_fake(grad, feats0, feats1, weights, "cpp", need0, need1)
+        lambda grad, feats0, feats1, weights, need0, need1: _bwd_fake(
+            grad, feats0, feats1, weights, "cpp", need0, need1
+        )
     )
 
 
@@ -295,11 +297,17 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
                 f"got {tuple(f0.shape)} and {tuple(f1.shape)}"
             )
         if f0.dtype != f1.dtype or f0.dtype not in allowed:
-            raise TypeError(f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}")
+            raise TypeError(
+                f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}"
+            )
         if w.shape != (f0.shape[1],) or not w.is_floating_point():
-            raise ValueError(f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}")
+            raise ValueError(
+                f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}"
+            )
         if not (f0.device == f1.device == w.device == device):
-            raise ValueError(f"lpips_head: layer {l} tensors are on {f0.device}, {f1.device}, {w.device}; expected {device}")
+            raise ValueError(
+                f"lpips_head: layer {l} tensors are on {f0.device}, {f1.device}, {w.device}; expected {device}"
+            )
 
 
 def lpips_head(

@@ -86,15 +86,16 @@ class VGG16Trunk(nn.Module):
     def load_torchvision(self, path: str | os.PathLike) -> None:
         """Load a torchvision vgg16 state dict file; its classifier.* entries are ignored."""
         state = {k: v for k, v in load_state_file(path).items() if k.startswith("features.")}
-        expected = self.state_dict().keys()
+        expected = self.state_dict().keys()  # features.{0,2,5,...,28}.{weight,bias}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(
                 f"{path}: not a torchvision vgg16 state dict (missing {missing[:4]}, unexpected {unexpected[:4]})"
             )
+        own = self.state_dict()
         for key, value in state.items():
-            if value.shape != self.state_dict()[key].shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, vgg16 needs {tuple(self.state_dict()[key].shape)}")
+            if value.shape != own[key].shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, vgg16 needs {tuple(own[key].shape)}")
         self.load_state_dict(state)
 
 
@@ -185,7 +186,9 @@ class LPIPS(nn.Module):
             if x.dim() != 4 or x.shape[1] != 3:
                 raise ValueError(f"LPIPS: {name} must be (B, 3, H, W) RGB images, got {tuple(x.shape)}")
             if min(x.shape[2:]) < MIN_SIZE:
-                raise ValueError(f"LPIPS: {name} must be at least {MIN_SIZE}x{MIN_SIZE} (4 VGG pools), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"LPIPS: {name} must be at least {MIN_SIZE}x{MIN_SIZE} (4 VGG pools), got {tuple(x.shape)}"
+                )
         if x0.shape != x1.shape:
             raise ValueError(f"LPIPS: x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
         if self.check_range and not torch.compiler.is_compiling():  # a host sync: kept out of compiled graphs
