@@ -1,0 +1,228 @@
+"""Fused attention: the Triton kernel (interpreted on CPU) against a float64 reference for the output
+and dq, dk, dv; the custom ops under opcheck; argument errors; the nn.Attention module."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HAS_CUDA
+from fastdae.kernels.attention import (
+    _attention_bwd_op,
+    _attention_fwd_op,
+    _bwd_triton,
+    attention,
+    attention_ref,
+    head_chunks,
+)
+from fastdae.nn.attention import Attention
+from utils import assert_close_to_ref, rel_err
+
+# (B, H, N, M, D, dtype): N queries, M keys. N in {1, 97, 200} (tails of every tile size), D in
+# {8, 40, 72, 128} (one masked chunk, 32 + 16, 64 + 16, one full chunk). fp32 covers every D; the
+# 16-bit rows are fewer because the interpreter emulates them slowly.
+CASES = [
+    (2, 2, 1, 1, 8, torch.float32),
+    (2, 1, 97, 97, 40, torch.float32),
+    (1, 2, 200, 200, 72, torch.float32),
+    (1, 2, 97, 97, 128, torch.float32),
+    (1, 2, 97, 40, 72, torch.float32),  # cross-attention lengths
+    (1, 2, 97, 97, 72, torch.bfloat16),
+    (2, 1, 200, 200, 8, torch.bfloat16),
+    (2, 2, 1, 1, 128, torch.bfloat16),
+    (1, 2, 97, 97, 40, torch.float16),
+    (2, 1, 97, 97, 128, torch.float16),
+]
+
+
+def _ids(case) -> str:
+    B, H, N, M, D, dtype = case
+    return f"B{B}H{H}-N{N}-M{M}-D{D}-{str(dtype).removeprefix('torch.')}"
+
+
+def _qkv(B, H, N, M, D, dtype, device, requires_grad=True):
+    q = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    k = torch.randn(B, H, M, D, device=device, dtype=dtype)
+    v = torch.randn(B, H, M, D, device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _fwd_bwd(fn, q, k, v, grad, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_attention_matches_reference(case, device):
+    B, H, N, M, D, dtype = case
+    q, k, v = _qkv(B, H, N, M, D, dtype, device)
+    grad = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    scale = 0.3 if D == 40 else None  # one explicit scale
+    kernel = _fwd_bwd(attention, q, k, v, grad, scale=scale, impl="triton")
+    plain = _fwd_bwd(attention_ref, q, k, v, grad, scale=scale)
+    ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double(), scale=scale)
+    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64):
+        assert out.shape == ref.shape and out.dtype == dtype, name
+        assert_close_to_ref(out, ref, torch_out, f"{_ids(case)} {name}")
+
+
+def test_forward_saves_logsumexp(device):
+    q, k, v = _qkv(2, 3, 50, 33, 24, torch.float32, device, requires_grad=False)
+    out, lse = _attention_fwd_op(q, k, v, 0.25)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25  # (B, H, N, M)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    assert out.transpose(1, 2).is_contiguous(), "output is a (B, H, N, D) view of a (B, N, H, D) buffer"
+
+
+def test_strided_inputs_and_grad(device):
+    """q, k, v as views of one fused qkv projection, and a broadcast (stride-0) output gradient."""
+    B, N, H, D = 2, 37, 3, 16
+    qkv = torch.randn(B, N, 3, H, D, device=device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), strided
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
+    assert not q.is_contiguous()
+    out = attention(q, k, v, impl="triton")
+    out.sum().backward()  # the gradient of sum() arrives expanded, with stride 0
+    ref = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), torch.ones(B, H, N, D, device=device).double())
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref):
+        assert rel_err(a, r) < 1e-5, name
+
+
+def test_opcheck(device):
+    q, k, v = _qkv(1, 2, 19, 21, 24, torch.float32, device)
+    torch.library.opcheck(_attention_fwd_op, (q, k, v, 0.2))
+    out, lse = _attention_fwd_op(q.detach(), k.detach(), v.detach(), 0.2)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(_attention_bwd_op, (grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2))
+    dq, dk, dv = _bwd_triton(grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_cpu_backends_agree():
+    q, k, v = _qkv(2, 2, 33, 33, 40, torch.float32, "cpu", requires_grad=False)
+    ref = attention_ref(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), ref)  # auto on CPU is the reference
+    torch.testing.assert_close(attention(q, k, v, impl="sdpa"), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(attention(q, k, v, impl="sdpa"), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("D, expected", [(8, (16, 0)), (16, (16, 0)), (40, (32, 16)), (72, (64, 16)), (96, (64, 32)), (128, (128, 0))])
+def test_head_chunks(D, expected):
+    assert head_chunks(D) == expected
+
+
+def test_head_chunks_valid_for_every_supported_dim():
+    for D in range(8, 129, 8):
+        d0, d1 = head_chunks(D)
+        for d in (d0, d1) if d1 else (d0,):
+            assert d >= 16 and d & (d - 1) == 0, (D, d0, d1)  # tl.dot: powers of two >= 16
+        assert D <= d0 + d1 <= max(16, 1 << (D - 1).bit_length()), (D, d0, d1)  # never wider than padding
+
+
+@pytest.mark.parametrize(
+    "shapes, dtypes, match, exc",
+    [
+        (((2, 2, 8, 16), (2, 2, 8, 16), (2, 2, 9, 16)), None, "k and v must both be", ValueError),
+        (((2, 2, 8, 16), (2, 3, 8, 16), (2, 3, 8, 16)), None, r"\(B=2, H=2, M>=1, D=16\)", ValueError),
+        (((2, 8, 16), (2, 8, 16), (2, 8, 16)), None, r"q must be \(B, H, N, D\)", ValueError),
+        (((2, 2, 8, 16), (2, 2, 0, 16), (2, 2, 0, 16)), None, "M>=1", ValueError),
+        (((1, 1, 8, 16),) * 3, (torch.float32, torch.float16, torch.float32), "share one floating dtype", TypeError),
+        (((1, 1, 8, 12),) * 3, None, "multiple of 8", ValueError),
+        (((1, 1, 8, 136),) * 3, None, r"multiple of 8 in \[8, 128\]", ValueError),
+    ],
+)
+def test_errors(shapes, dtypes, match, exc):
+    dtypes = dtypes or (torch.float32,) * 3
+    q, k, v = (torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+    with pytest.raises(exc, match=match):
+        attention(q, k, v, impl="triton")
+
+
+def test_errors_impl_device_dtype():
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        attention(q, q, q, impl="flash")
+    with pytest.raises(ValueError, match="no C\\+\\+ implementation"):
+        attention(q, q, q, impl="cpp")
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, q.to("meta"), q)
+    with pytest.raises(TypeError, match="impl='triton' takes"):
+        attention(q.double(), q.double(), q.double(), impl="triton")
+    torch.testing.assert_close(attention(q.double(), q.double(), q.double(), impl="ref"), q.double())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_missing_is_a_clear_error():
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ImportError, match="impl='xformers' needs the xformers package"):
+        attention(q, q, q, impl="xformers")
+
+
+# ------------------------------------------------------------------------------------------------
+# nn.Attention
+# ------------------------------------------------------------------------------------------------
+def timm_state(dim: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
+    """A state dict in timm's Attention format."""
+    state = {"qkv.weight": torch.randn(3 * dim, dim) / math.sqrt(dim), "proj.weight": torch.randn(dim, dim) / math.sqrt(dim),
+             "proj.bias": torch.randn(dim)}
+    if qkv_bias:
+        state["qkv.bias"] = torch.randn(3 * dim)
+    return state
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_module_loads_timm_state_and_matches_formula(impl, device):
+    dim, heads, B, N = 48, 3, 2, 21
+    state = timm_state(dim, qkv_bias=True)
+    attn = Attention(dim, num_heads=heads, qkv_bias=True, impl=impl).to(device)
+    attn.load_state_dict(state)  # strict: same keys, same shapes
+    assert attn.head_dim == 16 and attn.scale == 16**-0.5
+    x = torch.randn(B, N, dim, device=device)
+    # timm's forward, written out: qkv projection, per-head softmax attention, merge heads, proj
+    s = {k: t.to(device) for k, t in state.items()}
+    q, k, v = (x @ s["qkv.weight"].T + s["qkv.bias"]).reshape(B, N, 3, heads, 16).permute(2, 0, 3, 1, 4)
+    a = ((q @ k.transpose(-2, -1)) * 16**-0.5).softmax(-1) @ v  # (B, H, N, D)
+    expected = a.transpose(1, 2).reshape(B, N, dim) @ s["proj.weight"].T + s["proj.bias"]
+    torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_module_qk_norm_and_errors():
+    attn = Attention(32, num_heads=4, qk_norm=True)
+    assert {"q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"} <= set(attn.state_dict())
+    assert attn(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        Attention(30, num_heads=4)
+    with pytest.raises(ValueError, match=r"\(B, N, C=32\)"):
+        attn(torch.randn(2, 5, 31))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: DiT-sized shapes and torch.compile
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1025, 4096])
+@pytest.mark.parametrize("D", [64, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_large_shapes_gpu(N, D, dtype):
+    B, H = (2, 8) if N > 2048 else (4, 16)
+    q, k, v = _qkv(B, H, N, N, D, dtype, "cuda")
+    grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+    kernel = _fwd_bwd(attention, q, k, v, grad, impl="triton")
+    plain = _fwd_bwd(attention_ref, q, k, v, grad)
+    ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double())
+    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64):
+        assert_close_to_ref(out, ref, torch_out, f"N{N} D{D} {name}")
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gpu():
+    attn = Attention(144, num_heads=2, qkv_bias=True).cuda()  # head dim 72
+    x = torch.randn(2, 100, 144, device="cuda", requires_grad=True)
+    compiled = torch.compile(attn, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, attn(x), rtol=1e-4, atol=1e-5)
+    assert HAS_CUDA and x.grad is not None and torch.isfinite(x.grad).all()
