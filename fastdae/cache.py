@@ -95,7 +95,8 @@ def _smallest_int_dtype(lo: int, hi: int) -> np.dtype:
 def _stored(name: str, t: Tensor) -> np.ndarray:
     """A field's values as stored: integers downcast to the smallest dtype that fits, floats as float16."""
     if t.dtype.is_floating_point:
-        a = t.float().numpy().astype(STORED_FLOAT)
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below, with the field's name
+            a = t.float().numpy().astype(STORED_FLOAT)
         if not np.isfinite(a).all():
             raise ValueError(f"field {name!r} has non-finite values or exceeds the float16 range (|x| > 65504)")
         return a
@@ -218,7 +219,9 @@ def _write_shard(root: Path, rank: int, k: int, start: int, stop: int, parts: di
         if len(shapes) != 1:
             raise ValueError(f"field {name!r} changed its per-item shape between batches: {sorted(shapes)}")
         arrays[name] = _stored(name, torch.cat(ts))
-    data = save(arrays, metadata={"format_version": str(FORMAT_VERSION), "start": str(start), "stop": str(stop)})
+    # one metadata key: safetensors writes a metadata map in hash order, and shard bytes (hence their
+    # sha256) must not depend on the process that wrote them
+    data = save(arrays, metadata={"fastdae": json.dumps({"format_version": FORMAT_VERSION, "start": start, "stop": stop})})
     name = _shard_name(rank, k)
     _atomic_write(root / name, data)
     record = {
@@ -428,7 +431,8 @@ class LatentCache:
         ranges = {k: (k * shard_size, min((k + 1) * shard_size, count)) for k in pending}
         batches = [list(range(a, min(a + batch_size, stop))) for start, stop in ranges.values()
                    for a in range(start, stop, batch_size)]
-        loader = iter(DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=_no_collate))
+        loader = iter(DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=_no_collate)
+                      if batches else ())
 
         from tqdm import tqdm
 
