@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdae.integrations import FastDAEAttnProcessor
+from fastdae.integrations import FastDAEAttnProcessor, patch_attention
+from fastdae.nn import Attention
 from utils import rel_err
 
 TOL = 1e-5  # float32 relative error: the patched path and the original run the same math in fp32
@@ -52,6 +53,193 @@ def test_integrations_import_no_third_party():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_attention: local replicas of timm's Attention (timm needs torchvision here) and DiT's
+# ---------------------------------------------------------------------------------------------
+class TimmAttention(nn.Module):
+    """timm >= 1.0 vision_transformer.Attention, written out (same attribute names and forward)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
+        )
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(self.proj(x))
+
+
+class DiTAttention(nn.Module):
+    """The timm 0.6 Attention that facebookresearch/DiT imports: no head_dim, no q/k norm, explicit softmax."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))  # (B, H, N, N)
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, as in timm's ViT and DiT (without adaLN)."""
+
+    def __init__(self, attn: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), attn, nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def tiny_vit(make_attn, dim: int = 32, depth: int = 2) -> nn.Module:
+    return nn.Sequential(*[Block(make_attn(dim), dim) for _ in range(depth)])
+
+
+ATTENTIONS = {
+    "timm": lambda dim: TimmAttention(dim, num_heads=4),
+    "timm_qkv_bias_qk_norm": lambda dim: TimmAttention(dim, num_heads=2, qkv_bias=True, qk_norm=True),
+    "dit": lambda dim: DiTAttention(dim, num_heads=4, qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("kind", ATTENTIONS)
+def test_patch_attention_matches_unpatched(kind):
+    ref = tiny_vit(ATTENTIONS[kind]).eval()
+    model = copy.deepcopy(ref)
+    params_before = {name: p for name, p in model.named_parameters()}
+    assert patch_attention(model) is model
+    patched = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(patched) == 2 and not any(isinstance(m, (TimmAttention, DiTAttention)) for m in model.modules())
+    # the very same parameter tensors under the same names: optimizers and state dicts keep working
+    assert {name: id(p) for name, p in model.named_parameters()} == {name: id(p) for name, p in params_before.items()}
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert_same_outputs_and_grads(ref, model, lambda m, x: m(x), [torch.randn(2, 13, 32)])
+
+
+def test_patch_attention_attn_drop_in_training():
+    """attn_drop > 0 while training: same dropout draws as timm's SDPA path under the same seed."""
+    ref = tiny_vit(lambda dim: TimmAttention(dim, num_heads=4, attn_drop=0.5)).train()
+    model = patch_attention(copy.deepcopy(ref))
+    x = torch.randn(2, 9, 32)
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(1)
+        outs.append(m(x))
+    assert rel_err(outs[1], outs[0]) < TOL
+    torch.manual_seed(2)
+    assert rel_err(model(x), outs[1]) > 1e-3, "dropout must be active in training mode"
+    assert rel_err(model.eval()(x), ref.eval()(x)) < TOL
+
+
+def test_patch_attention_keeps_impl_scale_and_mode():
+    attn = DiTAttention(32, num_heads=4)
+    attn.scale = 0.3  # a non-default scale is carried over
+    model = patch_attention(nn.Sequential(attn).train(), impl="ref")
+    assert model[0].impl == "ref" and model[0].scale == 0.3 and model[0].training
+    x = torch.randn(2, 5, 32)
+    assert rel_err(model(x), attn(x)) < TOL
+
+
+def test_patch_attention_root_and_shared_modules():
+    root = TimmAttention(16, num_heads=2)
+    patched = patch_attention(root)
+    assert isinstance(patched, Attention) and patched.qkv is root.qkv
+    shared = TimmAttention(16, num_heads=2)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    patch_attention(model)
+    assert model["a"][0] is model["b"][0] and isinstance(model["a"][0], Attention)
+
+
+class RelPosAttention(TimmAttention):
+    """A BEiT-like variant: a learned relative position bias that fastdae.attention cannot add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, num_heads=2)
+        self.rel_pos_bias = nn.Parameter(torch.zeros(2, 4, 4))
+
+
+class RopeAttention(TimmAttention):
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        return super().forward(x)
+
+
+class ScaleNormAttention(TimmAttention):
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, num_heads=2)
+        self.norm = nn.LayerNorm(dim)
+
+
+class WideHeadAttention(TimmAttention):
+    """timm's attn_head_dim option: inner width 2C differs from the model width C."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, num_heads=2)
+        self.qkv, self.proj = nn.Linear(dim, 6 * dim), nn.Linear(2 * dim, dim)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (RelPosAttention, r"own parameters.*rel_pos_bias"),
+        (RopeAttention, r"forward arguments.*rope"),
+        (ScaleNormAttention, r"non-identity `norm`"),
+        (WideHeadAttention, r"qkv must be Linear\(16, 48\)"),
+    ],
+)
+def test_patch_attention_refuses_what_it_cannot_reproduce(make, match):
+    model = nn.Sequential(TimmAttention(16, num_heads=2), nn.Sequential(make(16)))
+    with pytest.raises(ValueError, match=rf"1\.0 \({make.__name__}\): .*{match}"):
+        patch_attention(model)
+    assert isinstance(model[0], TimmAttention), "nothing is patched when any module is refused"
+
+
+def test_patch_attention_errors():
+    with pytest.raises(ValueError, match="no timm/DiT-style attention module"):
+        patch_attention(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        patch_attention(lambda x: x)
+    model = patch_attention(nn.Sequential(TimmAttention(16, num_heads=2)))
+    with pytest.raises(ValueError, match="takes no mask"):
+        model[0](torch.randn(1, 3, 16), attn_mask=torch.zeros(3, 3))
+
+
+def test_patch_attention_timm_vision_transformer():
+    timm = pytest.importorskip("timm", reason="timm is not installed (it needs torchvision)")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5
+    ).eval()
+    model = patch_attention(copy.deepcopy(ref))
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 2
+    assert_same_outputs_and_grads(ref, model, lambda m, x: m(x), [torch.randn(2, 3, 16, 16)])
 
 
 # ---------------------------------------------------------------------------------------------
