@@ -1,0 +1,156 @@
+"""Save a trained decoder or autoencoder as `model.safetensors` + `config.json`; load it back anywhere.
+
+    save_pretrained(decoder, "export/dae-decoder", ae_cfg)          # a Decoder (full, or weak=...)
+    save_pretrained(autoencoder, "export/dae", ae_cfg)              # encoder + bottleneck + decoder
+    model = load_pretrained("export/dae-decoder")                   # nn.Module in eval mode
+
+config.json holds the format version, what was saved ("decoder" or "autoencoder"), the
+AutoencoderConfig fields and, for a weakened decoder, the WeakDecoderConfig fields. Loading builds
+the module from config.json alone with fastdae.models.autoencoder (never fastdae.train), then checks
+every tensor of model.safetensors against it by name and shape before loading: a mismatch names
+the tensor, the shape config.json implies and the shape found in the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fastdae import __version__
+from fastdae.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, WeakDecoderConfig, build_decoder
+
+FORMAT = "fastdae-pretrained"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+KINDS = ("decoder", "autoencoder")
+_MAX_LISTED = 5  # tensor names listed in a missing/unexpected error
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, Autoencoder):
+        return "autoencoder"
+    if isinstance(module, Decoder):
+        return "decoder"
+    raise TypeError(
+        f"save_pretrained: module must be a fastdae Decoder or Autoencoder "
+        f"(fastdae.models.autoencoder), got {type(module).__name__}"
+    )
+
+
+def _build(kind: str, config: AutoencoderConfig, weak: WeakDecoderConfig | None) -> nn.Module:
+    """The module config.json describes, with freshly initialised weights."""
+    decoder = build_decoder(config, weak)
+    return decoder if kind == "decoder" else Autoencoder(config, decoder)
+
+
+def _check_tensors(expected: dict[str, Tensor], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Names and shapes of `found` (from `source`) against the state dict the config builds."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the config implies: {missing[:_MAX_LISTED]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) the config does not build: {unexpected[:_MAX_LISTED]}")
+        raise ValueError(f"{source}: {'; '.join(parts)}")
+    for name, tensor in expected.items():
+        if tuple(tensor.shape) != found[name]:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {found[name]}, but the config implies {tuple(tensor.shape)}"
+            )
+
+
+def save_pretrained(
+    module: nn.Module,
+    path: str | os.PathLike,
+    config: AutoencoderConfig,
+    weak: WeakDecoderConfig | None = None,
+) -> Path:
+    """Write `path`/model.safetensors and `path`/config.json; returns the directory.
+
+    module: a `Decoder` (the full stage-2 decoder, or the stage-1 auxiliary one with `weak` set to the
+    WeakDecoderConfig it was built from) or an `Autoencoder` (encoder + bottleneck + its decoder).
+    config: the AutoencoderConfig the module was built from (TrainConfig.autoencoder). The module is
+    checked against it first, so a file that cannot be loaded back is never written.
+    """
+    kind = _kind(module)
+    if not isinstance(config, AutoencoderConfig):
+        raise TypeError(f"save_pretrained: config must be an AutoencoderConfig, got {type(config).__name__}")
+    if weak is not None and not isinstance(weak, WeakDecoderConfig):
+        raise TypeError(f"save_pretrained: weak must be a WeakDecoderConfig or None, got {type(weak).__name__}")
+    state = {name: t.detach().to("cpu").contiguous() for name, t in module.state_dict().items()}
+    with torch.device("meta"):  # shapes only: allocate nothing
+        reference = _build(kind, config, weak).state_dict()
+    _check_tensors(reference, {n: tuple(t.shape) for n, t in state.items()}, f"save_pretrained({type(module).__name__})")
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fastdae_version": __version__,
+        "kind": kind,
+        "autoencoder": dataclasses.asdict(config),
+        "weak_decoder": None if weak is None else dataclasses.asdict(weak),
+    }
+    # temp names + rename: an interrupted save never leaves a half-written pair behind
+    save_file(state, str(out / f"{WEIGHTS_FILE}.tmp"), metadata={"format": "pt", "kind": kind})
+    (out / f"{CONFIG_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
+    os.replace(out / f"{CONFIG_FILE}.tmp", out / CONFIG_FILE)
+    return out
+
+
+def _dataclass_from(cls: type, fields: Any, source: str) -> Any:
+    if not isinstance(fields, dict):
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(fields).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(fields.keys() - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown} (saved by a newer fastdae?)")
+    return cls(**fields)
+
+
+def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDecoderConfig | None]:
+    """(kind, AutoencoderConfig, WeakDecoderConfig or None) from `path`/config.json, validated."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"load_pretrained: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})")
+    meta = json.loads(file.read_text())
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a fastdae export (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"{file}: kind must be one of {KINDS}, got {meta.get('kind')!r}")
+    config = _dataclass_from(AutoencoderConfig, meta.get("autoencoder"), f"{file} 'autoencoder'")
+    weak = meta.get("weak_decoder")
+    weak = None if weak is None else _dataclass_from(WeakDecoderConfig, weak, f"{file} 'weak_decoder'")
+    return meta["kind"], config, weak
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The Decoder or Autoencoder saved in `path` by save_pretrained, on `device`, in eval mode.
+
+    Raises FileNotFoundError when config.json or model.safetensors is missing, and ValueError naming
+    the tensor, the shape config.json implies and the shape found when the weights do not fit."""
+    kind, config, weak = read_config(path)
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"load_pretrained: {weights} does not exist (config.json is there, the weights are not)")
+    module = _build(kind, config, weak)
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        _check_tensors(module.state_dict(), found, str(weights))
+        state = {name: f.get_tensor(name) for name in found}
+    module.load_state_dict(state, strict=True)
+    return module.to(device).eval()
