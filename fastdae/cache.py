@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -37,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ _INT_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16
 _SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
                        "U32": np.uint32, "I64": np.int64, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 _HASH_CHUNK = 1 << 20
+_TORCH_READ = {"u": torch.int64, "i": torch.int64, "f": torch.float32}  # what reads return, by stored dtype kind
 
 EncodeFn = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
 
@@ -106,9 +108,6 @@ def _stored(name: str, t: Tensor) -> np.ndarray:
     raise TypeError(f"field {name!r} must be an integer or floating tensor, got {t.dtype}")
 
 
-def _read_dtype(stored: np.dtype) -> np.dtype:
-    """What a read returns for a stored dtype: int64 for integers, float32 for floats."""
-    return np.dtype(np.int64) if stored.kind in "iu" else np.dtype(np.float32)
 
 
 class _Moments:
@@ -325,10 +324,11 @@ class _Shard:
         self.check_size()
         if _sha256_file(self.path) != self.record["sha256"]:
             raise CacheError(f"cache shard {self.path} is corrupted: its sha256 does not match the manifest")
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+        with open(self.path, "rb") as f:  # the map outlives the file object
+            raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-            header = json.loads(raw[8:8 + header_len].tobytes())
+            (header_len,) = struct.unpack_from("<Q", raw, 0)
+            header = json.loads(raw[8:8 + header_len])
         except (struct.error, ValueError) as e:
             raise CacheError(f"cache shard {self.path} has no valid safetensors header: {e}") from e
         base, n, arrays = 8 + header_len, self.stop - self.start, {}
@@ -340,11 +340,13 @@ class _Shard:
                 raise CacheError(f"cache shard {self.path}: field {name!r} is {entry and (entry['dtype'], entry['shape'])}, "
                                  f"the manifest says {spec['dtype']} {list(shape)}")
             lo, hi = entry["data_offsets"]
-            arrays[name] = raw[base + lo:base + hi].view(stored.newbyteorder("<")).reshape(shape)
+            # plain ndarrays over the map (np.memmap's subclass hooks cost more than the copy itself)
+            arrays[name] = np.frombuffer(raw, dtype=stored.newbyteorder("<"), count=(hi - lo) // stored.itemsize,
+                                         offset=base + lo).reshape(shape)
         return arrays
 
     def __getstate__(self) -> dict[str, Any]:
-        # memmaps and locks do not pickle (a DataLoader worker re-opens the file)
+        # maps and locks do not pickle (a DataLoader worker re-opens the file)
         return {"path": self.path, "record": self.record, "fields": self.fields}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -360,7 +362,7 @@ class LatentCache:
     the file before any of its data is returned.
     """
 
-    def __init__(self, root: str | os.PathLike, verify: str = "open") -> None:
+    def __init__(self, root: str | os.PathLike, verify: Literal["open", "lazy"] = "open") -> None:
         if verify not in ("open", "lazy"):
             raise ValueError(f"verify must be 'open' or 'lazy', got {verify!r}")
         self.root = Path(root)
@@ -482,19 +484,34 @@ class LatentCache:
                 raise CacheError(f"latent cache {self.root} has {key} {self.manifest[key]}, expected {want}; rebuild it")
 
     def gather(self, indices: np.ndarray | list[int]) -> dict[str, Tensor]:
-        """Fields of a batch of items, gathered straight from the memmaps: name -> (B, *shape)."""
+        """Fields of a batch of items, gathered straight from the memory maps: name -> (B, *shape).
+        Ascending indices (as the loader passes them) are fastest: each shard's run of items is
+        copied with one np.take per field into a contiguous slice of the batch."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"cache index out of range [0, {len(self)})")
-        out = {name: np.empty((len(idx), *spec["shape"]), dtype=_read_dtype(np.dtype(spec["dtype"])))
+        order = np.argsort(idx, kind="stable")
+        ascending = bool((order == np.arange(len(idx))).all())
+        sidx = idx if ascending else idx[order]
+        out = {name: np.empty((len(idx), *spec["shape"]), dtype=spec["dtype"])
                for name, spec in self.manifest["fields"].items()}
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1  # (B,)
-        for s in np.unique(shard_of):
-            pos = np.flatnonzero(shard_of == s)
-            local = idx[pos] - self._starts[s]
+        shard_of = np.searchsorted(self._starts, sidx, side="right") - 1  # (B,) non-decreasing
+        cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(idx)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            s = int(shard_of[a])
+            local = sidx[a:b] - self._starts[s]
             for name, array in self._shards[s].arrays.items():
-                out[name][pos] = array[local]  # one fancy-indexed read per shard and field
-        return {name: torch.from_numpy(a) for name, a in out.items()}
+                dst = out[name][a:b]
+                if array.dtype == dst.dtype:
+                    np.take(array, local, axis=0, out=dst)  # no temporary
+                else:
+                    dst[...] = array[local]  # a shard stored narrower than the manifest's dtype
+        # widen once per field (int64 / float32), in torch, which releases the GIL
+        result = {name: torch.from_numpy(a).to(_TORCH_READ[a.dtype.kind]) for name, a in out.items()}
+        if not ascending:
+            inverse = torch.from_numpy(np.argsort(order))
+            result = {name: t[inverse] for name, t in result.items()}
+        return result
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         if not -len(self) <= i < len(self):
@@ -526,13 +543,14 @@ def _remove_unlisted(root: Path, listed: set[str]) -> None:
 # Loading batches
 # ---------------------------------------------------------------------------------------------
 class CacheLoader:
-    """Batches from a LatentCache, gathered whole from the memmaps and prefetched by background threads.
+    """Batches from a LatentCache, gathered whole from the memory maps and prefetched by background threads.
 
     Yields dict[str, Tensor] (name -> (B, *shape)), or (fields, images (B, 3, H, W)) when built
     with an image dataset (`LatentCache.paired_loader`), where items >= len(dataset) are the
     flipped images.
 
-    Order: epoch e uses permutation `np.random.default_rng([seed, e])` of all items (identity
+    Order: batch b of epoch e holds items indices(e)[b*B:(b+1)*B] in ascending order (order within a
+    batch does not matter to a mean loss, and ascending reads are fastest); epoch e uses permutation `np.random.default_rng([seed, e])` of all items (identity
     without shuffle). Under torch.distributed (or with explicit rank/world_size) rank r takes
     every world_size-th index of it, so ranks never overlap and all get len(self) batches (the
     tail is dropped with drop_last, else padded by wrapping around, as DistributedSampler does).
@@ -541,8 +559,8 @@ class CacheLoader:
     `set_epoch(epoch_offset + s // len(loader), s % len(loader))` and sees the same batches.
 
     `num_workers` gather threads (at least one) run up to `prefetch` batches ahead of the consumer;
-    numpy's copies and the page faults of the memmap release the GIL, so the training step does
-    not wait. `pin_memory=True` pins batches (CUDA builds) for non_blocking host-to-device copies.
+    the gathers spend little time holding the GIL (one np.take per shard and field, widening in
+    torch), so the training step does not wait. `pin_memory=True` pins batches (CUDA builds) for non_blocking host-to-device copies.
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -559,7 +577,8 @@ class CacheLoader:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = cache, batch_size, shuffle, seed, drop_last
-        self.num_threads, self.prefetch, self.pin_memory = max(1, num_workers), prefetch, pin_memory
+        self.num_threads, self.prefetch = max(1, num_workers), prefetch
+        self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA build and device
         self.images = _FlipView(image_dataset, cache.manifest["flip"]) if image_dataset is not None else None
         self.epoch, self.start_batch = epoch_offset, 0
         n, w = len(cache), self.world_size
@@ -578,7 +597,7 @@ class CacheLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def indices(self, epoch: int) -> np.ndarray:
-        """This rank's item indices for `epoch`, in order (batch b is [b*B, (b+1)*B))."""
+        """This rank's item indices for `epoch`: batch b holds [b*B, (b+1)*B) of them, sorted ascending."""
         n, w = len(self.cache), self.world_size
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         total = self.per_rank * w
@@ -586,14 +605,14 @@ class CacheLoader:
         return order[self.rank::w]
 
     def _load(self, idx: np.ndarray) -> Any:
+        idx = np.sort(idx)  # order within a batch does not matter to training; ascending gathers fastest
         fields = self.cache.gather(idx)
-        batch: Any = fields
-        if self.images is not None:
-            batch = (fields, self.images.__getitems__(idx.tolist())[0])
-        if self.pin_memory and torch.cuda.is_available():
+        if self._pin:
             fields = {name: t.pin_memory() for name, t in fields.items()}
-            batch = fields if self.images is None else (fields, batch[1].pin_memory())
-        return batch
+        if self.images is None:
+            return fields
+        images = self.images.__getitems__(idx.tolist())[0]
+        return fields, images.pin_memory() if self._pin else images
 
     def __iter__(self) -> Iterator[Any]:
         epoch, first = self.epoch, self.start_batch

@@ -100,6 +100,8 @@ def test_round_trip_vq(tmp_path):
         assert everything["indices"].dtype == torch.int64 and torch.equal(everything["indices"], fields["indices"])
         assert torch.equal(everything["label"], labels)
         assert torch.equal(reopened[-1]["indices"], fields["indices"][39])
+        shuffled = [33, 2, 17, 2, 0, 39, 16]  # any order, repeats, several shards
+        assert torch.equal(reopened.gather(shuffled)["indices"], fields["indices"][shuffled])
     mean, std = stats_reference(latents)
     assert torch.allclose(cache.channel_mean.double(), mean, atol=1e-6)
     assert torch.allclose(cache.channel_std.double(), std, atol=1e-6)
@@ -269,7 +271,12 @@ def test_ddp_build_matches_single_process(tmp_path):
 # Loading
 # ---------------------------------------------------------------------------------------------
 def _epoch(loader) -> list[list[int]]:
-    return [batch["value"].tolist() for batch in loader]
+    """One pass: each batch's `value` (= item index), checked against loader.indices (ascending per batch)."""
+    epoch, start, bs = loader.epoch, loader.start_batch, loader.batch_size
+    batches = [batch["value"].tolist() for batch in loader]
+    order = loader.indices(epoch).tolist()
+    assert batches == [sorted(order[k * bs:(k + 1) * bs]) for k in range(start, len(loader))]
+    return batches
 
 
 def test_loader_order_is_deterministic(tmp_path):
@@ -331,7 +338,7 @@ def test_paired_loading(tmp_path):
     order = loader.indices(0)
     assert sorted(order) == list(range(24))
     for b, (batch_fields, batch_images) in enumerate(loader):
-        idx = order[b * 6:(b + 1) * 6]
+        idx = np.sort(order[b * 6:(b + 1) * 6])
         assert torch.equal(batch_images, images[idx])
         assert torch.equal(batch_fields["mean"], fields["mean"][idx].half().float())
     paired = PairedDataset(cache, ds)
