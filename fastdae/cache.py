@@ -27,6 +27,7 @@ float fields are stored as float16. Reads return int64 and float32 tensors.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -558,14 +559,15 @@ class CacheLoader:
     `set_epoch(e, start_batch)` jumps anywhere, so a run resumed at global step s calls
     `set_epoch(epoch_offset + s // len(loader), s % len(loader))` and sees the same batches.
 
-    `num_workers` gather threads (at least one) run up to `prefetch` batches ahead of the consumer;
+    `num_workers` gather threads (at least one) run up to `prefetch` batches ahead of the consumer,
+    refilled in bulk whenever half of them have been taken;
     the gathers spend little time holding the GIL (one np.take per shard and field, widening in
     torch), so the training step does not wait. `pin_memory=True` pins batches (CUDA builds) for non_blocking host-to-device copies.
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True, num_workers: int = 0, epoch_offset: int = 0,
-                 image_dataset: Dataset | None = None, prefetch: int = 4, pin_memory: bool = False,
+                 image_dataset: Dataset | None = None, prefetch: int = 8, pin_memory: bool = False,
                  rank: int | None = None, world_size: int | None = None) -> None:
         if batch_size < 1 or prefetch < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1, prefetch >= 1, num_workers >= 0; got {batch_size}, {prefetch}, {num_workers}")
@@ -621,17 +623,18 @@ class CacheLoader:
         pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="fastdae-cache")
         ahead: deque[Future] = deque()
 
-        def submit() -> None:
-            b = next(todo, None)
-            if b is not None:
+        def refill() -> None:
+            for b in itertools.islice(todo, self.prefetch - len(ahead)):
                 ahead.append(pool.submit(self._load, idx[b * bs:(b + 1) * bs]))
 
         try:
-            for _ in range(self.prefetch):
-                submit()
+            refill()
             while ahead:
                 batch = ahead.popleft().result()
-                submit()
+                # refill in bulk once half the queue is used: waking the gather threads costs the
+                # consumer a context switch, on a busy CPU far more than the gather itself
+                if len(ahead) <= self.prefetch // 2:
+                    refill()
                 yield batch
             self.epoch, self.start_batch = epoch + 1, 0
         finally:  # also when the consumer stops early: drop what was prefetched

@@ -315,14 +315,20 @@ def test_loader_prefetches_in_background(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(cache, "gather", gather)
-    loader = cache.loader(4, prefetch=3, num_workers=2)
+    loader = cache.loader(4, prefetch=4, num_workers=2)
     it = iter(loader)
+
+    def gathered_reaches(n: int) -> bool:
+        deadline = time.monotonic() + 10
+        while len(gathered) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # and goes no further
+        return len(gathered) == n
+
     next(it)
-    deadline = time.monotonic() + 10
-    while len(gathered) < 4 and time.monotonic() < deadline:  # 1 consumed + 3 ahead, without asking
-        time.sleep(0.01)
-    time.sleep(0.05)
-    assert len(gathered) == 4, "the loader keeps exactly `prefetch` batches ready"
+    assert gathered_reaches(4), "`prefetch` batches are gathered before they are asked for"
+    next(it)
+    assert gathered_reaches(6), "once half the queue is used it is refilled"
     assert threads and all(name.startswith("fastdae-cache") for name in threads)
     it.close()  # stopping early shuts the gather threads down
     assert not [t for t in threading.enumerate() if t.name.startswith("fastdae-cache")]
