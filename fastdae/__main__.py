@@ -1,0 +1,6 @@
+"""`python -m fastdae ...`: see fastdae.cli."""
+import sys
+
+from fastdae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The autoencoder losses of PAPER.md §3, shared by stage 1 and stage 2:
+
+    L_gen  = l1_weight * |x - x_hat| + lpips_weight * LPIPS(x, x_hat) + aux + lambda * L_G    (L_G after disc.start)
+    L_disc = hinge loss of the PatchGAN on (x, sg[x_hat])                                     (after disc.start)
+
+aux is the bottleneck term (VQ codebook + commitment, or weighted KL) in stage 1, zero in stage 2.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdae.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+
+log = logging.getLogger("fastdae.train")
+
+
+def build_lpips(cfg: Any, device: torch.device) -> nn.Module | None:
+    """LPIPS from local weights (cfg.lpips_trunk, cfg.lpips_lin) or random init, else None (logged)."""
+    if cfg.lpips_weight <= 0:
+        return None
+    if cfg.lpips_trunk is None and not cfg.lpips_random_init:
+        log.info("LPIPS is off: no local VGG16 weights given (set lpips_trunk to a torchvision vgg16 state dict)")
+        return None
+    from fastdae.nn import LPIPS
+
+    return LPIPS(trunk_weights=cfg.lpips_trunk, lin_weights=cfg.lpips_lin, random_init=cfg.lpips_random_init,
+                 check_range=False).to(device)
+
+
+class AutoencoderLoss(nn.Module):
+    """Reconstruction + perceptual + adversarial losses with the discriminator and its optimizer.
+
+    cfg: an AEStageConfig. `discriminator` is the trainable PatchGAN (None when cfg.disc.weight is 0);
+    `disc_train` is the same module wrapped for DDP when distributed (used only for the D step, so
+    each DDP forward is followed by exactly one backward)."""
+
+    def __init__(self, cfg: Any, device: torch.device, wrap: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = build_lpips(cfg, device)
+        self.discriminator = NLayerDiscriminator(cfg.disc.ndf, cfg.disc.n_layers).to(device) if cfg.disc.weight > 0 else None
+        self.disc_train = wrap(self.discriminator) if wrap is not None and self.discriminator is not None else self.discriminator
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.disc.start
+
+    def generator_loss(self, x: Tensor, x_hat: Tensor, aux: Tensor | float, step: int,
+                       last_layer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, detached terms) for the generator (encoder/decoder) update; x, x_hat (B, 3, H, W)."""
+        c = self.cfg
+        rec = c.l1_weight * (x - x_hat).abs().mean()
+        terms = {"l1": rec.detach()}
+        if self.lpips is not None:
+            p = self.lpips(x_hat, x).mean()
+            rec = rec + c.lpips_weight * p
+            terms["lpips"] = p.detach()
+        loss = rec + aux
+        if isinstance(aux, Tensor):
+            terms["aux"] = aux.detach()
+        if self.gan_active(step):
+            self.discriminator.requires_grad_(False)  # L_G trains the generator only
+            g = hinge_g_loss(self.discriminator(x_hat))
+            self.discriminator.requires_grad_(True)
+            lam = adaptive_weight(rec, g, last_layer, c.disc.weight)
+            loss = loss + lam * g
+            terms |= {"g": g.detach(), "lambda": lam}
+        return loss, terms
+
+    def discriminator_loss(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """Hinge loss on one forward of [x; sg[x_hat]] (one DDP forward per backward; BatchNorm sees both)."""
+        logits = self.disc_train(torch.cat([x, x_hat.detach()]))  # (2B, 1, h, w)
+        real, fake = logits.chunk(2)
+        return hinge_d_loss(real, fake)
