@@ -1,0 +1,351 @@
+"""Vector quantization (van den Oord et al., NeurIPS 2017): nearest-code search and the VQ-VAE
+quantizer with its straight-through gradient and loss, fused.
+
+For x (N, D) and a codebook c (K, D):
+
+    idx[n]    = argmin_k ||x_n - c_k||^2 = argmin_k (||c_k||^2 - 2 x_n . c_k)     ties: the lowest k
+    sqdist[n] = ||x_n - c_idx[n]||^2          (recomputed from the difference: no cancellation)
+
+vector_quantize(z, c, beta) with z_q = c[idx] (VQ-VAE convention; sg = stop-gradient):
+
+    z_q (returned)  = c[idx], with the straight-through gradient dL/dz += dL/dz_q
+    loss            = ||sg[z] - z_q||^2 + beta ||z - sg[z_q]||^2      (both means over N*D elements)
+    dloss/dz        = 2 beta (z - z_q) / (N D)                         (commitment term)
+    dloss/dc_k      = 2 / (N D) sum_{n: idx[n] = k} (c_k - z_n)         (codebook term, via index_add)
+
+The kernels never build the N x K distance matrix: a program owns a block of rows and streams the
+codebook in tiles, keeping a running (min score, index) per row; dot products accumulate in fp32 for
+fp32/bf16/fp16 inputs. The Triton forward of vector_quantize also gathers z_q and the exact
+distances in the same pass (the loss is a sum of those distances), so it is one kernel launch.
+The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
+written in torch (a fused kernel would not pay).
+
+File order: Triton kernel -> launchers -> custom ops (+ fake, autograd) -> *_ref -> public functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastdae import _ext
+from fastdae.kernels._dispatch import num_warps_for, resolve_impl, triton_interpret
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPP = ("vq", "vq_nearest")  # (csrc stem, op) for resolve_impl
+_REF_CHUNK_ELEMS = 1 << 22  # the reference scores row chunks of at most this many (row, code) pairs
+# torch.compile evaluates the backend choice once at trace time instead of tracing the C++ loader
+_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+
+
+class VQOutput(NamedTuple):
+    z_q: Tensor  # z's shape and dtype: the chosen codes, straight-through gradient to z
+    indices: Tensor  # int64, z.shape[:-1]
+    loss: Tensor  # () float32: ||sg[z] - z_q||^2 + beta ||z - sg[z_q]||^2, means over elements
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: program i owns rows i*BLOCK_N ... and sweeps all K codes in BLOCK_K tiles.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. PRECISION "upcast": operands cast to fp32 first (the interpreter
+    multiplies bfloat16's raw bits; bf16 products are exact in fp32, so the result matches a GPU)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _vq_nearest_fwd_kernel(
+    x_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, zq_ptr,
+    N, K, D,
+    sxn, sxd, sck, scd, szn, szd,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxn  # (BLOCK_N, 1)
+    d = tl.arange(0, BLOCK_D)
+    best = tl.full((BLOCK_N,), float("inf"), tl.float32)  # running min of ||c||^2 - 2 x.c
+    best_idx = tl.zeros((BLOCK_N,), tl.int32)
+    if D_CHUNKS == 1:  # the whole x tile stays in registers for the sweep
+        x = tl.load(x_rows + d[None, :] * sxd, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
+        if D_CHUNKS == 1:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
+            dots = _dot(x, ct, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION)  # (BLOCK_N, BLOCK_K)
+        else:
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + d
+                xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
+                ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
+                dots = _dot(xc, ct, dots, PRECISION)
+        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))  # padded codes never win
+        scores = csq[None, :] - 2.0 * dots
+        tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_best < best  # strict: an earlier tile (lower index) keeps a tie
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, k0 + tile_idx, best_idx)
+    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q
+    c_rows = c_ptr + best_idx.to(tl.int64)[:, None] * sck
+    dist = tl.zeros((BLOCK_N,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + d
+        mask = row_mask[:, None] & (dd < D)[None, :]
+        code = tl.load(c_rows + dd[None, :] * scd, mask=mask, other=0.0)
+        diff = tl.load(x_rows + dd[None, :] * sxd, mask=mask, other=0.0).to(tl.float32) - code.to(tl.float32)
+        dist += tl.sum(diff * diff, axis=1)
+        if WRITE_ZQ:
+            tl.store(zq_ptr + rows.to(tl.int64)[:, None] * szn + dd[None, :] * szd, code, mask=mask)
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+    tl.store(dist_ptr + rows, dist, mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _launch_config(N: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes (powers of two, every tl.dot dimension >= 16) and warps.
+
+    BLOCK_D: all of D in one chunk up to 64 (fp32) / 128 (16-bit) so x stays in registers; larger D
+    is swept in chunks. Chosen from register budgets, not yet tuned on a GPU."""
+    block_n = min(64, max(16, triton.next_power_of_2(N)))
+    block_k = 128
+    block_d = max(16, min(triton.next_power_of_2(D), 64 if dtype == torch.float32 else 128))
+    return dict(
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d),
+        PRECISION=_precision(dtype),
+        num_warps=num_warps_for(block_n * block_k),
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        # three TF32 products keep fp32 dot products at ~fp32 accuracy on tensor cores; plain TF32
+        # (10-bit mantissa) flips the argmin between close codes
+        return "tf32x3"
+    return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
+
+
+def _on_device(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(idx (N,) int64, sqdist (N,) fp32); also writes codebook[idx] into z_q (N, D) when given."""
+    N, D = x.shape
+    K = codebook.shape[0]
+    idx = torch.empty(N, device=x.device, dtype=torch.int64)
+    dist = torch.empty(N, device=x.device, dtype=torch.float32)
+    csq = codebook.float().square().sum(dim=1)  # (K,) ||c||^2 in fp32
+    cfg = _launch_config(N, D, x.dtype)
+    zq, zq_strides = (z_q, z_q.stride()) if z_q is not None else (dist, (0, 0))
+    with _on_device(x):
+        _vq_nearest_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            x, codebook, csq, idx, dist, zq,
+            N, K, D,
+            x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), *zq_strides,
+            WRITE_ZQ=z_q is not None, **cfg,
+        )
+    return idx, dist
+
+
+@functools.cache
+def _cpp_nearest():
+    """torch.ops.fastdae_cpp.vq_nearest, with its fake implementation registered once."""
+    op = _ext.get_op(*_CPP)
+    torch.library.register_fake("fastdae_cpp::vq_nearest")(_nearest_fake)
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: impl is "triton" or "cpp" (resolved by the public functions); torch.compile sees
+# one node each. Backward formulas are torch ops (see the module docstring).
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdae::vq_nearest", mutates_args=())
+def _vq_nearest_op(x: Tensor, codebook: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    if impl == "cpp":
+        return _cpp_nearest()(x, codebook)
+    return _nearest_triton(x, codebook, None)
+
+
+@torch.library.custom_op("fastdae::vector_quantize", mutates_args=())
+def _vector_quantize_op(z: Tensor, codebook: Tensor, beta: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """z (N, D) -> (z_q (N, D), idx (N,), loss ()); the loss is (1 + beta) * mean ||z - z_q||^2."""
+    if impl == "cpp":
+        idx, dist = _cpp_nearest()(z, codebook)
+        z_q = codebook.index_select(0, idx)
+    else:
+        z_q = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+        idx, dist = _nearest_triton(z, codebook, z_q)
+    return z_q, idx, dist.sum() * ((1.0 + beta) / z.numel())
+
+
+def _nearest_fake(x: Tensor, codebook: Tensor, impl: str = "") -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@_vector_quantize_op.register_fake
+def _vector_quantize_fake(z, codebook, beta, impl):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(
+        z.shape[0], dtype=torch.int64
+    ), z.new_empty((), dtype=torch.float32)
+
+
+_vq_nearest_op.register_fake(_nearest_fake)
+
+
+def _nearest_setup_context(ctx, inputs, output) -> None:
+    x, codebook, _ = inputs
+    ctx.save_for_backward(x, codebook, output[0])
+
+
+def _nearest_backward(ctx, grad_idx, grad_dist: Tensor | None):
+    """d sqdist_n / d x_n = 2 (x_n - c_idx[n]); the same with a minus sign to c_idx[n]."""
+    x, codebook, idx = ctx.saved_tensors
+    if grad_dist is None:
+        return None, None, None
+    diff = (x.float() - codebook.float().index_select(0, idx)) * (2.0 * grad_dist)[:, None]  # (N, D)
+    grad_x = diff.to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_c = None
+    if ctx.needs_input_grad[1]:
+        grad_c = torch.zeros(codebook.shape, device=x.device, dtype=torch.float32).index_add(0, idx, -diff)
+        grad_c = grad_c.to(codebook.dtype)
+    return grad_x, grad_c, None
+
+
+_vq_nearest_op.register_autograd(_nearest_backward, setup_context=_nearest_setup_context)
+
+
+def _vq_setup_context(ctx, inputs, output) -> None:
+    z, codebook, beta, _ = inputs
+    z_q, idx, _ = output
+    ctx.beta, ctx.codebook_shape, ctx.codebook_dtype = beta, codebook.shape, codebook.dtype
+    # z_q rather than the codebook: the nn module may update the codebook in place after forward
+    ctx.save_for_backward(z, z_q, idx)
+
+
+def _vq_backward(ctx, grad_zq: Tensor | None, grad_idx, grad_loss: Tensor | None):
+    z, z_q, idx = ctx.saved_tensors
+    diff = z.float() - z_q.float()  # (N, D)
+    scale = 2.0 * grad_loss / z.numel() if grad_loss is not None else diff.new_zeros(())
+    grad_z = grad_c = None
+    if ctx.needs_input_grad[0]:
+        grad_z = diff * (ctx.beta * scale)  # commitment term
+        if grad_zq is not None:
+            grad_z = grad_z + grad_zq  # straight-through
+        grad_z = grad_z.to(z.dtype)
+    if ctx.needs_input_grad[1]:  # codebook term, summed per code in fp32
+        grad_c = torch.zeros(ctx.codebook_shape, device=z.device, dtype=torch.float32).index_add(
+            0, idx, diff * -scale
+        )
+        grad_c = grad_c.to(ctx.codebook_dtype)
+    return grad_z, grad_c, None, None
+
+
+_vector_quantize_op.register_autograd(_vq_backward, setup_context=_vq_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# References and public entries
+# ---------------------------------------------------------------------------------------------
+def vq_nearest_ref(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain-torch nearest-code search: the documentation and the CPU fallback.
+
+    Scores ||c||^2 - 2 x.c in fp32 (fp64 for fp64 inputs) over row chunks of at most
+    _REF_CHUNK_ELEMS (row, code) pairs, so memory stays bounded; argmin takes the first minimum."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf, cf = x.to(acc), codebook.to(acc)
+    csq = cf.square().sum(dim=1)  # (K,)
+    rows = max(1, _REF_CHUNK_ELEMS // cf.shape[0])
+    idx = torch.cat([torch.addmm(csq, xc, cf.t(), alpha=-2).argmin(dim=1) for xc in xf.split(rows)])
+    sqdist = (xf - cf.index_select(0, idx)).square().sum(dim=1)  # (N,)
+    return idx, sqdist
+
+
+def vector_quantize_ref(z: Tensor, codebook: Tensor, beta: float = 0.25) -> VQOutput:
+    """Plain-torch VQ-VAE quantizer (the formula in the module docstring, with detach as sg)."""
+    flat = z.reshape(-1, z.shape[-1])  # (N, D)
+    with torch.no_grad():
+        idx, _ = vq_nearest_ref(flat, codebook)
+    z_q = codebook.index_select(0, idx)  # (N, D)
+    acc = torch.promote_types(z.dtype, torch.float32)
+    zf, zqf = flat.to(acc), z_q.to(acc)
+    n = max(flat.numel(), 1)
+    loss = (zqf - zf.detach()).square().sum() / n + beta * (zf - zqf.detach()).square().sum() / n
+    z_st = flat + (z_q - flat).detach()  # value z_q, gradient identity to z
+    return VQOutput(z_st.view(z.shape), idx.view(z.shape[:-1]), loss)
+
+
+def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape: str) -> None:
+    """Argument checks shared by vq_nearest ((N, D) x) and vector_quantize ((..., D) z)."""
+    for arg, t in ((name, x), ("codebook", codebook)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {arg} must be a tensor, got {type(t).__name__}")
+    allowed = KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ())
+    if x.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must be a {shape} tensor of dtype in {allowed}, got {x.dtype}")
+    if codebook.dtype != x.dtype:
+        raise TypeError(
+            f"{op}: codebook must have {name}'s dtype {x.dtype}, got {codebook.dtype} (cast it with .to({x.dtype}))"
+        )
+    if (shape == "(N, D)" and x.dim() != 2) or x.dim() < 1:
+        raise ValueError(f"{op}: {name} must be {shape}, got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    if codebook.dim() != 2 or codebook.shape[1] != D:
+        raise ValueError(f"{op}: codebook must be (K, D={D}) for {name} of shape {tuple(x.shape)}, "
+                         f"got {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{op}: codebook is empty; expected (K >= 1, D={D})")
+    if codebook.device != x.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but codebook is on {codebook.device}")
+    # one host sync; skipped under torch.compile (it would break the graph)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(codebook).all()):
+        raise ValueError(f"{op}: codebook (K={codebook.shape[0]}, D={D}) has non-finite values")
+
+
+def vq_nearest(x: Tensor, codebook: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Nearest code of every row: (indices (N,) int64, squared distances (N,) float32).
+
+    x (N, D) and codebook (K, D) of one dtype, float32/bfloat16/float16 (float64 with impl="ref");
+    dot products accumulate in fp32. Ties go to the lowest code index. The distance is recomputed
+    from x - c_idx, so it is exact to fp32 rounding and never negative. Never builds the N x K
+    matrix. sqdist is differentiable (2 (x - c_idx) to x, its negative to the chosen codes).
+    impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
+    """
+    _validate("vq_nearest", "x", x, codebook, impl, "(N, D)")
+    impl = _resolve_impl(impl, x.device, "vq_nearest", cpp=_CPP)
+    if impl == "ref" or x.shape[0] == 0:
+        return vq_nearest_ref(x, codebook)
+    return _vq_nearest_op(x, codebook, impl)
+
+
+def vector_quantize(z: Tensor, codebook: Tensor, beta: float = 0.25, impl: str = "auto") -> VQOutput:
+    """VQ-VAE quantization of z (..., D) with codebook (K, D) (same dtype; see vq_nearest).
+
+    Returns VQOutput(z_q, indices, loss): z_q has z's shape and dtype and passes its gradient
+    straight through to z; indices is int64 z.shape[:-1]; loss is the float32 scalar
+        ||sg[z] - z_q||^2 + beta * ||z - sg[z_q]||^2    (each a mean over the z.numel() elements),
+    the codebook term training the codebook and the commitment term (weight beta) the encoder
+    (van den Oord et al. 2017, eq. 3). An empty z gives empty outputs and a zero loss.
+    """
+    _validate("vector_quantize", "z", z, codebook, impl, "(..., D)")
+    if not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"vector_quantize: beta must be a non-negative number, got {beta!r}")
+    impl = _resolve_impl(impl, z.device, "vector_quantize", cpp=_CPP)
+    if impl == "ref" or z.numel() == 0:
+        return vector_quantize_ref(z, codebook, beta)
+    z_q, idx, loss = _vector_quantize_op(z.reshape(-1, z.shape[-1]), codebook, float(beta), impl)
+    return VQOutput(z_q.view(z.shape), idx.view(z.shape[:-1]), loss)
