@@ -70,6 +70,10 @@ def test_attention_matches_reference(case, device):
         assert_close_to_ref(out, ref, torch_out, f"{_ids(case)} {name}")
 
 
+# the interpreter warns about the dead K rows of the dK/dV kernel's tail tile (inf/NaN there by design:
+# those rows are never stored); numpy reports it, a GPU does not
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_very_negative_scores_stay_finite(device):
     """All scores near -100 (lse < -88: exp(-lse) overflows fp32): dead tail columns must not turn
     exp(-lse) * 0 into NaN."""
