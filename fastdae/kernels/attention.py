@@ -6,8 +6,8 @@ For one (batch, head), Q (N, D), K and V (M, D), S = scale * Q K^T, P = softmax(
     backward   dV = P^T dO,  dP = dO V^T,  Delta_i = sum_d dO_id O_id,
                dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
-Only O and lse (B, H, N) float32 (in base 2: lse / ln 2) are saved; backward recomputes P = exp(S - lse) tile by tile. The
-backward is atomic-free: one kernel owns a K/V tile and streams Q/dO tiles (dK, dV), another owns a
+Only O and lse (B, H, N) float32 (in base 2: lse / ln 2) are saved; backward recomputes
+P = exp(S - lse) tile by tile. The backward is atomic-free: one kernel owns a K/V tile and streams Q/dO tiles (dK, dV), another owns a
 Q tile and streams K/V tiles (dQ); Delta comes from a small pre-pass. Exponentials are base 2
 (exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
 
@@ -16,8 +16,8 @@ Head dims: multiples of 8 up to 128. tl.arange and tl.dot need power-of-two exte
 head dim is held as two register chunks D = D0 + D1 (D0 the largest power of two <= D, at least 16;
 D1 the next power of two >= the rest, at least 16, masked), e.g. 72 = 64 + 16 (8 live), 40 = 32 + 16,
 8 = 16 (masked), 128 = 128. Every product over D is a sum of two tl.dot's. The tensors are never
-padded in memory; the registers carry at most 16 dead columns (72 -> 80 work, where padding to a
-power of two would do 128 and FlashAttention-2's 96-wide kernels 96).
+padded in memory, and the register width D0 + D1 never exceeds padding to a power of two: for DiT-XL's
+72 the kernels do 80 columns of work where padding would do 128 (FlashAttention-2's kernels: 96).
 
 Inputs: any strides (e.g. q, k, v as views of one fused qkv projection). fp32/bf16/fp16, fp32
 accumulation; fp32 products use IEEE fp32 (no TF32), like torch's default matmul. The output is a
