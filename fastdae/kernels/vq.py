@@ -176,9 +176,9 @@ def _cpp_nearest():
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastdae::vq_nearest", mutates_args=())
 def _vq_nearest_op(x: Tensor, codebook: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    if impl == "cpp":
-        return _cpp_nearest()(x, codebook)
-    return _nearest_triton(x, codebook, None)
+    """(sqdist, idx): the float output first, as opcheck's autograd test sums outputs in order."""
+    idx, sqdist = _cpp_nearest()(x, codebook) if impl == "cpp" else _nearest_triton(x, codebook, None)
+    return sqdist, idx
 
 
 @torch.library.custom_op("fastdae::vector_quantize", mutates_args=())
@@ -193,7 +193,8 @@ def _vector_quantize_op(z: Tensor, codebook: Tensor, beta: float, impl: str) -> 
     return z_q, idx, dist.sum() * ((1.0 + beta) / z.numel())
 
 
-def _nearest_fake(x: Tensor, codebook: Tensor, impl: str = "") -> tuple[Tensor, Tensor]:
+def _nearest_fake(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Shapes of the C++ op's (idx, sqdist)."""
     return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -204,15 +205,18 @@ def _vector_quantize_fake(z, codebook, beta, impl):
     ), z.new_empty((), dtype=torch.float32)
 
 
-_vq_nearest_op.register_fake(_nearest_fake)
+@_vq_nearest_op.register_fake
+def _vq_nearest_fake(x, codebook, impl):
+    idx, sqdist = _nearest_fake(x, codebook)
+    return sqdist, idx
 
 
 def _nearest_setup_context(ctx, inputs, output) -> None:
     x, codebook, _ = inputs
-    ctx.save_for_backward(x, codebook, output[0])
+    ctx.save_for_backward(x, codebook, output[1])
 
 
-def _nearest_backward(ctx, grad_idx, grad_dist: Tensor | None):
+def _nearest_backward(ctx, grad_dist: Tensor | None, grad_idx):
     """d sqdist_n / d x_n = 2 (x_n - c_idx[n]); the same with a minus sign to c_idx[n]."""
     x, codebook, idx = ctx.saved_tensors
     if grad_dist is None:
@@ -285,7 +289,7 @@ def vector_quantize_ref(z: Tensor, codebook: Tensor, beta: float = 0.25) -> VQOu
     zf, zqf = flat.to(acc), z_q.to(acc)
     n = max(flat.numel(), 1)
     loss = (zqf - zf.detach()).square().sum() / n + beta * (zf - zqf.detach()).square().sum() / n
-    z_st = flat + (z_q - flat).detach()  # value z_q, gradient identity to z
+    z_st = z_q.detach() + (flat - flat.detach())  # value exactly z_q, gradient identity to z only
     return VQOutput(z_st.view(z.shape), idx.view(z.shape[:-1]), loss)
 
 
@@ -329,7 +333,8 @@ def vq_nearest(x: Tensor, codebook: Tensor, impl: str = "auto") -> tuple[Tensor,
     impl = _resolve_impl(impl, x.device, "vq_nearest", cpp=_CPP)
     if impl == "ref" or x.shape[0] == 0:
         return vq_nearest_ref(x, codebook)
-    return _vq_nearest_op(x, codebook, impl)
+    sqdist, idx = _vq_nearest_op(x, codebook, impl)
+    return idx, sqdist
 
 
 def vector_quantize(z: Tensor, codebook: Tensor, beta: float = 0.25, impl: str = "auto") -> VQOutput:
