@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from fastdae import _ext
 from fastdae.kernels.attention import _attention_bwd_op, _attention_fwd_op
 from fastdae.kernels.lpips import _lpips_head_backward_op, _lpips_head_op, lpips_head
+from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 from fastdae.nn import Attention, VectorQuantizer
 from utils import rel_err
 
 KERNEL = "triton"
-HAS_CPP_LPIPS = _ext.has_op("lpips", "lpips_head_fwd")
+HAS_CPP = {"lpips": _ext.has_op("lpips", "lpips_head_fwd"), "vq": _ext.has_op("vq", "vq_nearest")}
 TOL = 1e-5  # float32 relative error; compiled graphs may reorder float ops
 
 
@@ -36,6 +37,11 @@ def _lpips_feats(requires_grad: bool = True) -> tuple[list[Tensor], list[Tensor]
     return f0, f1, [torch.rand(s[0]) for s in shapes]
 
 
+def _vq_args() -> tuple[Tensor, Tensor]:
+    """37 rows (a partial row block), 10 codes, D = 5: (x (N, D), codebook (K, D)), both needing grad."""
+    return torch.randn(37, 5, requires_grad=True), torch.randn(10, 5, requires_grad=True)
+
+
 def _attention_bwd_args() -> tuple:
     q, k, v = (t.detach() for t in _qkv())
     o, lse = _attention_fwd_op(q, k, v, 0.3)
@@ -48,6 +54,10 @@ def _lpips_bwd_args(impl: str) -> tuple:
 
 
 OPCHECK_CASES = {
+    "vq_nearest-triton": lambda: (_vq_nearest_op, (*_vq_args(), "triton")),
+    "vq_nearest-cpp": lambda: (_vq_nearest_op, (*_vq_args(), "cpp")),
+    "vector_quantize-triton": lambda: (_vector_quantize_op, (*_vq_args(), 0.25, "triton")),
+    "vector_quantize-cpp": lambda: (_vector_quantize_op, (*_vq_args(), 0.25, "cpp")),
     "attention_fwd": lambda: (_attention_fwd_op, (*_qkv(), 0.3)),
     "attention_bwd": lambda: (_attention_bwd_op, _attention_bwd_args()),
     "lpips_head-triton": lambda: (_lpips_head_op, (*_lpips_feats(), "triton")),
@@ -59,8 +69,9 @@ OPCHECK_CASES = {
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case):
-    if case.endswith("-cpp") and not HAS_CPP_LPIPS:
-        pytest.skip("the C++ lpips op is not built on this machine")
+    stem = case.split("_")[0]  # "vq", "vector", "lpips", "attention"
+    if case.endswith("-cpp") and not HAS_CPP["lpips" if stem == "lpips" else "vq"]:
+        pytest.skip(f"the C++ op behind {case} is not built on this machine")
     op, args = OPCHECK_CASES[case]()
     torch.library.opcheck(op, args)
 
@@ -73,7 +84,7 @@ class TinyLatentModel(nn.Module):
     def __init__(self, dim: int = 16, num_codes: int = 8) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads=2, qkv_bias=True, impl=KERNEL)
-        self.vq = VectorQuantizer(num_codes, dim)
+        self.vq = VectorQuantizer(num_codes, dim, impl="cpp" if HAS_CPP["vq"] else KERNEL)
         self.decode = nn.Conv2d(dim, 8, 1)
         self.register_buffer("lin", torch.rand(8))
 
@@ -83,7 +94,7 @@ class TinyLatentModel(nn.Module):
         h = self.attn(tokens).transpose(1, 2).reshape(B, C, side, side)  # (B, C, h, w)
         out = self.vq(h)
         feats = torch.relu(self.decode(out.z_q))  # (B, 8, h, w)
-        dist = lpips_head([feats], [target], [self.lin], impl="cpp" if HAS_CPP_LPIPS else KERNEL)
+        dist = lpips_head([feats], [target], [self.lin], impl="cpp" if HAS_CPP["lpips"] else KERNEL)
         return dist.mean() + out.loss
 
 

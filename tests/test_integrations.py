@@ -44,12 +44,20 @@ def assert_same_outputs_and_grads(ref_model: nn.Module, model: nn.Module, run, i
         assert err < TOL, f"grad of {name}: rel err {err:.3g}"
 
 
-def test_integrations_import_no_third_party():
-    """Importing fastdae and its integrations must not import diffusers or timm."""
+def test_integrations_import_no_third_party_and_no_trainer(tmp_path):
+    """Importing every integration and loading an export imports neither diffusers/timm nor fastdae.train.
+
+    One subprocess for both checks: a fresh interpreter costs seconds on a shared CPU."""
+    from fastdae.integrations.export import save_pretrained
+    from fastdae.models.autoencoder import AutoencoderConfig, build_decoder
+
+    cfg = AutoencoderConfig(bottleneck="kl", ch=8, ch_mult=[1], num_res_blocks=1)
+    save_pretrained(build_decoder(cfg), tmp_path, cfg)
     code = (
         "import sys, fastdae, fastdae.integrations as I;"
-        "import fastdae.integrations.diffusers, fastdae.integrations.export;"
-        "bad = [m for m in ('diffusers', 'timm', 'torchvision') if m in sys.modules];"
+        "import fastdae.integrations.attention, fastdae.integrations.diffusers;"
+        f"I.load_pretrained({str(tmp_path)!r});"
+        "bad = [m for m in ('diffusers', 'timm', 'torchvision', 'fastdae.train') if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
