@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from fastdae.kernels.vq import VQOutput, vector_quantize, vq_nearest
 
+KMEANS_SEED_ROUNDS = 32  # k-means++ seeding rounds: bounds the sequential steps for large codebooks
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -156,11 +158,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: Tensor) -> None:
-        """Lloyd's k-means on the first training batch flat (N, D) (rank 0's, under torch.distributed)."""
+        """k-means on the first training batch flat (N, D) (rank 0's, under torch.distributed):
+        k-means++ seeding in at most KMEANS_SEED_ROUNDS rounds, then kmeans_iters Lloyd steps."""
         N, K = flat.shape[0], self.num_codes
         flat = flat.float()
-        pick = torch.randperm(N, device=flat.device)[:K] if N >= K else torch.randint(N, (K,), device=flat.device)
-        centers = flat[pick]  # (K, D)
+        centers = self._kmeans_seed(flat)
         for _ in range(self.kmeans_iters):
             idx, _ = vq_nearest(flat, centers, impl=self.impl)
             ones = flat.new_ones(N, 1)
@@ -171,6 +173,21 @@ class VectorQuantizer(nn.Module):
             dist.broadcast(centers, src=0)
         self._reset_codes(torch.ones(K, dtype=torch.bool, device=flat.device), centers)
         self.initted.fill_(True)
+
+    def _kmeans_seed(self, flat: Tensor) -> Tensor:
+        """(K, D) seeds: each round draws its share of centers with probability proportional to the
+        squared distance to the nearest center so far (k-means++ when K <= KMEANS_SEED_ROUNDS)."""
+        N, K = flat.shape[0], self.num_codes
+        per_round = -(-K // min(K, KMEANS_SEED_ROUNDS))
+        centers = flat[torch.randint(N, (1,), device=flat.device)]
+        nearest = vq_nearest(flat, centers, impl=self.impl)[1]  # (N,) squared distance to the seeds
+        while centers.shape[0] < K:
+            m = min(per_round, K - centers.shape[0])
+            weights = nearest + 1e-12  # all-zero distances (duplicate data): uniform draw
+            new = flat[torch.multinomial(weights, m, replacement=m > N)]
+            centers = torch.cat([centers, new])
+            nearest = torch.minimum(nearest, vq_nearest(flat, new, impl=self.impl)[1])
+        return centers
 
     # --- statistics ----------------------------------------------------------------------------
     @torch.no_grad()
