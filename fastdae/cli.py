@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         overrides.append("resume=true")
     try:
         cfg = apply_overrides(cfg, overrides)
-    except (KeyError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise SystemExit(f"fastdae train: {e}") from None
     result = train(cfg)
     print(f"run directory: {result.run_dir}")

@@ -149,10 +149,9 @@ def _merge(base: dict[str, Any], d: dict[str, Any], where: str) -> dict[str, Any
     out = dict(base)
     for k, v in d.items():
         if k not in base:
-            raise KeyError(f"unknown config key {where + k!r}; known here: {sorted(base)}")
+            raise ValueError(f"unknown config key {where + k!r}; known here: {sorted(base)}")
         out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) else v
     return out
-
 
 
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:
@@ -218,7 +217,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> 
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise KeyError(f"override {key!r} conflicts with an earlier override of {p!r}")
+                raise ValueError(f"override {key!r} conflicts with an earlier override of {p!r}")
         node[leaf] = value
     return TrainConfig.from_dict(nested, base=cfg)
 
@@ -249,17 +248,17 @@ def _default() -> TrainConfig:
 
 def _tiny() -> TrainConfig:
     """Seconds on a CPU: for tests."""
-    disc = dict(ndf=8, n_layers=1, start=2)
+    disc = dict(ndf=8, n_layers=1, start=1)
     return TrainConfig.from_dict({
         "out_dir": "runs/tiny",
         "data": {"name": "shapes", "size": 16, "num_samples": 64},
-        "autoencoder": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 16},
-        "weak_decoder": {"width_mult": 1.0, "num_res_blocks": 1, "dropout": 0.1},
-        "stage1": {"steps": 4, "batch_size": 8, "disc": disc, "log_every": 2, "ckpt_every": 2},
-        "stage2": {"steps": 4, "batch_size": 8, "disc": disc, "log_every": 2, "ckpt_every": 2},
+        "autoencoder": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 16},
+        "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.1},
+        "stage1": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
+        "stage2": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
         "cache": {"batch_size": 32, "shard_size": 32},
-        "prior": {"model": "DiT-T/2", "steps": 4, "batch_size": 8, "sample_steps": 2, "num_samples": 4,
-                  "log_every": 2, "ckpt_every": 2},
+        "prior": {"model": "DiT-T/2", "steps": 3, "batch_size": 8, "sample_steps": 2, "num_samples": 4,
+                  "log_every": 1, "ckpt_every": 2},
         "progress": False,
     })
 

@@ -1,0 +1,155 @@
+"""Autoencoder, bottlenecks, weak decoder and PatchGAN pieces (fastdae/models/autoencoder.py, discriminator.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastdae.models import autoencoder as ae_mod
+from fastdae.models.autoencoder import (
+    AE_SIZES, Autoencoder, AutoencoderConfig, Decoder, Encoder, KLBottleneck, WeakDecoderConfig,
+    autoencoder_config, build_decoder, build_encoder,
+)
+from fastdae.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the test machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("ch_mult,size", [([1, 2], 16), ([1, 2, 2], 16), ([1, 1, 2, 2], 32)])
+def test_kl_shapes_and_gradients(ch_mult, size):
+    cfg = AutoencoderConfig(bottleneck="kl", ch=8, ch_mult=ch_mult, z_channels=3)
+    model = Autoencoder(cfg, build_decoder(cfg))
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    x_hat, aux = model(x)
+    assert x_hat.shape == x.shape and aux.dim() == 0
+    fields, latent = model.encode_fields(x)
+    f = cfg.downsample
+    assert cfg.downsample == 2 ** (len(ch_mult) - 1)
+    assert fields["mean"].shape == fields["logvar"].shape == latent.shape == (2, 3, size // f, size // f)
+    (x_hat - x).abs().mean().add(aux).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_kl_term_matches_closed_form():
+    mean, logvar = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).clamp(-2, 2)
+    _, kl = KLBottleneck()(torch.cat([mean, logvar], 1))
+    # KL(N(m, s^2) || N(0, 1)) = 0.5 (m^2 + s^2 - 1 - log s^2), summed per sample, mean over batch
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1).mean()
+    torch.testing.assert_close(kl, ref)
+    fields, stats = KLBottleneck().encode_fields(torch.cat([mean, logvar], 1))
+    torch.testing.assert_close(KLBottleneck().latent(fields, sample=False), mean)
+    assert not torch.equal(KLBottleneck().latent(fields), KLBottleneck().latent(fields))  # fresh draw per call
+
+
+def test_kl_weight_scales_aux_like_ldm():
+    cfg = AutoencoderConfig(bottleneck="kl", ch=8, ch_mult=[1, 2], kl_weight=1e-6)
+    model = Autoencoder(cfg, build_decoder(cfg))
+    x = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    _, aux = model(x)
+    torch.manual_seed(1)
+    _, kl = model.bottleneck(model.encoder(x))
+    torch.testing.assert_close(aux, 1e-6 * kl / (3 * 16 * 16))
+
+
+def test_vq_shapes_and_latent_lookup():
+    cfg = AutoencoderConfig(bottleneck="vq", ch=8, ch_mult=[1, 2], z_channels=4, num_codes=16)
+    model = Autoencoder(cfg, build_decoder(cfg))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_hat, aux = model(x)
+    assert x_hat.shape == x.shape and aux.dim() == 0
+    model.eval()
+    fields, z_q = model.encode_fields(x)
+    assert fields["indices"].shape == (2, 8, 8) and fields["indices"].max() < 16
+    torch.testing.assert_close(model.bottleneck.latent(fields), z_q)
+
+
+def test_attention_mid_block():
+    cfg = AutoencoderConfig(bottleneck="kl", ch=16, ch_mult=[1, 2], attn=True)
+    model = Autoencoder(cfg, build_decoder(cfg))
+    blocks = [m for m in model.modules() if isinstance(m, ae_mod.AttnBlock)]
+    assert len(blocks) == 2  # encoder and decoder mid blocks
+    x = torch.rand(1, 3, 8, 8)
+    x_hat, _ = model(x)
+    x_hat.sum().backward()
+    assert blocks[0].qkv.weight.grad is not None
+    # the block equals softmax attention written out
+    blk = blocks[0].eval()
+    h = torch.randn(2, 32, 3, 3)
+    B, C = 2, 32
+    q, k, v = blk.qkv(blk.norm(h)).reshape(B, 3, C, 9).unbind(1)  # (B, C, N) each, one head
+    att = torch.softmax(q.transpose(1, 2) @ k / C**0.5, dim=-1)  # (B, N, N)
+    ref = h + blk.proj((v @ att.transpose(1, 2)).reshape(B, C, 3, 3))
+    torch.testing.assert_close(blk(h), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_weak_decoder_knobs():
+    cfg = AutoencoderConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=2)
+    full = build_decoder(cfg)
+    weak = build_decoder(cfg, WeakDecoderConfig(width_mult=0.5, num_res_blocks=1, dropout=0.3))
+    assert isinstance(weak, Decoder)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    assert n_params(weak) < n_params(full) / 3
+    drops = [m for m in weak.modules() if isinstance(m, nn.Dropout2d)]
+    assert len(drops) == 3 and all(d.p == 0.3 for d in drops)  # one per residual block, 1 block x 3 levels
+    assert not any(isinstance(m, nn.Dropout2d) for m in full.modules())
+    assert weak.conv_in.out_channels == 32  # ch 16 x ch_mult[-1] 2
+    z = torch.randn(2, 4, 4, 4)
+    assert weak(z).shape == full(z).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="width_mult"):
+        WeakDecoderConfig(width_mult=0.0)
+
+
+def test_build_decoder_never_builds_an_encoder(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Encoder constructed")
+
+    monkeypatch.setattr(Encoder, "__init__", refuse)
+    cfg = AutoencoderConfig(ch=8, ch_mult=[1, 2])
+    build_decoder(cfg)
+    build_decoder(cfg, WeakDecoderConfig())
+    with pytest.raises(AssertionError, match="Encoder constructed"):
+        build_encoder(cfg)
+
+
+def test_size_registry_and_validation():
+    for name, spec in AE_SIZES.items():
+        cfg = autoencoder_config(name, bottleneck="kl")
+        assert cfg.downsample == int(name.split("/")[1]) and cfg.ch == spec["ch"]
+    with pytest.raises(ValueError, match="unknown autoencoder size"):
+        autoencoder_config("AE-X/4")
+    with pytest.raises(ValueError, match="bottleneck"):
+        AutoencoderConfig(bottleneck="ae")
+
+
+def test_discriminator_and_hinge_losses():
+    disc = NLayerDiscriminator(ndf=8, n_layers=2)
+    logits = disc(torch.randn(3, 3, 32, 32))
+    assert logits.shape[:2] == (3, 1) and logits.shape[-1] > 1  # a grid of patch logits
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.2])
+    # 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) = 0.5 * (0.25 + 0.6)
+    torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.425))
+    torch.testing.assert_close(hinge_g_loss(fake), torch.tensor(1.4))
+
+
+def test_adaptive_weight_formula():
+    w = nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(8, 4)
+    rec = (x @ w).abs().mean()
+    g = -(x @ w).sum() * 3
+    lam = adaptive_weight(rec, g, w, 0.8)
+    g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
+    g_g = torch.autograd.grad(g, w)[0]
+    torch.testing.assert_close(lam, (g_rec.norm() / (g_g.norm() + 1e-4)).clamp(0, 1e4) * 0.8)
+    assert not lam.requires_grad
+    rec = 100 * (x @ w).abs().sum()
+    flat = adaptive_weight(rec, (x @ w).sum() * 1e-12, w, 0.8)  # ||grad L_G|| ~ 0: lambda hits the clamp
+    assert flat.item() == pytest.approx(1e4 * 0.8)
