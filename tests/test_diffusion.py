@@ -9,6 +9,15 @@ import torch
 from fastdae.models.diffusion import CLEAN, Diffusion, LatentScaler, cosine_betas, linear_betas, make_diffusion
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: intra-op threads cost more than they give, and much more on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_schedules():
     betas = linear_betas(1000)
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
