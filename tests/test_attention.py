@@ -129,6 +129,13 @@ def test_opcheck(device):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
+def test_public_api_names():
+    import fastdae
+    import fastdae.nn
+
+    assert fastdae.attention is attention and fastdae.nn.Attention is Attention
+
+
 def test_cpu_backends_agree():
     q, k, v = _qkv(2, 2, 33, 33, 40, torch.float32, "cpu", requires_grad=False)
     ref = attention_ref(q, k, v)

@@ -205,7 +205,8 @@ class Diffusion:
         """Latents x0 (B, C, h, w) float32 from noise in `steps` model evaluations.
 
         cfg_scale != 1 calls model.forward_with_cfg(x, t, y, cfg_scale) (classifier-free guidance; y
-        required). device defaults to the model's."""
+        required). device defaults to the model's. Put a DiT in eval mode first: in training mode its
+        label dropout would replace labels with the null class."""
         if sampler not in SAMPLERS:
             raise ValueError(f"Diffusion.sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps < 1:
