@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fastdae.integrations import FastDAEAttnProcessor, patch_attention
 from fastdae.nn import Attention
-from utils import rel_err
+from utils import assert_close_to_ref, rel_err
 
 TOL = 1e-5  # float32 relative error: the patched path and the original run the same math in fp32
 
@@ -42,6 +42,20 @@ def assert_same_outputs_and_grads(ref_model: nn.Module, model: nn.Module, run, i
         assert grads[name] is not None, f"{name}: no gradient after patching"
         err = (grads[name] - r).norm().item() / max(r.norm().item(), floor)
         assert err < TOL, f"grad of {name}: rel err {err:.3g}"
+
+
+def assert_kernel_path_within_2x(ref_model: nn.Module, model: nn.Module, run, x: Tensor) -> None:
+    """CUDA: the patched model (Triton kernel) vs a float64 copy of the original, within 2x the error
+    of the original in float32 (flash-attention's rule), for the output and the input gradient."""
+    results = []
+    for m, dtype in ((copy.deepcopy(ref_model).double(), torch.float64), (ref_model, x.dtype), (model, x.dtype)):
+        xi = x.detach().to(dtype).requires_grad_()
+        out = run(m, xi)
+        out.square().mean().backward()
+        results.append((out, xi.grad))
+    (out64, g64), (out32, g32), (out, g) = results
+    assert_close_to_ref(out, out64, out32, "output")
+    assert_close_to_ref(g, g64, g32, "input grad")
 
 
 def test_integrations_import_no_third_party_and_no_trainer(tmp_path):
@@ -250,6 +264,13 @@ def test_patch_attention_timm_vision_transformer():
     assert_same_outputs_and_grads(ref, model, lambda m, x: m(x), [torch.randn(2, 3, 16, 16)])
 
 
+@pytest.mark.gpu
+def test_patch_attention_cuda_kernel():
+    ref = tiny_vit(ATTENTIONS["timm_qkv_bias_qk_norm"]).cuda().eval()
+    model = patch_attention(copy.deepcopy(ref))  # impl="auto": the Triton kernel on CUDA
+    assert_kernel_path_within_2x(ref, model, lambda m, x: m(x), torch.randn(2, 77, 32, device="cuda"))
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers
 # ---------------------------------------------------------------------------------------------
@@ -318,3 +339,13 @@ def test_diffusers_processor_honours_attn_scale(diffusers):
     q, k, v = (lin(x).view(2, 6, 2, 8).transpose(1, 2) for lin in (attn.to_q, attn.to_k, attn.to_v))
     core = F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(2, 6, 16)
     assert rel_err(out, attn.to_out[0](core)) < TOL
+
+
+@pytest.mark.gpu
+def test_diffusers_processor_cuda_kernel(diffusers):
+    ref = tiny_unet(diffusers).cuda()
+    model = copy.deepcopy(ref)
+    model.set_attn_processor(FastDAEAttnProcessor())
+    context = torch.randn(2, 5, 24, device="cuda")
+    run = lambda m, x: run_unet(m, x, context.to(x.dtype))  # noqa: E731
+    assert_kernel_path_within_2x(ref, model, run, torch.randn(2, 4, 8, 8, device="cuda"))
