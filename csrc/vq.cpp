@@ -83,23 +83,27 @@ void nearest(const at::Tensor& x, const at::Tensor& cb, const float* csq, int64_
   const float* cp = cb.data_ptr<float>();
   const int64_t RB = rows_per_block(N);
   at::parallel_for(0, (N + RB - 1) / RB, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xbuf(RB * D), sbuf(RB * std::min(K, KT)), best(RB);
-    std::vector<int64_t> best_idx(RB);
+    // x rows and scores in torch-allocated buffers, so memory profilers see them too
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor xbuf_t = at::empty({RB, D}, f32), sbuf_t = at::empty({RB, std::min(K, KT)}, f32);
+    float* xbuf = xbuf_t.data_ptr<float>();
+    float* sbuf = sbuf_t.data_ptr<float>();
+    std::vector<float> best(RB);
+    std::vector<int64_t> best_idx(RB);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * RB, nr = std::min(RB, N - r0);
-      for (int64_t r = 0; r < nr; ++r) load_row(xp, r0 + r, sx0, sx1, D, xbuf.data() + r * D);
-      const at::Tensor xt = at::from_blob(xbuf.data(), {nr, D}, f32);  // (nr, D)
+      for (int64_t r = 0; r < nr; ++r) load_row(xp, r0 + r, sx0, sx1, D, xbuf + r * D);
+      const at::Tensor xt = at::from_blob(xbuf, {nr, D}, f32);  // (nr, D)
       std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
       std::fill(best_idx.begin(), best_idx.end(), int64_t{0});
       for (int64_t k0 = 0; k0 < K; k0 += KT) {
         const int64_t kt = std::min(KT, K - k0);
-        at::Tensor st = at::from_blob(sbuf.data(), {nr, kt}, f32);  // (nr, kt) = x . c^T
+        at::Tensor st = at::from_blob(sbuf, {nr, kt}, f32);  // (nr, kt) = x . c^T
         at::mm_out(st, xt, at::from_blob(const_cast<float*>(cp) + k0 * D, {kt, D}, f32).t());
-        for (int64_t r = 0; r < nr; ++r) fold_row(sbuf.data() + r * kt, csq + k0, k0, kt, best[r], best_idx[r]);
+        for (int64_t r = 0; r < nr; ++r) fold_row(sbuf + r * kt, csq + k0, k0, kt, best[r], best_idx[r]);
       }
       for (int64_t r = 0; r < nr; ++r) {  // sqdist from the difference itself: exact to fp32 rounding
-        const float* xr = xbuf.data() + r * D;
+        const float* xr = xbuf + r * D;
         const float* cr = cp + best_idx[r] * D;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -124,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Ten
   at::Tensor dist = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {idx, dist};
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();  // (K, D) fp32: a no-op for fp32 input
-  std::vector<float> csq(K);  // ||c_k||^2
+  const at::Tensor csq_t = at::empty({K}, cb.options());  // ||c_k||^2
+  float* csq = csq_t.data_ptr<float>();
   const float* cp = cb.data_ptr<float>();
   at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -135,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Ten
     }
   });
   switch (t) {
-    case at::kFloat: nearest<float>(x, cb, csq.data(), idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
+    case at::kFloat: nearest<float>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
     case at::kBFloat16:
-      nearest<c10::BFloat16>(x, cb, csq.data(), idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+      nearest<c10::BFloat16>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
       break;
-    default: nearest<c10::Half>(x, cb, csq.data(), idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
+    default: nearest<c10::Half>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
   }
   return {idx, dist};
 }

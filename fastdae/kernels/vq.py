@@ -321,7 +321,8 @@ def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape:
 
 
 def vq_nearest(x: Tensor, codebook: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor]:
-    """Nearest code of every row: (indices (N,) int64, squared distances (N,) float32).
+    """Nearest code of every row: (indices (N,) int64, squared distances (N,) float32; float64
+    for float64 inputs, which only impl="ref" takes).
 
     x (N, D) and codebook (K, D) of one dtype, float32/bfloat16/float16 (float64 with impl="ref");
     dot products accumulate in fp32. Ties go to the lowest code index. The distance is recomputed

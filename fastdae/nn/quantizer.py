@@ -6,7 +6,7 @@
 Codebook learning, one of:
   ema=False  the codebook is a Parameter trained by the loss's codebook term (van den Oord et al. 2017);
   ema=True   the codebook is a buffer, c_k = s_k / n_k with exponential moving averages (decay) of
-             the per-code counts n and vector sums s (Razavi et al. 2019, App. A.1); n is Laplace-
+             the per-code counts n and vector sums s (van den Oord et al. 2017, App. A.1); n is Laplace-
              smoothed, n_k <- (n_k + eps) / (sum n + K eps) * sum n, so no code divides by zero.
              The returned loss still holds the codebook term's value; it carries no gradient there.
 Training-mode bookkeeping (nothing changes in eval mode):
@@ -46,10 +46,10 @@ class VectorQuantizer(nn.Module):
         decay: float = 0.99,
         eps: float = 1e-5,
         dead_code_threshold: float = 1e-2,
-        usage_window: int = 100,
         kmeans_init: bool = False,
-        kmeans_iters: int = 10,
         impl: str = "auto",
+        usage_window: int = 100,
+        kmeans_iters: int = 10,
     ) -> None:
         super().__init__()
         if num_codes < 1 or dim < 1:
