@@ -15,12 +15,11 @@ from fastdae.integrations import load_pretrained, save_pretrained
 from fastdae.models.autoencoder import AutoencoderConfig, build_decoder
 
 
-def main() -> None:
+def main(out: Path) -> None:
     torch.manual_seed(0)
     cfg = AutoencoderConfig(bottleneck="kl", ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4)
     decoder = build_decoder(cfg).eval()  # in a real run: the stage-2 decoder (TrainConfig.autoencoder as cfg)
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "dae-decoder"
     save_pretrained(decoder, out, cfg)
     print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
 
@@ -35,4 +34,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:
+        main(Path(sys.argv[1]))
+    else:  # a temporary directory, removed afterwards
+        with tempfile.TemporaryDirectory() as tmp:
+            main(Path(tmp) / "dae-decoder")

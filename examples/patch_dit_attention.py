@@ -35,7 +35,8 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -59,7 +60,8 @@ def main() -> None:
     print(f"patched {patched} attention modules")
     print(f"max |output difference|  {(out_new - out_ref).abs().max().item():.2e}")
     print(f"max |input-grad diff|    {(x_new.grad - x_ref.grad).abs().max().item():.2e}")
-    assert patched == 4 and torch.allclose(out_new, out_ref, atol=1e-5) and torch.allclose(x_new.grad, x_ref.grad, atol=1e-5)
+    assert patched == 4
+    assert torch.allclose(out_new, out_ref, atol=1e-5) and torch.allclose(x_new.grad, x_ref.grad, atol=1e-5)
     print("ok: patched model matches the original")
 
 

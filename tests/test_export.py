@@ -24,7 +24,10 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-@pytest.mark.parametrize("weak", [None, WeakDecoderConfig(width_mult=0.5, num_res_blocks=1, dropout=0.2)], ids=["full", "weak"])
+WEAK = WeakDecoderConfig(width_mult=0.5, num_res_blocks=1, dropout=0.2)
+
+
+@pytest.mark.parametrize("weak", [None, WEAK], ids=["full", "weak"])
 def test_decoder_round_trip(tmp_path, weak):
     cfg = tiny_config(attn=True)
     decoder = build_decoder(cfg, weak)
@@ -62,7 +65,8 @@ def test_load_rejects_config_that_does_not_fit_the_weights(tmp_path):
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     meta["autoencoder"]["z_channels"] = 8  # conv_in now expects 8 input channels
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), but the config implies \(16, 8, 3, 3\)"):
+    expected = r"tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), but the config implies \(16, 8, 3, 3\)"
+    with pytest.raises(ValueError, match=expected):
         load_pretrained(tmp_path)
 
 
@@ -77,7 +81,8 @@ def test_load_rejects_edited_weights(tmp_path):
     del state["conv_out.bias"]
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / WEIGHTS_FILE))
-    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\) .*'conv_out.bias'.*1 tensor\(s\) the config does not build: \['extra.weight'\]"):
+    expected = r"missing 1 tensor\(s\) .*'conv_out.bias'.*1 tensor\(s\) the config does not build: \['extra.weight'\]"
+    with pytest.raises(ValueError, match=expected):
         load_pretrained(tmp_path)
 
 
@@ -93,7 +98,9 @@ def test_missing_files(tmp_path):
 
 def test_save_rejects_wrong_config_or_module(tmp_path):
     cfg = tiny_config()
-    with pytest.raises(ValueError, match=r"save_pretrained\(Decoder\): tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), but the config implies \(32, 4, 3, 3\)"):
+    expected = (r"save_pretrained\(Decoder\): tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), "
+                r"but the config implies \(32, 4, 3, 3\)")
+    with pytest.raises(ValueError, match=expected):
         save_pretrained(build_decoder(cfg), tmp_path / "out", tiny_config(ch=16))
     assert not (tmp_path / "out").exists(), "nothing is written when the module does not fit its config"
     with pytest.raises(TypeError, match="must be a fastdae Decoder or Autoencoder"):

@@ -60,7 +60,8 @@ def _unsupported(module: nn.Module) -> list[str]:
     if module.qkv.out_features != 3 * dim or (module.proj.in_features, module.proj.out_features) != (dim, dim):
         why.append(
             f"qkv must be Linear({dim}, {3 * dim}) and proj Linear({dim}, {dim}), got "
-            f"qkv {module.qkv.in_features}->{module.qkv.out_features}, proj {module.proj.in_features}->{module.proj.out_features}"
+            f"qkv {module.qkv.in_features}->{module.qkv.out_features}, "
+            f"proj {module.proj.in_features}->{module.proj.out_features}"
         )
     if heads <= 0 or dim % heads:
         why.append(f"num_heads={heads} does not divide dim={dim}")
@@ -112,7 +113,8 @@ def patch_attention(model: nn.Module, impl: str = "auto") -> nn.Module:
         raise ValueError(f"patch_attention: cannot reproduce these attention modules, nothing was patched:\n{lines}")
     if not found:
         raise ValueError(
-            f"patch_attention: no timm/DiT-style attention module (qkv Linear, proj Linear, num_heads) in {type(model).__name__}"
+            "patch_attention: no timm/DiT-style attention module (qkv Linear, proj Linear, num_heads) "
+            f"in {type(model).__name__}"
         )
     replacements: dict[int, PatchedAttention] = {}
     for name, module in found:

@@ -90,7 +90,8 @@ def save_pretrained(
     state = {name: t.detach().to("cpu").contiguous() for name, t in module.state_dict().items()}
     with torch.device("meta"):  # shapes only: allocate nothing
         reference = _build(kind, config, weak).state_dict()
-    _check_tensors(reference, {n: tuple(t.shape) for n, t in state.items()}, f"save_pretrained({type(module).__name__})")
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    _check_tensors(reference, found, f"save_pretrained({type(module).__name__})")
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,10 +125,13 @@ def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDe
     """(kind, AutoencoderConfig, WeakDecoderConfig or None) from `path`/config.json, validated."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"load_pretrained: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})")
+        raise FileNotFoundError(
+            f"load_pretrained: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})"
+        )
     meta = json.loads(file.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: not a fastdae export (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{file}: not a fastdae export (format {found!r}, expected {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
     if meta.get("kind") not in KINDS:
@@ -146,7 +150,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     kind, config, weak = read_config(path)
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"load_pretrained: {weights} does not exist (config.json is there, the weights are not)")
+        raise FileNotFoundError(
+            f"load_pretrained: {weights} does not exist ({CONFIG_FILE} is there, the weights are not)"
+        )
     module = _build(kind, config, weak)
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
