@@ -256,7 +256,7 @@ def lipschitz_lower_bound(decoder: Decoder, latents: Tensor, pairs: int = 64, in
     points = z1.unsqueeze(1) + t * (z2 - z1).unsqueeze(1)  # (P, k + 1, C, h, w)
     with _eval_mode(decoder):
         images = _batched(decoder, points.flatten(0, 1), batch_size)
-    images = images.view(pairs, k + 1, -1).double()  # (P, k + 1, D_x)
+    images = images.reshape(pairs, k + 1, -1).double()  # (P, k + 1, D_x)
     z = points.flatten(2).double()  # (P, k + 1, D_z)
     ratio = (images[:, 1:] - images[:, :-1]).norm(dim=2) / (z[:, 1:] - z[:, :-1]).norm(dim=2).clamp(min=1e-30)
     return ratio.max().item()
@@ -277,7 +277,7 @@ def jacobian_spectral_norm(decoder: Decoder, latents: Tensor, iters: int = 20, b
     gen = torch.Generator().manual_seed(seed)
     sigmas = []
     with _eval_mode(decoder), torch.no_grad():
-        for z in latents.split(batch_size):
+        for z in latents.contiguous().split(batch_size):  # forward-mode group norm needs NCHW-contiguous inputs
             v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
             v = v / _flat_norm(v).view(-1, *[1] * (z.dim() - 1))
             _, vjp_fn = torch.func.vjp(decoder, z)
@@ -302,7 +302,7 @@ def jacobian_frobenius_hutchinson(decoder: Decoder, latents: Tensor, samples: in
     gen = torch.Generator().manual_seed(seed)
     estimates = []
     with _eval_mode(decoder), torch.no_grad():
-        for z in latents.split(batch_size):
+        for z in latents.contiguous().split(batch_size):
             sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
             for _ in range(samples):
                 v = (torch.randint(0, 2, z.shape, generator=gen) * 2 - 1).to(dtype=z.dtype, device=z.device)

@@ -1,0 +1,91 @@
+"""fastdae.compare end to end at a tiny budget: the three arms through the CLI, resume, the ablation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from fastdae import cli, compare
+from fastdae.compare import METRICS, EvalConfig, _summarize
+
+TINY_EVAL = dict(eval_images=32, classifier_images=256, classifier_steps=20, lipschitz_pairs=4, probe_latents=4,
+                 capacity_images=16, capacity_widths=[4, 8], capacity_steps=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core CPU: intra-op threads cost more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_summarize_mean_std_and_missing():
+    runs = {"a": [{"psnr": 10.0, "min_width": None}, {"psnr": 14.0, "min_width": None}],
+            "b": [{"psnr": 12.0, "min_width": 8}, {"min_width": None}]}
+    s = _summarize(runs)
+    assert s["a"]["psnr"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5 * 2), "n": 2}  # sample std
+    assert s["a"]["min_width"] == {"n": 0}
+    assert s["b"]["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1} and s["b"]["min_width"]["mean"] == 8
+    assert "ssim" not in s["a"]
+
+
+def test_compare_cli_end_to_end_and_resume(tmp_path):
+    eval_file = tmp_path / "eval.yaml"
+    eval_file.write_text(yaml.safe_dump(TINY_EVAL))
+    out = tmp_path / "cmp"
+    compare.register_cli()
+    argv = ["compare", "--preset", "tiny", "--arms", "joint,dae,control", "--seeds", "1", "--out", str(out),
+            "--eval", str(eval_file), "--prior.num_samples", "8"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["summary"]) == ["joint", "dae", "control"]
+    assert report["config"]["prior"]["num_samples"] == 8  # the override reached every run
+    assert report["command"].startswith("python -m fastdae compare --preset tiny --arms joint,dae,control")
+    for arm in ("joint", "dae", "control"):
+        (run,) = report["runs"][arm]
+        assert run["num_samples"] == 8
+        for key in ("psnr", "ssim", "rfd_feat", "fd_feat", "validity", "class_accuracy", "prior_loss", "lipschitz",
+                    "jac_spectral", "jac_frobenius", "penalised_distance"):
+            assert isinstance(run[key], float), (arm, key)
+        assert [c["width"] for c in run["capacity_curve"]] == [4, 8]
+        assert (out / "runs" / f"{arm}-s0" / "eval.json").is_file()
+    # joint has no stage 2; the decoupled arms trained a fresh decoder in stage 2
+    assert not (out / "runs" / "joint-s0" / "stage2").exists()
+    assert (out / "runs" / "dae-s0" / "stage2" / "decoder.safetensors").is_file()
+    md = (out / "report.md").read_text()
+    assert "| PSNR (dB) | ↑ |" in md and "| FD-feat (samples) | ↓ |" in md
+    assert "| FID" not in md and "| rFID" not in md  # no Inception weights given: never called FID
+    for png in ("metrics.png", "samples.png"):
+        assert (out / png).stat().st_size > 0
+    # a second call reuses the finished runs' evaluations instead of training again
+    stamp = (out / "runs" / "dae-s0" / "eval.json").stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert (out / "runs" / "dae-s0" / "eval.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "report.json").read_text())["runs"] == report["runs"]
+
+
+def test_ablation_picks_a_value(tmp_path):
+    from fastdae.config import preset
+
+    report = compare.ablation(preset("tiny"), "dropout", [0.0, 0.3], seeds=1, out_dir=tmp_path / "abl",
+                              eval_config=EvalConfig(**TINY_EVAL), select="psnr")
+    assert list(report["summary"]) == ["dropout=0.0", "dropout=0.3"]
+    psnr = {v: s["psnr"]["mean"] for v, s in report["summary"].items()}
+    assert report["best"] == {"variant": max(psnr, key=psnr.get), "select": "psnr", "mean": max(psnr.values())}
+    cfg = yaml.safe_load((tmp_path / "abl" / "runs" / "dropout=0.3-s0" / "config.yaml").read_text())
+    assert cfg["weak_decoder"]["dropout"] == 0.3 and cfg["mode"] == "dae"
+    assert "Best by psnr" in (tmp_path / "abl" / "report.md").read_text()
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="arms"):
+        compare.compare({"out_dir": "unused"}, arms=("joint", "vae"))
+    with pytest.raises(ValueError, match="knob"):
+        compare.ablation({"out_dir": "unused"}, "depth", [1])
+    with pytest.raises(ValueError, match="select"):
+        compare.ablation({"out_dir": "unused"}, "dropout", [0.1], select="accuracy")
+    assert {k for k, _, _ in METRICS} >= {"psnr", "fd_feat", "min_width", "penalised_distance"}
