@@ -231,18 +231,19 @@ def _split_override(item: str) -> tuple[str, str]:
 
 # ---- presets ----------------------------------------------------------------------------------
 def _default() -> TrainConfig:
-    """The README's main job: 32x32 procedural shapes, VQ f=4, the whole recipe in a few CPU minutes."""
-    disc = dict(ndf=32, n_layers=2, start=300)
+    """The README's main job: 32x32 procedural shapes, VQ f=4, the whole recipe in a few CPU minutes
+    (sizes and steps chosen by measuring a 2-core machine; see README)."""
+    disc = dict(ndf=16, n_layers=2, start=200)
     return TrainConfig.from_dict({
         "out_dir": "runs/default",
         "data": {"name": "shapes", "size": 32, "num_samples": 4096},
-        "autoencoder": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
+        "autoencoder": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
         "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.1},
-        "stage1": {"steps": 600, "batch_size": 32, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
-        "stage2": {"steps": 600, "batch_size": 32, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
+        "stage1": {"steps": 400, "batch_size": 16, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
+        "stage2": {"steps": 400, "batch_size": 16, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
         "cache": {"batch_size": 256, "shard_size": 2048},
-        "prior": {"model": "DiT-T/2", "steps": 800, "batch_size": 64, "lr": 3e-4, "sample_steps": 25,
-                  "num_samples": 64, "log_every": 50, "ckpt_every": 400},
+        "prior": {"model": "DiT-T/2", "steps": 500, "batch_size": 32, "lr": 3e-4, "sample_steps": 25,
+                  "num_samples": 64, "log_every": 50, "ckpt_every": 250},
     })
 
 
