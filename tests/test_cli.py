@@ -1,0 +1,62 @@
+"""`python -m fastdae`: argument parsing onto the Python API."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdae import cli
+from fastdae.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_parse_overrides():
+    assert cli.parse_overrides(["--stage2.steps", "2000", "--mode=joint", "--stages", "stage1,cache"]) == [
+        "stage2.steps=2000", "mode=joint", "stages=stage1,cache"]
+    with pytest.raises(SystemExit, match="needs a value"):
+        cli.parse_overrides(["--seed"])
+    with pytest.raises(SystemExit, match="expected a --key value"):
+        cli.parse_overrides(["seed", "3"])
+
+
+def test_train_command_runs_the_api(tmp_path, capsys):
+    cfg_file = tmp_path / "base.yaml"
+    cfg_file.write_text("seed: 5\nstage1:\n  lr: 0.001\n")
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--preset", "tiny", "--config", str(cfg_file), "--out", str(out),
+                   "--stages", "stage1", "--stage1.steps", "2"])
+    assert rc == 0 and f"run directory: {out}" in capsys.readouterr().out
+    cfg = TrainConfig.load(out / "config.yaml")
+    # preset < config file < command line
+    assert cfg.seed == 5 and cfg.stage1.lr == 0.001 and cfg.stage1.steps == 2 and cfg.data.size == 16
+    assert (out / "stage1" / "encoder.safetensors").is_file()
+
+
+def test_unknown_override_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'stage2.stepz'"):
+        cli.main(["train", "--preset", "tiny", "--out", str(tmp_path), "--stage2.stepz", "3"])
+
+
+def test_subcommands_are_registered_in_one_place(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(cli.COMMANDS, "echo", ("test command", lambda p: p.add_argument("--word"),
+                                               lambda args, extra: calls.append((args.word, extra)) or 0))
+    assert cli.main(["echo", "--word", "hi"]) == 0 and calls == [("hi", [])]
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "fastdae", "train", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "--preset" in proc.stdout and "tiny" in proc.stdout
