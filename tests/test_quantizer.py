@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fastdae import _ext
 from fastdae.kernels.vq import vector_quantize
 from fastdae.nn import VectorQuantizer
+
+HAS_CPP = _ext.has_op("vq", "vq_nearest")
 
 CENTERS = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [-4.0, -4.0, -4.0]])
 
@@ -154,7 +157,9 @@ def test_usage_stats_all_reduced_in_a_process_group(tmp_path):
     assert stats["perplexity"] == pytest.approx(4.0, rel=1e-3)  # the four clusters are equally used
 
 
-@pytest.mark.parametrize("impl", ["triton", "cpp"])
+@pytest.mark.parametrize(
+    "impl", ["triton", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))]
+)
 def test_module_kernel_impls_match_reference(impl):
     z = clustered_tokens()
     ref = VectorQuantizer(8, 3, ema=True, dead_code_threshold=0.0, impl="ref")

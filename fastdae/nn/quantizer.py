@@ -95,7 +95,7 @@ class VectorQuantizer(nn.Module):
         if self.training and self.kmeans_init and not self._initted():
             self._kmeans_init(tokens.reshape(-1, self.dim).detach())
         out = vector_quantize(tokens, self.codebook.to(z.dtype), self.beta, impl=self.impl)
-        if self.training:
+        if self.training and z.numel() > 0:
             self._update(tokens.reshape(-1, self.dim).detach(), out.indices.reshape(-1))
         z_q = out.z_q.permute(0, 3, 1, 2) if z.dim() == 4 else out.z_q
         return VQOutput(z_q, out.indices, out.loss)
