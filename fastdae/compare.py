@@ -134,8 +134,34 @@ class Judge:
     reference: dict[str, Any]
 
 
-def build_judge(cfg: TrainConfig, ev: EvalConfig, log: Any = print) -> Judge:
-    from fastdae.models.classifier import classifier_accuracy, train_classifier
+def _dataset_classifier(cfg: TrainConfig, ev: EvalConfig, num_classes: int, out_dir: Path, log: Any) -> nn.Module:
+    """The study's classifier: trained once, kept in out_dir/judge/ with what it was trained on, and
+    reused by a later call with the same data and classifier settings (a resumed study)."""
+    from safetensors.torch import load_file, save_file
+
+    from fastdae.models.classifier import ShapeClassifier, train_classifier
+
+    identity = {"data": asdict(cfg.data), "classifier_images": ev.classifier_images,
+                "classifier_steps": ev.classifier_steps, "start": ev.eval_images, "num_classes": num_classes}
+    root = out_dir / "judge"
+    weights, meta = root / "classifier.safetensors", root / "classifier.json"
+    device = _device(cfg)
+    if weights.is_file() and meta.is_file() and json.loads(meta.read_text()) == identity:
+        model = ShapeClassifier(num_classes)
+        model.load_state_dict(load_file(str(weights)))
+        return model.to(device).eval()
+    x, y = _images(cfg.data, ev.classifier_images, seed_offset=2, start=ev.eval_images)
+    t0 = time.perf_counter()
+    model = train_classifier(_TensorDataset(x, y, num_classes), steps=ev.classifier_steps, device=device)
+    log(f"judge: classifier trained in {time.perf_counter() - t0:.0f} s")
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    meta.write_text(json.dumps(identity))
+    return model
+
+
+def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = print) -> Judge:
+    from fastdae.models.classifier import classifier_accuracy
 
     device = _device(cfg)
     images, labels = _images(cfg.data, ev.eval_images, seed_offset=1)
@@ -143,12 +169,9 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, log: Any = print) -> Judge:
     reference: dict[str, Any] = {"eval_images": len(images)}
     classifier = None
     if num_classes >= 2:
-        x, y = _images(cfg.data, ev.classifier_images, seed_offset=2, start=ev.eval_images)
-        t0 = time.perf_counter()
-        classifier = train_classifier(_TensorDataset(x, y, num_classes), steps=ev.classifier_steps, device=device)
+        classifier = _dataset_classifier(cfg, ev, num_classes, out_dir, log)
         reference["classifier_accuracy"] = classifier_accuracy(classifier, _TensorDataset(images, labels, num_classes))
-        log(f"judge: classifier trained in {time.perf_counter() - t0:.0f} s, held-out accuracy "
-            f"{reference['classifier_accuracy']:.3f}")
+        log(f"judge: classifier held-out accuracy {reference['classifier_accuracy']:.3f}")
     inception = None
     if ev.inception:
         from fastdae.models.inception import FIDInceptionV3
@@ -279,11 +302,10 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    judge = build_judge(cfg, ev, log)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name, overrides in variants.items():
-        runs[name] = []
-        for s in range(seeds):
+    judge = build_judge(cfg, ev, out_dir, log)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for s in range(seeds):  # seeds outermost: a study stopped early still has every variant at equal seeds
+        for name, overrides in variants.items():
             run_dir = out_dir / "runs" / f"{name}-s{s}"
             run_cfg = apply_overrides(cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True})
             eval_file = run_dir / "eval.json"

@@ -61,10 +61,10 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     assert "| FID" not in md and "| rFID" not in md  # no Inception weights given: never called FID
     for png in ("metrics.png", "samples.png"):
         assert (out / png).stat().st_size > 0
-    # a second call reuses the finished runs' evaluations instead of training again
-    stamp = (out / "runs" / "dae-s0" / "eval.json").stat().st_mtime_ns
+    # a second call reuses the finished runs' evaluations and the judge's classifier instead of training again
+    stamps = [(out / p).stat().st_mtime_ns for p in ("runs/dae-s0/eval.json", "judge/classifier.safetensors")]
     assert cli.main(argv) == 0
-    assert (out / "runs" / "dae-s0" / "eval.json").stat().st_mtime_ns == stamp
+    assert [(out / p).stat().st_mtime_ns for p in ("runs/dae-s0/eval.json", "judge/classifier.safetensors")] == stamps
     assert json.loads((out / "report.json").read_text())["runs"] == report["runs"]
 
 
