@@ -426,7 +426,8 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     def save(step: int) -> None:
         if ctx.dist.is_main:
             ckpt.save(step, saved, {"optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
-                                    "schedulers": {k: s.state_dict() for k, s in stage.schedulers.items()}})
+                                    "schedulers": {k: s.state_dict() for k, s in stage.schedulers.items()},
+                                    "config": ctx.cfg.to_dict()})
 
     from tqdm import tqdm
 
