@@ -1,13 +1,13 @@
-"""Attention forward and forward+backward: fastdae vs every SDPA backend (flash, cuDNN, efficient,
-math) and xformers when installed, in one run.
+"""Attention forward and forward+backward: fastdae vs the reference vs every SDPA backend (flash,
+cuDNN, efficient, math) and xformers when installed, in one run.
 
     pytest benchmarks/bench_attention.py --benchmark-only
 
 Groups are `attention-<pass>-N<n>-D<d>-<dtype>`; compare members within a group. extra_info holds
 TFLOP/s (forward 4 B H N^2 D flops, backward 2.5x that) and peak extra memory.
 GPU: bf16, H = 16, B = 16384 / N, N in {256, 1024, 4096}, D in {64, 72 (DiT-XL), 128}.
-CPU: fp32, B = 1, H = 4, N in {256, 1024}, D in {64, 72}; fastdae's "auto" is the reference there,
-so the CPU groups measure the reference against SDPA, not the kernel.
+CPU: fp32, B = 1, H = 4, N in {256, 1024}, D in {64, 72}; fastdae's "auto" is SDPA there (its CPU
+fallback), so the CPU groups show why: the reference against SDPA's backends, not the Triton kernel.
 Members a device or build does not support (e.g. cuDNN for some head dims) are skipped with the reason.
 """
 from __future__ import annotations
@@ -33,12 +33,14 @@ SDPA_BACKENDS = {
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa-math": SDPBackend.MATH,
 }
-MEMBERS = ["fastdae", *SDPA_BACKENDS, "xformers"]
+MEMBERS = ["fastdae", "reference", *SDPA_BACKENDS, "xformers"]
 
 
 def member_fn(member: str):
     if member == "fastdae":
         return lambda q, k, v: attention(q, k, v)
+    if member == "reference":
+        return lambda q, k, v: attention(q, k, v, impl="ref")
     if member == "xformers":
         if importlib.util.find_spec("xformers") is None:
             pytest.skip("xformers is not installed")

@@ -7,7 +7,7 @@ Groups are `dit-train-<model>-<latent>-B<batch>`; compare members within a group
 GPU: bf16 autocast; DiT-B/2 on 4x32x32 latents (256 tokens, head dim 64) and an XL-width model
 (hidden 1152, 16 heads: head dim 72) with depth 6 on the same latents.
 CPU: DiT-T/2 on 4x8x8 latents, one intra-op thread (a tiny model on a shared CPU: extra threads
-only add contention noise); fastdae's "auto" is the reference attention there.
+only add contention noise); fastdae's "auto" is SDPA there (its CPU fallback).
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
     python benchmarks/summarize.py benchmarks/results/<device>-<date>/*.json > benchmarks/results/<device>-<date>.md
 
 Within each pytest-benchmark group, the baseline is the member whose name matches --baseline
-(default: "ref"); every member's speedup is baseline median / member median. Ratios only compare
+(default: the reference, SDPA's flash backend for attention, the encoder-every-step stage 2, the
+per-item DataLoader); every member's speedup is baseline median / member median. Ratios only compare
 members of one group measured in one run, on one machine.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-_EXTRA_KEYS = ("peak_extra_mb", "peak_extra_bytes", "tflops", "TFLOP/s", "gbps", "GB/s", "latents_per_s")
+_EXTRA_KEYS = ("peak_extra_mb", "peak_extra_bytes", "tflops", "TFLOP/s", "gbps", "GB/s", "latents_per_s",
+               "speedup", "efficiency_vs_ideal", "loader_wait_fraction")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -54,7 +56,7 @@ def summarize(paths: list[Path], baseline: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", type=Path)
-    ap.add_argument("--baseline", default="ref", help="regex picking each group's baseline member by name")
+    ap.add_argument("--baseline", default="reference|sdpa-flash|encoder-every-step|per-item", help="regex picking each group's baseline member by name")
     args = ap.parse_args()
     print(summarize(args.json, args.baseline))
 

@@ -139,7 +139,8 @@ def test_public_api_names():
 def test_cpu_backends_agree():
     q, k, v = _qkv(2, 2, 33, 33, 40, torch.float32, "cpu", requires_grad=False)
     ref = attention_ref(q, k, v)
-    torch.testing.assert_close(attention(q, k, v), ref)  # auto on CPU is the reference
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))  # auto on CPU: SDPA
+    torch.testing.assert_close(attention(q, k, v, impl="ref"), ref)
     torch.testing.assert_close(attention(q, k, v, impl="sdpa"), F.scaled_dot_product_attention(q, k, v))
     torch.testing.assert_close(attention(q, k, v, impl="sdpa"), ref, rtol=1e-5, atol=1e-5)
 

@@ -37,8 +37,8 @@ MASK_FALLBACK_REASON = (
 class FastDAEAttnProcessor:
     """diffusers attention processor (AttnProcessor2_0's call signature) over fastdae.attention.
 
-    impl: passed to fastdae.attention: "auto" (the Triton kernel for CUDA tensors, the plain-torch
-    reference on CPU, where the processor brings no speed), "triton", "ref", "sdpa" or "xformers".
+    impl: passed to fastdae.attention: "auto" (the Triton kernel for CUDA tensors, torch's SDPA on
+    CPU, where the processor brings no speed), "triton", "ref", "sdpa" or "xformers".
     """
 
     def __init__(self, impl: str = "auto") -> None:

@@ -1,6 +1,7 @@
 """The one place that turns `impl=` into a backend, and the one launch heuristic helper.
 
-auto: Triton for CUDA tensors, the C++ op for CPU tensors when it is built, else the reference.
+auto: Triton for CUDA tensors, the C++ op for CPU tensors when it is built, else the op's fallback
+(the reference; for attention, torch's SDPA).
 The Triton interpreter (TRITON_INTERPRET=1) lets impl="triton" run on CPU tensors: that is for
 tests, never a user's fast path.
 """
@@ -27,11 +28,14 @@ def resolve_impl(
     op: str,
     cpp: tuple[str, str] | None = None,
     extra: tuple[str, ...] = (),
+    fallback: str = "ref",
 ) -> str:
     """Validate `impl` for an op on `device` and resolve "auto".
 
     cpp: (csrc stem, op name) of the C++ implementation, or None when the op has none.
     extra: op-specific backends beyond the base four (e.g. "sdpa", "xformers" for attention).
+    fallback: what "auto" picks when neither Triton (CUDA) nor the C++ op (CPU) applies; the
+    reference, unless a measured-faster torch op exists (attention: SDPA's CPU kernel).
     """
     allowed = BASE_IMPLS + extra
     if impl not in allowed:
@@ -41,7 +45,7 @@ def resolve_impl(
             return "triton"
         if device.type == "cpu" and cpp is not None and _ext.has_op(*cpp):
             return "cpp"
-        return "ref"
+        return fallback
     if impl == "triton" and device.type != "cuda" and not triton_interpret():
         raise RuntimeError(
             f"{op}: impl='triton' needs CUDA tensors (got {device.type}); "
