@@ -3,8 +3,9 @@
     python -m fastdae train --preset default --out runs/x --stage2.steps 2000
     python -m fastdae train --config run.yaml --resume true
 
-Subcommands live in COMMANDS (name -> (add_arguments, run)); another module adds one with
-`register("compare", add_arguments, run)` before `main()` parses.
+Subcommands live in COMMANDS (name -> (help, add_arguments, run)); a module listed in
+SUBCOMMAND_MODULES adds its own with `register(...)` from its `register_cli()`, which `main()` calls
+before parsing (so `python -m fastdae compare ...` works without importing it at `import fastdae`).
 """
 from __future__ import annotations
 
@@ -82,7 +83,14 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 register("train", "run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train)
 
 
+SUBCOMMAND_MODULES = ("fastdae.compare",)  # each defines register_cli()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register_cli()
     parser = argparse.ArgumentParser(prog="fastdae", description="Decoupled autoencoders with a latent cache")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, add_arguments, _) in COMMANDS.items():

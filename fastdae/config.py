@@ -182,7 +182,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is list:
         if isinstance(value, str):
-            value = [v for v in value.strip().strip("[]").split(",") if v.strip()]
+            # "a,b", "[a, b]" and JSON '["a", "b"]' all read as [a, b]
+            value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"config key {key!r} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

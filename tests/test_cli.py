@@ -60,3 +60,11 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "fastdae", "train", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "--preset" in proc.stdout and "tiny" in proc.stdout
+
+
+def test_module_entry_point_has_compare():
+    """`python -m fastdae compare` is registered by main() itself (nothing imported by hand first)."""
+    proc = subprocess.run([sys.executable, "-m", "fastdae", "compare", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--arms" in proc.stdout and "--seeds" in proc.stdout and "--ablate" in proc.stdout

@@ -69,6 +69,7 @@ def test_overrides_are_typed():
     assert cfg.data.root is None and cfg.stage1.disc.weight == 0.0 and cfg.stage1.lpips_trunk == "/w/vgg.pth"
     assert cfg.stages == ["stage1", "cache"]
     assert apply_overrides(TrainConfig(), {"seed": "3"}).seed == 3
+    assert apply_overrides(TrainConfig(), ['stages=["stage1", "cache"]']).stages == ["stage1", "cache"]  # JSON list
 
 
 @pytest.mark.parametrize("override,error,match", [
