@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -72,6 +73,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except (ValueError, TypeError) as e:
         raise SystemExit(f"fastdae train: {e}") from None
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {result.run_dir}")
     if result.sample_grid is not None:
         print(f"samples: {result.sample_grid}")
