@@ -153,3 +153,23 @@ def test_adaptive_weight_formula():
     rec = 100 * (x @ w).abs().sum()
     flat = adaptive_weight(rec, (x @ w).sum() * 1e-12, w, 0.8)  # ||grad L_G|| ~ 0: lambda hits the clamp
     assert flat.item() == pytest.approx(1e4 * 0.8)
+
+
+def test_generator_gan_term_sees_the_discriminator_the_d_step_trains():
+    """L_G must score x_hat with the function L_D trains: D on the [x; x_hat] batch (BatchNorm in
+    training mode normalises with that batch's statistics). D(x_hat) alone is a different function,
+    one the generator can drive to 'real' while D still separates real from fake perfectly."""
+    from fastdae.config import AEStageConfig
+    from fastdae.models.losses import AutoencoderLoss
+
+    torch.manual_seed(0)
+    cfg = AEStageConfig(lpips_weight=0.0)
+    cfg.disc.ndf, cfg.disc.start = 8, 0
+    crit = AutoencoderLoss(cfg, torch.device("cpu"))
+    x = torch.randn(4, 3, 16, 16)
+    head = nn.Conv2d(3, 3, 1)
+    x_hat = head(x + 3.0)  # fakes whose statistics differ from the reals'
+    _, terms = crit.generator_loss(x, x_hat, 0.0, step=0, last_layer=head.weight)
+    fake = crit.discriminator(torch.cat([x, x_hat.detach()])).chunk(2)[1]
+    torch.testing.assert_close(terms["g"], hinge_g_loss(fake))
+    assert not torch.allclose(terms["g"], hinge_g_loss(crit.discriminator(x_hat.detach())))

@@ -64,7 +64,10 @@ class AutoencoderLoss(nn.Module):
             terms["aux"] = aux.detach()
         if self.gan_active(step):
             self.discriminator.requires_grad_(False)  # L_G trains the generator only
-            g = hinge_g_loss(self.discriminator(x_hat))
+            # the same [x; x_hat] batch as the D step, so BatchNorm normalises x_hat with the same
+            # statistics D is trained under (D(x_hat) alone would be a different function, which the
+            # generator can "fool" while D still separates real from fake perfectly)
+            g = hinge_g_loss(self.discriminator(torch.cat([x, x_hat])).chunk(2)[1])
             self.discriminator.requires_grad_(True)
             lam = adaptive_weight(rec, g, last_layer, c.disc.weight)
             loss = loss + lam * g
