@@ -116,7 +116,7 @@ def test_stage2_step(benchmark, record, setup, variant):
     extra = {"variant": variant, "batch": BATCH, "image_size": SIZE}
     if variant == "fastdae-cache":
         # t_enc, t_dec and both steps interleaved round by round, so machine load hits them alike
-        t_enc, t_dec, t_cache, t_full = [], [], [], []
+        t_enc, t_dec, t_full = [], [], []
         for _ in range(2):  # warm-up
             from_cache(s, fields, x), with_encoder(s, fields, x)
         for _ in range(TIMING_ROUNDS):

@@ -21,13 +21,7 @@ from fastdae.nn.attention import Attention
 from utils import assert_close_to_ref, rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give, and much more on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (B, H, N, M, D, dtype): N queries, M keys. N in {1, 97, 200} (tails of every tile size), D in
 # {8, 40, 72, 128} (one masked chunk, 32 + 16, 64 + 16, one full chunk). fp32 covers every D; the

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from fastdae import cli, compare
@@ -14,13 +13,7 @@ TINY_EVAL = dict(eval_images=32, classifier_images=256, classifier_steps=20, lip
                  capacity_images=16, capacity_widths=[4, 8], capacity_steps=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core CPU: intra-op threads cost more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_summarize_mean_std_and_missing():

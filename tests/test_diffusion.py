@@ -9,13 +9,7 @@ import torch
 from fastdae.models.diffusion import CLEAN, Diffusion, LatentScaler, cosine_betas, linear_betas, make_diffusion
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give, and much more on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules():

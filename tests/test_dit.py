@@ -8,13 +8,7 @@ from fastdae.models.diffusion import make_diffusion
 from fastdae.models.dit import DiT, DiT_models, sincos_2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads cost more than they give, and much more on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> DiT:

@@ -11,20 +11,13 @@ from torch import Tensor, nn
 from fastdae import metrics
 from fastdae.data import ProceduralShapes
 from fastdae.models.autoencoder import Decoder
-from fastdae.models.classifier import ShapeClassifier, classifier_accuracy, train_classifier
+from fastdae.models.classifier import classifier_accuracy, train_classifier
 from fastdae.models.inception import FIDInceptionV3
 
 C1, C2 = (0.01 * 2.0) ** 2, (0.03 * 2.0) ** 2  # SSIM constants for data range 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: on a shared 2-core CPU, intra-op threading of their small ops costs
-    far more than it gains (measured 45x slower fits under load), so each test runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_spd(d: int, gen: torch.Generator) -> Tensor:
