@@ -279,20 +279,38 @@ def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str
     return out
 
 
+def _mean_std(values: list[float]) -> dict[str, float]:
+    """{mean, std (over seeds, ddof 1; 0 for one seed), n}."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+
+
 def _summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> metric -> {mean, std (over seeds, ddof 1; 0 for one seed), n}; None values (e.g. no
-    width reached the capacity target) are left out and n says how many counted ({"n": 0}: None in
-    every run, shown as "none" in the table)."""
+    """variant -> metric -> {mean, std, n} (_mean_std); None values (e.g. no width reached the
+    capacity target) are left out and n says how many counted ({"n": 0}: None in every run, shown
+    as "none" in the table)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for variant, results in runs.items():
         out[variant] = {}
         for key, _, _ in METRICS:
             values = [r[key] for r in results if r.get(key) is not None]
             if values:
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-                out[variant][key] = {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+                out[variant][key] = _mean_std(values)
             elif any(key in r for r in results):  # measured, but None in every run
                 out[variant][key] = {"n": 0}
+    return out
+
+
+def _capacity_curves(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> decoder width -> PSNR (dB) {mean, std, n} of the fresh decoders the minimal-capacity
+    probe fitted to each run's frozen latents: the whole curve, of which min_width reads one point."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, results in runs.items():
+        psnrs: dict[int, list[float]] = {}
+        for r in results:
+            for point in r.get("capacity_curve", []):
+                psnrs.setdefault(point["width"], []).append(10 * math.log10(M.DATA_RANGE**2 / point["error"]))
+        out[variant] = {str(w): _mean_std(v) for w, v in sorted(psnrs.items())}
     return out
 
 
@@ -322,7 +340,8 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             log(f"{name} seed {s}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
             runs[name].append(result)
     report = {"title": title, "command": command, "config": cfg.to_dict(), "eval": asdict(ev), "seeds": seeds,
-              "reference": judge.reference, "summary": _summarize(runs), "runs": runs,
+              "reference": judge.reference, "summary": _summarize(runs),
+              "capacity": _capacity_curves(runs), "runs": runs,
               "device": str(_device(cfg)), "torch": torch.__version__}
     write_report(report, out_dir)
     return report
@@ -386,6 +405,18 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append("—" if not s else "none" if s["n"] == 0 else f"{_fmt(s['mean'])} ± {_fmt(s['std'])}{n}")
         if any(c != "—" for c in cells):
             lines.append(f"| {label} | {'↑' if direction > 0 else '↓'} | " + " | ".join(cells) + " |")
+    capacity = report.get("capacity", {})
+    widths = sorted({int(w) for c in capacity.values() for w in c})
+    if widths:
+        ev = report["eval"]
+        lines += ["", f"Minimal-capacity probe: PSNR (dB) of a fresh decoder of each width fitted to the frozen "
+                  f"latents ({ev['capacity_images']} training images, {ev['capacity_steps']} Adam steps); "
+                  f"\"minimal decoder width\" above is the first width reaching {ev['capacity_target_psnr']:g} dB.",
+                  "", "| width | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for w in widths:
+            cells = [f"{_fmt(c['mean'])} ± {_fmt(c['std'])}" if (c := capacity.get(v, {}).get(str(w))) else "—"
+                     for v in variants]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
     ref = report["reference"]
     lines += ["", "Reference (real held-out images): " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
                                                              for k, v in ref.items())]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fastdae import cli, compare
-from fastdae.compare import METRICS, EvalConfig, _summarize
+from fastdae.compare import METRICS, EvalConfig, _capacity_curves, _summarize
 
 TINY_EVAL = dict(eval_images=32, classifier_images=256, classifier_steps=20, lipschitz_pairs=4, probe_latents=4,
                  capacity_images=16, capacity_widths=[4, 8], capacity_steps=3)
@@ -24,6 +24,15 @@ def test_summarize_mean_std_and_missing():
     assert s["a"]["min_width"] == {"n": 0}
     assert s["b"]["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1} and s["b"]["min_width"]["mean"] == 8
     assert "ssim" not in s["a"]
+
+
+def test_capacity_curves_in_psnr():
+    # MSE 0.04 on the [-1, 1] range (4 = range^2) is 20 dB, 0.004 is 30 dB
+    runs = {"a": [{"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},
+                  {"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]}]}
+    c = _capacity_curves(runs)
+    assert c["a"]["4"] == {"mean": pytest.approx(20.0), "std": 0.0, "n": 2}
+    assert c["a"]["8"]["mean"] == pytest.approx(30.0)
 
 
 def test_compare_cli_end_to_end_and_resume(tmp_path):
@@ -52,6 +61,7 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     md = (out / "report.md").read_text()
     assert "| PSNR (dB) | ↑ |" in md and "| FD-feat (samples) | ↓ |" in md
     assert "| FID" not in md and "| rFID" not in md  # no Inception weights given: never called FID
+    assert "Minimal-capacity probe" in md and "| 4 |" in md and "| 8 |" in md
     for png in ("metrics.png", "samples.png"):
         assert (out / png).stat().st_size > 0
     # a second call reuses the finished runs' evaluations and the judge's classifier instead of training again
