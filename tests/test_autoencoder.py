@@ -102,12 +102,24 @@ def test_weak_decoder_knobs():
         WeakDecoderConfig(width_mult=0.0)
 
 
+def test_weak_width_rounding_is_announced():
+    cfg = AutoencoderConfig(ch=16, ch_mult=[1, 2])
+    with pytest.warns(UserWarning, match=r"width_mult=0.25 x ch=16 = 4 channels, rounded to 8"):
+        narrow = build_decoder(cfg, WeakDecoderConfig(width_mult=0.25))
+    assert narrow.conv_in.out_channels == build_decoder(cfg, WeakDecoderConfig(width_mult=0.5)).conv_in.out_channels
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact width says nothing
+        build_decoder(cfg, WeakDecoderConfig(width_mult=0.5))
+
+
 def test_build_decoder_never_builds_an_encoder(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Encoder constructed")
 
     monkeypatch.setattr(Encoder, "__init__", refuse)
-    cfg = AutoencoderConfig(ch=8, ch_mult=[1, 2])
+    cfg = AutoencoderConfig(ch=16, ch_mult=[1, 2])
     build_decoder(cfg)
     build_decoder(cfg, WeakDecoderConfig())
     with pytest.raises(AssertionError, match="Encoder constructed"):

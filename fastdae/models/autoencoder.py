@@ -10,6 +10,7 @@ constructs (or loads) the encoder.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,7 +264,11 @@ def build_decoder(cfg: AutoencoderConfig, weak: WeakDecoderConfig | None = None)
     """The full decoder (weak=None) or the weakened auxiliary decoder; never builds an encoder."""
     if weak is None:
         return Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn)
-    ch = max(8, round(cfg.ch * weak.width_mult / 8) * 8)  # multiples of 8 keep GroupNorm and kernels happy
+    asked = cfg.ch * weak.width_mult
+    ch = max(8, round(asked / 8) * 8)  # multiples of 8 keep GroupNorm and kernels happy
+    if ch != asked:  # e.g. ch=16: width_mult 0.25 and 0.5 both give 8 channels, the same decoder
+        warnings.warn(f"weak decoder: width_mult={weak.width_mult} x ch={cfg.ch} = {asked:g} channels, "
+                      f"rounded to {ch} (a multiple of 8, at least 8)", stacklevel=2)
     blocks = weak.num_res_blocks or cfg.num_res_blocks
     return Decoder(ch, cfg.ch_mult, blocks, cfg.z_channels, cfg.attn, weak.dropout)
 
