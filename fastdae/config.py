@@ -239,7 +239,7 @@ def _default() -> TrainConfig:
         "out_dir": "runs/default",
         "data": {"name": "shapes", "size": 32, "num_samples": 4096},
         "autoencoder": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
-        "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.1},
+        "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.3},  # README: the ablation
         "stage1": {"steps": 400, "batch_size": 16, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
         "stage2": {"steps": 400, "batch_size": 16, "lr": 4e-4, "disc": disc, "log_every": 50, "ckpt_every": 200},
         "cache": {"batch_size": 256, "shard_size": 2048},

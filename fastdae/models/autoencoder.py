@@ -63,7 +63,7 @@ class WeakDecoderConfig:
 
     width_mult: float = 0.5
     num_res_blocks: int | None = 1
-    dropout: float = 0.1
+    dropout: float = 0.3  # picked by the ablation in results/shapes-ablation-dropout (README)
 
     def __post_init__(self) -> None:
         if not 0 < self.width_mult <= 1:
