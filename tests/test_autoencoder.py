@@ -1,6 +1,8 @@
 """Autoencoder, bottlenecks, weak decoder and PatchGAN pieces (fastdae/models/autoencoder.py, discriminator.py)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -107,8 +109,6 @@ def test_weak_width_rounding_is_announced():
     with pytest.warns(UserWarning, match=r"width_mult=0.25 x ch=16 = 4 channels, rounded to 8"):
         narrow = build_decoder(cfg, WeakDecoderConfig(width_mult=0.25))
     assert narrow.conv_in.out_channels == build_decoder(cfg, WeakDecoderConfig(width_mult=0.5)).conv_in.out_channels
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exact width says nothing
         build_decoder(cfg, WeakDecoderConfig(width_mult=0.5))
