@@ -212,6 +212,7 @@ class ProceduralShapes(Dataset):
 # Image folders
 # ---------------------------------------------------------------------------------------------
 INDEX_VERSION = 1  # bump when the index file's layout changes
+STAT_CHUNK = 1 << 16  # files stat'ed per chunk of offsets when fingerprinting a folder
 RACY_SECONDS = 2.0  # a directory changed this recently may change again within its mtime's tick
 
 
@@ -371,9 +372,13 @@ class ImageFolder(Dataset):
         st_ino), stat'ed now: any write changes mtime and ctime, a rename (two files swapped) changes
         the names' inodes and ctimes. A moved folder keeps it; a copy (even cp -a) changes it."""
         h = hashlib.sha256()
-        for i in range(len(self)):
-            st = os.stat(self.path(i))
-            h.update(f"{self.index.name(i)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+        blob, root = self.index.names.tobytes(), os.fsencode(self.root.resolve())
+        for start in range(0, len(self), STAT_CHUNK):  # bytes paths and chunked offsets: ~10 us per file
+            offsets = self.index.offsets[start:start + STAT_CHUNK + 1].tolist()
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                name = blob[a:b]
+                st = os.stat(root + b"/" + name)
+                h.update(b"%s\0%d\0%d\0%d\0%d\n" % (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return {"classes": self.classes, "size": self.size, "resize": self.resize, "crop": self.crop,
                 "flip": self.flip, "files": h.hexdigest(), "version": 2}
 
