@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,11 +296,14 @@ class FolderIndex:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:  # np.savez would add .npz to a name without it
-            np.savez(f, names=self.names, offsets=self.offsets, labels=self.labels, dir_mtimes=self.dir_mtimes,
-                     meta=np.frombuffer(json.dumps({"version": INDEX_VERSION, "classes": self.classes,
-                                                    "dirs": self.dirs}).encode(), dtype=np.uint8))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old index or the new one
+        try:
+            with open(tmp, "wb") as f:  # np.savez would add .npz to a name without it
+                np.savez(f, names=self.names, offsets=self.offsets, labels=self.labels, dir_mtimes=self.dir_mtimes,
+                         meta=np.frombuffer(json.dumps({"version": INDEX_VERSION, "classes": self.classes,
+                                                        "dirs": self.dirs}).encode(), dtype=np.uint8))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old index or the new one
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failed write (e.g. a full disk); gone after os.replace
 
     @classmethod
     def load(cls, path: Path) -> FolderIndex | None:
@@ -310,7 +314,7 @@ class FolderIndex:
                 if meta.get("version") != INDEX_VERSION:
                     return None
                 return cls(z["names"], z["offsets"], z["labels"], meta["classes"], meta["dirs"], z["dir_mtimes"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # JSONDecodeError is a ValueError
             return None
 
     @classmethod

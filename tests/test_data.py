@@ -163,8 +163,12 @@ def test_image_folder_index_is_cached_and_rebuilt_on_change(tmp_path, index_cach
     _age(root, 5.0)  # an older-looking mtime, but not the cached one
     assert _names(ImageFolder(root, size=8))[-1] == "9.png" and len(scans) == 2
     assert _names(ImageFolder(root, size=8))[-1] == "9.png" and len(scans) == 2  # saved, then hit
-    (index_cache / next(index_cache.iterdir()).name).write_bytes(b"garbage")  # an unreadable cache: rescan
-    assert len(ImageFolder(root, size=8)) == 4
+    cached = next(index_cache.iterdir())
+    good = cached.read_bytes()
+    for k, bad in enumerate((b"garbage", good[: len(good) // 2])):  # unreadable, truncated: rescanned
+        cached.write_bytes(bad)
+        assert _names(ImageFolder(root, size=8)) == ["1.png", "2.png", "3.png", "9.png"] and len(scans) == 3 + k
+    assert [p.name for p in index_cache.iterdir()] == [cached.name]  # no temporary files left behind
 
 
 def test_image_folder_errors(tmp_path):
