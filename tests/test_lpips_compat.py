@@ -153,3 +153,18 @@ def test_positional_lpips_call_and_taming_broadcast():
     assert (rec + model(x0, x1)).shape == rec.shape
     tuned = LPIPS(pnet_rand=True, pnet_tune=True)
     assert all(p.requires_grad for p in tuned.trunk.parameters())
+
+
+def test_loads_an_lpips_state_dict(lpips_pkg, tmp_path):
+    """lpips' (and taming's LPIPS') full state dict, e.g. inside a VQGAN checkpoint, loads by key mapping."""
+    theirs, _ = pair(lpips_pkg, tmp_path)
+    ours = LPIPS(random_init=True)
+    ours.load_lpips_state_dict({f"loss.perceptual_loss.{k}": v for k, v in theirs.state_dict().items()},
+                               prefix="loss.perceptual_loss.")
+    x0, x1 = images()
+    torch.testing.assert_close(ours(x0, x1), theirs(x0, x1), rtol=1e-5, atol=1e-7)
+    no_dropout = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, use_dropout=False, verbose=False)  # lin{l}.model.0
+    ours.load_lpips_state_dict(no_dropout.state_dict())
+    torch.testing.assert_close(ours(x0, x1), no_dropout(x0, x1), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="not an lpips vgg state dict"):
+        ours.load_lpips_state_dict({k: v for k, v in theirs.state_dict().items() if not k.startswith("lin3")})

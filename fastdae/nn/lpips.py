@@ -222,6 +222,27 @@ class LPIPS(nn.Module):
             lins.append(w)
         return lins
 
+    def load_lpips_state_dict(self, state: dict[str, Tensor], prefix: str = "") -> None:
+        """Loads a state dict of lpips.LPIPS(net="vgg") (or of taming-transformers' LPIPS, which shares
+        its layout), e.g. from a VQGAN checkpoint with prefix="loss.perceptual_loss.": trunk
+        `net.slice{k}.{N}.*` -> `trunk.features.{N}.*`, lin `lin{l}.model.{0|1}.weight` (1, C, 1, 1)
+        -> `lin{l}` (C,). Every trunk and lin entry must be there; scaling_layer entries are checked."""
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        ours = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] == "net" and len(parts) == 4 and parts[1].startswith("slice"):
+                ours[f"trunk.features.{parts[2]}.{parts[3]}"] = value
+            elif parts[0].startswith("lin") and parts[1:3] in (["model", "0"], ["model", "1"]) and parts[3:] == ["weight"]:
+                ours[parts[0]] = value.reshape(-1)
+            elif parts[0] == "scaling_layer" and not torch.allclose(value.reshape(-1).float(), getattr(self, parts[1]).reshape(-1)):
+                raise ValueError(f"load_lpips_state_dict: {prefix}{key} differs from lpips' constants")
+        missing = sorted(self.state_dict().keys() - ours.keys() - {"shift", "scale"})
+        if missing:
+            raise ValueError(f"load_lpips_state_dict: not an lpips vgg state dict under prefix {prefix!r}; "
+                             f"nothing for {missing[:4]}")
+        self.load_state_dict({**self.state_dict(), **ours})
+
     def train(self, mode: bool = True) -> LPIPS:
         """The trunk stays in eval mode (a feature extractor); training mode only enables dropout."""
         super().train(mode)
