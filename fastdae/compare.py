@@ -16,11 +16,9 @@ study continues where it stopped. What is evaluated, on which data, is in `EvalC
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -491,61 +489,3 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> None:
     (out_dir / "report.md").write_text(markdown(report))
     _draw_metric_bars(report, out_dir / "metrics.png")
     _draw_sample_grids(report, out_dir, out_dir / "samples.png")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: `python -m fastdae compare ...` (registered with fastdae.cli)
-# ---------------------------------------------------------------------------------------------
-def _cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config of the runs (keys missing there come from --preset, else defaults)")
-    p.add_argument("--preset", help="named config (fastdae.config.PRESETS)")
-    p.add_argument("--arms", default="joint,dae,control", help="comma-separated arms (joint, dae, control)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", default="results/compare", help="report directory (runs go to <out>/runs)")
-    p.add_argument("--ablate", help="instead of the arms: weak_decoder knob to ablate (" + ", ".join(KNOBS) + ")")
-    p.add_argument("--values", help="comma-separated values of the ablated knob")
-    p.add_argument("--eval", help="YAML mapping of EvalConfig fields (e.g. capacity_steps: 100)")
-
-
-def _cli_run(args: argparse.Namespace, extra: list[str]) -> int:
-    import yaml
-
-    from fastdae.cli import parse_overrides
-    from fastdae.config import preset
-
-    base = preset(args.preset) if args.preset else TrainConfig()
-    cfg = TrainConfig.load(args.config, base=base) if args.config else base
-    try:
-        cfg = apply_overrides(cfg, parse_overrides(extra))
-        ev = EvalConfig(**(yaml.safe_load(Path(args.eval).read_text()) or {})) if args.eval else EvalConfig()
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"fastdae compare: {e}") from None
-    command = "python -m fastdae compare " + " ".join(shlex.quote(a) for a in _argv_of(args, extra))
-    if args.ablate:
-        if not args.values:
-            raise SystemExit("fastdae compare: --ablate needs --values")
-        values = [yaml.safe_load(v) for v in args.values.split(",")]
-        report = ablation(cfg, args.ablate, values, args.seeds, args.out, ev, command=command)
-    else:
-        report = compare(cfg, [a.strip() for a in args.arms.split(",")], args.seeds, args.out, ev, command=command)
-    print(markdown(report))
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
-
-
-def _argv_of(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The options as given (for the report's exact command)."""
-    argv = []
-    for name in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name}", str(value)]
-    return argv + extra
-
-
-def register_cli() -> None:
-    """Adds `compare` to fastdae.cli's subcommands."""
-    from fastdae.cli import register
-
-    register("compare", "train and evaluate the joint / dae / control arms (or ablate the weak decoder), "
-             "write a report", _cli_arguments, _cli_run)

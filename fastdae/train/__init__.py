@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastdae.config import TrainConfig, load_config
+from fastdae.config import TrainConfig, check_environment, load_config
 from fastdae.train import loop
 
 log = logging.getLogger("fastdae.train")
@@ -69,6 +69,7 @@ def _setup_logging(run_dir: Path, is_main: bool) -> logging.Handler | None:
 def train(config: TrainConfig | dict[str, Any] | str | Path) -> Result:
     """Run config.stages in order (see the module docstring) and return the Result."""
     cfg = load_config(config)
+    check_environment(cfg)
     d, device = loop.setup_distributed(cfg.device)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
