@@ -67,7 +67,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from fastdae.train import train
+    from fastdae.training import train
 
     flags = [f"out_dir={args.out}"] if args.out else []
     flags += ["resume=true"] * args.resume + ["overwrite=true"] * args.overwrite
@@ -106,8 +106,8 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
         ev = EvalConfig(**(yaml.safe_load(Path(args.eval).read_text()) or {})) if args.eval else EvalConfig()
     except (OSError, yaml.YAMLError, ValueError, TypeError) as e:
         raise ConfigError(f"--eval {args.eval}: {e}") from None
-    argv = [f"--{n}={v}" for n in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval")
-            if (v := getattr(args, n)) is not None]
+    argv = [a for n in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval")
+            if (v := getattr(args, n)) is not None for a in (f"--{n}", str(v))]
     command = "python -m fastdae compare " + " ".join(shlex.quote(a) for a in [*argv, *extra])
     if args.ablate:
         if not args.values:

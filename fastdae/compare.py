@@ -196,7 +196,7 @@ def _load_autoencoder(run_cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
     """The run's frozen encoder and bottleneck (stage 1) and final decoder (stage 1's in mode joint,
     else stage 2's), in eval mode."""
     from fastdae.models.autoencoder import build_bottleneck, build_decoder, build_encoder
-    from fastdae.train.loop import load_weights
+    from fastdae.training.checkpoint import load_weights
 
     run, ae = Path(run_cfg.out_dir), run_cfg.autoencoder
     encoder, bottleneck, decoder = build_encoder(ae), build_bottleneck(ae), build_decoder(ae)
@@ -328,7 +328,7 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             if eval_file.is_file():  # finished earlier: reuse
                 runs[name].append(json.loads(eval_file.read_text()))
                 continue
-            from fastdae.train import train
+            from fastdae.training import train
 
             t0 = time.perf_counter()
             summary = train(run_cfg).metrics

@@ -155,8 +155,11 @@ class TrainConfig:
         """A config from a (possibly partial) nested dict; missing keys come from `base` (default: defaults)."""
         return _build(cls, _merge((base or cls()).to_dict(), d, ""), "")
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     @classmethod
     def load(cls, path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:

@@ -39,7 +39,6 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     eval_file = tmp_path / "eval.yaml"
     eval_file.write_text(yaml.safe_dump(TINY_EVAL))
     out = tmp_path / "cmp"
-    compare.register_cli()
     argv = ["compare", "--preset", "tiny", "--arms", "joint,dae,control", "--seeds", "1", "--out", str(out),
             "--eval", str(eval_file), "--prior.num_samples", "8"]
     assert cli.main(argv) == 0

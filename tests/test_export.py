@@ -1,5 +1,5 @@
 """fastdae.integrations.export: save_pretrained / load_pretrained round trips and their errors.
-(That loading never imports fastdae.train is checked in test_integrations.py, in one subprocess.)"""
+(That loading never imports fastdae.training is checked in test_integrations.py, in one subprocess.)"""
 from __future__ import annotations
 
 import json
