@@ -197,7 +197,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
                 raise ConfigTypeError(f"config key {where + name!r} must be a mapping, got {type(value).__name__}")
             value = _build(tp, value, f"{where}{name}.")
         else:
-            value = _coerce(value, tp, where + name)
+            value = coerce(value, tp, where + name)
             if where + name in CHOICES:  # before the component's own check, to suggest the near miss
                 check_choice(where + name, value, CHOICES[where + name])
         kwargs[name] = value
@@ -209,24 +209,24 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where.rstrip('.')}: {e}") from None
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and convert where lossless: YAML ints for float fields, strings from the command line)
-    a value against a field type: bool, int, float, str, list[T], T | None."""
+def coerce(value: Any, tp: Any, key: str, from_text: bool = True) -> Any:
+    """Check (and convert where lossless: ints for float fields and, with from_text, strings from the
+    command line) a value against a field type: bool, int, float, str, list[T], T | None."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return coerce(value, inner[0], key, from_text)
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str) and from_text:
             # "a,b", "[a, b]" and JSON '["a", "b"]' all read as [a, b]
             value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigTypeError(f"config key {key!r} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str):
+        return [coerce(v, args[0], f"{key}[{i}]", from_text) for i, v in enumerate(value)]
+    if isinstance(value, str) and from_text:
         value = value.strip()
         if tp is bool:
             if value.lower() in ("true", "1", "yes", "on"):
