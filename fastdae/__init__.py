@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "lpips_head": "fastdae.kernels.lpips",
 }
 _SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "training",
-               "compare")
+               "evaluation")
 
 __all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
 

@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 # ---- compare ----------------------------------------------------------------------------------
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    from fastdae.compare import KNOBS
+    from fastdae.evaluation import KNOBS
 
     _config_arguments(p)
     p.add_argument("--arms", default="joint,dae,control", help="comma-separated arms (joint, dae, control)")
@@ -99,7 +99,7 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
     import yaml
 
     from fastdae.config import ConfigError
-    from fastdae.compare import EvalConfig, ablation, compare, markdown
+    from fastdae.evaluation import EvalConfig, ablation, compare, markdown
 
     cfg = _base_config(args, extra)
     try:

@@ -64,7 +64,7 @@ class StepLog:
         self.run, self.stage, self.steps, self.start = run, stage, steps, start
         self.log_every, self.ckpt_every, self.images = log_every, ckpt_every, images_per_step
         main = run.dist.is_main
-        self.csv = CSVLog(run.stage_dir(stage) / "log.csv", start) if main else None
+        self.csv = CSVLog(run.log_csv(stage), start) if main else None
         self.tb = _tensorboard(run.stage_dir(stage)) if run.cfg.tensorboard and main else None
         self.bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not (run.cfg.progress and main))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)

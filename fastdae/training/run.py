@@ -53,14 +53,12 @@ class Result:
     summary: Path | None = None
 
 
-class Run:
+class RunFolder:
+    """The layout of a run folder: every artefact path (what evaluation reads too), nothing else."""
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg, self.root = cfg, Path(cfg.out_dir)
-        self.dist, self.device = setup_distributed(cfg.device)
-        self.resume_from: dict[str, Path | None] = {}
-        self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
 
-    # ---- layout ------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
@@ -87,6 +85,20 @@ class Run:
     def metrics_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "metrics.json"
 
+    def log_csv(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "log.csv"
+
+
+class Run(RunFolder):
+    """A run in progress: the folder's layout (RunFolder) plus processes, device, dataset, cache and
+    the identity checks (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.resume_from: dict[str, Path | None] = {}
+        self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
+
     def total_steps(self, stage: str) -> tuple[str, int]:
         """(config key, steps) of a checkpointed stage; joint trains stage 1 for both budgets."""
         c = self.cfg
@@ -94,7 +106,6 @@ class Run:
             return "stage1.steps + stage2.steps", c.stage1.steps + c.stage2.steps
         return f"{stage}.steps", getattr(c, stage).steps
 
-    # ---- what the stages share -----------------------------------------------------------------
     @cached_property
     def dataset(self) -> Any:
         from fastdae.data import build_dataset
