@@ -45,11 +45,14 @@ def test_resume_refuses_another_config_and_names_the_key(tmp_path, changed, key)
     assert tree(tmp_path) == before  # config.yaml, summary.json, checkpoints: all untouched
 
 
-def test_resume_may_change_the_learning_rate_and_says_so_in_config_yaml(tmp_path):
+def test_resume_may_change_the_learning_rate_and_uses_it(tmp_path):
     cfg = tiny(tmp_path, *STAGE1)
     fastdae.train(cfg)
-    fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.lr=1e-3", "stage1.log_every=2"]))
+    fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.lr=1e-3", "stage1.log_every=2", "stage1.steps=4"]))
     assert TrainConfig.load(tmp_path / "config.yaml").stage1.lr == 1e-3
+    state = torch.load(tmp_path / "stage1" / "ckpt-00000004" / "state.pt", weights_only=True)
+    assert state["optimizers"]["autoencoder"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert state["schedulers"]["autoencoder"]["base_lrs"] == [pytest.approx(1e-3)]
 
 
 # ---- finding 2: steps on resume -----------------------------------------------------------------

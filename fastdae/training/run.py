@@ -249,7 +249,7 @@ class Run(RunFolder):
                 return False
             if not changed:
                 self.resume_from[stage] = latest_checkpoint(self.stage_dir(stage))
-                self._on_main(lambda: self.metrics_file(stage).unlink(missing_ok=True))
+                self._on_main(lambda: self._resumable_stage_dir(stage))
                 return True
             if stage in CHECKPOINTED:
                 raise RunError(f"cannot resume {stage}: what it reads changed since it was trained "
@@ -264,6 +264,12 @@ class Run(RunFolder):
         if not path.is_file():
             return False
         return stage not in CHECKPOINTED or json.loads(path.read_text())["steps"] == self.total_steps(stage)[1]
+
+    def _resumable_stage_dir(self, stage: str) -> None:
+        """The stage runs again: it is no longer finished, and temp files of a killed process go."""
+        self.metrics_file(stage).unlink(missing_ok=True)
+        for debris in self.stage_dir(stage).glob(".*.tmp*"):
+            files.remove(debris)
 
     def _fresh_stage_dir(self, stage: str, keep: bool, identity: dict[str, Any]) -> None:
         d = self.stage_dir(stage)
