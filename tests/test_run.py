@@ -78,6 +78,15 @@ def test_resume_with_fewer_steps_than_the_last_checkpoint_is_refused(tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_resume_that_trains_stage1_further_refuses_stage2_up_front(tmp_path):
+    cfg = tiny(tmp_path, "stages=stage1,cache,stage2", "stage1.steps=2", "stage2.steps=2")
+    fastdae.train(cfg)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume stage2 .*stages=stage1"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
+    assert tree(tmp_path) == before  # refused before stage 1 trained
+
+
 # ---- finding 3: a stage reading the cache checks the data it was built from ---------------------
 def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
     rng = np.random.default_rng(0)

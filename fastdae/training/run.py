@@ -205,6 +205,7 @@ class Run(RunFolder):
                            f"(--overwrite) to clear it, or another out_dir.")
         for stage in cfg.stages if cfg.resume else ():
             self._check_resumable(stage)
+        self._check_upstream_on_resume()
         self._check_batches()
         self._on_main(lambda: (root.mkdir(parents=True, exist_ok=True), files.write_bytes(
             self.config_file, cfg.to_yaml().encode())))
@@ -223,6 +224,22 @@ class Run(RunFolder):
             raise RunError(f"cannot resume {stage}: {key}={steps} is below its last checkpoint (step "
                            f"{checkpoint_step(ckpt)}); raise it to >= {checkpoint_step(ckpt)}, or train the stage "
                            f"again without resume")
+
+    def _check_upstream_on_resume(self) -> None:
+        """Stage 2 and the prior read stage 1's encoder (through the cache): resuming them in a call that
+        trains stage 1 further would continue from checkpoints of another encoder. Refused up front,
+        before stage 1 spends its steps."""
+        cfg = self.cfg
+        if not cfg.resume or "stage1" not in cfg.stages:
+            return
+        rec = self.recorded("stage1")
+        if rec is not None and self._finished("stage1") and rec["inputs"]["dataset"] == self.fingerprint:
+            return  # stage 1 will be skipped: its encoder stays
+        stale = [s for s in ("stage2", "prior") if s in cfg.stages and self.recorded(s) is not None]
+        if stale:
+            raise RunError(f"cannot resume {' and '.join(stale)} in a call that trains stage1 (again or further): "
+                           f"they were trained on the encoder stage1 replaces. Resume stage1 alone (stages=stage1), "
+                           f"then train {', '.join(s for s in cfg.stages if s != 'stage1')} again without resume")
 
     def _check_batches(self) -> None:
         n, world = len(self.dataset), self.dist.world_size
