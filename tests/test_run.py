@@ -87,6 +87,17 @@ def test_resume_that_trains_stage1_further_refuses_stage2_up_front(tmp_path):
     assert tree(tmp_path) == before  # refused before stage 1 trained
 
 
+def test_samples_may_be_drawn_again_with_another_sampler_but_not_left_stale(tmp_path):
+    cfg = tiny(tmp_path)
+    fastdae.train(cfg)
+    with pytest.raises(ValueError, match=r"samples was trained with prior\.sampler"):
+        fastdae.train(apply_overrides(cfg, ["stages=stage1", "prior.sampler=ddim"]))  # samples/ would be stale
+    result = fastdae.train(apply_overrides(cfg, ["stages=samples", "prior.sampler=ddim", "resume=true"]))
+    assert result.metrics["stages"]["samples"]["num_samples"] == cfg.prior.num_samples
+    assert TrainConfig.load(tmp_path / "config.yaml").prior.sampler == "ddim"
+    assert '"prior.sampler": "ddim"' in (tmp_path / "samples" / "identity.json").read_text()
+
+
 # ---- finding 3: a stage reading the cache checks the data it was built from ---------------------
 def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
     rng = np.random.default_rng(0)

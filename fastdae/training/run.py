@@ -33,7 +33,8 @@ from fastdae.training.distributed import autocast, setup_distributed
 from fastdae.training.identity import RunError, config_identity, differences
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
-CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints; cache and samples are redone
+CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
+DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
 
 
 class MissingOutputError(RunError, FileNotFoundError):
@@ -179,7 +180,15 @@ class Run(RunFolder):
 
     def recorded(self, stage: str) -> dict[str, Any] | None:
         path = self.identity_file(stage)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+            if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
+                return rec
+        except ValueError:
+            pass
+        raise RunError(f"{path} is not a stage identity (edited or corrupted); use overwrite to start the run again")
 
     def prepare(self) -> None:
         """Refuse a folder holding another run (or, on resume, what cannot be resumed), check the batch
@@ -198,7 +207,7 @@ class Run(RunFolder):
             rec = self.recorded(stage)
             diff = ["no identity.json (another run, or one of an older fastdae)"] if rec is None else \
                 differences(rec["config"], config_identity(cfg, stage))
-            if diff:
+            if diff and not (rec is not None and stage in DERIVED and stage in cfg.stages):  # those are redone
                 conflicts.append(f"{stage} was trained with " + "; ".join(diff))
         if conflicts:
             raise RunError(f"out_dir {root} holds another run: {' | '.join(conflicts)}. Use overwrite "
@@ -260,7 +269,7 @@ class Run(RunFolder):
         inputs, rec = self.inputs(stage), self.recorded(stage)
         self.resume_from[stage] = None
         if self.cfg.resume and rec is not None:
-            changed = differences(rec["inputs"], inputs)
+            changed = differences(rec["inputs"], inputs) + differences(rec["config"], config_identity(self.cfg, stage))
             if not changed and self._finished(stage):
                 log.info(f"{stage}: finished earlier ({self.metrics_file(stage)}), skipped")
                 return False
