@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fastdae import files
-from fastdae.cache.format import (FORMAT_VERSION, INT_DTYPES, LABEL, MANIFEST, STORED_FLOAT, FlipView, checksum,
-                                  no_collate, shard_name)
+from fastdae.cache.format import (FORMAT_VERSION, INT_DTYPES, LABEL, MANIFEST, SHARD_PATTERN, STORED_FLOAT, FlipView,
+                                  checksum, no_collate, shard_name)
 
 EncodeFn = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
 
@@ -132,7 +132,8 @@ def _reusable_shards(root: Path, identity: dict[str, Any], wanted: range) -> dic
         try:
             record = json.loads(sidecar.read_text())
             k, path = int(record["shard"]), root / record["file"]
-            ok = (record["identity"] == identity and k in wanted and k not in found and path.is_file()
+            ok = (SHARD_PATTERN.fullmatch(record["file"]) is not None and record["identity"] == identity
+                  and k in wanted and k not in found and path.is_file()
                   and path.stat().st_size == record["bytes"] and files.sha256_file(path) == record["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign sidecar: the shard is encoded again

@@ -128,7 +128,8 @@ class Run(RunFolder):
 
     def require(self, path: Path, stage: str) -> Path:
         if not path.is_file():
-            raise MissingOutputError(f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in {self.root}")
+            raise MissingOutputError(f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in "
+                                     f"{self.root}")
         return path
 
     def sha256(self, path: Path) -> str:
@@ -174,7 +175,8 @@ class Run(RunFolder):
         if stage != "stage1":
             out["encoder"] = self.sha256(self.require(self.encoder_file, "stage1"))
         if stage == "samples":
-            out["decoder"] = self.sha256(self.require(self.decoder_file(self.final_decoder_stage), self.final_decoder_stage))
+            final = self.final_decoder_stage
+            out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))
             out["dit"] = self.sha256(self.require(self.dit_file, "prior"))
         return out
 
