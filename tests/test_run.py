@@ -98,6 +98,15 @@ def test_samples_may_be_drawn_again_with_another_sampler_but_not_left_stale(tmp_
     assert '"prior.sampler": "ddim"' in (tmp_path / "samples" / "identity.json").read_text()
 
 
+def test_summary_lists_stages_built_on_replaced_outputs_as_stale(tmp_path):
+    cfg = tiny(tmp_path, "stages=stage1,cache,stage2", "stage1.steps=2", "stage2.steps=2")
+    fastdae.train(cfg)
+    result = fastdae.train(apply_overrides(cfg, ["stages=stage1", "stage1.lr=1e-3"]))  # another encoder
+    summary = result.metrics
+    assert "stage1" in summary["stages"] and "stage2" not in summary["stages"] and "cache" not in summary["stages"]
+    assert any(d.startswith("encoder:") for d in summary["stale"]["stage2"])
+
+
 # ---- finding 3: a stage reading the cache checks the data it was built from ---------------------
 def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
     rng = np.random.default_rng(0)
