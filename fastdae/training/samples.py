@@ -51,5 +51,6 @@ def run(r: Run) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     grid = save_grid(images, r.sample_grid)
     save_weights(r.sample_images, {"images": images.cpu(), **({"labels": y.cpu()} if y is not None else {})})
-    return {"num_samples": n, "decoder": f"{r.final_decoder_stage}/decoder.safetensors", "grid": str(grid),
+    decoder_file = r.decoder_file(r.final_decoder_stage).relative_to(r.root)
+    return {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),
             "time_s": elapsed, "samples_per_s": n / elapsed}
