@@ -28,7 +28,7 @@ SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.num
 _SHARED = ("seed", "precision", "data.*", "autoencoder.*")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "stage1": (*_SHARED, "mode", "stage1.*"),
-    "cache": ("data.*", "autoencoder.*", "cache.*"),
+    "cache": ("precision", "data.*", "autoencoder.*", "cache.*"),
     "stage2": (*_SHARED, "cache.flip", "stage2.*"),
     "prior": (*_SHARED, "cache.flip", "prior.*"),
     "samples": (*_SHARED, "mode", "cache.flip", "prior.*"),
