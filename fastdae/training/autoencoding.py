@@ -13,9 +13,10 @@ from fastdae.training.checkpoint import State
 from fastdae.training.distributed import wrap_ddp
 from fastdae.training.logs import eval_chunks, reconstruction_eval
 from fastdae.training.optim import make_optimizer, optimizer_step
+from fastdae.training.run import Run
 
 
-def losses_and_state(run: Any, s: Any, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
+def losses_and_state(run: Run, s: Any, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
     """The criterion (L1 + LPIPS + GAN) and a checkpoint State with `generator`'s Adam and, when the
     GAN is on, the discriminator with its own Adam (disc.lr, no warm-up)."""
     crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device))
@@ -33,7 +34,7 @@ def learning_rates(s: Any, name: str) -> dict[str, float]:
     return {name: s.lr, "discriminator": s.disc.lr}
 
 
-def discriminator_step(run: Any, crit: AutoencoderLoss, s: Any, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
+def discriminator_step(run: Run, crit: AutoencoderLoss, s: Any, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
     """One hinge-loss step of the discriminator on real x and (detached) x_hat; returns its loss."""
     with run.autocast():
         d_loss = crit.discriminator_loss(x, x_hat)
@@ -43,7 +44,7 @@ def discriminator_step(run: Any, crit: AutoencoderLoss, s: Any, state: State, x:
 
 
 @torch.no_grad()
-def evaluate(run: Any, stage: str, reconstruct: Callable[[list[int]], tuple[Tensor, Tensor]]) -> dict[str, float]:
+def evaluate(run: Run, stage: str, reconstruct: Callable[[list[int]], tuple[Tensor, Tensor]]) -> dict[str, float]:
     """L1/PSNR over the fixed evaluation set and stage/reconstructions.png; reconstruct(indices) ->
     (x, x_hat) of those dataset items."""
 

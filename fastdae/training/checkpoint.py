@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +24,9 @@ from fastdae import files
 from fastdae.training.distributed import unwrap
 from fastdae.training.identity import RunError
 from fastdae.training.optim import set_base_lr
+
+if TYPE_CHECKING:  # run.py imports this module
+    from fastdae.training.run import Run
 
 LATEST = "latest"
 CHECKPOINT = re.compile(r"ckpt-(\d{8})")
@@ -86,7 +89,7 @@ def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
     return final
 
 
-def save_if_due(run: Any, stage: str, done: int, steps: int, every: int, state: State) -> None:
+def save_if_due(run: Run, stage: str, done: int, steps: int, every: int, state: State) -> None:
     """Rank 0 checkpoints every `every` steps and at the last step."""
     if (done % every == 0 or done == steps) and run.dist.is_main:
         save_checkpoint(run.stage_dir(stage), done, state)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fastdae import files
 from fastdae.training.optim import check_finite
+from fastdae.training.run import Run
 
 EVAL_IMAGES = 256  # the fixed evaluation set: the first items of the dataset
 EVAL_BATCH = 64
@@ -57,7 +58,7 @@ class StepLog:
     data, `step(done, losses)` accumulates the NaN/Inf flag on the device and, at a log or checkpoint
     step (`due`), checks it and writes a row; `finish()` gives the stage's throughput metrics."""
 
-    def __init__(self, run: Any, stage: str, steps: int, start: int, log_every: int, ckpt_every: int,
+    def __init__(self, run: Run, stage: str, steps: int, start: int, log_every: int, ckpt_every: int,
                  images_per_step: int) -> None:
         from tqdm import tqdm
 
