@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import yaml
 
-from fastdae.data import DATASETS, DataConfig
+from fastdae.data import CROPS, DATASETS, DataConfig
 from fastdae.models.autoencoder import BOTTLENECKS, AutoencoderConfig, WeakDecoderConfig
 from fastdae.models.discriminator import DiscriminatorConfig
 
@@ -284,7 +284,7 @@ def _samplers() -> tuple[str, ...]:
 
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
 CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
-                           "data.name": DATASETS, "prior.objective": OBJECTIVES,
+                           "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
                            "prior.schedule": SCHEDULES}
 
 # (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
