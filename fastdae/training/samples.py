@@ -11,7 +11,7 @@ import torch
 from fastdae.models.autoencoder import build_decoder
 from fastdae.models.diffusion import LatentScaler, make_diffusion
 from fastdae.training.checkpoint import load_weights, save_weights
-from fastdae.training.logs import save_grid
+from fastdae.training.logs import Trackers, save_grid
 from fastdae.training.prior import build_dit
 from fastdae.training.run import Run
 
@@ -50,6 +50,9 @@ def run(r: Run) -> dict[str, Any]:
         images = decoder(z).float().clamp(-1, 1)  # (n, 3, H, W)
     elapsed = time.perf_counter() - t0
     grid = save_grid(images, r.sample_grid)
+    trackers = Trackers(r, "samples")
+    trackers.image("samples", images, p.steps)  # at the prior's last step
+    trackers.close()
     save_weights(r.sample_images, {"images": images.cpu(), **({"labels": y.cpu()} if y is not None else {})})
     decoder_file = r.decoder_file(r.final_decoder_stage).relative_to(r.root)
     return {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),
