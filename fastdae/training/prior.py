@@ -61,7 +61,7 @@ def run(r: Run) -> dict[str, Any]:
                 loss = diffusion.loss(model_train, x0, y)
             upd.backward(loss)
             parts.append({"loss": loss.detach()})
-        terms = {**mean_terms(parts), "grad_norm": upd.step()}
+        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
         if ema is not None:
             ema.update(step)
         log.step(step + 1, terms)

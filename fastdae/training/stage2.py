@@ -51,7 +51,7 @@ def run(r: Run) -> dict[str, Any]:
             upd.backward(loss)
             parts.append({"loss": loss.detach(), **terms})
             x_hats.append(x_hat.detach())
-        terms = {**mean_terms(parts), "grad_norm": upd.step()}
+        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
         x_hat = torch.cat(x_hats)  # (B, 3, H, W)
         if crit.gan_active(step):
             terms["d_loss"] = discriminator_step(r, crit, state, x, x_hat)
