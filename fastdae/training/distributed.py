@@ -69,7 +69,12 @@ def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = F
     if d.world_size > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
                                                      else None)
-    return torch.compile(module) if compile else module
+    if not compile:
+        return module
+    # the GAN's adaptive weight differentiates the compiled graph twice (autograd.grad with
+    # retain_graph, then backward): compiled backwards must not donate (free) their saved buffers
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(module)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
