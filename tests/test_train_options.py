@@ -273,6 +273,24 @@ def test_tensorboard_scalars_and_images(tmp_path):
     assert (image.width, image.height) == (8 * 17 + 1, 2 * 17 + 1)  # 8 pairs of 16x16 images, 1-pixel gaps
 
 
+def test_every_stage_with_the_options(tmp_path):
+    """Stage 2 and the prior split their (fields, images) and latent batches the same way; the samples
+    grid reaches TensorBoard too."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (the [dev] extra installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = ["stage2.grad_accum=2", "stage2.optimizer=adamw", "stage2.weight_decay=0.01", "prior.grad_accum=4",
+            "prior.lr_schedule=cosine", "prior.warmup_steps=1", "prior.optimizer=adamw", "tensorboard=true"]
+    result = fastdae.train(tiny(tmp_path, *opts))
+    assert set(result.metrics["stages"]) == {"stage1", "cache", "stage2", "prior", "samples"}
+    prior_lrs = [float(r["lr"]) for r in read_log(tmp_path / "prior" / "log.csv")]
+    lr = preset("tiny").prior.lr
+    assert prior_lrs == pytest.approx([lr * lr_factor(s, warmup_steps=1, schedule="cosine", total_steps=3)
+                                       for s in range(3)])
+    events = EventAccumulator(str(tmp_path / "samples" / "tb"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["samples/samples"]
+
+
 def test_wandb_stub_receives_scalars_and_images(tmp_path, monkeypatch):
     """W&B is optional and never reached over the network in tests: a stub module stands in for it."""
     calls: dict[str, list] = {"init": [], "log": [], "finish": []}
