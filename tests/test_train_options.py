@@ -211,6 +211,33 @@ def test_grad_accumulation_gives_the_whole_batch_gradient():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
 
 
+@pytest.mark.slow
+def test_grad_accumulation_under_torchrun_matches_one_process(tmp_path):
+    """2 gloo ranks x 4 images in 2 micro-batches of 2 (gradients all-reduced only in the last one's
+    backward) == one process with the whole batch of 8: the same global batches (StepBatchSampler),
+    so the same all-reduced gradient norms and weights (up to one Adam step, as above)."""
+    import os
+    import subprocess
+
+    one = fastdae.train(tiny(tmp_path / "one", *PLAIN, "stage1.batch_size=8"))
+    cfg = tiny(tmp_path / "ddp", *PLAIN, "stage1.batch_size=8", "stage1.grad_accum=2")
+    cfg.save(tmp_path / "cfg.yaml")
+    script = "import sys, torch; torch.set_num_threads(1); from fastdae.config import TrainConfig; " \
+             "from fastdae.training import train; train(TrainConfig.load(sys.argv[1]))"
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = (read_log(r / "stage1" / "log.csv") for r in (one.run_dir, tmp_path / "ddp"))
+    assert_same_curves(want, got, ("grad_norm",), rel=1e-4)  # rank 0 logs its own loss; the norm is global
+    w1, w2 = (load_file(str(r / "stage1" / "encoder.safetensors")) for r in (one.run_dir, tmp_path / "ddp"))
+    lr = preset("tiny").stage1.lr
+    for name in w1.keys() - {f"bottleneck.quantizer.{b}" for b in ("usage", "last_used", "last_reset", "steps")}:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=lr)
+
+
 # ---- exact resume with the options --------------------------------------------------------------
 def test_resume_with_the_options_is_exact(tmp_path, monkeypatch):
     """Accumulation, AdamW, cosine + warm-up, GAN on (its updater too): interrupted at step 3, resumed
