@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 register("train", "run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train)
 
 
-SUBCOMMAND_MODULES = ("fastdae.compare",)  # each defines register_cli()
+SUBCOMMAND_MODULES = ("fastdae.compare", "fastdae.sampling", "fastdae.fid_score")  # each defines register_cli()
 
 
 def main(argv: list[str] | None = None) -> int:

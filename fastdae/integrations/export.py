@@ -103,8 +103,13 @@ def save_pretrained(
         "autoencoder": dataclasses.asdict(config),
         "weak_decoder": None if weak is None else dataclasses.asdict(weak),
     }
+    return write_pair(out, state, meta)
+
+
+def write_pair(out: Path, state: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """`out`/model.safetensors + `out`/config.json (meta, with meta["kind"]); shared with dit_export."""
     # temp names + rename: an interrupted save never leaves a half-written pair behind
-    save_file(state, str(out / f"{WEIGHTS_FILE}.tmp"), metadata={"format": "pt", "kind": kind})
+    save_file(state, str(out / f"{WEIGHTS_FILE}.tmp"), metadata={"format": "pt", "kind": meta["kind"]})
     (out / f"{CONFIG_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
     os.replace(out / f"{CONFIG_FILE}.tmp", out / CONFIG_FILE)
