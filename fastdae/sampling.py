@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdae.models.diffusion import Diffusion, LatentScaler, make_diffusion
+from fastdae.models.diffusion import Diffusion, Generators, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 
 LABEL_MODES = ("balanced", "random")
@@ -68,15 +68,16 @@ class Sampler:
         return self.dit.num_classes
 
     @torch.no_grad()
-    def generate(self, labels: Tensor | None, generators: list[torch.Generator]) -> Tensor:
-        """One image per generator: (B, H, W, 3) uint8 on the CPU; labels (B,) or None (unconditional)."""
+    def generate(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:
+        """n images, (n, H, W, 3) uint8 on the CPU. labels (n,) or None (unconditional); generator: one
+        for the batch, or one per sample (Diffusion.sample)."""
         from fastdae.train.loop import autocast
 
-        B, C, h = len(generators), self.dit.in_channels, self.dit.input_size
+        B, C, h = n, self.dit.in_channels, self.dit.input_size
         y = labels.to(self.device) if labels is not None else None
         with autocast(self.device, self.precision):
             z = self.diffusion.sample(self.dit, (B, C, h, h), y=y, steps=self.steps, sampler=self.sampler,
-                                      cfg_scale=self.cfg_scale, generator=generators, device=self.device)
+                                      cfg_scale=self.cfg_scale, generator=generator, device=self.device)
         z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
         if self.bottleneck is not None:
             from fastdae import vq_nearest
@@ -297,25 +298,25 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
         png_dir = Path(png_dir)
         png_dir.mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=num_samples, initial=num_samples - sum(b - a for a, b in todo), unit="img", desc="sample",
+    this_run = sum(b - a for a, b in todo)
+    bar = tqdm(total=num_samples, initial=num_samples - this_run, unit="img", desc="sample",
                disable=not (progress and d.is_main))
-    t0, made = time.perf_counter(), 0
+    t0 = time.perf_counter()
     for start, stop in todo[d.rank::d.world_size]:
         y = all_labels[start:stop] if all_labels is not None else None
-        images = s.generate(y, [sample_generator(seed, i, dev) for i in range(start, stop)]).numpy()  # (n, H, W, 3)
+        images = s.generate(stop - start, y, [sample_generator(seed, i, dev) for i in range(start, stop)]).numpy()
         if png_dir is not None:
             _write_pngs(images, start, png_dir, digits)
         shard = {"images": images, **({"labels": y.numpy()} if y is not None else {})}
         _save_npz_atomic(parts / _shard_name(start, stop), **shard)  # last: a shard on disk is complete
-        made += stop - start
         bar.update(min((stop - start) * d.world_size, bar.total - bar.n))
     bar.close()
+    d.barrier()  # every rank's shards are on disk
     elapsed = time.perf_counter() - t0
-    d.barrier()
     if d.is_main:
         _merge(parts, out, num_samples, png_dir, digits)
-        loop.write_json(sidecar, {"settings": settings, "time_s": elapsed, "samples_this_run": made * d.world_size,
-                                  "samples_per_s": made * d.world_size / elapsed if made else None,
+        loop.write_json(sidecar, {"settings": settings, "time_s": elapsed, "samples_this_run": this_run,
+                                  "samples_per_s": this_run / elapsed if this_run else None,
                                   "world_size": d.world_size, "device": str(dev)})
         shutil.rmtree(parts)
     d.barrier()
