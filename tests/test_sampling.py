@@ -190,3 +190,15 @@ def test_torchrun_shards_match_one_process(run_dir, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(single, ddp))  # same batches, wherever they ran
     record = json.loads((tmp_path / "ddp.npz.json").read_text())
     assert record["world_size"] == 2 and record["samples_this_run"] == 22
+
+
+def test_a_runs_prior_exports_with_what_sampling_needs(run_dir, tmp_path):
+    from fastdae.integrations import load_dit, save_dit
+
+    s = sampling.load_sampler(run_dir, torch.device("cpu"))
+    prior = load_dit(save_dit(s.dit, tmp_path / "dit", s.diffusion, s.scaler))
+    y = torch.arange(4) % s.num_classes
+    h = s.dit.input_size
+    latents = [p.diffusion.sample(p.dit, (4, 4, h, h), y=y, steps=2, generator=torch.Generator().manual_seed(0))
+               for p in (prior, s)]
+    assert torch.equal(prior.scaler.denormalize(latents[0]), s.scaler.denormalize(latents[1]))
