@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdae.models.diffusion import Diffusion, Generators, LatentScaler, make_diffusion
+from fastdae.models.diffusion import SAMPLERS, Diffusion, Generators, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 
 LABEL_MODES = ("balanced", "random")
@@ -117,9 +117,10 @@ def load_sampler(run_dir: str | os.PathLike, device: torch.device, steps: int | 
     ctx = loop.Context(cfg, run_dir, device, loop.Dist())
     dit_file = run_dir / "prior" / DIT_FILE
     decoder_file = run_dir / ("stage1" if cfg.mode == "joint" else "stage2") / DECODER_FILE
-    for path, stage in ((dit_file, "prior"), (decoder_file, "stage2")):
+    for path in (dit_file, decoder_file):
         if not path.is_file():
-            raise FileNotFoundError(f"load_sampler: {path} does not exist: the run's {stage} stage has not finished")
+            raise FileNotFoundError(f"load_sampler: {path} does not exist: the run's {path.parent.name} stage has "
+                                    f"not finished")
     cache = open_cache(ctx)
     bottleneck = load_frozen_bottleneck(ctx)
     dit = build_dit(cfg, cfg.autoencoder.z_channels)
@@ -127,8 +128,10 @@ def load_sampler(run_dir: str | os.PathLike, device: torch.device, steps: int | 
     decoder = build_decoder(cfg.autoencoder)
     loop.load_weights(decoder_file, decoder)
     p = cfg.prior
-    settings = {"steps": steps or p.sample_steps, "sampler": sampler or p.sampler,
+    settings = {"steps": p.sample_steps if steps is None else steps, "sampler": sampler or p.sampler,
                 "cfg_scale": p.cfg_scale if cfg_scale is None else cfg_scale}
+    if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:
+        raise ValueError(f"load_sampler: sampler must be one of {SAMPLERS} and steps >= 1, got {settings}")
     identity = {"run": str(run_dir.resolve()), "dit_sha256": loop.sha256_file(dit_file),
                 "decoder_sha256": loop.sha256_file(decoder_file), "objective": p.objective, "schedule": p.schedule,
                 "num_timesteps": p.num_timesteps, "precision": cfg.precision, **settings}
@@ -334,7 +337,7 @@ def _cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per DiT batch (per rank)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the run's prior.cfg_scale)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's prior.sample_steps)")
-    p.add_argument("--sampler", help="ddim | ddpm | euler (default: the run's prior.sampler)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's prior.sampler")
     p.add_argument("--labels", choices=LABEL_MODES, default="balanced", help="class labels: cycled or random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -343,8 +346,11 @@ def _cli_arguments(p: argparse.ArgumentParser) -> None:
 def _cli_run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit(f"fastdae sample: unrecognized arguments {extra}")
-    out = sample(args.run, args.num_samples, args.out, args.png_dir, args.batch_size, args.cfg_scale, args.seed,
-                 args.labels, args.steps, args.sampler, args.device)
+    try:
+        out = sample(args.run, args.num_samples, args.out, args.png_dir, args.batch_size, args.cfg_scale, args.seed,
+                     args.labels, args.steps, args.sampler, args.device)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"fastdae sample: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"samples: {out}")
     return 0

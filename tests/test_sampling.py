@@ -163,6 +163,10 @@ def test_cli_sample(run_dir, tmp_path, capsys):
     assert images.shape == (6, 16, 16, 3)
     assert np.array_equal(labels, sampling.sample_labels(6, 4, "random", 2).numpy())
     assert json.loads((tmp_path / "cli.npz.json").read_text())["settings"]["steps"] == 1
+    with pytest.raises(SystemExit, match="other settings"):
+        main(["sample", "--run", str(run_dir), "--num-samples", "6", "--out", str(out)])
+    with pytest.raises(SystemExit, match="not a fastdae run folder"):
+        main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.npz")])
 
 
 SCRIPT = textwrap.dedent("""
