@@ -277,11 +277,11 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
     s = load_sampler(run, dev, steps, sampler, cfg_scale)
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels, **s.identity}
     sidecar = out.with_name(out.name + ".json")
-    if out.is_file() and sidecar.is_file():
-        previous = json.loads(sidecar.read_text())
+    if out.is_file():
+        previous = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         if previous.get("settings") != settings:
-            raise FileExistsError(f"sample: {out} holds samples of other settings ({sidecar}); remove it or pick "
-                                  f"another --out")
+            raise FileExistsError(f"sample: {out} holds samples of other settings (or was not written by fastdae "
+                                  f"sample: no {sidecar.name}); remove it or pick another --out")
         return out  # already complete
     parts = out.with_name(out.name + PARTS_SUFFIX)
     settings_file = parts / SETTINGS_FILE

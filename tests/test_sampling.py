@@ -132,6 +132,9 @@ def test_other_settings_are_refused_not_mixed(run_dir, tmp_path):
     assert fastdae.sample(run_dir, 8, out, batch_size=4, progress=False) == out  # complete: nothing to do
     with pytest.raises(FileExistsError, match="other settings"):
         fastdae.sample(run_dir, 8, out, seed=1, progress=False)
+    (tmp_path / "foreign.npz").write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError, match="not written by fastdae sample"):
+        fastdae.sample(run_dir, 8, tmp_path / "foreign.npz", progress=False)
     parts = tmp_path / "p.npz.parts"
     parts.mkdir()
     (parts / sampling.SETTINGS_FILE).write_text(json.dumps({"seed": 5}))
