@@ -1,11 +1,12 @@
 """Datasets: the procedural default (no download), image folders, and numpy arrays.
 
 Every dataset returns `(image, label)` with image float32 (3, H, W) in [-1, 1] and label an int64
-scalar tensor, and defines `identity() -> dict` (what configures it), which `dataset_fingerprint`
-hashes together with a few sampled items; the latent cache stores that fingerprint in its manifest.
+scalar tensor, and defines `identity() -> dict` (what configures it and what it holds: a content
+hash or per-file stats), which `dataset_fingerprint` hashes together with a few sampled items; the
+latent cache stores that fingerprint in its manifest.
 
     ds = build_dataset(DataConfig())            # 8192 procedural 32x32 shape images
-    ds = build_dataset(DataConfig(name="folder", root="imgs/", size=64, resize=True))
+    ds = build_dataset(DataConfig(name="folder", root="imgs/", size=64, crop="random", flip=True))
     ds = build_dataset(DataConfig(name="array", root="faces.npz", size=64))
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import zipfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,22 +27,28 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 DATASETS = ("shapes", "folder", "array")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CROPS = ("center", "random")
 FLOAT_RANGE_SLACK = 1e-3  # float arrays must lie in [-1 - slack, 1 + slack]
+HASH_BLOCK_BYTES = 1 << 26  # arrays are hashed in blocks of rows of about 64 MiB
 
 
 @dataclass
 class DataConfig:
     """Which dataset to train on. `root` is the folder ("folder") or the .npy/.npz file ("array");
-    `size` is the training resolution (square); `num_samples` and `seed` configure "shapes";
-    `resize` lets "folder" resize (shorter side) and centre-crop images of any size to `size`."""
+    `size` is the training resolution (square); `num_samples` and `seed` configure "shapes".
+    "folder" only: `resize` resizes the shorter side to `size` (else images are cropped as they are,
+    and must be at least size x size), `crop` cuts the size x size window ("center" or "random"),
+    `flip` mirrors half the images left-right."""
 
     name: str = "shapes"
     root: str | None = None
     size: int = 32
     num_samples: int = 8192
     seed: int = 0
-    resize: bool = False
+    resize: bool = True
+    crop: str = "center"
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -47,6 +57,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.root is required for name={self.name!r} (a folder or .npy/.npz file)")
         if self.size < 1 or self.num_samples < 1:
             raise ValueError(f"DataConfig.size and num_samples must be >= 1, got {self.size}, {self.num_samples}")
+        if self.crop not in CROPS:
+            raise ValueError(f"DataConfig.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.name != "folder" and (self.crop != "center" or self.flip):
+            raise ValueError(f"DataConfig.crop and flip apply to name='folder' only, got name={self.name!r}")
 
 
 def _to_signed_unit(rgb_uint8: np.ndarray) -> Tensor:
@@ -198,90 +212,208 @@ class ProceduralShapes(Dataset):
 # ---------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------
+INDEX_VERSION = 1  # bump when the index file's layout changes
+STAT_CHUNK = 1 << 16  # files stat'ed per chunk of offsets when fingerprinting a folder
+RACY_SECONDS = 2.0  # a directory changed this recently may change again within its mtime's tick
+
+
+def index_dir() -> Path:
+    """Where folder indexes are cached: $FASTDAE_INDEX_DIR, else ~/.cache/fastdae/index (never the data folder)."""
+    return Path(os.environ.get("FASTDAE_INDEX_DIR", Path.home() / ".cache" / "fastdae" / "index"))
+
+
+@dataclass
+class FolderIndex:
+    """The images under a root, in compact arrays (no Python object per image):
+    names: utf-8 relative paths concatenated, uint8 (total bytes,); offsets: int64 (N + 1,), name i
+    is names[offsets[i]:offsets[i + 1]]; labels: int32 (N,); classes: the class folder names;
+    dirs / dir_mtimes: every directory walked (relative, "" is the root) and its st_mtime_ns, which
+    is what decides whether a cached index still describes the tree."""
+
+    names: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    dirs: list[str]
+    dir_mtimes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, i: int) -> str:
+        return self.names[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+    @classmethod
+    def scan(cls, root: Path) -> FolderIndex:
+        """Walks root with os.scandir (no stat per file, no image opened): a directory's images in sorted
+        name order, then its subdirectories in sorted order, depth first; names starting with "." are
+        skipped and symlinked directories are not followed."""
+        names, offsets, labels = bytearray(), array("q", [0]), array("i")  # compact while building too
+        classes: list[str] = []
+        top_file = None  # the first image directly in root, if any
+        dirs, mtimes = [], []
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            dirs.append(rel)
+            mtimes.append(os.stat(root / rel).st_mtime_ns)
+            with os.scandir(root / rel) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+            subdirs = []
+            for name, is_dir in entries:
+                path = f"{rel}/{name}" if rel else name
+                if is_dir:
+                    subdirs.append(path)
+                    continue
+                if not name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                if not rel:
+                    top_file = top_file or name
+                else:  # a class folder's subtree is walked in one piece, so its files are contiguous
+                    top = rel.split("/", 1)[0]
+                    if top_file is not None:
+                        raise ValueError(f"image folder {root} mixes images at the top level ({top_file}) with "
+                                         f"class subfolders ({top}/); use one layout")
+                    if not classes or classes[-1] != top:
+                        classes.append(top)
+                names += path.encode()
+                offsets.append(len(names))
+                labels.append(len(classes) - 1 if rel else 0)
+            stack.extend(reversed(subdirs))
+        if not labels:
+            raise ValueError(f"image folder {root} contains no {'/'.join(IMAGE_SUFFIXES)} files")
+        return cls(np.frombuffer(bytes(names), dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64),
+                   np.frombuffer(labels, dtype=np.int32), classes, dirs, np.asarray(mtimes, dtype=np.int64))
+
+    def is_current(self, root: Path) -> bool:
+        """True while every walked directory keeps its mtime: adding, removing or renaming an entry
+        changes its directory's mtime (POSIX), so the names and labels here are still the tree's."""
+        try:
+            return all(os.stat(root / d).st_mtime_ns == m for d, m in zip(self.dirs, self.dir_mtimes.tolist()))
+        except OSError:
+            return False
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:  # np.savez would add .npz to a name without it
+                np.savez(f, names=self.names, offsets=self.offsets, labels=self.labels, dir_mtimes=self.dir_mtimes,
+                         meta=np.frombuffer(json.dumps({"version": INDEX_VERSION, "classes": self.classes,
+                                                        "dirs": self.dirs}).encode(), dtype=np.uint8))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old index or the new one
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failed write (e.g. a full disk); gone after os.replace
+
+    @classmethod
+    def load(cls, path: Path) -> FolderIndex | None:
+        """The index saved at path, or None when it is absent, unreadable or of another version."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                if meta.get("version") != INDEX_VERSION:
+                    return None
+                return cls(z["names"], z["offsets"], z["labels"], meta["classes"], meta["dirs"], z["dir_mtimes"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # JSONDecodeError is a ValueError
+            return None
+
+    @classmethod
+    def cached(cls, root: Path, cache_dir: Path | None = None) -> FolderIndex:
+        """The index of root: from the cache when every directory is unchanged, else scanned and saved.
+        The cache file is named by the root's absolute path; a scan whose directories changed within
+        RACY_SECONDS is not saved, since a later change in the same mtime tick would go unseen."""
+        root = root.resolve()
+        path = (cache_dir or index_dir()) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:32]}.npz"
+        index = cls.load(path)
+        if index is not None and index.is_current(root):
+            return index
+        started = time.time_ns()
+        index = cls.scan(root)
+        if int(index.dir_mtimes.max()) < started - int(RACY_SECONDS * 1e9):
+            try:
+                index.save(path)
+            except OSError:  # a read-only home: the index still works, it is just not cached
+                pass
+        return index
+
+
 class ImageFolder(Dataset):
-    """PNG/JPEG images under `root`, read with Pillow and converted to RGB.
+    """Images (PNG, JPEG, WebP) under `root`, read with Pillow and converted to RGB, as size x size.
 
     Layout: either images directly in `root` (label 0 for all), or one subfolder per class
-    (`root/<class>/**/*.png`, labels by sorted class name; `classes` lists them); not both.
-    Sizes: with `resize=False` every image must be `size` x `size` (or, with size=None, all the
-    same size); with `resize=True` the shorter side is resized to `size` (bicubic) and the centre
-    cropped. Every file's header is read once here, so unreadable files fail at construction.
+    (`root/<class>/**/*.png`, labels by sorted class name; `classes` lists them); not both. Names
+    starting with "." are skipped. The file list comes from a cached FolderIndex (see
+    `FolderIndex.cached`): construction opens no image and, on a cache hit, stats only directories.
+    Any aspect ratio: with `resize=True` the shorter side is resized to `size` (bicubic), then a
+    size x size window is cut ("center" or "random" `crop`); with `resize=False` the window is cut
+    from the image as is (which must be at least size x size). `flip` mirrors half the images
+    left-right. Random draws use torch's generator (seeded per DataLoader worker by torch).
+    Unreadable or too small files raise a ValueError naming the file when they are loaded.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int | None = None, resize: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, size: int, resize: bool = True, crop: str = "center",
+                 flip: bool = False, cache_dir: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        if resize and size is None:
-            raise ValueError("ImageFolder: resize=True needs a target size")
-        self.size, self.resize = size, resize
-        files = sorted(
-            p for p in self.root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-        )
-        if not files:
-            raise ValueError(f"image folder {self.root} contains no {'/'.join(IMAGE_SUFFIXES)} files")
-        top = [p for p in files if p.parent == self.root]
-        self.classes = sorted({p.relative_to(self.root).parts[0] for p in files if p.parent != self.root})
-        if top and self.classes:
-            raise ValueError(
-                f"image folder {self.root} mixes images at the top level ({top[0].name}) with class "
-                f"subfolders ({self.classes[0]}/); use one layout")
-        class_index = {c: k for k, c in enumerate(self.classes)}
-        self.files = files
-        self.labels = [class_index[p.relative_to(self.root).parts[0]] if self.classes else 0 for p in files]
-        self.image_size = self._check_sizes([self._header_size(p) for p in files])  # (H, W)
-
-    @staticmethod
-    def _header_size(path: Path) -> tuple[int, int]:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                return im.height, im.width
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
-            raise ValueError(f"cannot read image file {path}: {e}") from e
-
-    def _check_sizes(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-        if self.resize:
-            return (self.size, self.size)
-        for path, hw in zip(self.files, sizes):
-            want = (self.size, self.size) if self.size is not None else sizes[0]
-            if hw != want:
-                what = f"size {self.size}x{self.size}" if self.size is not None else f"{self.files[0]} ({want[1]}x{want[0]})"
-                raise ValueError(
-                    f"image {path} is {hw[1]}x{hw[0]} but {what} was expected; pass resize=True "
-                    f"(DataConfig.resize) to resize and centre-crop")
-        return sizes[0]
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"ImageFolder: size must be a positive int, got {size!r}")
+        if crop not in CROPS:
+            raise ValueError(f"ImageFolder: crop must be one of {CROPS}, got {crop!r}")
+        self.size, self.resize, self.crop, self.flip = size, resize, crop, flip
+        self.index = FolderIndex.cached(self.root, Path(cache_dir) if cache_dir is not None else None)
+        self.classes, self.labels = self.index.classes, self.index.labels
+        self.image_size = (size, size)  # (H, W)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.index.name(i)
 
     def identity(self) -> dict[str, Any]:
-        # the listing (relative names and byte sizes), not the absolute root: a moved folder is the same data
-        listing = hashlib.sha256()
-        for p in self.files:
-            listing.update(f"{p.relative_to(self.root).as_posix()}\0{p.stat().st_size}\n".encode())
-        return {"classes": self.classes, "size": self.size, "resize": self.resize, "listing": listing.hexdigest()}
+        """Settings plus a sha256 over every file's (relative name, st_size, st_mtime_ns, st_ctime_ns,
+        st_ino), stat'ed now: any write changes mtime and ctime, a rename (two files swapped) changes
+        the names' inodes and ctimes. A moved folder keeps it; a copy (even cp -a) changes it."""
+        h = hashlib.sha256()
+        blob, root = self.index.names.tobytes(), os.fsencode(self.root.resolve())
+        for start in range(0, len(self), STAT_CHUNK):  # bytes paths and chunked offsets: ~10 us per file
+            offsets = self.index.offsets[start:start + STAT_CHUNK + 1].tolist()
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                name = blob[a:b]
+                st = os.stat(root + b"/" + name)
+                h.update(b"%s\0%d\0%d\0%d\0%d\n" % (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        return {"classes": self.classes, "size": self.size, "resize": self.resize, "crop": self.crop,
+                "flip": self.flip, "files": h.hexdigest(), "version": 2}
+
+    def _window(self, w: int, h: int) -> tuple[int, int]:
+        """Top-left corner (left, top) of the size x size window in a w x h image."""
+        if self.crop == "random":
+            return int(torch.randint(w - self.size + 1, ())), int(torch.randint(h - self.size + 1, ()))
+        return (w - self.size) // 2, (h - self.size) // 2
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         from PIL import Image
 
-        path = self.files[i]
+        path, s = self.path(i), self.size
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
-        except Exception as e:
+        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
             raise ValueError(f"cannot read image file {path}: {e}") from e
-        if self.resize:
-            s = self.size
+        if self.resize and min(im.width, im.height) != s:
             scale = s / min(im.width, im.height)
-            w, h = max(s, round(im.width * scale)), max(s, round(im.height * scale))
-            im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - s) // 2, (h - s) // 2
+            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
+        if min(im.width, im.height) < s:
+            raise ValueError(f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "
+                             f"pass resize=True (DataConfig.resize) to resize it")
+        left, top = self._window(im.width, im.height)
+        if (im.width, im.height) != (s, s):
             im = im.crop((left, top, left + s, top + s))
-        return _to_signed_unit(np.asarray(im)), torch.tensor(self.labels[i], dtype=torch.int64)
+        image = _to_signed_unit(np.asarray(im))  # (3, s, s)
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return image, torch.tensor(int(self.labels[i]), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +487,17 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def identity(self) -> dict[str, Any]:
-        return {"source": self.source, "shape": list(self.images.shape), "dtype": str(self.images.dtype)}
+        """Source name, shape, dtype and the sha256 of every element's bytes (hashed in row blocks of
+        about HASH_BLOCK_BYTES, so a memory-mapped .npy is read once and never held whole)."""
+        return {"source": self.source, "shape": list(self.images.shape), "dtype": str(self.images.dtype),
+                "sha256": self._content_sha256(), "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest()}
+
+    def _content_sha256(self) -> str:
+        h = hashlib.sha256()
+        rows = max(1, HASH_BLOCK_BYTES // max(1, self.images[0].nbytes))
+        for start in range(0, len(self.images), rows):
+            h.update(np.ascontiguousarray(self.images[start:start + rows]).data)  # a view when already contiguous
+        return h.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.images[i]
@@ -371,7 +513,7 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name == "shapes":
         return ProceduralShapes(cfg.num_samples, cfg.size, cfg.seed)
     if cfg.name == "folder":
-        return ImageFolder(cfg.root, cfg.size, cfg.resize)
+        return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
     ds = ArrayDataset(cfg.root)
     if ds.image_size != (cfg.size, cfg.size):
         raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
@@ -380,16 +522,21 @@ def build_dataset(cfg: DataConfig) -> Dataset:
 
 def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:
     """sha256 hex of a dataset's identity: class, `identity()` (if defined), length, and `num_probes`
-    items spread over the index range. Probed images are hashed after rounding to 8 bits, so
-    last-bit float differences between machines do not change the fingerprint."""
+    items spread over the index range. fastdae's identities cover every image: an array's content
+    hash, a folder's per-file stat (see ImageFolder.identity), the shapes' generator settings; the
+    probes guard other datasets. Probes are drawn under a fixed torch seed (random crops and flips
+    repeat) and hashed after rounding to 8 bits, so last-bit float differences between machines
+    do not change the fingerprint."""
     n = len(ds)
     ident = getattr(ds, "identity", dict)()
     h = hashlib.sha256()
     h.update(json.dumps({"class": f"{type(ds).__module__}.{type(ds).__qualname__}", "len": n, "identity": ident},
                         sort_keys=True).encode())
-    for i in sorted({int(k) for k in np.linspace(0, n - 1, num=min(num_probes, n))}):
-        image, label = ds[i]
-        q = torch.round((image.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
-        h.update(f"{i}:{tuple(q.shape)}:{int(label)}:".encode())
-        h.update(q.numpy().tobytes())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for i in sorted({int(k) for k in np.linspace(0, n - 1, num=min(num_probes, n))}):
+            image, label = ds[i]
+            q = torch.round((image.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+            h.update(f"{i}:{tuple(q.shape)}:{int(label)}:".encode())
+            h.update(q.numpy().tobytes())
     return h.hexdigest()

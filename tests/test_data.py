@@ -1,11 +1,15 @@
 """Datasets: procedural determinism, balance and ground truth; folder and array loading with every error."""
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from fastdae import data
 from fastdae.data import (ArrayDataset, DataConfig, ImageFolder, ProceduralShapes, build_dataset,
                           dataset_fingerprint)
 
@@ -80,68 +84,161 @@ def _png(path, h=8, w=8, seed=0) -> np.ndarray:
     return pixels
 
 
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path_factory, monkeypatch):
+    """Folder indexes go to a per-test directory, not ~/.cache."""
+    path = tmp_path_factory.mktemp("index")
+    monkeypatch.setenv("FASTDAE_INDEX_DIR", str(path))
+    return path
+
+
+def _age(root, seconds: float = 10.0) -> None:
+    """Moves every directory's mtime into the past, as for a tree written a while ago (a scan of a
+    tree changed within RACY_SECONDS is not cached)."""
+    past = time.time() - seconds
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        os.utime(d, (past, past))
+
+
+def _names(ds: ImageFolder) -> list[str]:
+    return [ds.path(i).name for i in range(len(ds))]
+
+
 def test_image_folder_with_classes(tmp_path):
     a = _png(tmp_path / "cats" / "a.png", seed=1)
     b = _png(tmp_path / "dogs" / "sub" / "b.PNG", seed=2)
     Image.fromarray(a).save(tmp_path / "dogs" / "c.jpg", quality=95)
+    Image.fromarray(a).save(tmp_path / "dogs" / "d.webp", lossless=True)
     Image.fromarray(a).convert("L").save(tmp_path / "cats" / "gray.png")  # converted to RGB
+    (tmp_path / "cats" / ".hidden.png").write_bytes(b"skipped")
     ds = ImageFolder(tmp_path, size=8)
-    assert ds.classes == ["cats", "dogs"] and len(ds) == 4
-    labels = {p.name: int(ds[k][1]) for k, p in enumerate(ds.files)}
-    assert labels == {"a.png": 0, "gray.png": 0, "c.jpg": 1, "b.PNG": 1}
-    image = ds[[p.name for p in ds.files].index("b.PNG")][0]
-    assert image.shape == (3, 8, 8) and torch.equal(image, torch.from_numpy(b).permute(2, 0, 1).float() / 127.5 - 1)
-    gray = ds[[p.name for p in ds.files].index("gray.png")][0]
-    assert torch.equal(gray[0], gray[1])
+    assert ds.classes == ["cats", "dogs"] and len(ds) == 5
+    # a directory's images in sorted order, then its subdirectories
+    assert _names(ds) == ["a.png", "gray.png", "c.jpg", "d.webp", "b.PNG"]
+    assert [int(ds[i][1]) for i in range(5)] == [0, 0, 1, 1, 1]
+    assert ds.labels.dtype == np.int32 and ds.index.names.dtype == np.uint8  # compact arrays, no per-image objects
+    to_unit = lambda x: torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1  # noqa: E731
+    assert ds[4][0].shape == (3, 8, 8) and torch.equal(ds[4][0], to_unit(b))
+    assert torch.equal(ds[3][0], to_unit(a))  # lossless webp
+    assert torch.equal(ds[1][0][0], ds[1][0][1])
 
 
-def test_image_folder_flat_and_resize(tmp_path):
-    _png(tmp_path / "x.png", h=10, w=20)
+def test_image_folder_any_aspect_ratio_crops_and_flip(tmp_path):
+    wide = _png(tmp_path / "x.png", h=8, w=20)
     _png(tmp_path / "y.png", h=16, w=12)
-    ds = ImageFolder(tmp_path, size=8, resize=True)
+    ds = ImageFolder(tmp_path, size=8)  # resize (a no-op for x: its short side is 8) + centre crop
     assert ds.classes == [] and [int(ds[i][1]) for i in range(2)] == [0, 0]
     assert all(ds[i][0].shape == (3, 8, 8) for i in range(2))
-    assert ds[0][0].min() >= -1 and ds[0][0].max() <= 1
+    x = torch.from_numpy(wide).permute(2, 0, 1).float() / 127.5 - 1  # (3, 8, 20)
+    assert torch.equal(ds[0][0], x[:, :, 6:14])
+    rand = ImageFolder(tmp_path, size=8, crop="random")
+    crops = [rand[0][0] for _ in range(40)]
+    windows = {next(o for o in range(13) if torch.equal(c, x[:, :, o:o + 8])) for c in crops}
+    assert len(windows) > 3  # random offsets in 0..12
+    flip = ImageFolder(tmp_path, size=8, flip=True)
+    draws = [flip[0][0] for _ in range(40)]
+    mirrored = [torch.equal(d, x[:, :, 6:14].flip(-1)) for d in draws]
+    assert all(m or torch.equal(d, x[:, :, 6:14]) for m, d in zip(mirrored, draws)) and 5 < sum(mirrored) < 35
+    crop_only = ImageFolder(tmp_path, size=10, resize=False)
+    assert crop_only[1][0].shape == (3, 10, 10)
+    with pytest.raises(ValueError, match=r"x\.png is 20x8, smaller than size 10x10.*resize=True"):
+        crop_only[0]
+
+
+def test_image_folder_index_is_cached_and_rebuilt_on_change(tmp_path, index_cache, monkeypatch):
+    root = tmp_path / "data"
+    for k in range(3):
+        _png(root / "c" / f"{k}.png", seed=k)
+    _age(root)
+    first = ImageFolder(root, size=8)
+    assert len(list(index_cache.glob("*.npz"))) == 1 and not any(root.rglob("*.npz"))  # never in the data folder
+    scans = []
+    real_scan = data.FolderIndex.scan.__func__
+    monkeypatch.setattr(data.FolderIndex, "scan", classmethod(lambda cls, r: scans.append(r) or real_scan(cls, r)))
+    again = ImageFolder(root, size=8)
+    assert scans == [] and _names(again) == _names(first)  # a hit: no scan, no image opened
+    _png(root / "c" / "3.png")  # a new file changes its directory's mtime
+    assert len(ImageFolder(root, size=8)) == 4 and len(scans) == 1  # a racy scan: not saved
+    (root / "c" / "0.png").rename(root / "c" / "9.png")
+    _age(root, 5.0)  # an older-looking mtime, but not the cached one
+    assert _names(ImageFolder(root, size=8))[-1] == "9.png" and len(scans) == 2
+    assert _names(ImageFolder(root, size=8))[-1] == "9.png" and len(scans) == 2  # saved, then hit
+    cached = next(index_cache.iterdir())
+    good = cached.read_bytes()
+    for k, bad in enumerate((b"garbage", good[: len(good) // 2])):  # unreadable, truncated: rescanned
+        cached.write_bytes(bad)
+        assert _names(ImageFolder(root, size=8)) == ["1.png", "2.png", "3.png", "9.png"] and len(scans) == 3 + k
+    assert [p.name for p in index_cache.iterdir()] == [cached.name]  # no temporary files left behind
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
-        ImageFolder(tmp_path / "missing")
+        ImageFolder(tmp_path / "missing", size=8)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images")
     with pytest.raises(ValueError, match="contains no"):
-        ImageFolder(tmp_path / "empty")
+        ImageFolder(tmp_path / "empty", size=8)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        ImageFolder(tmp_path / "empty", size=8, crop="corner")
 
     bad = tmp_path / "bad"
     _png(bad / "ok.png")
     (bad / "broken.png").write_bytes(b"not a png at all")
+    ds = ImageFolder(bad, size=8)  # construction opens no file
     with pytest.raises(ValueError, match="broken.png"):
-        ImageFolder(bad)
-
-    mixed = tmp_path / "mixed"
-    _png(mixed / "a.png", 8, 8)
-    _png(mixed / "b.png", 8, 9)
-    with pytest.raises(ValueError, match=r"b\.png.*resize=True"):
-        ImageFolder(mixed)
-    with pytest.raises(ValueError, match=r"b\.png"):
-        ImageFolder(mixed, size=8)
-    with pytest.raises(ValueError, match="a.png"):
-        ImageFolder(mixed, size=16)
-    with pytest.raises(ValueError, match="resize=True needs"):
-        ImageFolder(mixed, resize=True)
+        ds[0]
 
     layout = tmp_path / "layout"
     _png(layout / "top.png")
     _png(layout / "cls" / "a.png")
-    with pytest.raises(ValueError, match="top.png"):
-        ImageFolder(layout)
+    with pytest.raises(ValueError, match="top.png.*cls/"):
+        ImageFolder(layout, size=8)
 
-    late = tmp_path / "late"
-    _png(late / "a.png")
-    ds = ImageFolder(late)
-    (late / "a.png").write_bytes((late / "a.png").read_bytes()[:60])  # truncated after the header was read
-    with pytest.raises(ValueError, match="a.png"):
-        ds[0]
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints see every image's content (issue 12, finding 4)
+# ---------------------------------------------------------------------------------------------
+def test_fingerprint_changes_when_most_array_images_change(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(256, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    before = dataset_fingerprint(ArrayDataset(tmp_path / "a.npy"))
+    assert before == dataset_fingerprint(ArrayDataset(tmp_path / "a.npy"))
+    edited = images.copy()
+    probes = {int(k) for k in np.linspace(0, 255, 8)}
+    edited[[i for i in range(256) if i not in probes]] ^= 1  # 248 images edited, the 8 probes kept
+    np.save(tmp_path / "a.npy", edited)
+    assert dataset_fingerprint(ArrayDataset(tmp_path / "a.npy")) != before
+    one = images.copy()
+    one[100, 3, 3, 0] ^= 1  # one bit of one image
+    assert dataset_fingerprint(ArrayDataset(one)) != dataset_fingerprint(ArrayDataset(images))
+    strided = np.asfortranarray(images)  # non-contiguous storage hashes by value
+    assert dataset_fingerprint(ArrayDataset(strided)) == dataset_fingerprint(ArrayDataset(images))
+
+
+@pytest.mark.parametrize("how", ["rename", "copy"])
+def test_fingerprint_changes_when_same_size_pngs_are_swapped(tmp_path, how):
+    root = tmp_path / "data"
+    for k in range(20):
+        _png(root / f"{k:02d}.png", seed=k)
+    a, b = root / "01.png", root / "03.png"  # items 1 and 3: the 8 probes are items 0, 2, 5, 8, ...
+    assert a.stat().st_size == b.stat().st_size
+    same_times = (a.stat().st_atime_ns, a.stat().st_mtime_ns)
+    os.utime(b, ns=same_times)  # even equal mtimes (e.g. from a tar archive)
+    _age(root)
+    before = dataset_fingerprint(ImageFolder(root, size=8, crop="random", flip=True))
+    assert before == dataset_fingerprint(ImageFolder(root, size=8, crop="random", flip=True))  # probes repeat
+    if how == "rename":
+        a.rename(root / ".swap")
+        b.rename(a)
+        (root / ".swap").rename(b)
+    else:
+        pa, pb = a.read_bytes(), b.read_bytes()
+        a.write_bytes(pb)
+        b.write_bytes(pa)
+        os.utime(a, ns=same_times)
+        os.utime(b, ns=same_times)  # mtimes restored: ctime still records the writes
+    assert a.stat().st_size == b.stat().st_size
+    assert dataset_fingerprint(ImageFolder(root, size=8, crop="random", flip=True)) != before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,3 +300,9 @@ def test_build_dataset(tmp_path):
         DataConfig(name="imagenet")
     with pytest.raises(ValueError, match="root is required"):
         DataConfig(name="folder")
+    with pytest.raises(ValueError, match="crop must be one of"):
+        DataConfig(name="folder", root="x", crop="corner")
+    with pytest.raises(ValueError, match="name=.folder. only"):
+        DataConfig(flip=True)
+    ds = build_dataset(DataConfig(name="folder", root=str(tmp_path / "imgs"), size=8, crop="random", flip=True))
+    assert (ds.size, ds.crop, ds.flip) == (8, "random", True)

@@ -133,7 +133,7 @@ def test_lpips_distance_batches_the_model():
     model = LPIPS(random_init=True)
     x, y = torch.rand(3, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1
     got = metrics.lpips_distance(x, y, model, batch_size=2)
-    assert got.shape == (3,) and torch.allclose(got, model(x, y), rtol=1e-5, atol=1e-6)
+    assert got.shape == (3,) and torch.allclose(got, model(x, y).reshape(-1), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Adapters for other codebases (DiT/timm attention patching, diffusers processor, export).
+"""Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export).
 Never imported by the rest of fastdae; imports third-party libraries only inside functions.
 
+    VectorQuantizer2(n_e, e_dim, beta)       taming-transformers' quantizer over fastdae.vector_quantize
+    patch_vq(model)                          taming VectorQuantizer2 modules -> the one above, weights kept
     patch_attention(model)                   timm/DiT-style Attention modules -> fastdae.nn.Attention
     FastDAEAttnProcessor()                   diffusers attention processor over fastdae.attention
     save_pretrained(module, path, config)    model.safetensors + config.json
@@ -16,6 +18,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "VectorQuantizer2": "fastdae.integrations.taming",
+    "patch_vq": "fastdae.integrations.taming",
     "patch_attention": "fastdae.integrations.attention",
     "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
     "save_pretrained": "fastdae.integrations.export",

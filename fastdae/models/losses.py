@@ -28,7 +28,7 @@ def build_lpips(cfg: Any, device: torch.device) -> nn.Module | None:
     from fastdae.nn import LPIPS
 
     return LPIPS(trunk_weights=cfg.lpips_trunk, lin_weights=cfg.lpips_lin, random_init=cfg.lpips_random_init,
-                 check_range=False).to(device)
+                 use_dropout=False, check_range=False).to(device)
 
 
 class AutoencoderLoss(nn.Module):
