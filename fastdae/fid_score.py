@@ -91,7 +91,10 @@ class _FolderImages(torch.utils.data.Dataset):
             return np.array(im.convert("RGB"))  # (H, W, 3) uint8
 
 
-def _folder_batches(folder: Path, batch_size: int, num_workers: int) -> Iterator[list[np.ndarray]]:
+def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> Iterator[list[np.ndarray]]:
+    """Decoded images in batches; num_workers None: one decoding process per CPU core, at most 8."""
+    if num_workers is None:
+        num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(_FolderImages(_image_files(folder)), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
     yield from loader
@@ -155,7 +158,8 @@ class _Inception:
         return self._net(batch.to(self.device)).float().cpu()  # (B, 2048)
 
 
-def _image_stats(path: Path, net: _Inception, batch_size: int, num_workers: int, progress: bool) -> GaussianStats:
+def _image_stats(path: Path, net: _Inception, batch_size: int, num_workers: int | None,
+                 progress: bool) -> GaussianStats:
     from tqdm import tqdm
 
     batches = _folder_batches(path, batch_size, num_workers) if path.is_dir() else _npz_batches(path, batch_size)
@@ -172,7 +176,7 @@ def _save_stats(path: Path, stats: GaussianStats) -> None:
 
 
 def statistics(source: str | os.PathLike, inception: str | os.PathLike | None = None, batch_size: int = 50,
-               stats_cache: str | os.PathLike | None = None, device: str = "auto", num_workers: int = 4,
+               stats_cache: str | os.PathLike | None = None, device: str = "auto", num_workers: int | None = None,
                progress: bool = False) -> GaussianStats:
     """(mu (2048,), sigma (2048, 2048)) float64 Inception statistics of one source (see the module
     docstring); with stats_cache, read from / written to the cache."""
@@ -181,7 +185,7 @@ def statistics(source: str | os.PathLike, inception: str | os.PathLike | None = 
 
 
 def _statistics(path: Path, net: _Inception, batch_size: int, stats_cache: str | os.PathLike | None,
-                num_workers: int, progress: bool) -> GaussianStats:
+                num_workers: int | None, progress: bool) -> GaussianStats:
     if not path.exists():
         raise FileNotFoundError(f"fid: {path} does not exist")
     if path.is_file():
@@ -210,7 +214,7 @@ def _device(device: str) -> torch.device:
 
 def fid(real: str | os.PathLike, fake: str | os.PathLike, inception: str | os.PathLike | None = None,
         batch_size: int = 50, stats_cache: str | os.PathLike | None = None, device: str = "auto",
-        num_workers: int = 4, progress: bool = False) -> float:
+        num_workers: int | None = None, progress: bool = False) -> float:
     """Fréchet Inception distance between `real` and `fake` (folders, image .npz or statistics .npz):
     fastdae.metrics.frechet_distance of their Inception statistics. Symmetric in its two sides."""
     net = _Inception(inception, _device(device))  # one network for both sides
@@ -221,11 +225,12 @@ def fid(real: str | os.PathLike, fake: str | os.PathLike, inception: str | os.Pa
 def _cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("real", help="folder of images, .npz with arr_0 (N, H, W, 3) uint8, or .npz with mu and sigma")
     p.add_argument("fake", help="same kinds as REAL")
-    p.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)")
+    p.add_argument("--inception",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--stats-cache", help="folder caching each image source's statistics")
     p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers for folders")
+    p.add_argument("--num-workers", type=int, help="image-decoding workers for folders (default: CPU cores, at most 8)")
 
 
 def _cli_run(args: argparse.Namespace, extra: list[str]) -> int:

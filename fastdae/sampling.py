@@ -335,7 +335,8 @@ def _cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.npz", help="ADM-layout .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels")
     p.add_argument("--png-dir", help="also write every sample as <index>.png here")
     p.add_argument("--batch-size", type=int, default=64, help="samples per DiT batch (per rank)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the run's prior.cfg_scale)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale (default: the run's prior.cfg_scale)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's prior.sample_steps)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's prior.sampler")
     p.add_argument("--labels", choices=LABEL_MODES, default="balanced", help="class labels: cycled or random")

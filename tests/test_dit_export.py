@@ -47,7 +47,8 @@ def test_diffusion_and_latent_stats_travel_with_it(tmp_path):
     scaler = LatentScaler(torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.25]))
     save_dit(dit, tmp_path / "dit", make_diffusion("ddpm", "cosine", 100), scaler)
     prior = load_dit(tmp_path / "dit")
-    assert (prior.diffusion.objective, prior.diffusion.schedule, prior.diffusion.num_timesteps) == ("ddpm", "cosine", 100)
+    d = prior.diffusion
+    assert (d.objective, d.schedule, d.num_timesteps) == ("ddpm", "cosine", 100)
     assert torch.equal(prior.scaler.mean, scaler.mean) and torch.equal(prior.scaler.std, scaler.std)
     y = torch.tensor([0, 1])
     samples = [p.diffusion.sample(p.dit, (2, 2, 4, 4), y=y, steps=3, generator=torch.Generator().manual_seed(0))

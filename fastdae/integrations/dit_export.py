@@ -101,14 +101,16 @@ def read_dit_config(path: str | os.PathLike) -> dict[str, Any]:
     """`path`/config.json of a DiT export, validated (format, version, kind, DiT fields)."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"load_dit: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})")
+        raise FileNotFoundError(f"load_dit: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                f"in {path})")
     meta = json.loads(file.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{file}: not a fastdae export (expected format {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
     if meta.get("kind") != KIND:
-        raise ValueError(f"{file}: kind {meta.get('kind')!r} is not a DiT (load it with fastdae.integrations.load_pretrained)")
+        raise ValueError(f"{file}: kind {meta.get('kind')!r} is not a DiT "
+                         f"(load it with fastdae.integrations.load_pretrained)")
     fields = {f.name for f in dataclasses.fields(DiTSpec)}
     spec = meta.get("dit")
     if not isinstance(spec, dict) or set(spec) != fields:
