@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "train": "fastdae.train",
+    "train": "fastdae.training",
     "TrainConfig": "fastdae.config",
-    "Result": "fastdae.train",
+    "Result": "fastdae.training",
     "LatentCache": "fastdae.cache",
     "vq_nearest": "fastdae.kernels.vq",
     "vector_quantize": "fastdae.kernels.vq",
@@ -28,8 +28,8 @@ _EXPORTS: dict[str, str] = {
     "sample": "fastdae.sampling",
     "fid": "fastdae.fid_score",
 }
-_SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "compare", "sampling",
-               "fid_score")
+_SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "training",
+               "evaluation", "sampling", "fid_score")
 
 __all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
 

@@ -21,7 +21,6 @@ sha256 and this module's preprocessing version. A changed file or other weights 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdae.files import sha256_file
 from fastdae.metrics import GaussianStats, frechet_distance, gaussian_stats
 from fastdae.models.inception import INPUT_SIZE, FIDInceptionV3
 
@@ -144,8 +144,6 @@ class _Inception:
         if self.path is None:
             raise _no_weights_error()
         if self._sha256 is None:
-            from fastdae.train.loop import sha256_file
-
             self._sha256 = sha256_file(self.path)
         return self._sha256
 
@@ -220,34 +218,3 @@ def fid(real: str | os.PathLike, fake: str | os.PathLike, inception: str | os.Pa
     net = _Inception(inception, _device(device))  # one network for both sides
     a, b = (_statistics(Path(side), net, batch_size, stats_cache, num_workers, progress) for side in (real, fake))
     return frechet_distance(a, b)
-
-
-def _cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("real", help="folder of images, .npz with arr_0 (N, H, W, 3) uint8, or .npz with mu and sigma")
-    p.add_argument("fake", help="same kinds as REAL")
-    p.add_argument("--inception",
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--stats-cache", help="folder caching each image source's statistics")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, help="image-decoding workers for folders (default: CPU cores, at most 8)")
-
-
-def _cli_run(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise SystemExit(f"fastdae fid: unrecognized arguments {extra}")
-    try:
-        value = fid(args.real, args.fake, args.inception, args.batch_size, args.stats_cache, args.device,
-                    args.num_workers, progress=True)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"fastdae fid: {e}") from None
-    print(f"FID: {value:.4f}")
-    return 0
-
-
-def register_cli() -> None:
-    """Adds `fid` to fastdae.cli's subcommands."""
-    from fastdae.cli import register
-
-    register("fid", "Fréchet Inception distance between two image folders / .npz files (local Inception weights)",
-             _cli_arguments, _cli_run)

@@ -19,6 +19,7 @@ import fastdae
 from fastdae import sampling
 from fastdae.cli import main
 from fastdae.config import apply_overrides, preset
+from fastdae.training.samples import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +90,7 @@ def test_load_sampler_decodes_as_the_trainers_samples_stage(run, request):
     trainer = load_file(run_dir / "samples" / "images.safetensors")
     n = trainer["images"].shape[0]
     images = s.generate(n, trainer["labels"], torch.Generator().manual_seed(0))
-    assert torch.equal(images, sampling.to_uint8(trainer["images"]))
+    assert torch.equal(images, to_uint8(trainer["images"]))
     assert (s.bottleneck is None) == (run == "kl_joint_run")
 
 
