@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,8 @@ from PIL import Image
 import fastdae
 from fastdae import sampling
 from fastdae.cli import main
-from fastdae.config import apply_overrides, preset
+from fastdae.config import apply_overrides, load_config, preset
+from fastdae.training.identity import RunError
 from fastdae.training.samples import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +212,32 @@ def test_a_runs_prior_exports_with_what_sampling_needs(run_dir, tmp_path):
     latents = [p.diffusion.sample(p.dit, (4, 4, h, h), y=y, steps=2, generator=torch.Generator().manual_seed(0))
                for p in (prior, s)]
     assert torch.equal(prior.scaler.denormalize(latents[0]), s.scaler.denormalize(latents[1]))
+
+
+def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, tmp_path):
+    """The folder is read where it is now (config.yaml names where it was trained); its prior and final
+    decoder must have finished and still match the encoder and the config keys they were built from."""
+    from safetensors.torch import load_file, save_file
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    images, _ = read_npz(fastdae.sample(moved, 2, tmp_path / "ok.npz", batch_size=2, progress=False))
+    assert images.shape == (2, 16, 16, 3)
+
+    encoder = moved / "stage1" / "encoder.safetensors"  # stage 1 trained again: prior and stage 2 are stale
+    weights = load_file(encoder)
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, encoder)
+    with pytest.raises(SystemExit, match=r"stage2 in .* is stale.*encoder: '"):
+        main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "a.npz")])
+    save_file(weights, encoder)
+
+    cfg = apply_overrides(load_config(moved / "config.yaml"), ["prior.num_timesteps=500"])
+    cfg.save(moved / "config.yaml")  # the DiT would be rebuilt with another schedule than it was trained on
+    with pytest.raises(RunError, match=r"prior .* is stale.*prior.num_timesteps: 1000 -> 500"):
+        sampling.load_sampler(moved, torch.device("cpu"))
+    apply_overrides(cfg, ["prior.num_timesteps=1000"]).save(moved / "config.yaml")
+
+    (moved / "prior" / "metrics.json").unlink()  # the prior stage was interrupted
+    with pytest.raises(SystemExit, match="prior has not finished"):
+        main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "b.npz")])
+    assert not (tmp_path / "b.npz").exists() and not (tmp_path / "b.npz.parts").exists()
