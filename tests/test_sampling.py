@@ -27,17 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished tiny run (16x16 shapes, VQ, class-conditional DiT-T/2 over 4 classes)."""
+def tiny_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """A finished run of the tiny preset (one thread: module fixtures run outside one_thread)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = tmp_path_factory.mktemp("run")
-        fastdae.train(apply_overrides(preset("tiny"), [f"out_dir={out}", "stage1.steps=2", "stage2.steps=2"]))
+        out = tmp_path_factory.mktemp(name)
+        fastdae.train(apply_overrides(preset("tiny"), [f"out_dir={out}", *overrides]))
         return out
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny run (16x16 shapes, VQ, class-conditional DiT-T/2 over 4 classes)."""
+    return tiny_run(tmp_path_factory, "run", "stage1.steps=2", "stage2.steps=2")
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +75,8 @@ def test_thousand_samples_as_an_adm_npz(run_dir, tmp_path):
 @pytest.fixture(scope="module")
 def kl_joint_run(tmp_path_factory) -> Path:
     """The other branches: KL latents (no code snapping) and mode "joint" (stage 1's decoder is final)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("kl_joint")
-        fastdae.train(apply_overrides(preset("tiny"), [f"out_dir={out}", "autoencoder.bottleneck=kl", "mode=joint",
-                                                       "stage1.steps=2", "stage2.steps=1"]))
-        return out
-    finally:
-        torch.set_num_threads(n)
+    return tiny_run(tmp_path_factory, "kl_joint", "autoencoder.bottleneck=kl", "mode=joint", "stage1.steps=2",
+                    "stage2.steps=1")
 
 
 @pytest.mark.parametrize("run", ["run_dir", "kl_joint_run"])
