@@ -30,7 +30,6 @@ attention_ref -> attention.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdae.kernels._dispatch import resolve_impl, triton_interpret
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, configs, launch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -351,24 +351,16 @@ _CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
     ("dq", True): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
 }
 _DELTA_BLOCK_M = 64
+_TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 
-def _configs(kernel: str, wide: bool) -> list[triton.Config]:
-    options = _CONFIGS[(kernel, wide)]
-    if triton_interpret():  # no timer worth tuning on: the default only
-        options = options[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
-
-
-@functools.cache
-def _tuned(kernel: str, wide: bool) -> triton.runtime.Autotuner:
-    """The kernel wrapped in an autotuner over its configs; tunes once per key (dtypes are keyed too)."""
-    fn = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}[kernel]
-    return triton.autotune(configs=_configs(kernel, wide), key=["N_Q", "N_KV", "HEAD_DIM"])(fn)
+def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
+    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _wide(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: each launch is built by one function (shared with the static report), then run.
 # ---------------------------------------------------------------------------------------------
 def _constexprs(head_dim: int, dtype: torch.dtype) -> dict:
     d0, d1 = head_chunks(head_dim)
@@ -393,47 +385,69 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
+    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32."""
+    B, H, N, D = q.shape
+    return KernelLaunch(
+        _attention_fwd_kernel,
+        (q, k, v, o, lse, H, N, k.shape[2], scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride()),
+        _constexprs(D, q.dtype), launch_configs("fwd", D, q.dtype),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+    )
+
+
+def bwd_launches(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
+    dq: Tensor, dk: Tensor, dv: Tensor, scale: float,
+) -> list[KernelLaunch]:
+    """The three backward launches, in order: Delta pre-pass, dK/dV, dQ."""
     B, H, N, D = q.shape
     M = k.shape[2]
+    consts = _constexprs(D, q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad.stride())
+    return [
+        KernelLaunch(
+            _attention_bwd_delta_kernel, (o, grad, delta, H, N, *o.stride(), *grad.stride()),
+            dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D)),
+            configs([(dict(BLOCK_M=_DELTA_BLOCK_M), 4, 3)]),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
+        ),
+        KernelLaunch(
+            _attention_bwd_dkdv_kernel,
+            (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *strides, *dk.stride(), *dv.stride()),
+            consts, launch_configs("dkdv", D, q.dtype),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B), _TUNE_KEY,
+        ),
+        KernelLaunch(
+            _attention_bwd_dq_kernel,
+            (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *strides, *dq.stride()),
+            consts, launch_configs("dq", D, q.dtype),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+        ),
+    ]
+
+
+def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, H, N, D = q.shape
     o = q.new_empty(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
     with _on_device(q):
-        _tuned("fwd", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
-            q, k, v, o, lse, H, N, M, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            **_constexprs(D, q.dtype),
-        )
+        launch(fwd_launch(q, k, v, o, lse, scale))
     return o, lse
 
 
 def _bwd_triton(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    B, H, N, D = q.shape
-    M = k.shape[2]
     dq, dk, dv = torch.empty(q.shape, **_like(q)), torch.empty(k.shape, **_like(k)), torch.empty(v.shape, **_like(v))
     if q.numel() == 0:
         return dq, dk, dv
     delta = torch.empty_like(lse)  # (B, H, N) float32
-    consts = _constexprs(D, q.dtype)
     with _on_device(q):
-        _attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_M), H, B)](
-            o, grad, delta, H, N, *o.stride(), *grad.stride(),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=_DELTA_BLOCK_M,
-        )
-        _tuned("dkdv", _wide(D))[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B)](
-            q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(),
-            **consts,
-        )
-        _tuned("dq", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
-            q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(),
-            **consts,
-        )
+        for plan in bwd_launches(grad, q, k, v, o, lse, delta, dq, dk, dv, scale):
+            launch(plan)
     return dq, dk, dv
 
 

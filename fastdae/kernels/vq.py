@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fastdae import _ext
 from fastdae.kernels._dispatch import num_warps_for, resolve_impl, triton_interpret
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, configs, launch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CPP = ("vq", "vq_nearest")  # (csrc stem, op) for resolve_impl
@@ -115,7 +116,7 @@ def _vq_nearest_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _launch_config(N: int, D: int, dtype: torch.dtype) -> dict:
+def launch_configs(N: int, D: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     """Block sizes (powers of two, every tl.dot dimension >= 16) and warps.
 
     BLOCK_D: all of D in one chunk up to 64 (fp32) / 128 (16-bit) so x stays in registers; larger D
@@ -123,11 +124,8 @@ def _launch_config(N: int, D: int, dtype: torch.dtype) -> dict:
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     block_k = 128
     block_d = max(16, min(triton.next_power_of_2(D), 64 if dtype == torch.float32 else 128))
-    return dict(
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d),
-        PRECISION=_precision(dtype),
-        num_warps=num_warps_for(block_n * block_k),
-    )
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d))
+    return configs([(meta, num_warps_for(block_n * block_k), 3)])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -143,22 +141,31 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def nearest_launch(
+    x: Tensor, codebook: Tensor, csq: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
+) -> KernelLaunch:
+    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 -> idx (N,) int64,
+    dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
+    N, D = x.shape
+    zq, zq_strides = (z_q, z_q.stride()) if z_q is not None else (dist, (0, 0))
+    return KernelLaunch(
+        _vq_nearest_fwd_kernel,
+        (x, codebook, csq, idx, dist, zq, N, codebook.shape[0], D,
+         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), *zq_strides),
+        dict(PRECISION=_precision(x.dtype), WRITE_ZQ=z_q is not None),
+        launch_configs(N, D, x.dtype),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
+    )
+
+
 def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Tensor, Tensor]:
     """(idx (N,) int64, sqdist (N,) fp32); also writes codebook[idx] into z_q (N, D) when given."""
-    N, D = x.shape
-    K = codebook.shape[0]
+    N = x.shape[0]
     idx = torch.empty(N, device=x.device, dtype=torch.int64)
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
     csq = codebook.float().square().sum(dim=1)  # (K,) ||c||^2 in fp32
-    cfg = _launch_config(N, D, x.dtype)
-    zq, zq_strides = (z_q, z_q.stride()) if z_q is not None else (dist, (0, 0))
     with _on_device(x):
-        _vq_nearest_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x, codebook, csq, idx, dist, zq,
-            N, K, D,
-            x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), *zq_strides,
-            WRITE_ZQ=z_q is not None, **cfg,
-        )
+        launch(nearest_launch(x, codebook, csq, idx, dist, z_q))
     return idx, dist
 
 
