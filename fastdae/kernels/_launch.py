@@ -63,19 +63,22 @@ def configs(options: Sequence[tuple[dict[str, int], int, int]]) -> tuple[LaunchC
     return tuple(LaunchConfig(tuple(sorted(m.items())), w, s) for m, w, s in options)
 
 
-def align_elems(*tensors: Tensor) -> int:
-    """ALIGN for the kernels: 16 bytes in elements when every tensor has a 16-byte aligned base,
-    unit last stride and all other strides multiples of 16 bytes, else 1 (no hint).
+def strides(t: Tensor) -> tuple[int, ...]:
+    """t's strides with 0 on size-1 dims (only index 0 is read there): what kernels and align_elems see."""
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
 
-    Shapes: any; all tensors must share one element size (the kernels hint every stride with it)."""
+
+def align_elems(*tensors: Tensor) -> int:
+    """ALIGN for the kernels: 16 bytes in elements when every tensor has a 16-byte aligned base, a
+    unit last stride and all other `strides` multiples of 16 bytes (0 included), else 1 (no hint).
+
+    All tensors must share one element size: the kernels hint every stride with the one ALIGN."""
     size = tensors[0].element_size()
     for t in tensors:
-        if t.element_size() != size or t.data_ptr() % ALIGN_BYTES:
+        *outer, last = strides(t)
+        if t.element_size() != size or t.data_ptr() % ALIGN_BYTES or last not in (0, 1):
             return 1
-        strides = [s for s, n in zip(t.stride(), t.shape) if n > 1]
-        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            return 1
-        if any((s * size) % ALIGN_BYTES for s in strides if s != 1):
+        if any(s == 1 or (s * size) % ALIGN_BYTES for s in outer):  # a unit outer stride: a transposed view
             return 1
     return ALIGN_BYTES // size
 

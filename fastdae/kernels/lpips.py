@@ -313,6 +313,10 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
                 f"lpips_head: feats0[{l}] and feats1[{l}] must both be (B={B}, C, H, W), "
                 f"got {tuple(f0.shape)} and {tuple(f1.shape)}"
             )
+        if f0.shape[1] == 0 or f0.shape[2] * f0.shape[3] == 0:  # no channels to normalise / no positions to average
+            raise ValueError(
+                f"lpips_head: feats0[{l}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
+            )
         if f0.dtype != f1.dtype or f0.dtype not in allowed:
             raise TypeError(
                 f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}"

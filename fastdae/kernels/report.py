@@ -72,9 +72,9 @@ class Target:
 # A100 SXM: 108 SMs x 1.41 GHz; bf16 312, tf32 156, fp32 19.5; 2.04 TB/s; 164 KB shared per SM.
 TARGETS = {
     "sm90": Target("sm90", 90, "H100/H200 SXM", 132, 1.83,
-                   {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "tf32x3": 494.7 / 3, "ieee": 66.9}, (3.35, 4.8)),
+                   {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "3xtf32": 494.7 / 3, "ieee": 66.9}, (3.35, 4.8)),
     "sm80": Target("sm80", 80, "A100 SXM 80GB", 108, 1.41,
-                   {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "tf32x3": 52.0, "ieee": 19.5}, (2.04,),
+                   {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "3xtf32": 52.0, "ieee": 19.5}, (2.04,),
                    smem_per_sm=164 * 1024),
 }
 
@@ -91,8 +91,7 @@ class Case:
     flops: float
     bytes: float
     trips: Callable[[dict], int]  # main-loop iterations of one program for a config's meta
-    precision: str  # peak key: bf16 / fp16 / tf32 / tf32x3 / ieee
-    supported: bool = True  # a shape the kernel ships for (the CI test's rules apply)
+    precision: str  # peak key: bf16 / fp16 / tf32 / 3xtf32 / ieee
 
 
 def _dt(name: str) -> torch.dtype:
@@ -199,6 +198,16 @@ def lpips_cases(quick: bool = False) -> list[Case]:
 
 def all_cases(quick: bool = False) -> list[Case]:
     return vq_cases(quick) + attention_cases(quick) + lpips_cases(quick)
+
+
+def ci_cases() -> list[Case]:
+    """One shape per shipped config family, for the CI test: VQ at D 8 / 32 / 256 (every D bucket
+    the report's shapes reach) in bf16 and fp32; attention at D 64 (narrow head) and 72 (wide, in the
+    fused-qkv layout the DiT passes), bf16 and fp32, every kernel; one LPIPS layer each way."""
+    vq = [c for c in vq_cases(quick=True) if c.family == "vector_quantize"]
+    attn = [c for c in attention_cases(quick=True)
+            if c.shape.endswith(("D64 contiguous", "D72 fused-qkv"))]
+    return vq + attn + lpips_cases(quick=True)[:2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +385,32 @@ def compile_static(plan: KernelLaunch, cfg: LaunchConfig, target: Target) -> Sta
 
 
 # ---------------------------------------------------------------------------------------------
+# The rules every shipped config must meet (the CI test, tests/test_kernel_report.py)
+# ---------------------------------------------------------------------------------------------
+WIDE_LOADS = ("b128", "ldgsts_b128", "tma")
+
+
+def violations(static: dict, dtype: str) -> list[str]:
+    """What a compiled config (Static as a dict) breaks: spills; 8/16-bit scalar global loads, or
+    fewer 128-bit/cp.async/TMA loads than narrower ones, in the main loop (the whole kernel when it
+    has no loop); and for bf16/fp16 dots, no tensor-core instructions."""
+    out = []
+    if static["spill_stores"] or static["spill_loads"]:
+        out.append(f"spills {static['spill_stores']} B stored / {static['spill_loads']} B loaded")
+    loads = static["loop_loads"]
+    scalar16 = sum(n for k, n in loads.items() if k.endswith(("b16", "b8")))
+    wide = sum(n for k, n in loads.items() if k in WIDE_LOADS)
+    narrow = sum(loads.values()) - wide
+    if scalar16:
+        out.append(f"{scalar16} 8/16-bit scalar global loads in the main loop")
+    if narrow > wide:
+        out.append(f"main-loop global loads mostly narrow: {wide} wide vs {narrow} narrower ({loads})")
+    if dtype in ("bf16", "fp16") and static["dot"] not in ("-",) and not static["mma"]:
+        out.append(f"{dtype} dots without tensor cores ({static['dot']})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 def blocks_per_sm(static: Static, cfg: LaunchConfig, target: Target) -> int:
@@ -491,13 +526,25 @@ def _vector_share(loads: dict[str, int]) -> str:
 
 
 def markdown(rows: list[Row], title: str) -> str:
+    broken = [(r, v) for r in rows if (v := violations(asdict(r.static), r.dtype))]
     lines = [
         f"# {title}",
         "",
         "**Estimated, not measured**: compiled on a CPU (no GPU) with Triton's bundled ptxas; figures",
-        "from ptxas -v and the SASS; times from the simple model in `fastdae/kernels/report.py`.",
-        "Loads: main-loop global loads by kind (b128 = 128-bit LDG, ldgsts_* = cp.async, tma = TMA;",
-        "b16/b32 = scalar); 'wide' = 128-bit + cp.async.128 + TMA out of all main-loop loads.",
+        "from ptxas -v and the SASS; times from the simple model in `fastdae/kernels/report.py`",
+        "(GPU: not measured). Loads: main-loop global loads by kind (b128 = 128-bit LDG, ldgsts_* =",
+        "cp.async, tma = TMA; b16/b32 = scalar); 'wide' = 128-bit + cp.async.128 + TMA out of all",
+        "main-loop loads (the whole kernel when it has no loop).",
+        "",
+        f"Rules (tests/test_kernel_report.py): {len(rows) - len(broken)} of {len(rows)} kernel x shape x config rows pass.",
+    ]
+    seen = set()
+    for r, v in broken:
+        key = (r.target, r.kernel, r.dtype, r.config, r.shape.split(" N")[0] + r.shape.split(" D")[-1][2:], tuple(v))
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"- {r.target} {r.family} {r.shape} {r.dtype} [{r.config}]: {'; '.join(v)}")
+    lines += [
         "",
         "| target | kernel | shape | dtype | config | regs | spill B | smem KB | blk/SM | dot | main-loop loads | wide | loop instrs | est µs | roofline µs | est/roof |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -524,11 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="sm90,sm80")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     parser.add_argument("--quick", action="store_true", help="one N / K per shape family and two LPIPS layers")
+    parser.add_argument("--ci", action="store_true", help="the CI test's set: one shape per config family")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--families", default="", help="comma-separated prefixes (vq,attention,lpips); default all")
     args = parser.parse_args(argv)
     targets = [TARGETS[t] for t in args.targets.split(",")]
-    cases = all_cases(args.quick)
+    cases = ci_cases() if args.ci else all_cases(args.quick)
     if args.families:
         prefixes = tuple(p.strip() for p in args.families.split(","))
         cases = [c for c in cases if c.family.startswith(prefixes) or (c.family.startswith("vector") and "vq" in prefixes)]
