@@ -69,8 +69,10 @@ def _hint(sb, sh, sn, ALIGN: tl.constexpr):
     """The (batch, head, row) strides of one tensor, asserted multiples of ALIGN elements (16 bytes)
     when the launcher checked it (align_elems); ALIGN = 1 claims nothing. With 16-byte aligned bases
     this is what lets D = 72 tiles load as 128-bit / cp.async rows instead of 2-byte scalars."""
-    if ALIGN > 1:
-        sb, sh, sn = tl.multiple_of(sb, ALIGN), tl.multiple_of(sh, ALIGN), tl.multiple_of(sn, ALIGN)
+    if ALIGN > 1:  # hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sb = tl.multiple_of(sb.to(tl.int64), ALIGN)
+        sh = tl.multiple_of(sh.to(tl.int64), ALIGN)
+        sn = tl.multiple_of(sn.to(tl.int64), ALIGN)
     return sb, sh, sn
 
 
@@ -371,7 +373,7 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
 # default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
 _CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
     ("fwd", False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # last: fp32 fits
+    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
     ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
     ("dkdv", True): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
     ("dq", False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
@@ -581,6 +583,13 @@ def _kernel_mismatch(q: Tensor) -> str | None:
     return None
 
 
+def auto_uses_kernel(q: Tensor) -> bool:
+    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q: bf16/fp16 at head dims and
+    sizes it takes. fp32 goes to SDPA: the kernel's IEEE-fp32 dots run on CUDA cores and spill at
+    every config (benchmarks/results/kernel-report-*), SDPA's fp32 kernels do not."""
+    return q.dtype in (torch.bfloat16, torch.float16) and _kernel_mismatch(q) is None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
     """Non-causal softmax attention, like F.scaled_dot_product_attention without mask or dropout.
 
@@ -588,20 +597,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
     scale: multiplies q k^T, default 1 / sqrt(D).
     impl:
       "auto"     CUDA: the Triton kernel for bf16/fp16 with D a multiple of 8 up to 128; torch's SDPA
-                 for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores: SDPA is the faster fp32
-                 path) and for head dims or batch sizes the kernel does not take.
+                 for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores and spill registers: SDPA is
+                 the faster fp32 path) and for head dims or batch sizes the kernel does not take.
                  CPU: torch's SDPA (measured 1.1-2.7x faster than the reference with 5-15x less
                  memory in benchmarks/results/cpu-*), with rows of q holding NaN/inf returned as NaN
                  like the reference (SDPA's CPU kernel returns zeros there).
-      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 runs a smaller,
-                 spill-free tile set with IEEE fp32 products);
+      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 with IEEE fp32
+                 products: exact-to-fp32 but slow on a GPU, which is why auto does not pick it);
       "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
     """
     _validate(q, k, v)
     auto = impl == "auto"
     impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA, fallback="sdpa")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if auto and impl == "triton" and (q.dtype == torch.float32 or _kernel_mismatch(q) is not None):
+    if auto and impl == "triton" and not auto_uses_kernel(q):
         impl = "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, scale)

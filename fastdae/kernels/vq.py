@@ -85,55 +85,79 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+               D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_K: tl.constexpr):
+    """Codes k0 ... k0 + BLOCK_K into the running (BLOCK_N, BLOCK_K) minimum of ||c||^2 - 2 x.c per
+    (row, lane) and the tile it came from: compare + 2 selects per score, no cross-lane reduction.
+    MASK_K: the tail tile (codes past K load as zeros with ||c||^2 = inf, so they never win)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    d = tl.arange(0, BLOCK_D)
+    c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
+    if D_CHUNKS == 1:
+        if MASK_K:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
+        else:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None], other=0.0)
+        dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros(best.shape, tl.float32), PRECISION)
+    else:
+        dots = tl.zeros(best.shape, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + d
+            xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
+            ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
+            xc_hi, xc_lo = _split_tf32(xc, PRECISION)
+            dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
+    if MASK_K:
+        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))
+    else:
+        csq = tl.load(csq_ptr + codes)
+    scores = csq[None, :] - 2.0 * dots
+    better = scores < best  # strict: an earlier tile (lower index) keeps a tie; NaN scores never win
+    # the tile start as fp32 (k0 * 1.0): a float select packs better than an int one (3 -> 2 SASS ops)
+    return tl.minimum(scores, best), tl.where(better, k0 * 1.0, best_k0)
+
+
+@triton.jit
 def _vq_nearest_fwd_kernel(
-    x_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, zq_ptr,
+    x_ptr, c_ptr, csq_ptr, csq_sum_ptr, idx_ptr, dist_ptr, zq_ptr,
     N, K,
     sxn, sxd, sck, scd, szn, szd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows
-        sxn, sck, szn = tl.multiple_of(sxn, ALIGN), tl.multiple_of(sck, ALIGN), tl.multiple_of(szn, ALIGN)
+    if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows.
+        # Hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sxn = tl.multiple_of(sxn.to(tl.int64), ALIGN)
+        sck = tl.multiple_of(sck.to(tl.int64), ALIGN)
+        szn = tl.multiple_of(szn.to(tl.int64), ALIGN)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxn  # (BLOCK_N, 1)
     d = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_K)
-    # running minimum of ||c||^2 - 2 x.c per (row, lane) and the tile it came from: elementwise per
-    # tile (compare + 2 selects), the cross-lane argmin runs once after the sweep
     best = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
-    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
-    poison = tl.zeros((BLOCK_K,), tl.float32)  # becomes NaN once some ||c||^2 is NaN/inf
+    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # exact: tile starts < 2^24 (K < 16.7M codes)
     if D_CHUNKS == 1:  # the whole x tile (and its TF32 split) stays resident for the sweep
         x = tl.load(x_rows + d[None, :] * sxd, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
-        x_hi, x_lo = _split_tf32(x, PRECISION)
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + lanes
-        code_mask = codes < K
-        c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
-        if D_CHUNKS == 1:
-            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
-            dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION)
-        else:
-            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + d
-                xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
-                ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
-                xc_hi, xc_lo = _split_tf32(xc, PRECISION)
-                dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
-        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))  # padded codes never win
-        poison += tl.where(code_mask, csq, 0.0) * 0.0
-        scores = csq[None, :] - 2.0 * dots
-        better = scores < best  # strict: an earlier tile (lower index) keeps a tie
-        best = tl.where(better, scores, best)
-        best_k0 = tl.where(better, k0, best_k0)
+    else:  # unused: _scan_tile loads x chunk by chunk
+        x = tl.zeros((BLOCK_N, BLOCK_D), x_ptr.dtype.element_ty)
+    x_hi, x_lo = _split_tf32(x, PRECISION)
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):  # full tiles: no code masks
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+                                   D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, False)
+    if k_full < K:
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k_full, K, sxd, sck,
+                                   scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, True)
     row_best = tl.min(best, axis=1)
     # lowest code index among the lanes holding the row minimum (lane 0 of tile 0 when all are inf)
-    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0 + lanes[None, :], K), axis=1)
-    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q
+    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0.to(tl.int32) + lanes[None, :], K), axis=1)
+    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q;
+    # sum_k ||c_k||^2 is NaN/inf iff some code is non-finite (or overflows): then every distance is NaN
     c_rows = c_ptr + best_idx.to(tl.int64)[:, None] * sck
-    dist = tl.zeros((BLOCK_N,), tl.float32) + tl.sum(poison, axis=0)  # NaN for a non-finite codebook
+    dist = tl.zeros((BLOCK_N,), tl.float32) + tl.load(csq_sum_ptr) * 0.0
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + d
         mask = row_mask[:, None] & (dd < D)[None, :]
@@ -193,16 +217,16 @@ def _on_device(t: Tensor):
 
 
 def nearest_launch(
-    x: Tensor, codebook: Tensor, csq: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
+    x: Tensor, codebook: Tensor, csq: Tensor, csq_sum: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
 ) -> KernelLaunch:
-    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 -> idx (N,) int64,
-    dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
+    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 and its sum () ->
+    idx (N,) int64, dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
     N, D = x.shape
     zq, zq_strides = (z_q, strides(z_q)) if z_q is not None else (dist, (0, 0))
     aligned = align_elems(x, codebook, *((z_q,) if z_q is not None else ()))
     return KernelLaunch(
         _vq_nearest_fwd_kernel,
-        (x, codebook, csq, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
+        (x, codebook, csq, csq_sum, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
         dict(D=D, PRECISION=_precision(x.dtype), WRITE_ZQ=z_q is not None, ALIGN=aligned),
         launch_configs(N, D, x.dtype),
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
@@ -218,7 +242,7 @@ def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Te
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
     csq = torch.sum(codebook.float().square(), dim=1)  # (K,) ||c||^2 in fp32, once per call
     with _on_device(x):
-        launch(nearest_launch(x, codebook, csq, idx, dist, z_q))
+        launch(nearest_launch(x, codebook, csq, csq.sum(), idx, dist, z_q))
     return idx, dist
 
 
