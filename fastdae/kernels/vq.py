@@ -68,8 +68,11 @@ def _split_tf32(a, PRECISION: tl.constexpr):
     (PRECISION "3xtf32"); for other precisions (a, a), lo unused."""
     if PRECISION == "3xtf32":
         hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        return hi, a - hi
-    return a, a
+        lo = a - hi
+    else:
+        hi = a
+        lo = a
+    return hi, lo
 
 
 @triton.jit
@@ -80,8 +83,10 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
         c_hi, c_lo = _split_tf32(ct, PRECISION)
         acc = tl.dot(x_lo, c_hi, acc, input_precision="tf32")  # small terms first
         acc = tl.dot(x_hi, c_lo, acc, input_precision="tf32")
-        return tl.dot(x_hi, c_hi, acc, input_precision="tf32")
-    return _dot(x_hi, ct, acc, PRECISION)
+        acc = tl.dot(x_hi, c_hi, acc, input_precision="tf32")
+    else:
+        acc = _dot(x_hi, ct, acc, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -173,29 +178,27 @@ def _vq_nearest_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by the head of D (largest D of the row) and operand
-# width, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
-# sm_90/sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16): x is
-# resident for the whole sweep up to D = 256; larger D is swept in 256-wide chunks.
-_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int]] = {
+# (BLOCK_N, BLOCK_K, largest BLOCK_D, num_warps, num_stages) for D up to the key's bound, bf16/fp16
+# or fp32, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
+# sm_90 and sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16), capped:
+# below the cap x (and its TF32 split) is resident for the whole sweep; fp32 at D = 256 would need
+# 128 KB of resident x and spills, so it sweeps D in 64-wide chunks.
+_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
     # (max D, fp32): config
-    (32, False): (64, 128, 8, 3),
-    (128, False): (64, 128, 8, 3),
-    (256, False): (64, 64, 8, 3),
-    (32, True): (64, 128, 8, 3),
-    (128, True): (64, 64, 8, 3),
-    (256, True): (32, 64, 4, 3),
+    (128, False): (64, 128, 128, 8, 3),
+    (256, False): (64, 64, 256, 8, 3),
+    (128, True): (128, 64, 128, 8, 3),
+    (256, True): (32, 64, 64, 4, 3),
 }
-_MAX_BLOCK_D = 256
 
 
 def launch_configs(N: int, D: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     """The search's config for N rows of width D: block sizes are powers of two (tl.dot dims >= 16)."""
     fp32 = dtype == torch.float32
-    head = next((h for h, f in sorted(_CONFIGS) if f == fp32 and D <= h), max(h for h, _ in _CONFIGS))
-    block_n, block_k, warps, stages = _CONFIGS[(head, fp32)]
+    head = min((h for h, f in _CONFIGS if f == fp32 and D <= h), default=max(h for h, _ in _CONFIGS))
+    block_n, block_k, max_block_d, warps, stages = _CONFIGS[(head, fp32)]
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    block_d = max(16, min(triton.next_power_of_2(D), _MAX_BLOCK_D))
+    block_d = max(16, min(triton.next_power_of_2(D), max_block_d))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d))
     return configs([(meta, warps, stages)])
 
