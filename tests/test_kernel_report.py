@@ -45,7 +45,8 @@ def test_ci_set_covers_every_config_family(ci_rows):
                 assert (family, dtype) in seen, (family, dtype)
     assert ("lpips_fwd", "bf16") in seen and ("lpips_bwd", "bf16") in seen
     shapes = {r["shape"] for r in ci_rows}
-    assert any(s.endswith("D72 fused-qkv") for s in shapes) and any(s.endswith("D64 contiguous") for s in shapes)
+    for shape in ("D64 contiguous", "D72 fused-qkv", "D128 contiguous"):  # one per head-width family
+        assert any(s.endswith(shape) for s in shapes), shape
     assert {s.split()[-1] for s in shapes if s.startswith("N65536")} == {"D8", "D32", "D256"}
 
 
@@ -77,6 +78,7 @@ def test_violations_flag_each_rule():
     assert "not loaded wide" in violations({**clean, "loop_loads": {"b128": 1, "b32": 2}}, "fp32")[0]
     assert "not loaded wide" in violations({**clean, "loop_loads": {"b64": 8}}, "fp32")[0]
     assert violations({**clean, "loop_loads": {"ldgsts_b128": 1, "b64": 8, "b32": 1}}, "bf16") == []
+    assert violations({**clean, "loop_loads": {"ldgsts_b128": 2, "ldgsts_b32": 4}}, "bf16") == []  # lse, Delta
     assert "tensor cores" in violations({**clean, "mma": {}, "dot": "FFMA (no tensor cores)"}, "bf16")[0]
     assert violations({**clean, "mma": {}, "dot": "FFMA (no tensor cores)"}, "fp32") == []
 

@@ -366,18 +366,23 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for Hopper-class GPUs (H100: 228 KB shared
-# memory per SM), narrow (D0 + D1 <= 64) and wide heads. fwd: a program owns BLOCK_M queries and
-# streams K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays
-# small); dq: owns BLOCK_M queries and streams small K/V tiles. The first entry of each list is the
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-width family (D0 + D1 <= 64,
+# <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams K/V; dkdv: owns
+# BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays small); dq: owns BLOCK_M
+# queries and streams small K/V tiles. Every entry compiles without spills for sm_90 and sm_80 in
+# the static kernel report (benchmarks/results/kernel-report-*), which removed the ones that spilled
+# (mostly on sm_80's register-resident mma operands at D = 128). The first entry of each list is the
 # default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
-_CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
-    ("fwd", False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-    ("dkdv", True): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
-    ("dq", False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    ("dq", True): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+_CONFIGS: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3)],
+    ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
+    ("dkdv", 96): [(32, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 128): [(16, 128, 8, 3)],
+    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    ("dq", 96): [(128, 32, 8, 3)],
+    ("dq", 128): [(128, 32, 8, 3)],
 }
 _DELTA_BLOCK_M = 64
 _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
@@ -385,7 +390,7 @@ _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
-    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _wide(head_dim))]])
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _family(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,8 +410,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
 
 
-def _wide(head_dim: int) -> bool:
-    return sum(head_chunks(head_dim)) > 64
+def _family(head_dim: int) -> int:
+    """The register width bound D0 + D1 fits under: 64, 96 or 128."""
+    width = sum(head_chunks(head_dim))
+    return next(bound for bound in (64, 96, 128) if width <= bound)
 
 
 def _on_device(t: Tensor):
