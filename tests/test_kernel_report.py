@@ -86,10 +86,10 @@ def test_violations_flag_each_rule():
 def test_sass_reader_finds_the_main_loop():
     sass = "\n".join([
         "Function:k",
-        "--:-:-:-:1\tLDG.E.U16 R2, desc[UR4][R2.64] ;",
+        "--:-:-:-:1\tLDG.E.U16 R2, desc[UR4][R2.64];",
         "LBB0:",
-        "--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64] ;",
-        "--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+        "--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];",
+        "--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24;",
         "--:-:-:-:1\t@P0 BRA LBB0;",
         "LBB1:",
         "--:-:-:-:1\tBRA LBB1;",  # the trap self-loop after EXIT is not a loop
