@@ -184,6 +184,6 @@ def test_compare_judges_only_heldout_items(tmp_path, monkeypatch, kind):
 def test_judge_parts_are_consecutive_and_share_a_short_split():
     from fastdae.evaluation.judge import judge_parts
 
-    assert judge_parts(100, 20, 10, 30) == {"eval": range(0, 20), "floor": range(20, 30), "classifier": range(30, 60)}
+    assert judge_parts(100, 20, 10, 30) == {"eval": range(20), "floor": range(20, 30), "classifier": range(30, 60)}
     # too few held-out items: the classifier gets half, evaluation and floor the rest in proportion
-    assert judge_parts(20, 12, 4, 100) == {"eval": range(0, 8), "floor": range(8, 10), "classifier": range(10, 20)}
+    assert judge_parts(20, 12, 4, 100) == {"eval": range(8), "floor": range(8, 10), "classifier": range(10, 20)}

@@ -18,7 +18,8 @@ from fastdae import files
 from fastdae import metrics as M
 from fastdae.cache.format import gather_images
 from fastdae.config import TrainConfig
-from fastdae.data import DataConfig, DatasetSplit, ProceduralShapes, build_dataset, dataset_fingerprint, split_dataset
+from fastdae.data import (DataConfig, DatasetSplit, ProceduralShapes, build_dataset, dataset_fingerprint,
+                          split_dataset)
 
 PARTS = ("eval", "floor", "classifier")  # the judge's runs of the held-out split, in this order
 
