@@ -39,8 +39,9 @@ class EvalConfig:
     Complexity probes run on scale-normalised latents (per-channel mean/std of the run's cache):
     Lipschitz bound over `lipschitz_pairs` pairs of held-out latents, Jacobian norms at the first
     `probe_latents`; minimal capacity fits Decoder(width, the run's ch_mult and res blocks) for each of
-    `capacity_widths` to the first `capacity_images` training latents (all, if fewer) for `capacity_steps` Adam steps and
-    reports the smallest width whose MSE reaches PSNR `capacity_target_psnr`; the penalised distance
+    `capacity_widths` to the first `capacity_images` training latents (all, if fewer) for
+    `capacity_steps` Adam steps and reports the smallest width whose MSE reaches PSNR
+    `capacity_target_psnr`; the penalised distance
     takes that family with FD-feat as d_F, the Jacobian spectral norm as C and lambda = `lam`.
     `inception`: a local pytorch-fid pt_inception-2015-12-05 file adds FID / rFID; `lpips_trunk` /
     `lpips_lin` (default: the config's stage-1 LPIPS files) add LPIPS."""
@@ -164,7 +165,8 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = prin
     train, heldout = split_dataset(data, cfg.data)
     num_classes = int(data.num_classes)
     ranges = judge_parts(len(heldout), ev.eval_images, cfg.prior.num_samples, ev.classifier_images)
-    split = {"train_items": len(train), "heldout_items": len(heldout), **{f"{k}_images": len(r) for k, r in ranges.items()}}
+    split = {"train_items": len(train), "heldout_items": len(heldout),
+             **{f"{k}_images": len(r) for k, r in ranges.items()}}
     if len(ranges["eval"]) < 2:
         raise ValueError(f"the held-out split has {len(heldout)} items, too few for the judge (it needs >= 2 "
                          f"evaluation images); raise data.holdout")
