@@ -25,7 +25,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from fastdae import files
@@ -122,9 +121,11 @@ class Run(RunFolder):
 
     @cached_property
     def dataset(self) -> Any:
-        from fastdae.data import build_dataset
+        """The training part of the configured dataset (fastdae.data.split_dataset): the held-out part
+        is for evaluation only and never reaches stage 1, the cache, stage 2 or the prior."""
+        from fastdae.data import build_dataset, split_dataset
 
-        return build_dataset(self.cfg.data)
+        return split_dataset(build_dataset(self.cfg.data), self.cfg.data)[0]
 
     @cached_property
     def fingerprint(self) -> str:
@@ -171,15 +172,8 @@ class Run(RunFolder):
         return bottleneck.to(self.device).eval().requires_grad_(False)
 
     def num_classes(self) -> int:
-        """Classes the DiT is conditioned on (0: unconditional), from the dataset's own description."""
-        ds = self.dataset
-        if not self.cfg.prior.class_cond:
-            return 0
-        if hasattr(ds, "num_classes"):
-            return int(ds.num_classes)
-        if getattr(ds, "classes", None):
-            return len(ds.classes)
-        return int(np.max(ds.labels)) + 1 if hasattr(ds, "labels") else 0
+        """Classes the DiT is conditioned on (0: unconditional): the whole dataset's `num_classes`."""
+        return int(self.dataset.num_classes) if self.cfg.prior.class_cond else 0
 
     # ---- identity ------------------------------------------------------------------------------
     def inputs(self, stage: str) -> dict[str, str]:
