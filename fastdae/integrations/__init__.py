@@ -7,6 +7,8 @@ Never imported by the rest of fastdae; imports third-party libraries only inside
     FastDAEAttnProcessor()                   diffusers attention processor over fastdae.attention
     save_pretrained(module, path, config)    model.safetensors + config.json
     load_pretrained(path)                    rebuilds the saved decoder/autoencoder without fastdae.train
+    save_dit(dit, path, diffusion, scaler)   the DiT prior (+ what sampling needs), same file pair
+    load_dit(path)                           PretrainedDiT(dit, diffusion, scaler)
 
 Names resolve lazily, so importing this package loads no kernels.
 """
@@ -22,6 +24,8 @@ _EXPORTS = {
     "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
     "save_pretrained": "fastdae.integrations.export",
     "load_pretrained": "fastdae.integrations.export",
+    "save_dit": "fastdae.integrations.dit_export",
+    "load_dit": "fastdae.integrations.dit_export",
 }
 __all__ = sorted(_EXPORTS)
 
