@@ -1,20 +1,19 @@
 // Nearest-code search on CPU: for x (N, D) and a codebook c (K, D),
 //   idx[n]    = argmin_k ||x_n - c_k||^2 = argmin_k (||c_k||^2 / 2 - x_n . c_k)   (lowest k wins ties)
 //   sqdist[n] = ||x_n - c_idx[n]||^2, recomputed directly from the difference (no cancellation)
-// The N x K score matrix is never built, not even a tile of it: a register-blocked micro-kernel
-// computes the scores of MR rows x NR codes in registers and folds them into per-lane running
-// minima that stay in registers while it sweeps a tile of the codebook (a GEMM micro-kernel with
-// the argmin as its epilogue; FAISS and the previous version wrote BLAS score tiles to memory and
-// read them back, which bounds them at small D).
-//   - the codebook is packed once per call into panels of NR codes, d-major ([K/NR][D][NR] fp32),
-//     so the micro-kernel loads NR consecutive codes' d-th components as NV vectors; each panel
-//     starts with ||c||^2/2 as the accumulator (padded codes get +inf: they never win);
-//   - threads own blocks of RB rows of x (converted to fp32, row-major); a block sweeps the
-//     codebook in tiles of KT codes sized to stay in L2, MR rows at a time.
-// Extra memory: the packed codebook ((K + NR) x D floats, in place of an fp32 copy), ||c||^2/2 and
-// per-thread RB x (D + 2 NR) words: O(N + K) for a fixed D. All arithmetic is fp32.
+// No score matrix is ever written, not even a tile of it: a register-blocked micro-kernel (a GEMM
+// micro-kernel with the argmin as its epilogue) computes the scores of MR rows x NR codes in
+// registers and folds them straight into per-lane running minima. A BLAS call per score tile plus a
+// pass over it (FAISS's IndexFlatL2, and this file before) writes and re-reads every score, which
+// bounds it at small D.
+//   - the codebook is packed once per call into panels of NR codes, d-major ([P][D][NR] fp32,
+//     P = ceil(K / NR)), so the micro-kernel loads NR consecutive codes' d-th components as NV
+//     vectors; each accumulator starts at ||c||^2 / 2 (padded codes: +inf, they never win);
+//   - x is cut into row blocks (at most RB_MAX rows, converted to fp32) that threads take from a
+//     shared counter; a block sweeps the codebook in L1-sized tiles of panels, MR rows at a time.
+// Extra memory: the packed codebook (P NR x D floats, in place of an fp32 copy), ||c||^2 / 2 and
+// per-thread RB_MAX x (D + 2 NR) words: O(N + K) for a fixed D. All arithmetic is fp32.
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -24,6 +23,10 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 

@@ -224,6 +224,23 @@ def test_cpp_op_opcheck(dtype):
     torch.library.opcheck(_cpp_nearest(), (x.t().contiguous().t(), codebook))  # strided x
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N, K, D", [(1999, 1500, 40), (301, 257, 256)], ids=["many_row_blocks", "D256_panel_tiles"])
+def test_cpp_nearest_many_blocks(N, K, D, threads):
+    """The C++ micro-kernel past the named edge shapes: dozens of row blocks shared by threads, code
+    tiles and padded panels; nearest within tolerance and the reference's indices on separated codes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, codebook = torch.randn(N, D), torch.randn(K, D)
+        nearest_check(x, codebook, *vq_nearest(x, codebook, impl="cpp"))
+        x, codebook, truth = separated(N, K, D, torch.float32)
+        assert torch.equal(vq_nearest(x, codebook, impl="cpp")[0], truth)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N, K, D", [(65536, 16384, 64), (16411, 4097, 256), (8192, 65536, 8)])
