@@ -73,11 +73,6 @@ def _vqp_module(K: int, D: int, device: torch.device, train: bool):
     return vq.train(train)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _run_or_skip(fn, device: torch.device):
     """fn() once; a reference that does not fit in memory is skipped, not failed."""
     try:
@@ -91,10 +86,12 @@ def _group(kind: str, N: int, K: int, D: int, dtype: torch.dtype) -> str:
     return f"vq-{kind}-N{N}-K{K}-D{D}-{str(dtype).removeprefix('torch.')}"
 
 
-def _record(record, benchmark, member, N, K, D, dtype, peak) -> None:
+def _time(timed, benchmark, step, member, N, K, D, dtype, peak) -> None:
+    """Time step (no sync inside: timed adds one, or uses CUDA events) and record the shape, memory
+    and TFLOP/s of the 2 N K D distance flops at the median (CUDA: the CUDA-event median) and best round."""
+    seconds = timed(step, member=member, N=N, K=K, D=D, dtype=str(dtype), peak_extra_bytes=peak)
     flops = 2 * N * K * D
-    record(member=member, N=N, K=K, D=D, dtype=str(dtype), peak_extra_bytes=peak,
-           tflops=flops / benchmark.stats.stats.median / 1e12, tflops_best=flops / benchmark.stats.stats.min / 1e12)
+    benchmark.extra_info.update(tflops=flops / seconds / 1e12, tflops_best=flops / benchmark.stats.stats.min / 1e12)
 
 
 def _compiled(fn, device: torch.device):
@@ -140,7 +137,7 @@ def _accuracy(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> dic
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("member", SEARCH_MEMBERS)
 @pytest.mark.parametrize("N, K, D", CASES, ids=[f"N{n}-K{k}-D{d}" for n, k, d in CASES])
-def test_vq_nearest(benchmark, record, bench_device, N, K, D, member, dtype):
+def test_vq_nearest(benchmark, timed, bench_device, N, K, D, member, dtype):
     benchmark.group = _group("nearest", N, K, D, dtype)
     z = torch.randn(N, D, device=bench_device, dtype=dtype)
     codebook = torch.randn(K, D, device=bench_device, dtype=dtype)
@@ -161,15 +158,12 @@ def test_vq_nearest(benchmark, record, bench_device, N, K, D, member, dtype):
 
     def step():
         with torch.no_grad():
-            out = search()
-        _sync(bench_device)
-        return out
+            return search()
 
     idx = _run_or_skip(step, bench_device)[0]  # warm-up: JIT build / Triton compile / torch.compile
     # FAISS allocates outside torch's allocator, where neither memory counter can see it
     peak = None if "faiss" in member else _run_or_skip(lambda: peak_extra_memory(step, bench_device), bench_device)
-    benchmark(step)
-    _record(record, benchmark, member, N, K, D, dtype, peak)
+    _time(timed, benchmark, step, member, N, K, D, dtype, peak)
     benchmark.extra_info.update(_accuracy(z, codebook, idx))
 
 
@@ -187,7 +181,7 @@ def test_cpu_sgemm_peak(benchmark, record):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("member", MEMBERS)
 @pytest.mark.parametrize("N, K, D", CASES, ids=[f"N{n}-K{k}-D{d}" for n, k, d in CASES])
-def test_vector_quantize_fwd_bwd(benchmark, record, bench_device, N, K, D, member, dtype):
+def test_vector_quantize_fwd_bwd(benchmark, timed, bench_device, N, K, D, member, dtype):
     benchmark.group = _group("fwdbwd", N, K, D, dtype)
     z = torch.randn(N, D, device=bench_device, dtype=dtype, requires_grad=True)
     codebook = torch.randn(K, D, device=bench_device, dtype=dtype, requires_grad=True)
@@ -205,11 +199,8 @@ def test_vector_quantize_fwd_bwd(benchmark, record, bench_device, N, K, D, membe
 
     def step():
         z_q, loss = quantize()
-        grads = torch.autograd.grad((z_q * upstream).sum() + loss, params)
-        _sync(bench_device)
-        return grads
+        return torch.autograd.grad((z_q * upstream).sum() + loss, params)
 
     _run_or_skip(step, bench_device)
     peak = _run_or_skip(lambda: peak_extra_memory(step, bench_device), bench_device)
-    benchmark(step)
-    _record(record, benchmark, member, N, K, D, dtype, peak)
+    _time(timed, benchmark, step, member, N, K, D, dtype, peak)
