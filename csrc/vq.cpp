@@ -191,6 +191,7 @@ void nearest(const at::Tensor& x, const float* panels, const float* hsq, int64_t
   });
 }
 
+// fastdae::vq_nearest on CPU: (sqdist (N,) float32, idx (N,) int64), the schema's order.
 std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Tensor& codebook) {
   TORCH_CHECK(x.dim() == 2, "vq_nearest: x must be (N, D), got ", x.sizes());
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) > 0 && codebook.size(1) == x.size(1),
@@ -203,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Ten
   const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1), P = (K + NR - 1) / NR;
   at::Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({N}, x.options().dtype(at::kFloat));
-  if (N == 0) return {idx, dist};
+  if (N == 0) return {dist, idx};
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor panels = at::empty({P, D, NR}, f32), hsq = at::empty({P * NR}, f32);
   float* pp = panels.data_ptr<float>();
@@ -218,15 +219,22 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Ten
     case at::kBFloat16: run(c10::BFloat16{}); break;
     default: run(c10::Half{}); break;
   }
-  return {idx, dist};
+  return {dist, idx};
+}
+
+// fastdae::vector_quantize's forward on CPU: (z_q = codebook[idx] (N, D), idx (N,), loss ()) with
+// loss = (1 + beta) * mean ||z - z_q||^2 (fastdae/kernels/vq.py has the formula and the backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z, const at::Tensor& codebook,
+                                                               double beta) {
+  auto [dist, idx] = vq_nearest(z, codebook);
+  at::Tensor z_q = codebook.index_select(0, idx);
+  return {z_q, idx, dist.sum() * ((1.0 + beta) / std::max<int64_t>(z.numel(), 1))};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastdae_cpp, m) {
-  m.def("vq_nearest(Tensor x, Tensor codebook) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastdae_cpp, CPU, m) {
+// CPU kernels of ops whose schemas fastdae/kernels/vq.py defines (csrc/README.md).
+TORCH_LIBRARY_IMPL(fastdae, CPU, m) {
   m.impl("vq_nearest", &vq_nearest);
+  m.impl("vector_quantize", &vector_quantize);
 }
