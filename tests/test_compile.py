@@ -27,8 +27,12 @@ TOL = {"cpu": 1e-5, "cuda": 1e-4}  # float32 relative error; compiled graphs may
 
 
 def kernel_impl(stem: str, device: torch.device) -> str:
-    """The fastest kernel path on `device`: Triton on CUDA, else C++ when built, else interpreted Triton."""
-    return "cpp" if device.type == "cpu" and HAS_CPP.get(stem, False) else "triton"
+    """The op's kernel for `device`: Triton on CUDA; on CPU the C++ kernel where it builds, else "auto"
+    (the op with its reference kernel; attention: torch's SDPA, as the interpreted Triton path
+    does not trace)."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpp" if HAS_CPP.get(stem, False) else "auto"
 
 
 def _qkv(dev: torch.device, B: int = 2, H: int = 2, N: int = 7, M: int = 5, D: int = 16) -> tuple[Tensor, ...]:
@@ -108,7 +112,7 @@ class TinyLatentModel(nn.Module):
 
     def __init__(self, device: torch.device, dim: int = 16, num_codes: int = 8) -> None:
         super().__init__()
-        self.attn = Attention(dim, num_heads=2, qkv_bias=True, impl="triton")
+        self.attn = Attention(dim, num_heads=2, qkv_bias=True, impl=kernel_impl("attention", device))
         self.vq = VectorQuantizer(num_codes, dim, impl=kernel_impl("vq", device))
         self.decode = nn.Conv2d(dim, 8, 1)
         self.register_buffer("lin", torch.rand(8))
