@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdae.kernels._common import KERNEL_DTYPES, define_op, interpreted, on_device
+from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, interpreted, on_device
 from fastdae.kernels._dispatch import num_warps_for, route
 from fastdae.kernels._launch import KernelLaunch, configs, launch
 
@@ -334,18 +334,13 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
             raise ValueError(
                 f"lpips_head: feats0[{l}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
             )
-        if f0.dtype != f1.dtype or f0.dtype not in allowed:
-            raise TypeError(
-                f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}"
-            )
+        check_tensors("lpips_head", {f"feats0[{l}]": f0, f"feats1[{l}]": f1}, allowed)
         if w.shape != (f0.shape[1],) or not w.is_floating_point():
             raise ValueError(
                 f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}"
             )
-        if not (f0.device == f1.device == w.device == device):
-            raise ValueError(
-                f"lpips_head: layer {l} tensors are on {f0.device}, {f1.device}, {w.device}; expected {device}"
-            )
+        if not (f0.device == w.device == device):
+            raise ValueError(f"lpips_head: layer {l} tensors are on {f0.device} and {w.device}; expected {device}")
 
 
 def lpips_head(
