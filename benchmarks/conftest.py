@@ -133,7 +133,9 @@ def timed(benchmark, record, bench_device):
             step = fn
         benchmark(step)
         record(**extra)
-        return extra["cuda_median_ms"] / 1e3 if "cuda_median_ms" in extra else benchmark.stats.stats.median
+        if "cuda_median_ms" in extra:
+            return extra["cuda_median_ms"] / 1e3
+        return benchmark.stats.stats.median if benchmark.stats else float("nan")  # nan: --benchmark-disable
 
     return _timed
 

@@ -268,7 +268,8 @@ def test_triton_3xtf32_split_is_exact_to_fp32(shape):
 
     x, codebook, truth = separated(*shape, torch.float32, noise=0.3)
     idx, dist = torch.empty(len(x), dtype=torch.int64), torch.empty(len(x))
-    plan = nearest_launch(x, codebook, codebook.square().sum(1), idx, dist, None)
+    csq = codebook.square().sum(1)
+    plan = nearest_launch(x, codebook, csq, csq.sum(), idx, dist, None)
     launch(dataclasses.replace(plan, constexprs={**plan.constexprs, "PRECISION": "3xtf32"}))
     assert torch.equal(idx, truth)
     nearest_check(x, codebook, idx, dist)

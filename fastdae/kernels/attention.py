@@ -58,8 +58,10 @@ def _hint(sb, sh, sn, ALIGN: tl.constexpr):
     """The (batch, head, row) strides of one tensor, asserted multiples of ALIGN elements (16 bytes)
     when the launcher checked it (align_elems); ALIGN = 1 claims nothing. With 16-byte aligned bases
     this is what lets D = 72 tiles load as 128-bit / cp.async rows instead of 2-byte scalars."""
-    if ALIGN > 1:
-        sb, sh, sn = tl.multiple_of(sb, ALIGN), tl.multiple_of(sh, ALIGN), tl.multiple_of(sn, ALIGN)
+    if ALIGN > 1:  # hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sb = tl.multiple_of(sb.to(tl.int64), ALIGN)
+        sh = tl.multiple_of(sh.to(tl.int64), ALIGN)
+        sn = tl.multiple_of(sn.to(tl.int64), ALIGN)
     return sb, sh, sn
 
 
@@ -353,18 +355,23 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for Hopper-class GPUs (H100: 228 KB shared
-# memory per SM), narrow (D0 + D1 <= 64) and wide heads. fwd: a program owns BLOCK_M queries and
-# streams K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays
-# small); dq: owns BLOCK_M queries and streams small K/V tiles. The first entry of each list is the
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-width family (D0 + D1 <= 64,
+# <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams K/V; dkdv: owns
+# BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays small); dq: owns BLOCK_M
+# queries and streams small K/V tiles. Every entry compiles without spills for sm_90 and sm_80 in
+# the static kernel report (benchmarks/results/kernel-report-*), which removed the ones that spilled
+# (mostly on sm_80's register-resident mma operands at D = 128). The first entry of each list is the
 # default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
-_CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
-    ("fwd", False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # last: fp32 fits
-    ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-    ("dkdv", True): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
-    ("dq", False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    ("dq", True): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+_CONFIGS: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3)],
+    ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
+    ("dkdv", 96): [(32, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 128): [(16, 128, 8, 3)],
+    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    ("dq", 96): [(128, 32, 8, 3)],
+    ("dq", 128): [(128, 32, 8, 3)],
 }
 _DELTA_BLOCK_M = 64
 _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
@@ -372,7 +379,7 @@ _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
-    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _wide(head_dim))]])
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _family(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +397,10 @@ def _precision(dtype: torch.dtype) -> str:
     return precision(dtype, fp32="ieee")  # no TF32: fp32 inputs get fp32 products, like torch's default matmul
 
 
-def _wide(head_dim: int) -> bool:
-    return sum(head_chunks(head_dim)) > 64
+def _family(head_dim: int) -> int:
+    """The register width bound D0 + D1 fits under: 64, 96 or 128."""
+    width = sum(head_chunks(head_dim))
+    return next(bound for bound in (64, 96, 128) if width <= bound)
 
 
 def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
@@ -583,6 +592,13 @@ def _kernel_mismatch(q: Tensor) -> str | None:
     return None
 
 
+def auto_uses_kernel(q: Tensor) -> bool:
+    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q: bf16/fp16 at head dims and
+    sizes it takes. fp32 goes to SDPA: the kernel's IEEE-fp32 dots run on CUDA cores and spill at
+    every config (benchmarks/results/kernel-report-*), SDPA's fp32 kernels do not."""
+    return q.dtype in (torch.bfloat16, torch.float16) and _kernel_mismatch(q) is None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
     """Non-causal softmax attention, like F.scaled_dot_product_attention without mask or dropout.
 
@@ -590,20 +606,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
     scale: multiplies q k^T, default 1 / sqrt(D).
     impl:
       "auto"     CUDA: the Triton kernel for bf16/fp16 with D a multiple of 8 up to 128; torch's SDPA
-                 for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores: SDPA is the faster fp32
-                 path) and for head dims or batch sizes the kernel does not take.
+                 for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores and spill registers: SDPA is
+                 the faster fp32 path) and for head dims or batch sizes the kernel does not take.
                  CPU: torch's SDPA (measured 1.1-2.7x faster than the reference with 5-15x less
                  memory in benchmarks/results/cpu-*), with rows of q holding NaN/inf returned as NaN
                  like the reference (SDPA's CPU kernel returns zeros there).
-      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 runs a smaller,
-                 spill-free tile set with IEEE fp32 products);
+      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 with IEEE fp32
+                 products: exact-to-fp32 but slow on a GPU, which is why auto does not pick it);
       "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
     """
     _validate(q, k, v)
     auto = impl == "auto"
     impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA, fallback="sdpa")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if auto and impl == "triton" and (q.dtype == torch.float32 or _kernel_mismatch(q) is not None):
+    if auto and impl == "triton" and not auto_uses_kernel(q):
         impl = "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, scale)

@@ -56,8 +56,11 @@ def _split_tf32(a, PRECISION: tl.constexpr):
     (PRECISION "3xtf32"); for other precisions (a, a), lo unused."""
     if PRECISION == "3xtf32":
         hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        return hi, a - hi
-    return a, a
+        lo = a - hi
+    else:
+        hi = a
+        lo = a
+    return hi, lo
 
 
 @triton.jit
@@ -68,60 +71,86 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
         c_hi, c_lo = _split_tf32(ct, PRECISION)
         acc = tl.dot(x_lo, c_hi, acc, input_precision="tf32")  # small terms first
         acc = tl.dot(x_hi, c_lo, acc, input_precision="tf32")
-        return tl.dot(x_hi, c_hi, acc, input_precision="tf32")
-    return dot(x_hi, ct, acc, PRECISION)
+        acc = tl.dot(x_hi, c_hi, acc, input_precision="tf32")
+    else:
+        acc = dot(x_hi, ct, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+               D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_K: tl.constexpr):
+    """Codes k0 ... k0 + BLOCK_K into the running (BLOCK_N, BLOCK_K) minimum of ||c||^2 - 2 x.c per
+    (row, lane) and the tile it came from: compare + 2 selects per score, no cross-lane reduction.
+    MASK_K: the tail tile (codes past K load as zeros with ||c||^2 = inf, so they never win)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    d = tl.arange(0, BLOCK_D)
+    c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
+    if D_CHUNKS == 1:
+        if MASK_K:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
+        else:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None], other=0.0)
+        dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros(best.shape, tl.float32), PRECISION)
+    else:
+        dots = tl.zeros(best.shape, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + d
+            xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
+            ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
+            xc_hi, xc_lo = _split_tf32(xc, PRECISION)
+            dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
+    if MASK_K:
+        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))
+    else:
+        csq = tl.load(csq_ptr + codes)
+    scores = csq[None, :] - 2.0 * dots
+    better = scores < best  # strict: an earlier tile (lower index) keeps a tie; NaN scores never win
+    # the tile start as fp32 (k0 * 1.0): a float select packs better than an int one (3 -> 2 SASS ops)
+    return tl.minimum(scores, best), tl.where(better, k0 * 1.0, best_k0)
 
 
 @triton.jit
 def _vq_nearest_fwd_kernel(
-    x_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, zq_ptr,
+    x_ptr, c_ptr, csq_ptr, csq_sum_ptr, idx_ptr, dist_ptr, zq_ptr,
     N, K,
     sxn, sxd, sck, scd, szn, szd,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows
-        sxn, sck, szn = tl.multiple_of(sxn, ALIGN), tl.multiple_of(sck, ALIGN), tl.multiple_of(szn, ALIGN)
+    if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows.
+        # Hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sxn = tl.multiple_of(sxn.to(tl.int64), ALIGN)
+        sck = tl.multiple_of(sck.to(tl.int64), ALIGN)
+        szn = tl.multiple_of(szn.to(tl.int64), ALIGN)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxn  # (BLOCK_N, 1)
     d = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_K)
-    # running minimum of ||c||^2 - 2 x.c per (row, lane) and the tile it came from: elementwise per
-    # tile (compare + 2 selects), the cross-lane argmin runs once after the sweep
     best = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
-    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
-    poison = tl.zeros((BLOCK_K,), tl.float32)  # becomes NaN once some ||c||^2 is NaN/inf
+    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # exact: tile starts < 2^24 (K < 16.7M codes)
     if D_CHUNKS == 1:  # the whole x tile (and its TF32 split) stays resident for the sweep
         x = tl.load(x_rows + d[None, :] * sxd, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
-        x_hi, x_lo = _split_tf32(x, PRECISION)
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + lanes
-        code_mask = codes < K
-        c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
-        if D_CHUNKS == 1:
-            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
-            dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION)
-        else:
-            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + d
-                xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
-                ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
-                xc_hi, xc_lo = _split_tf32(xc, PRECISION)
-                dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
-        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))  # padded codes never win
-        poison += tl.where(code_mask, csq, 0.0) * 0.0
-        scores = csq[None, :] - 2.0 * dots
-        better = scores < best  # strict: an earlier tile (lower index) keeps a tie
-        best = tl.where(better, scores, best)
-        best_k0 = tl.where(better, k0, best_k0)
+    else:  # unused: _scan_tile loads x chunk by chunk
+        x = tl.zeros((BLOCK_N, BLOCK_D), x_ptr.dtype.element_ty)
+    x_hi, x_lo = _split_tf32(x, PRECISION)
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):  # full tiles: no code masks
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+                                   D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, False)
+    if k_full < K:
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k_full, K, sxd, sck,
+                                   scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, True)
     row_best = tl.min(best, axis=1)
     # lowest code index among the lanes holding the row minimum (lane 0 of tile 0 when all are inf)
-    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0 + lanes[None, :], K), axis=1)
-    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q
+    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0.to(tl.int32) + lanes[None, :], K), axis=1)
+    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q;
+    # sum_k ||c_k||^2 is NaN/inf iff some code is non-finite (or overflows): then every distance is NaN
     c_rows = c_ptr + best_idx.to(tl.int64)[:, None] * sck
-    dist = tl.zeros((BLOCK_N,), tl.float32) + tl.sum(poison, axis=0)  # NaN for a non-finite codebook
+    dist = tl.zeros((BLOCK_N,), tl.float32) + tl.load(csq_sum_ptr) * 0.0
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + d
         mask = row_mask[:, None] & (dd < D)[None, :]
@@ -137,29 +166,27 @@ def _vq_nearest_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by the head of D (largest D of the row) and operand
-# width, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
-# sm_90/sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16): x is
-# resident for the whole sweep up to D = 256; larger D is swept in 256-wide chunks.
-_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int]] = {
+# (BLOCK_N, BLOCK_K, largest BLOCK_D, num_warps, num_stages) for D up to the key's bound, bf16/fp16
+# or fp32, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
+# sm_90 and sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16), capped:
+# below the cap x (and its TF32 split) is resident for the whole sweep; fp32 at D = 256 would need
+# 128 KB of resident x and spills, so it sweeps D in 64-wide chunks.
+_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
     # (max D, fp32): config
-    (32, False): (64, 128, 8, 3),
-    (128, False): (64, 128, 8, 3),
-    (256, False): (64, 64, 8, 3),
-    (32, True): (64, 128, 8, 3),
-    (128, True): (64, 64, 8, 3),
-    (256, True): (32, 64, 4, 3),
+    (128, False): (64, 128, 128, 8, 3),
+    (256, False): (64, 64, 256, 8, 3),
+    (128, True): (128, 64, 128, 8, 3),
+    (256, True): (32, 64, 64, 4, 3),
 }
-_MAX_BLOCK_D = 256
 
 
 def launch_configs(N: int, D: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     """The search's config for N rows of width D: block sizes are powers of two (tl.dot dims >= 16)."""
     fp32 = dtype == torch.float32
-    head = next((h for h, f in sorted(_CONFIGS) if f == fp32 and D <= h), max(h for h, _ in _CONFIGS))
-    block_n, block_k, warps, stages = _CONFIGS[(head, fp32)]
+    head = min((h for h, f in _CONFIGS if f == fp32 and D <= h), default=max(h for h, _ in _CONFIGS))
+    block_n, block_k, max_block_d, warps, stages = _CONFIGS[(head, fp32)]
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    block_d = max(16, min(triton.next_power_of_2(D), _MAX_BLOCK_D))
+    block_d = max(16, min(triton.next_power_of_2(D), max_block_d))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d))
     return configs([(meta, warps, stages)])
 
@@ -174,16 +201,16 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def nearest_launch(
-    x: Tensor, codebook: Tensor, csq: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
+    x: Tensor, codebook: Tensor, csq: Tensor, csq_sum: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
 ) -> KernelLaunch:
-    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 -> idx (N,) int64,
-    dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
+    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 and its sum () ->
+    idx (N,) int64, dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
     N, D = x.shape
     zq, zq_strides = (z_q, strides(z_q)) if z_q is not None else (dist, (0, 0))
     aligned = align_elems(x, codebook, *((z_q,) if z_q is not None else ()))
     return KernelLaunch(
         _vq_nearest_fwd_kernel,
-        (x, codebook, csq, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
+        (x, codebook, csq, csq_sum, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
         dict(D=D, PRECISION=_precision(x.dtype), WRITE_ZQ=z_q is not None, ALIGN=aligned),
         launch_configs(N, D, x.dtype),
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
@@ -199,7 +226,7 @@ def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Te
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
     csq = torch.sum(codebook.float().square(), dim=1)  # (K,) ||c||^2 in fp32, once per call
     with on_device(x):
-        launch(nearest_launch(x, codebook, csq, idx, dist, z_q))
+        launch(nearest_launch(x, codebook, csq, csq.sum(), idx, dist, z_q))
     return idx, dist
 
 
