@@ -85,7 +85,7 @@ def test_opcheck(case, device):
 
 def test_ops_without_the_cpp_extension():
     """FASTDAE_NO_EXT=1 (as after a failed build): the CPU kernels of the C++-backed ops are the
-    references, which pass opcheck and give the references' values."""
+    references, which pass opcheck and give the references' values; impl='cpp' says what is missing."""
     code = """
 import torch
 from fastdae.kernels import lpips, vq
@@ -100,6 +100,11 @@ w = [torch.rand(f.shape[1]) for f in f0]
 torch.library.opcheck(lpips._lpips_head_op, ([f.clone().requires_grad_() for f in f0], f1, w))
 torch.library.opcheck(lpips._lpips_head_backward_op, (torch.rand(2), f0, f1, w, True, True))
 torch.testing.assert_close(lpips._lpips_head_op(f0, f1, w), lpips.lpips_head_ref(f0, f1, w))
+try:
+    vq.vq_nearest(x, c, impl="cpp")
+    raise AssertionError("impl='cpp' ran without the C++ extension")
+except RuntimeError as err:
+    assert "needs the C++ kernels of csrc/vq.cpp" in str(err), err
 """
     env = dict(os.environ, FASTDAE_NO_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
