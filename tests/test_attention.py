@@ -100,7 +100,8 @@ def test_forward_saves_logsumexp(device, kernel):
     out, lse2 = (_fwd_triton if kernel == "triton" else _attention_fwd_op)(q, k, v, 0.25)
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25  # (B, H, N, M)
     torch.testing.assert_close(lse2.double() * math.log(2), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.double(), attention_ref(q.double(), k.double(), v.double(), 0.25), rtol=1e-5, atol=1e-5)
+    expected = attention_ref(q.double(), k.double(), v.double(), 0.25)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert out.transpose(1, 2).is_contiguous(), "output is a (B, H, N, D) view of a (B, N, H, D) buffer"
 
 

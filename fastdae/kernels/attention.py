@@ -535,7 +535,8 @@ _attention_fwd_op = define_op(
 )
 # (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
 _attention_bwd_op = define_op(
-    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)",
+    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
+    " -> (Tensor, Tensor, Tensor)",
     cuda=_bwd_triton, reference=_bwd_reference, fake=_bwd_fake,
 )
 # impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas

@@ -226,7 +226,8 @@ def _bwd_reference(
         n0, n1 = (torch.linalg.vector_norm(x, dim=1, keepdim=True) for x in (x0, x1))  # (B, 1, H, W)
         r0, r1 = 1.0 / (n0 + EPS), 1.0 / (n1 + EPS)
         a = (2.0 / (H * W)) * grad.to(acc).view(B, 1, 1, 1) * w.to(acc).view(1, C, 1, 1) * (x0 * r0 - x1 * r1)
-        for need, grads, f, x, n, r, sign in ((need0, grads0, f0, x0, n0, r0, 1.0), (need1, grads1, f1, x1, n1, r1, -1.0)):
+        sides = ((need0, grads0, f0, x0, n0, r0, 1.0), (need1, grads1, f1, x1, n1, r1, -1.0))
+        for need, grads, f, x, n, r, sign in sides:
             if need:  # the second term's limit at n = 0 (where f = 0) is 0
                 k = torch.where(n > 0, r * r / n.clamp_min(1e-30), 0.0) * (a * x).sum(dim=1, keepdim=True)
                 grads.append(torch.empty_like(f).copy_(sign * (a * r - k * x)))  # laid out like the fake
