@@ -44,6 +44,8 @@ def _compiled_head():
 def compiled_head(feats0, feats1, weights):
     if not HAS_CUDA:
         pytest.skip("the torch.compile'd head is measured on GPU (inductor's CPU build takes minutes here)")
+    if feats0[0].shape[-1] != 256:
+        pytest.skip("the torch.compile'd head is measured at 256 px (one compile per shape and dtype)")
     return _compiled_head()(feats0, feats1, weights)
 
 

@@ -141,14 +141,16 @@ def run(out_dir: Path, budget_s: int) -> int:
     stem = f"{_slug(torch.cuda.get_device_name())}-{datetime.date.today().isoformat()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"{stem}.json"
-    left = max(60, int(budget_s - (time.time() - start)))
     bench = subprocess.run([sys.executable, "-m", "pytest", *BENCH_FILES, "--benchmark-only", "-q", "-p",
                             "no:cacheprovider", f"--benchmark-json={raw}", "--benchmark-min-rounds=3",
                             "--benchmark-max-time=0.05", "--benchmark-warmup=off"],
-                           cwd=ROOT, env=env, timeout=left)
+                           cwd=ROOT, env=env)
+    elapsed = time.time() - start
     data = json.loads(raw.read_text())
-    (out_dir / f"{stem}.md").write_text(markdown(data, tests.returncode, time.time() - start))
-    print(f"wrote {raw} and {raw.with_suffix('.md')}")
+    (out_dir / f"{stem}.md").write_text(markdown(data, tests.returncode, elapsed))
+    print(f"wrote {raw} and {raw.with_suffix('.md')} in {elapsed / 60:.1f} min")
+    if elapsed > budget_s:  # results are kept; the plan should be trimmed
+        print(f"gpu_check: took longer than its {budget_s / 60:.0f}-minute budget")
     return tests.returncode or bench.returncode
 
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="collect every group (no GPU needed) and exit")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--budget-s", type=int, default=8 * 60, help="wall-clock budget of the whole check")
+    parser.add_argument("--budget-s", type=int, default=8 * 60, help="warn when the whole check takes longer (results are kept)")
     args = parser.parse_args(argv)
     return dry_run() if args.dry_run else run(Path(args.out), args.budget_s)
 

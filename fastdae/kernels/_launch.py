@@ -93,8 +93,7 @@ def _autotuner(kernel, candidates: tuple[LaunchConfig, ...], key: tuple[str, ...
 def launch(plan: KernelLaunch) -> None:
     """Run the launch: autotuned over its configs on CUDA when there are several, else the first."""
     if len(plan.configs) > 1 and not triton_interpret():
-        grid = lambda meta: plan.grid(meta)  # noqa: E731  (the autotuner passes the chosen meta)
-        _autotuner(plan.kernel, plan.configs, plan.tune_key)[grid](*plan.args, **plan.constexprs)
+        _autotuner(plan.kernel, plan.configs, plan.tune_key)[plan.grid](*plan.args, **plan.constexprs)
         return
     cfg = plan.configs[0]
     plan.kernel[plan.grid(dict(cfg.meta))](*plan.args, **plan.constexprs, **cfg.kwargs())

@@ -19,8 +19,12 @@ D1 the next power of two >= the rest, at least 16, masked), e.g. 72 = 64 + 16 (8
 padded in memory, and the register width D0 + D1 never exceeds padding to a power of two: for DiT-XL's
 72 the kernels do 80 columns of work where padding would do 128 (FlashAttention-2's kernels: 96).
 
-Inputs: any strides (e.g. q, k, v as views of one fused qkv projection). fp32/bf16/fp16, fp32
-accumulation; fp32 products use IEEE fp32 (no TF32), like torch's default matmul. The output is a
+Inputs: any strides (e.g. q, k, v as views of one fused qkv projection); when every base is 16-byte
+aligned and every row/head/batch stride a multiple of 16 bytes (checked at launch: align_elems), the
+kernels say so with tl.multiple_of, which turns D = 72's 2-byte scalar loads into 128-bit cp.async
+(the static kernel report, fastdae/kernels/report.py). fp32/bf16/fp16, fp32 accumulation; fp32
+products use IEEE fp32 (no TF32), like torch's default matmul: on a GPU those run on CUDA cores and
+spill, so impl="auto" sends fp32 to SDPA. The output is a
 (B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
 is free.
 

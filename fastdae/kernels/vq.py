@@ -14,8 +14,11 @@ vector_quantize(z, c, beta) with z_q = c[idx] (VQ-VAE convention; sg = stop-grad
     dloss/dc_k      = 2 / (N D) sum_{n: idx[n] = k} (c_k - z_n)         (codebook term, via index_add)
 
 The kernels never build the N x K distance matrix: a program owns a block of rows and streams the
-codebook in tiles, keeping a running (min score, index) per row; dot products accumulate in fp32 for
-fp32/bf16/fp16 inputs. The Triton forward of vector_quantize also gathers z_q and the exact
+codebook in tiles, keeping a running minimum score per (row, tile lane) and the tile it came from
+(fmin + one select per score), reduced to the lowest index once at the end; dot products accumulate
+in fp32 for fp32/bf16/fp16 inputs (fp32 as three TF32 tensor-core products on a GPU, its x split once
+per program). Launch configs per (D, dtype) come from the static kernel report
+(fastdae/kernels/report.py); row strides that are multiples of 16 bytes get tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact
 distances in the same pass (the loss is a sum of those distances), so it is one kernel launch.
 The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
 written in torch (a fused kernel would not pay).
