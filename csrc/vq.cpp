@@ -67,9 +67,9 @@ inline void update_min(vf s, float* best, int32_t* best_idx, vi code) {
   vi old_idx;
   std::memcpy(&old, best, sizeof old);
   std::memcpy(&old_idx, best_idx, sizeof old_idx);
-  const vi lt = s < old;
-  old = lt ? s : old;
-  old_idx = lt ? code : old_idx;
+  const vi lt = s < old;  // all-ones lanes where s wins; bit selects (no vector ?:, which older Clang lacks)
+  old = (vf)(((vi)s & lt) | ((vi)old & ~lt));
+  old_idx = (code & lt) | (old_idx & ~lt);
   std::memcpy(best, &old, sizeof old);
   std::memcpy(best_idx, &old_idx, sizeof old_idx);
 #endif
