@@ -19,6 +19,11 @@ The model (per kernel launch, on the target's peak figures below):
 It ignores latency, L2 traffic, bank conflicts and overlap limits: a lower bound of sorts, good for
 comparing configs and spotting 10x problems, not for promising a speed.
 
+Tried and not kept (compile-only, sm_90, D = 64 bf16 forward): K/V through device-side TMA
+descriptors as Triton's tutorial 06 does on Hopper gave 189 instead of 224 registers but 995 instead
+of 613 main-loop instructions per tile, and device descriptors need a global allocator hook; the
+pointer loads (cp.async.128 once aligned) stay until a GPU says otherwise.
+
 Compiling needs the real kernels, not the interpreter: run it without TRITON_INTERPRET (the CI
 test starts it in a subprocess). Results are cached per compiled kernel (source hash, signature,
 options, target) under ~/.cache/fastdae/kernel-report, so a rerun only compiles what changed.
