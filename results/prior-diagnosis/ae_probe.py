@@ -4,7 +4,7 @@ rule of fastdae.models.autoencoder as it is in the tree, for STEPS steps at lear
 CH, and reports PSNR and the per-image mean-colour error on 256 held-out images (ProceduralShapes seed 1),
 plus a reconstruction grid (top: real, bottom: reconstructed).
 
-usage: python results/prior-diagnosis/ae_probe.py OUT_JSON STEPS LR CH"""
+usage: python results/prior-diagnosis/ae_probe.py OUT_JSON STEPS LR CH [vq|kl]"""
 import sys
 
 import torch
@@ -17,8 +17,10 @@ from fastdae.data import ProceduralShapes
 from fastdae.train.loop import save_grid
 
 out, steps, lr, ch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+bottleneck = sys.argv[5] if len(sys.argv) > 5 else "vq"
 cfg = preset("default")
 cfg.autoencoder.ch = ch
+cfg.autoencoder.bottleneck = bottleneck
 train = ProceduralShapes(4096, 32, 0)
 x_eval, _ = ProceduralShapes(256, 32, 1).images(list(range(256)))
 torch.manual_seed(0)
@@ -37,5 +39,5 @@ ae.eval()
 with torch.no_grad():
     x_hat = torch.cat([ae(c)[0] for c in x_eval.split(64)]).clamp(-1, 1)
 save_grid(torch.cat([x_eval[:8], x_hat[:8]]), out.replace(".json", ".png"), nrow=8)
-dump(out, {"steps": steps, "lr": lr, "ch": ch, "train_s": tm.s, "psnr": M.psnr(x_eval, x_hat).mean().item(),
+dump(out, {"steps": steps, "lr": lr, "ch": ch, "bottleneck": bottleneck, "train_s": tm.s, "psnr": M.psnr(x_eval, x_hat).mean().item(),
            "mean_colour_abs_err": (x_eval.mean((2, 3)) - x_hat.mean((2, 3))).abs().mean().item()})
