@@ -179,3 +179,18 @@ def test_generator_gan_term_sees_the_discriminator_the_d_step_trains():
     fake = crit.discriminator(torch.cat([x, x_hat.detach()])).chunk(2)[1]
     torch.testing.assert_close(terms["g"], hinge_g_loss(fake))
     assert not torch.allclose(terms["g"], hinge_g_loss(crit.discriminator(x_hat.detach())))
+
+
+def test_group_norm_never_degenerates_to_instance_norm():
+    """One channel per GroupNorm group is instance norm: it erases each channel's per-image mean and
+    scale, i.e. the colour of flat shapes (the default preset's ch=16 decoders lost colour that way,
+    results/prior-diagnosis). Every group holds >= 4 channels; VQGAN's widths keep its 32 groups."""
+    from fastdae.config import preset
+
+    ae = preset("default").autoencoder
+    weak = preset("default").weak_decoder
+    modules = [ae_mod.build_encoder(ae), ae_mod.build_decoder(ae), ae_mod.build_decoder(ae, weak)]
+    norms = [m for net in modules for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(n.num_channels // n.num_groups >= 4 for n in norms), \
+        sorted({(n.num_channels, n.num_groups) for n in norms})
+    assert ae_mod._norm(128).num_groups == 32 and ae_mod._norm(512).num_groups == 32

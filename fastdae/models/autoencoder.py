@@ -92,8 +92,11 @@ def autoencoder_config(size: str, **overrides: Any) -> AutoencoderConfig:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # VQGAN uses 32 groups; narrow (weakened) layers fall back to the largest divisor of 32 that fits
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    # VQGAN's 32 groups, but never fewer than 4 channels per group (gcd(32, channels // 4) groups):
+    # narrow layers (ch=16: 16 and 32 channels) would otherwise get one channel per group, i.e.
+    # instance norm, which erases each channel's per-image mean and scale -- the colour and
+    # brightness of a flat shape (results/prior-diagnosis). Widths >= 128 keep VQGAN's 32 groups.
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
