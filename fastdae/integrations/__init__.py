@@ -1,4 +1,5 @@
-"""Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export).
+"""Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export,
+a diffusers AutoencoderKL/VQModel as stage 1).
 Never imported by the rest of fastdae; imports third-party libraries only inside functions.
 
     VectorQuantizer2(n_e, e_dim, beta)       taming-transformers' quantizer over fastdae.vector_quantize
@@ -7,6 +8,9 @@ Never imported by the rest of fastdae; imports third-party libraries only inside
     FastDAEAttnProcessor()                   diffusers attention processor over fastdae.attention
     save_pretrained(module, path, config)    model.safetensors + config.json
     load_pretrained(path)                    rebuilds the saved decoder/autoencoder without fastdae.train
+    load_stage1(folder)                      a local diffusers AutoencoderKL/VQModel as the frozen stage 1
+    DiffusersDecoder.from_source(folder)     stage-2 decoder in diffusers' architecture
+    export_diffusers(decoder, folder, out)   -> a diffusers folder `from_pretrained` loads
 
 Names resolve lazily, so importing this package loads no kernels.
 """
@@ -22,6 +26,10 @@ _EXPORTS = {
     "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
     "save_pretrained": "fastdae.integrations.export",
     "load_pretrained": "fastdae.integrations.export",
+    "load_stage1": "fastdae.integrations.diffusers_vae",
+    "DiffusersStage1": "fastdae.integrations.diffusers_vae",
+    "DiffusersDecoder": "fastdae.integrations.diffusers_vae",
+    "export_diffusers": "fastdae.integrations.diffusers_vae",
 }
 __all__ = sorted(_EXPORTS)
 
