@@ -113,39 +113,30 @@ class DiffusersEncoder(nn.Module):
         return h if self.quant_conv is None else self.quant_conv(h)
 
 
-class DiffusersStage1(nn.Module):
-    """The frozen stage 1 of a diffusers AutoencoderKL/VQModel, with the interface fastdae's own
-    encoder + bottleneck give the cache writer and the later stages:
+class FrozenStage1(nn.Module):
+    """A pretrained encoder used frozen as stage 1, with the interface fastdae's own encoder +
+    bottleneck give the cache writer and the later stages:
 
       encode_fields(x) -> (fields, stats_latent)   the cache's `encode` (LatentCache.build)
+      encoder(x) -> h; bottleneck.encode_fields(h)  the same in two steps (encoder under autocast)
       bottleneck.latent(fields, sample)            cached fields -> decoder/prior input (B, C, h, w)
       bottleneck.quantizer.codebook                VQ: (K, D), to snap prior samples to codes
       kind ("kl" | "vq"), latent_channels, downsample, num_codes, scaling_factor, shift_factor
       sha256                                       identity of everything the latents depend on
     """
 
-    def __init__(self, vae: nn.Module, posterior: str = "mean") -> None:
+    def __init__(self, encoder: nn.Module, bottleneck: KLBottleneck | VQBottleneck, *, source_class: str,
+                 latent_channels: int, downsample: int, sha256: str, scaling_factor: float = 1.0,
+                 shift_factor: float | None = None) -> None:
         super().__init__()
-        config = dict(vae.config)
-        self.source_class = config["_class_name"] if "_class_name" in config else type(vae).__name__
-        if self.source_class not in SUPPORTED:
-            raise TypeError(f"DiffusersStage1: vae must be one of diffusers' {SUPPORTED}, got {self.source_class}")
-        self.kind = "kl" if self.source_class == "AutoencoderKL" else "vq"
-        self.encoder = DiffusersEncoder(vae)
-        if self.kind == "kl":
-            self.bottleneck: KLBottleneck | VQBottleneck = DiffusersKL(posterior)
-            self.latent_channels, self.num_codes = int(config["latent_channels"]), 0
-        else:
-            codebook = vae.quantize.embedding.weight.detach().float()  # (K, D)
-            self.bottleneck = vq_bottleneck(codebook)
-            self.num_codes, self.latent_channels = codebook.shape
-        self.downsample = 2 ** (len(config["block_out_channels"]) - 1)  # one x2 downsample per block but the last
-        self.scaling_factor = float(config.get("scaling_factor", 1.0))
-        self.shift_factor = config.get("shift_factor")
-        self.sha256 = _encoder_sha256(self.source_class, config, vae.state_dict())
+        self.encoder, self.bottleneck = encoder, bottleneck
+        self.kind = "vq" if isinstance(bottleneck, VQBottleneck) else "kl"
+        self.num_codes = bottleneck.quantizer.num_codes if self.kind == "vq" else 0
+        self.source_class, self.latent_channels, self.downsample = source_class, latent_channels, downsample
+        self.sha256, self.scaling_factor, self.shift_factor = sha256, scaling_factor, shift_factor
         self.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> DiffusersStage1:
+    def train(self, mode: bool = True) -> FrozenStage1:
         return super().train(False)  # frozen: never in training mode (the VQ codebook must not move)
 
     @torch.no_grad()
@@ -163,11 +154,32 @@ class DiffusersStage1(nn.Module):
         return self.bottleneck.latent(fields, sample)
 
 
-def _encoder_sha256(source_class: str, config: dict[str, Any], state: dict[str, Tensor]) -> str:
-    """sha256 of the class, the config (without diffusers' `_` bookkeeping keys) and every encoder-side
-    tensor (name, dtype, shape, bytes): equal for the source folder and its export, whose decoder differs."""
+class DiffusersStage1(FrozenStage1):
+    """The frozen stage 1 of a diffusers AutoencoderKL / VQModel (see FrozenStage1 for the interface)."""
+
+    def __init__(self, vae: nn.Module, posterior: str = "mean") -> None:
+        config = dict(vae.config)
+        name = config.get("_class_name", type(vae).__name__)
+        if name not in SUPPORTED:
+            raise TypeError(f"DiffusersStage1: vae must be one of diffusers' {SUPPORTED}, got {name}")
+        if name == "AutoencoderKL":
+            bottleneck: KLBottleneck | VQBottleneck = DiffusersKL(posterior)
+            channels = int(config["latent_channels"])
+        else:
+            codebook = vae.quantize.embedding.weight.detach().float()  # (K, D)
+            bottleneck, channels = vq_bottleneck(codebook), codebook.shape[1]
+        sha = encoder_sha256(name, {k: v for k, v in config.items() if not k.startswith("_")}, vae.state_dict())
+        super().__init__(DiffusersEncoder(vae), bottleneck, source_class=name, latent_channels=channels,
+                         downsample=2 ** (len(config["block_out_channels"]) - 1),  # x2 per block but the last
+                         sha256=sha, scaling_factor=float(config.get("scaling_factor", 1.0)),
+                         shift_factor=config.get("shift_factor"))
+
+
+def encoder_sha256(source_class: str, config: dict[str, Any], state: dict[str, Tensor]) -> str:
+    """sha256 of the class, the architecture config and every encoder-side tensor (name, dtype, shape,
+    bytes): equal for a source and its export, whose decoder differs."""
     h = hashlib.sha256(source_class.encode())
-    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=list).encode())
+    h.update(json.dumps(config, sort_keys=True, default=list).encode())
     for name in sorted(n for n in state if n.startswith(ENCODER_SIDE)):
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
