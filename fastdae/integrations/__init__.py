@@ -11,6 +11,8 @@ Never imported by the rest of fastdae; imports third-party libraries only inside
     load_stage1(folder)                      a local diffusers AutoencoderKL/VQModel as the frozen stage 1
     DiffusersDecoder.from_source(folder)     stage-2 decoder in diffusers' architecture
     export_diffusers(decoder, folder, out)   -> a diffusers folder `from_pretrained` loads
+    load_taming_stage1(ckpt, yaml)           a taming VQGAN checkpoint as the frozen stage 1
+    TamingDecoder, export_taming             its stage-2 decoder and the checkpoint it exports to
 
 Names resolve lazily, so importing this package loads no kernels.
 """
@@ -30,6 +32,10 @@ _EXPORTS = {
     "DiffusersStage1": "fastdae.integrations.diffusers_vae",
     "DiffusersDecoder": "fastdae.integrations.diffusers_vae",
     "export_diffusers": "fastdae.integrations.diffusers_vae",
+    "FrozenStage1": "fastdae.integrations.diffusers_vae",
+    "load_taming_stage1": "fastdae.integrations.taming_vqgan",
+    "TamingDecoder": "fastdae.integrations.taming_vqgan",
+    "export_taming": "fastdae.integrations.taming_vqgan",
 }
 __all__ = sorted(_EXPORTS)
 
