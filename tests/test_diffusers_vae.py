@@ -239,8 +239,9 @@ def test_errors(tmp_path):
         export_diffusers(torch.nn.Conv2d(4, 3, 1), tmp_path / "kl", tmp_path / "out")
 
 
-def test_import_loads_no_diffusers():
-    """diffusers is imported when a model is loaded, not when fastdae.integrations names are resolved."""
+def test_import_loads_no_diffusers_or_taming():
+    """diffusers / taming are imported when a model is loaded, not when fastdae.integrations names resolve."""
     code = ("import sys, fastdae.integrations as I; I.load_stage1, I.DiffusersDecoder, I.export_diffusers;"
-            "assert 'diffusers' not in sys.modules")
+            "I.load_taming_stage1, I.TamingDecoder, I.export_taming;"
+            "bad = [m for m in ('diffusers', 'taming') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
