@@ -145,6 +145,9 @@ def test_vq_encode_decode_export(tmp_path, variant):
         torch.testing.assert_close(loaded.decode(z_q, force_not_quantize=True).sample, x_hat, rtol=0, atol=ATOL)
         # the VQModel's own path, encode -> decode (which quantizes), decodes what the cache holds
         torch.testing.assert_close(loaded.decode(loaded.encode(x).latents).sample, x_hat, rtol=0, atol=ATOL)
+        # cached indices are diffusers' codes: its codebook lookup gives the same z_q
+        entry = loaded.quantize.get_codebook_entry(fields["indices"].flatten(), (3, 8, 8, D))
+        torch.testing.assert_close(entry, z_q, rtol=0, atol=0)
     assert load_stage1(out).sha256 == stage1.sha256
 
 
