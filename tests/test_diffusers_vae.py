@@ -18,6 +18,7 @@ from fastdae.integrations.diffusers_vae import (
     DiffusersDecoder,
     DiffusersStage1,
     export_diffusers,
+    latent_shape,
     load_stage1,
     read_config,
 )
@@ -67,6 +68,7 @@ def test_kl_encode_decode_export(tmp_path, variant):
     vae = save_kl(tmp_path / "src", **KL_VARIANTS[variant])
     stage1 = load_stage1(tmp_path / "src")
     assert (stage1.kind, stage1.latent_channels, stage1.downsample) == ("kl", 4, 2)
+    assert latent_shape(tmp_path / "src") == (4, 2)  # from config.json alone
     assert stage1.scaling_factor == pytest.approx(vae.config.scaling_factor)
     x = images()
     fields, stats = stage1.encode_fields(x)
@@ -121,6 +123,7 @@ def test_vq_encode_decode_export(tmp_path, variant):
     stage1 = load_stage1(tmp_path / "src")
     D = vae.quantize.embedding.weight.shape[1]
     assert (stage1.kind, stage1.latent_channels, stage1.num_codes, stage1.downsample) == ("vq", D, 32, 2)
+    assert latent_shape(tmp_path / "src") == (D, 2)
     torch.testing.assert_close(stage1.bottleneck.quantizer.codebook, vae.quantize.embedding.weight, rtol=0, atol=0)
     x = images()
     fields, stats = stage1.encode_fields(x)

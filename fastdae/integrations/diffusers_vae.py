@@ -63,6 +63,15 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def latent_shape(folder: str | os.PathLike) -> tuple[int, int]:
+    """(latent channels, downsampling factor) of the model in `folder`, from config.json alone."""
+    config = read_config(folder)
+    channels = config.get("latent_channels", 4 if config["_class_name"] == "AutoencoderKL" else 3)
+    if config["_class_name"] == "VQModel":
+        channels = config.get("vq_embed_dim") or channels  # the codebook's dim, the latent the decoder takes
+    return int(channels), 2 ** (len(config.get("block_out_channels", (64,))) - 1)  # x2 per block but the last
+
+
 def _model_class(name: str) -> type:
     import diffusers
 
