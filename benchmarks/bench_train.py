@@ -29,7 +29,8 @@ from conftest import HAS_CUDA  # benchmarks/conftest.py (pytest puts its folder 
 from fastdae.cache import LatentCache
 from fastdae.data import ProceduralShapes, dataset_fingerprint
 from fastdae.models.autoencoder import Autoencoder, autoencoder_config, build_decoder
-from fastdae.train import loop
+from fastdae.training.autoencoding import images_at
+from fastdae.training.distributed import autocast, cache_batches, to_device
 
 if HAS_CUDA:
     AE, SIZE, BATCH, NUM_IMAGES = autoencoder_config("AE-S/8", num_codes=1024), 128, 32, 2048
@@ -54,7 +55,7 @@ def setup(bench_device, tmp_path_factory):
     decoder = model.decoder.train()
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-4)
     dataset = ProceduralShapes(NUM_IMAGES, SIZE, seed=0)
-    ctx = loop.autocast(device, "auto")
+    ctx = autocast(device, "auto")
 
     def encode(images):
         with torch.no_grad(), ctx:
@@ -70,7 +71,7 @@ def setup(bench_device, tmp_path_factory):
 
 
 def decoder_step(s, z: torch.Tensor, x: torch.Tensor) -> None:
-    with loop.autocast(s["device"], "auto"):
+    with autocast(s["device"], "auto"):
         loss = (s["decoder"](z) - x).abs().mean()
     s["opt"].zero_grad(set_to_none=True)
     loss.backward()
@@ -84,20 +85,20 @@ def from_cache(s, fields, x) -> None:
 
 
 def with_encoder(s, fields, x) -> None:
-    with torch.no_grad(), loop.autocast(s["device"], "auto"):
+    with torch.no_grad(), autocast(s["device"], "auto"):
         h = s["encoder"](x)
     z, _ = s["bottleneck"](h.float())
     decoder_step(s, z.detach(), x)
 
 
 def encoder_only(s, x) -> None:
-    with torch.no_grad(), loop.autocast(s["device"], "auto"):
+    with torch.no_grad(), autocast(s["device"], "auto"):
         s["encoder"](x)
 
 
 def fixed_batch(s):
     idx = list(range(BATCH))
-    return loop.to_device(s["cache"].gather(idx), s["device"]), loop.images_at(s["dataset"], idx).to(s["device"])
+    return to_device(s["cache"].gather(idx), s["device"]), images_at(s["dataset"], idx).to(s["device"])
 
 
 def timed(fn, device) -> float:
@@ -138,12 +139,12 @@ def test_stage2_loader_wait(benchmark, record, setup):
     waits, totals = [], []
 
     def run() -> None:
-        batches = loop.cache_batches(loader, 0)
+        batches = cache_batches(loader, 0)
         wait = 0.0
         t0 = time.perf_counter()
         for _ in range(LOADER_STEPS):
             t = time.perf_counter()
-            fields, x = loop.to_device(next(batches), s["device"])
+            fields, x = to_device(next(batches), s["device"])
             wait += time.perf_counter() - t
             from_cache(s, fields, x)
         sync(s["device"])

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "train": "fastdae.train",
+    "train": "fastdae.training",
     "TrainConfig": "fastdae.config",
-    "Result": "fastdae.train",
+    "Result": "fastdae.training",
     "LatentCache": "fastdae.cache",
     "vq_nearest": "fastdae.kernels.vq",
     "vector_quantize": "fastdae.kernels.vq",
@@ -25,7 +25,8 @@ _EXPORTS: dict[str, str] = {
     "attention": "fastdae.kernels.attention",
     "lpips_head": "fastdae.kernels.lpips",
 }
-_SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "compare")
+_SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "training",
+               "evaluation")
 
 __all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
 

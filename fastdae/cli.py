@@ -1,29 +1,27 @@
 """Command line: argument parsing only; every command is a call of the Python API.
 
     python -m fastdae train --preset default --out runs/x --stage2.steps 2000
-    python -m fastdae train --config run.yaml --resume true
+    python -m fastdae train --config run.yaml --resume
+    python -m fastdae compare --preset default --seeds 3 --out results/compare
 
-Subcommands live in COMMANDS (name -> (help, add_arguments, run)); a module listed in
-SUBCOMMAND_MODULES adds its own with `register(...)` from its `register_cli()`, which `main()` calls
-before parsing (so `python -m fastdae compare ...` works without importing it at `import fastdae`).
+COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config the run cannot use
+(bad value, YAML, preset, missing file, a run folder that holds another run, a cache of other data)
+is printed as one line without a traceback, and the command exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace, list[str]], int]
-COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {}
-
-
-def register(name: str, help: str, add_arguments: AddArguments, run: Run) -> None:
-    """Add a subcommand: add_arguments(parser) declares its options; run(args, extra) executes it,
-    extra being the unparsed `--dotted.key value` overrides (the train command's config overrides)."""
-    COMMANDS[name] = (help, add_arguments, run)
+USAGE_ERROR = 2  # argparse's status for bad arguments
 
 
 def parse_overrides(extra: list[str]) -> list[str]:
@@ -44,35 +42,36 @@ def parse_overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (keys missing there come from --preset, else the defaults)")
-    p.add_argument("--preset", help="named config: " + ", ".join(_preset_names()))
-    p.add_argument("--out", help="run directory (config out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoints")
-
-
-def _preset_names() -> list[str]:
-    from fastdae.config import PRESETS
-
-    return sorted(PRESETS)
-
-
-def _train(args: argparse.Namespace, extra: list[str]) -> int:
+def _base_config(args: argparse.Namespace, extra: list[str]) -> Any:
+    """--preset < --config < --key value overrides."""
     from fastdae.config import TrainConfig, apply_overrides, preset
-    from fastdae.train import train
 
     base = preset(args.preset) if args.preset else TrainConfig()
     cfg = TrainConfig.load(args.config, base=base) if args.config else base
-    overrides = parse_overrides(extra)
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    if args.resume:
-        overrides.append("resume=true")
-    try:
-        cfg = apply_overrides(cfg, overrides)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"fastdae train: {e}") from None
-    result = train(cfg)
+    return apply_overrides(cfg, parse_overrides(extra))
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    from fastdae.config import PRESETS
+
+    p.add_argument("--config", help="YAML config (keys missing there come from --preset, else the defaults)")
+    p.add_argument("--preset", help="named config: " + ", ".join(sorted(PRESETS)))
+
+
+# ---- train ------------------------------------------------------------------------------------
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--out", help="run directory (config out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue each stage from its last checkpoint (README: resume)")
+    p.add_argument("--overwrite", action="store_true", help="clear an out_dir that holds another run first")
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastdae.training import train
+
+    flags = [f"out_dir={args.out}"] if args.out else []
+    flags += ["resume=true"] * args.resume + ["overwrite=true"] * args.overwrite
+    result = train(_base_config(args, [*extra, *(f"--{f}" for f in flags)]))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     print(f"run directory: {result.run_dir}")
@@ -83,24 +82,67 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-register("train", "run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train)
+# ---- compare ----------------------------------------------------------------------------------
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    from fastdae.evaluation import KNOBS
+
+    _config_arguments(p)
+    p.add_argument("--arms", default="joint,dae,control", help="comma-separated arms (joint, dae, control)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="results/compare", help="report directory (runs go to <out>/runs)")
+    p.add_argument("--ablate", help="instead of the arms: weak_decoder knob to ablate (" + ", ".join(KNOBS) + ")")
+    p.add_argument("--values", help="comma-separated values of the ablated knob")
+    p.add_argument("--eval", help="YAML mapping of EvalConfig fields (e.g. capacity_steps: 100)")
 
 
-SUBCOMMAND_MODULES = ("fastdae.compare",)  # each defines register_cli()
+def _compare(args: argparse.Namespace, extra: list[str]) -> int:
+    import yaml
+
+    from fastdae.config import ConfigError
+    from fastdae.evaluation import EvalConfig, ablation, compare, markdown
+
+    cfg = _base_config(args, extra)
+    try:
+        ev = EvalConfig(**(yaml.safe_load(Path(args.eval).read_text()) or {})) if args.eval else EvalConfig()
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as e:
+        raise ConfigError(f"--eval {args.eval}: {e}") from None
+    argv = [a for n in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval")
+            if (v := getattr(args, n)) is not None for a in (f"--{n}", str(v))]
+    command = "python -m fastdae compare " + " ".join(shlex.quote(a) for a in [*argv, *extra])
+    if args.ablate:
+        if not args.values:
+            raise ConfigError("--ablate needs --values")
+        values = [yaml.safe_load(v) for v in args.values.split(",")]
+        report = ablation(cfg, args.ablate, values, args.seeds, args.out, ev, command=command)
+    else:
+        report = compare(cfg, [a.strip() for a in args.arms.split(",")], args.seeds, args.out, ev, command=command)
+    print(markdown(report))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
+    "train": ("run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train),
+    "compare": ("train and evaluate the joint / dae / control arms (or ablate the weak decoder), write a report",
+                _compare_arguments, _compare),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
+    from fastdae.cache import CacheError
+    from fastdae.config import ConfigError
 
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).register_cli()
     parser = argparse.ArgumentParser(prog="fastdae", description="Decoupled autoencoders with a latent cache")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help, description=help))
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return COMMANDS[args.command][2](args, extra)
+    try:
+        return COMMANDS[args.command][2](args, extra)
+    except (ConfigError, CacheError) as e:  # the user's config or run folder: one line, no traceback
+        print(f"fastdae {args.command}: {e}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -8,11 +8,16 @@
 Component configs live next to their component (DataConfig in data.py, AutoencoderConfig in
 models/autoencoder.py, DiscriminatorConfig in models/discriminator.py); this module nests them.
 Overrides are parsed to the field's declared type (no eval/exec); unknown keys are errors.
+Every value is validated when the config is built (`validate`): ranges, names (with "did you mean"
+for near misses) and the cross-field rules (image size vs the autoencoder's downsampling and the
+DiT's patch size). A `ConfigError` names the dotted key, what it must be and what it got.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,13 +26,35 @@ from typing import Any, Union
 
 import yaml
 
-from fastdae.data import DataConfig
-from fastdae.models.autoencoder import AutoencoderConfig, WeakDecoderConfig
+from fastdae.data import CROPS, DATASETS, DataConfig
+from fastdae.models.autoencoder import BOTTLENECKS, AutoencoderConfig, WeakDecoderConfig
 from fastdae.models.discriminator import DiscriminatorConfig
 
 MODES = ("dae", "joint", "control")
 STAGES = ("stage1", "cache", "stage2", "prior", "samples")
 PRECISIONS = ("auto", "fp32", "bf16")
+OBJECTIVES = ("ddpm", "flow")
+SCHEDULES = ("linear", "cosine")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the dotted key, what it must be and what it got."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value of the wrong type (a TypeError too, for callers that catch that)."""
+
+
+def did_you_mean(value: Any, allowed: Any) -> str:
+    """'; did you mean 'x'?' for the closest of `allowed` (difflib), or ''."""
+    near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def check_choice(key: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
 
 
 @dataclass
@@ -93,8 +120,9 @@ class TrainConfig:
     """A whole DAE run (PAPER.md §2, §5). `mode`: "dae" (weak decoder in stage 1, then stage 2),
     "joint" (full decoder for stage1.steps + stage2.steps, no stage 2), "control" (full decoder for
     stage1.steps, then stage 2). `stages` run in order; each reads earlier outputs from out_dir.
-    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU. `resume`: continue from the last checkpoint
-    of each stage and skip finished stages."""
+    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU. `resume`: continue each listed stage from
+    its last checkpoint (finished stages are skipped) when its identity matches (README: resume);
+    `overwrite`: clear an out_dir that holds another run first."""
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -110,20 +138,13 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"TrainConfig.mode must be one of {MODES}, got {self.mode!r}")
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"TrainConfig.stages: unknown stage(s) {unknown}; known, in run order: {list(STAGES)}")
-        if self.stages != sorted(self.stages, key=STAGES.index) or len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"TrainConfig.stages must be distinct and in run order {list(STAGES)}, got {self.stages}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        validate(self)
 
     # ---- dict / YAML round trip -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -134,22 +155,33 @@ class TrainConfig:
         """A config from a (possibly partial) nested dict; missing keys come from `base` (default: defaults)."""
         return _build(cls, _merge((base or cls()).to_dict(), d, ""), "")
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     @classmethod
     def load(cls, path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping, got {type(d).__name__}")
-        return cls.from_dict(d, base)
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d, base)
+        except ConfigError as e:
+            raise type(e)(f"{path}: {e}") from None
 
 
 def _merge(base: dict[str, Any], d: dict[str, Any], where: str) -> dict[str, Any]:
     out = dict(base)
     for k, v in d.items():
         if k not in base:
-            raise ValueError(f"unknown config key {where + k!r}; known here: {sorted(base)}")
+            raise ConfigError(f"unknown config key {where + k!r}{did_you_mean(k, base)}; known here: {sorted(base)}")
         out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) else v
     return out
 
@@ -162,49 +194,56 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
         value = d[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise TypeError(f"config key {where + name!r} must be a mapping, got {type(value).__name__}")
+                raise ConfigTypeError(f"config key {where + name!r} must be a mapping, got {type(value).__name__}")
             value = _build(tp, value, f"{where}{name}.")
         else:
-            value = _coerce(value, tp, where + name)
+            value = coerce(value, tp, where + name)
+            if where + name in CHOICES:  # before the component's own check, to suggest the near miss
+                check_choice(where + name, value, CHOICES[where + name])
         kwargs[name] = value
-    return cls(**kwargs)
+    if cls is TrainConfig:
+        return cls(**kwargs)
+    try:  # a component's own __post_init__ check, named by its key
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where.rstrip('.')}: {e}") from None
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and convert where lossless: YAML ints for float fields, strings from the command line)
-    a value against a field type: bool, int, float, str, list[T], T | None."""
+def coerce(value: Any, tp: Any, key: str, from_text: bool = True) -> Any:
+    """Check (and convert where lossless: ints for float fields and, with from_text, strings from the
+    command line) a value against a field type: bool, int, float, str, list[T], T | None."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return coerce(value, inner[0], key, from_text)
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str) and from_text:
             # "a,b", "[a, b]" and JSON '["a", "b"]' all read as [a, b]
             value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"config key {key!r} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str):
+            raise ConfigTypeError(f"config key {key!r} must be a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]", from_text) for i, v in enumerate(value)]
+    if isinstance(value, str) and from_text:
         value = value.strip()
         if tp is bool:
             if value.lower() in ("true", "1", "yes", "on"):
                 return True
             if value.lower() in ("false", "0", "no", "off"):
                 return False
-            raise ValueError(f"config key {key!r} expects a bool (true/false), got {value!r}")
+            raise ConfigError(f"config key {key!r} expects a bool (true/false), got {value!r}")
         if tp in (int, float):
             try:
                 return tp(value)
             except ValueError:
-                raise ValueError(f"config key {key!r} expects {tp.__name__}, got {value!r}") from None
+                raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}") from None
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise TypeError(f"config key {key!r} expects {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigTypeError(f"config key {key!r} expects {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -218,7 +257,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> 
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {key!r} conflicts with an earlier override of {p!r}")
+                raise ConfigError(f"override {key!r} conflicts with an earlier override of {p!r}")
         node[leaf] = value
     return TrainConfig.from_dict(nested, base=cfg)
 
@@ -226,8 +265,104 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> 
 def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {item!r} must look like key.sub=value")
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
     return key.strip(), value
+
+
+# ---- validation -------------------------------------------------------------------------------
+def _dit_models() -> dict[str, Any]:
+    from fastdae.models.dit import DiT_models  # imported when a config is checked, not at import
+
+    return DiT_models
+
+
+def _samplers() -> tuple[str, ...]:
+    from fastdae.models.diffusion import SAMPLERS
+
+    return SAMPLERS
+
+
+# dotted key -> allowed names, checked as soon as the value is read (see _build)
+CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
+                           "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
+                           "prior.schedule": SCHEDULES}
+
+# (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    *((f"{{ae}}.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every")),
+    *((f"prior.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every",
+                                                          "num_timesteps", "sample_steps", "num_samples")),
+    *((f"{p}.lr", lambda v: v > 0, "> 0") for p in ("{ae}", "{ae}.disc", "prior")),
+    *((f"{p}.warmup_steps", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
+    *((f"{p}.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)") for p in ("{ae}", "prior")),
+    *((f"{p}.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)") for p in ("{ae}", "prior")),
+    *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "lpips_weight")),
+    ("{ae}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1) (Adam's beta1, beta2)"),
+    ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
+    ("cache.batch_size", lambda v: v >= 1, ">= 1"),
+    ("cache.shard_size", lambda v: v >= 1, ">= 1"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value at a dotted key ("stage1.disc.lr")."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every rule that needs no data, devices or files (those: `check_environment`); ConfigError names the key."""
+    for key, allowed in CHOICES.items():
+        check_choice(key, get_key(cfg, key), allowed)
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages: unknown stage {stage!r}{did_you_mean(stage, STAGES)}; known, in run order: "
+                              f"{list(STAGES)}")
+    if cfg.stages != sorted(cfg.stages, key=STAGES.index) or len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"stages must be distinct and in run order {list(STAGES)}, got {cfg.stages}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    for pattern, ok, what in _RANGES:
+        for key in ([pattern.format(ae=s) for s in ("stage1", "stage2")] if "{ae}" in pattern else [pattern]):
+            value = get_key(cfg, key)
+            if not ok(value):
+                raise ConfigError(f"{key} must be {what}, got {value!r}")
+    p = cfg.prior
+    check_choice("prior.model", p.model, _dit_models())
+    check_choice("prior.sampler", p.sampler, _samplers())
+    if p.objective == "flow" and p.schedule != "linear":
+        raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
+    if p.cfg_scale != 1.0 and not p.class_cond:
+        raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
+    down = cfg.autoencoder.downsample
+    if cfg.data.size % down:
+        raise ConfigError(f"data.size={cfg.data.size} must be divisible by the autoencoder's downsampling factor "
+                          f"{down} (2 ** (len(autoencoder.ch_mult) - 1))")
+    patch = _dit_models()[p.model].keywords["patch_size"]
+    if (cfg.data.size // down) % patch:
+        raise ConfigError(f"data.size={cfg.data.size} gives {cfg.data.size // down}x{cfg.data.size // down} latents, "
+                          f"not divisible by prior.model {p.model!r}'s patch size {patch}")
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """What validate cannot know from the config alone: the device exists, the named files exist."""
+    import torch
+
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA device (use 'auto' or 'cpu')")
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    files = {"data.root": cfg.data.root if cfg.data.name != "shapes" else None}
+    for stage in ("stage1", "stage2"):
+        for name in ("lpips_trunk", "lpips_lin"):
+            files[f"{stage}.{name}"] = get_key(cfg, f"{stage}.{name}")
+    for key, path in files.items():
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{key}={path!r} does not exist")
 
 
 # ---- presets ----------------------------------------------------------------------------------
@@ -270,7 +405,7 @@ PRESETS = {"default": _default, "tiny": _tiny}
 
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; known: {sorted(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -282,4 +417,4 @@ def load_config(config: TrainConfig | dict[str, Any] | str | os.PathLike) -> Tra
         return TrainConfig.from_dict(config)
     if isinstance(config, (str, os.PathLike)):
         return TrainConfig.load(config)
-    raise TypeError(f"config must be a TrainConfig, dict or YAML path, got {type(config).__name__}")
+    raise ConfigTypeError(f"config must be a TrainConfig, dict or YAML path, got {type(config).__name__}")

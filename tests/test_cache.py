@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fastdae.cache import CacheError, LatentCache, PairedDataset, _smallest_int_dtype, _stored
+from fastdae.cache import CacheError, LatentCache, PairedDataset
+from fastdae.cache.writer import _smallest_int_dtype, _stored
 from fastdae.data import ProceduralShapes, dataset_fingerprint
 
 # a fixed "encoder": 4x4 average pool, a 3 -> 4 channel mix, and a 300-code codebook (so indices need int16)
@@ -71,8 +73,8 @@ def build(root, dataset, encode=encode_index, **kw) -> LatentCache:
 
 
 def content(manifest: dict) -> dict:
-    """A manifest without what legitimately differs between builds: file names and timings."""
-    m = {k: v for k, v in manifest.items() if k != "build"}
+    """A manifest without what legitimately differs between builds: file names, timings (and so its checksum)."""
+    m = {k: v for k, v in manifest.items() if k not in ("build", "checksum")}
     m["shards"] = [{k: v for k, v in s.items() if k != "file"} for s in m["shards"]]
     return m
 
@@ -230,12 +232,105 @@ def test_corruption_is_detected_and_named(tmp_path):
     manifest_path = tmp_path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["fields"]["value"]["shape"] = [2]
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(reseal(manifest))  # a consistent manifest that does not fit the shards
     with pytest.raises(CacheError, match="shard-r000-00000.safetensors: field 'value'"):
         LatentCache(tmp_path)
     manifest_path.write_text("{")
     with pytest.raises(CacheError, match="manifest.json is not valid JSON"):
         LatentCache(tmp_path)
+
+
+def reseal(manifest: dict) -> str:
+    """A manifest's text with its checksum recomputed: sha256 of the body (every key but "checksum")
+    as compact JSON with sorted keys."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json.dumps({**body, "checksum": digest})
+
+
+def test_manifest_carries_its_own_checksum(tmp_path):
+    build(tmp_path, IndexImages(40))
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["channel_mean"][0] += 1.0  # the statistics the prior scales its latents by
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="manifest.json.*checksum"):
+        LatentCache(tmp_path)
+    path.write_text(reseal(manifest))  # a consistent manifest is read (the reseal helper is the format)
+    assert LatentCache(tmp_path).channel_mean[0] == pytest.approx(manifest["channel_mean"][0])
+
+
+def _edit(manifest: dict, edit: str, root: Path) -> object:
+    m = json.loads(json.dumps(manifest))
+    if edit == "list":
+        return []
+    if edit == "no shards":
+        del m["shards"]
+    elif edit == "shards not a list":
+        m["shards"] = {"file": "x"}
+    elif edit == "bad dtype":
+        m["fields"]["value"]["dtype"] = "int7"
+    elif edit == "bad shape":
+        m["fields"]["value"]["shape"] = "scalar"
+    elif edit == "absolute file":
+        m["shards"][0]["file"] = str(root.resolve() / m["shards"][0]["file"])
+    elif edit == "file outside":
+        m["shards"][0]["file"] = "../" + m["shards"][0]["file"]
+    elif edit == "foreign name":
+        m["shards"][0]["file"] = "manifest.json"
+    elif edit == "string count":
+        m["count"] = "40"
+    elif edit == "stats length":
+        m["channel_std"] = m["channel_std"][:1]
+    return m
+
+
+@pytest.mark.parametrize("edit,match", [
+    ("list", "a JSON object"), ("no shards", "'shards'"), ("shards not a list", "'shards'"),
+    ("bad dtype", "dtype"), ("bad shape", "shape"), ("absolute file", "shard file name"),
+    ("file outside", "shard file name"), ("foreign name", "shard file name"), ("string count", "'count'"),
+    ("stats length", "channel_std"),
+])
+def test_every_manifest_schema_problem_is_a_cache_error_naming_the_file(tmp_path, edit, match):
+    build(tmp_path / "c", IndexImages(40))
+    path = tmp_path / "c" / "manifest.json"
+    edited = _edit(json.loads(path.read_text()), edit, tmp_path / "c")
+    path.write_text(reseal(edited) if isinstance(edited, dict) else json.dumps(edited))
+    with pytest.raises(CacheError, match=rf"manifest\.json.*{match}"):
+        LatentCache(tmp_path / "c", verify="lazy")
+
+
+TRUNCATE_SCRIPT = """
+import sys
+import numpy as np
+from pathlib import Path
+from fastdae.cache import CacheError, LatentCache
+
+cache = LatentCache(sys.argv[1])
+cache.gather(np.arange(len(cache)))  # every shard mapped
+shard = Path(sys.argv[1]) / cache.manifest["shards"][0]["file"]
+with open(shard, "r+b") as f:
+    f.truncate(4096)
+try:
+    cache.gather(np.arange(len(cache)))
+except CacheError as e:
+    print("CacheError:", e)
+"""
+
+
+def test_a_shard_truncated_while_mapped_is_a_cache_error_not_a_bus_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    build(tmp_path, IndexImages(4000), encode=encode_kl, shard_size=4000, batch_size=500)  # one 800 KB shard
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "CacheError:" in proc.stdout and "truncated" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

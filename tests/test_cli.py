@@ -38,9 +38,38 @@ def test_train_command_runs_the_api(tmp_path, capsys):
     assert (out / "stage1" / "encoder.safetensors").is_file()
 
 
-def test_unknown_override_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="unknown config key 'stage2.stepz'"):
-        cli.main(["train", "--preset", "tiny", "--out", str(tmp_path), "--stage2.stepz", "3"])
+def test_unknown_override_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path), "--stage2.stepz", "3"]) == 2
+    assert "unknown config key 'stage2.stepz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--preset", "tinny"], "did you mean 'tiny'"),
+    (["--config", "{missing}"], "missing.yaml"),
+    (["--config", "{broken}"], "broken.yaml"),
+    (["--config", "{invalid}"], "stage1.batch_size"),
+    (["--preset", "tiny", "--stage1.steps", "0"], "stage1.steps"),
+])
+def test_config_errors_exit_2_without_a_traceback(tmp_path, capsys, args, match):
+    files = {"missing": tmp_path / "missing.yaml", "broken": tmp_path / "broken.yaml", "invalid": tmp_path / "bad.yaml"}
+    files["broken"].write_text("seed: [1\n")
+    files["invalid"].write_text("stage1:\n  batch_size: 0\n")
+    args = [a.format(**files) for a in args]
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and err.startswith("fastdae train: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refused_resume_exits_2_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "fastdae", "train", "--preset", "tiny", "--out", str(out), "--stages", "stage1",
+              "--stage1.steps", "1"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(common, capture_output=True, cwd=REPO, env=env, timeout=300).returncode == 0
+    proc = subprocess.run([*common, "--resume", "--seed", "3"], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+    assert proc.returncode == 2 and "seed" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_subcommands_are_registered_in_one_place(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""fastdae.compare end to end at a tiny budget: the three arms through the CLI, resume, the ablation."""
+"""fastdae.evaluation end to end at a tiny budget: the three arms through the CLI, resume, the ablation."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,11 @@ import json
 import pytest
 import yaml
 
-from fastdae import cli, compare
-from fastdae.compare import METRICS, EvalConfig, _capacity_curves, _summarize
+from fastdae import cli
+from fastdae import evaluation as compare
+from fastdae.evaluation import METRICS, EvalConfig
+from fastdae.evaluation.report import capacity_curves as _capacity_curves
+from fastdae.evaluation.report import summarize as _summarize
 
 TINY_EVAL = dict(eval_images=32, classifier_images=256, classifier_steps=20, lipschitz_pairs=4, probe_latents=4,
                  capacity_images=16, capacity_widths=[4, 8], capacity_steps=3)
@@ -39,7 +42,6 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     eval_file = tmp_path / "eval.yaml"
     eval_file.write_text(yaml.safe_dump(TINY_EVAL))
     out = tmp_path / "cmp"
-    compare.register_cli()
     argv = ["compare", "--preset", "tiny", "--arms", "joint,dae,control", "--seeds", "1", "--out", str(out),
             "--eval", str(eval_file), "--prior.num_samples", "8"]
     assert cli.main(argv) == 0
@@ -92,3 +94,24 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="select"):
         compare.ablation({"out_dir": "unused"}, "dropout", [0.1], select="accuracy")
     assert {k for k, _, _ in METRICS} >= {"psnr", "fd_feat", "min_width", "penalised_distance"}
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_report_charts_with_and_without_matplotlib(tmp_path, monkeypatch, matplotlib):
+    import sys
+
+    from fastdae.evaluation import write_report
+
+    if not matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    else:
+        pytest.importorskip("matplotlib")
+    report = {"title": "t", "command": None, "seeds": 2, "device": "cpu", "torch": "x", "reference": {},
+              "eval": {}, "capacity": {}, "sample_grids": {},
+              "summary": {"a": {"psnr": {"mean": 20.0, "std": 1.0, "n": 2}}, "b": {"psnr": {"mean": 22.0, "std": 0.5, "n": 2}}}}
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    if matplotlib:
+        assert (tmp_path / "metrics.png").stat().st_size > 0 and "![metrics](metrics.png)" in md
+    else:
+        assert not (tmp_path / "metrics.png").exists() and "pip install 'fastdae[plots]'" in md

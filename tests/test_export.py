@@ -1,5 +1,5 @@
 """fastdae.integrations.export: save_pretrained / load_pretrained round trips and their errors.
-(That loading never imports fastdae.train is checked in test_integrations.py, in one subprocess.)"""
+(That loading never imports fastdae.training is checked in test_integrations.py, in one subprocess.)"""
 from __future__ import annotations
 
 import json
@@ -121,4 +121,49 @@ def test_load_rejects_foreign_or_newer_configs(tmp_path):
         load_pretrained(tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="not a fastdae export"):
+        load_pretrained(tmp_path)
+
+
+def test_load_builds_on_the_meta_device_before_checking(tmp_path, monkeypatch):
+    """A config.json that does not fit the weights (or asks for a huge model) fails before any weight
+    is allocated: the module is built on the meta device, checked, then materialised."""
+    import fastdae.integrations.export as export
+
+    built = []
+    real = export.build_decoder
+
+    def recording(*args, **kwargs):
+        module = real(*args, **kwargs)
+        built.append(next(module.parameters()).device.type)
+        return module
+
+    monkeypatch.setattr(export, "build_decoder", recording)
+    cfg = tiny_config()
+    save_pretrained(build_decoder(cfg), tmp_path, cfg)
+    built.clear()
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["autoencoder"]["ch"] = 4096  # ~GBs if allocated
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="conv_in.weight"):
+        load_pretrained(tmp_path)
+    assert built == ["meta"]
+    meta["autoencoder"]["ch"] = 8
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = load_pretrained(tmp_path)
+    assert built == ["meta", "meta"] and next(loaded.parameters()).device.type == "cpu"
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("ch", "8", r"'ch'.*int"), ("ch", 8.5, r"'ch'.*int"), ("ch_mult", [1.5, 2], r"'ch_mult'.*int"),
+    ("ch_mult", "12", r"'ch_mult'.*list"), ("attn", "yes", r"'attn'.*bool"), ("kl_weight", "small", r"'kl_weight'.*float"),
+    ("ch", True, r"'ch'.*int"),
+])
+def test_load_checks_the_types_of_config_fields(tmp_path, field, value, match):
+    cfg = tiny_config()
+    save_pretrained(build_decoder(cfg), tmp_path, cfg)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["autoencoder"][field] = value
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
         load_pretrained(tmp_path)

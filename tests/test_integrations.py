@@ -59,7 +59,7 @@ def assert_kernel_path_within_2x(ref_model: nn.Module, model: nn.Module, run, x:
 
 
 def test_integrations_import_no_third_party_and_no_trainer(tmp_path):
-    """Importing every integration and loading an export imports neither diffusers/timm nor fastdae.train.
+    """Importing every integration and loading an export imports neither diffusers/timm nor fastdae.training.
 
     One subprocess for both checks: a fresh interpreter costs seconds on a shared CPU."""
     from fastdae.integrations.export import save_pretrained
@@ -71,7 +71,7 @@ def test_integrations_import_no_third_party_and_no_trainer(tmp_path):
         "import sys, fastdae, fastdae.integrations as I;"
         "import fastdae.integrations.attention, fastdae.integrations.diffusers;"
         f"I.load_pretrained({str(tmp_path)!r});"
-        "bad = [m for m in ('diffusers', 'timm', 'torchvision', 'fastdae.train') if m in sys.modules];"
+        "bad = [m for m in ('diffusers', 'timm', 'torchvision', 'fastdae.training') if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import fastdae
 from fastdae.config import STAGES, TrainConfig, apply_overrides, load_config, preset
 from fastdae.models.autoencoder import Encoder
-from fastdae.train import loop
+from fastdae.training import distributed
+from fastdae.training.optim import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def read_log(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def dae_vq_run(tmp_path_factory) -> fastdae.train.Result:
+def dae_vq_run(tmp_path_factory) -> fastdae.Result:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -89,15 +90,16 @@ def test_presets():
         load_config(3)
 
 
-def test_train_is_callable_whatever_was_imported():
-    import fastdae.train.loop  # binds fastdae.train to the package module
+def test_train_is_the_function_whatever_was_imported():
+    import fastdae.training.distributed  # noqa: F401  (binds fastdae.training, never fastdae.train)
+    from fastdae import train
+    from fastdae.training import train as train_function
 
-    assert callable(fastdae.train) and fastdae.train.train is not None
-    assert isinstance(fastdae.train, type(sys.modules["fastdae.train"]))
+    assert fastdae.train is train is train_function and "fastdae.train" not in sys.modules
 
 
 # ---- end to end -------------------------------------------------------------------------------
-def check_run(result: fastdae.train.Result, cfg: TrainConfig) -> dict:
+def check_run(result: fastdae.Result, cfg: TrainConfig) -> dict:
     summary = json.loads(result.summary.read_text())
     stages = summary["stages"]
     assert result.sample_grid.is_file() and result.cache is not None
@@ -133,12 +135,16 @@ def test_end_to_end_dae_vq(dae_vq_run):
     assert sum(v.numel() for v in weak.values()) < sum(v.numel() for v in full.values())
 
 
-def test_later_stages_never_build_the_encoder(dae_vq_run, monkeypatch):
+def test_later_stages_never_build_the_encoder(dae_vq_run, monkeypatch, tmp_path):
+    import shutil
+
     def refuse(*args, **kwargs):
         raise AssertionError("the encoder was constructed after the cache step")
 
     monkeypatch.setattr(Encoder, "__init__", refuse)
-    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"), ["stages=stage2,prior,samples"])
+    shutil.copytree(dae_vq_run.run_dir, tmp_path / "run")
+    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
+                          ["stages=stage2,prior,samples", f"out_dir={tmp_path / 'run'}"])
     result = fastdae.train(cfg)
     assert result.metrics["stages"]["stage2"]["steps_this_run"] == cfg.stage2.steps
     with pytest.raises(AssertionError, match="encoder was constructed"):  # the patch does bite
@@ -168,17 +174,17 @@ KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from fastdae.config import TrainConfig
-    from fastdae.train import loop, train
+    from fastdae.training import distributed, train
 
     kill_at = int(sys.argv[2])
-    seed_step = loop.seed_step
+    seed_step = distributed.seed_step
 
     def seed_or_die(seed, stage, step, rank):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         seed_step(seed, stage, step, rank)
 
-    loop.seed_step = seed_or_die
+    distributed.seed_step = seed_or_die
     train(TrainConfig.load(sys.argv[1]))
 """)
 
@@ -224,7 +230,7 @@ def test_interrupted_stage2_and_prior_resume_exactly(dae_vq_run, tmp_path, monke
     fastdae.train(apply_overrides(base, [f"out_dir={runs['straight']}", *overrides]))
 
     cfg = apply_overrides(base, [f"out_dir={runs['interrupted']}", *overrides, "resume=true"])
-    seed_step, interrupted = loop.seed_step, set()
+    seed_step, interrupted = distributed.seed_step, set()
 
     def interrupt_once(seed, stage, step, rank):
         if step == 3 and stage not in interrupted:
@@ -232,7 +238,7 @@ def test_interrupted_stage2_and_prior_resume_exactly(dae_vq_run, tmp_path, monke
             raise KeyboardInterrupt
         seed_step(seed, stage, step, rank)
 
-    monkeypatch.setattr(loop, "seed_step", interrupt_once)
+    monkeypatch.setattr(distributed, "seed_step", interrupt_once)
     for _ in range(2):  # stage 2 stops at step 3; then it resumes and finishes, and the prior stops at step 3
         with pytest.raises(KeyboardInterrupt):
             fastdae.train(cfg)
@@ -256,9 +262,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(AutoencoderLoss, "generator_loss", poisoned)
     cfg = tiny(tmp_path, "stages=stage1", "stage1.steps=6", "stage1.ckpt_every=2", "stage1.log_every=3")
-    with pytest.raises(loop.NonFiniteLossError, match="stage1: the loss became NaN/Inf at or before step 4"):
+    with pytest.raises(NonFiniteLossError, match="stage1: the loss became NaN/Inf at or before step 4"):
         fastdae.train(cfg)
     stage_dir = tmp_path / "stage1"
     assert (stage_dir / "latest").read_text() == "ckpt-00000002"
     assert sorted(p.name for p in stage_dir.glob("ckpt-*")) == ["ckpt-00000002"]
     assert not (stage_dir / "encoder.safetensors").exists()
+
+
+def test_stage2_on_another_data_seed_is_refused(dae_vq_run):
+    """Issue 12 finding 3: `--stages stage2 --data.seed 7` paired cached latents with other images."""
+    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"), ["stages=stage2", "data.seed=7"])
+    before = (dae_vq_run.run_dir / "stage2" / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"data\.seed"):
+        fastdae.train(cfg)
+    assert (dae_vq_run.run_dir / "stage2" / "metrics.json").read_text() == before

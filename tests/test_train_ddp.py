@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     torch.set_num_threads(1)
     from fastdae.config import TrainConfig
-    from fastdae.train import train
+    from fastdae.training import train
 
     result = train(TrainConfig.load(sys.argv[1]))
     assert dist.is_initialized() and dist.get_world_size() == 2

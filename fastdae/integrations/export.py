@@ -5,16 +5,20 @@
     model = load_pretrained("export/dae-decoder")                   # nn.Module in eval mode
 
 config.json holds the format version, what was saved ("decoder" or "autoencoder"), the
-AutoencoderConfig fields and, for a weakened decoder, the WeakDecoderConfig fields. Loading builds
-the module from config.json alone with fastdae.models.autoencoder (never fastdae.train), then checks
-every tensor of model.safetensors against it by name and shape before loading: a mismatch names
-the tensor, the shape config.json implies and the shape found in the file.
+AutoencoderConfig fields and, for a weakened decoder, the WeakDecoderConfig fields. Loading checks
+the type of every config.json field against the dataclass, builds the module it describes on the
+meta device (no memory: a config.json asking for a huge model costs nothing), checks every tensor
+of model.safetensors against it by name, shape and kind (float / integer) and only then
+materialises it with the file's tensors: a mismatch names the tensor, the shape config.json
+implies and the shape found in the file. fastdae.training is never imported.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fastdae import __version__
+from fastdae import __version__, files
+from fastdae.config import ConfigError, coerce
 from fastdae.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, WeakDecoderConfig, build_decoder
 
 FORMAT = "fastdae-pretrained"
@@ -52,7 +57,7 @@ def _build(kind: str, config: AutoencoderConfig, weak: WeakDecoderConfig | None)
 
 
 def _check_tensors(expected: dict[str, Tensor], found: dict[str, tuple[int, ...]], source: str) -> None:
-    """Names and shapes of `found` (from `source`) against the state dict the config builds."""
+    """Names and shapes of `found` (from `source`) against the (meta) state dict the config builds."""
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     if missing or unexpected:
@@ -103,22 +108,30 @@ def save_pretrained(
         "autoencoder": dataclasses.asdict(config),
         "weak_decoder": None if weak is None else dataclasses.asdict(weak),
     }
-    # temp names + rename: an interrupted save never leaves a half-written pair behind
-    save_file(state, str(out / f"{WEIGHTS_FILE}.tmp"), metadata={"format": "pt", "kind": kind})
-    (out / f"{CONFIG_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
-    os.replace(out / f"{CONFIG_FILE}.tmp", out / CONFIG_FILE)
+    # atomic writes: an interrupted save (or a full disk) never leaves a half-written file behind
+    with files.atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": kind})
+    files.write_bytes(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return out
 
 
 def _dataclass_from(cls: type, fields: Any, source: str) -> Any:
     if not isinstance(fields, dict):
         raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(fields).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(fields.keys() - known)
+    types = typing.get_type_hints(cls)
+    unknown = sorted(fields.keys() - types.keys())
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown} (saved by a newer fastdae?)")
-    return cls(**fields)
+    checked = {}
+    for name, value in fields.items():
+        try:  # JSON types as they are: no parsing of strings (those come from the command line only)
+            checked[name] = coerce(value, types[name], name, from_text=False)
+        except ConfigError as e:
+            raise ValueError(f"{source}: field {name!r}: {e}") from None
+    try:
+        return cls(**checked)
+    except (ValueError, TypeError) as e:  # the dataclass's own range checks
+        raise ValueError(f"{source}: {e}") from None
 
 
 def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDecoderConfig | None]:
@@ -153,10 +166,19 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileNotFoundError(
             f"load_pretrained: {weights} does not exist ({CONFIG_FILE} is there, the weights are not)"
         )
-    module = _build(kind, config, weak)
+    with torch.device("meta"):  # shapes and dtypes only: nothing is allocated before the checks pass
+        module = _build(kind, config, weak)
+    expected = module.state_dict()
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        _check_tensors(module.state_dict(), found, str(weights))
+        _check_tensors(expected, found, str(weights))
         state = {name: f.get_tensor(name) for name in found}
-    module.load_state_dict(state, strict=True)
+    for name, t in state.items():
+        if t.dtype.is_floating_point != expected[name].dtype.is_floating_point:
+            raise ValueError(f"{weights}: tensor {name!r} is {t.dtype}, but the config implies {expected[name].dtype}")
+        state[name] = t.to(expected[name].dtype)
+    module.load_state_dict(state, strict=True, assign=True)  # the file's tensors replace the meta ones
+    left = [n for n, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{weights}: the module has tensors no state dict restores: {left[:_MAX_LISTED]}")
     return module.to(device).eval()

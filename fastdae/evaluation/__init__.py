@@ -1,0 +1,16 @@
+"""Measurement of trained runs and the studies of PAPER.md §5.
+
+    report = fastdae.evaluation.compare("x.yaml", arms=("joint", "dae", "control"), seeds=3, out_dir="results/c")
+    report = fastdae.evaluation.ablation("x.yaml", knob="dropout", values=[0.0, 0.3], seeds=2)
+
+One module per piece: judge.py (EvalConfig, the Judge every run is measured against), evaluate.py
+(`evaluate_run`: every metric of one finished run), report.py (summaries over seeds, report.md /
+report.json / charts), study.py (`compare`, `ablation`: train, evaluate, report).
+"""
+from fastdae.evaluation.evaluate import evaluate_run
+from fastdae.evaluation.judge import EvalConfig, Judge, build_judge
+from fastdae.evaluation.report import METRICS, markdown, write_report
+from fastdae.evaluation.study import ARMS, KNOBS, ablation, compare
+
+__all__ = ["ARMS", "KNOBS", "METRICS", "EvalConfig", "Judge", "ablation", "build_judge", "compare", "evaluate_run",
+           "markdown", "write_report"]

@@ -1,0 +1,173 @@
+"""A study's report: mean ± std over seeds per metric per variant (`summarize`), the capacity curves,
+report.md / report.json, metrics.png (bars with ±std, drawn with matplotlib when installed:
+pip install 'fastdae[plots]') and samples.png (each variant's seed-0 sample grid side by side)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastdae import files
+from fastdae import metrics as M
+
+# key, label in the report, +1 when higher is better (-1 lower)
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("psnr", "PSNR (dB)", 1),
+    ("ssim", "SSIM", 1),
+    ("lpips", "LPIPS", -1),
+    ("rfd_feat", "rFD-feat", -1),
+    ("rfid", "rFID", -1),
+    ("fd_feat", "FD-feat (samples)", -1),
+    ("fid", "FID (samples)", -1),
+    ("validity", "validity", 1),
+    ("class_accuracy", "class accuracy", 1),
+    ("prior_loss", "DiT final loss", -1),
+    ("lipschitz", "Lipschitz lower bound", -1),
+    ("jac_spectral", "Jacobian spectral norm", -1),
+    ("jac_frobenius", "Jacobian Frobenius (Hutchinson)", -1),
+    ("min_width", "minimal decoder width", -1),
+    ("penalised_distance", "penalised distance D", -1),
+)
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    """{mean, std (over seeds, ddof 1; 0 for one seed), n}."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> metric -> {mean, std, n} (_mean_std); None values (e.g. no width reached the
+    capacity target) are left out and n says how many counted ({"n": 0}: None in every run, shown
+    as "none" in the table)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, results in runs.items():
+        out[variant] = {}
+        for key, _, _ in METRICS:
+            values = [r[key] for r in results if r.get(key) is not None]
+            if values:
+                out[variant][key] = _mean_std(values)
+            elif any(key in r for r in results):  # measured, but None in every run
+                out[variant][key] = {"n": 0}
+    return out
+
+
+def capacity_curves(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> decoder width -> PSNR (dB) {mean, std, n} of the fresh decoders the minimal-capacity
+    probe fitted to each run's frozen latents: the whole curve, of which min_width reads one point."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, results in runs.items():
+        psnrs: dict[int, list[float]] = {}
+        for r in results:
+            for point in r.get("capacity_curve", []):
+                psnrs.setdefault(point["width"], []).append(10 * math.log10(M.DATA_RANGE**2 / point["error"]))
+        out[variant] = {str(w): _mean_std(v) for w, v in sorted(psnrs.items())}
+    return out
+
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    variants = list(report["summary"])
+    lines = [f"# {report['title']}", ""]
+    if report.get("command"):
+        lines += ["Command:", "", f"    {report['command']}", ""]
+    lines += [f"{report['seeds']} seed(s) per variant, mean ± std (sample std over seeds; n = seeds counted "
+              f"when fewer). Device {report['device']}, torch {report['torch']}.", "",
+              "| metric | better | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for key, label, direction in METRICS:
+        cells = []
+        for v in variants:
+            s = report["summary"][v].get(key)
+            n = f" (n={s['n']})" if s and s["n"] < report["seeds"] else ""
+            cells.append("—" if not s else "none" if s["n"] == 0 else f"{_fmt(s['mean'])} ± {_fmt(s['std'])}{n}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {label} | {'↑' if direction > 0 else '↓'} | " + " | ".join(cells) + " |")
+    capacity = report.get("capacity", {})
+    widths = sorted({int(w) for c in capacity.values() for w in c})
+    if widths:
+        ev = report["eval"]
+        lines += ["", f"Minimal-capacity probe: PSNR (dB) of a fresh decoder of each width fitted to the frozen "
+                  f"latents ({ev['capacity_images']} training images, {ev['capacity_steps']} Adam steps); "
+                  f"\"minimal decoder width\" above is the first width reaching {ev['capacity_target_psnr']:g} dB.",
+                  "", "| width | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for w in widths:
+            cells = [f"{_fmt(c['mean'])} ± {_fmt(c['std'])}" if (c := capacity.get(v, {}).get(str(w))) else "—"
+                     for v in variants]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    ref = report["reference"]
+    lines += ["", "Reference (real held-out images): " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
+                                                             for k, v in ref.items())]
+    if "best" in report:
+        b = report["best"]
+        lines += ["", f"Best by {b['select']}: **{b['variant']}** ({_fmt(b['mean'])})."]
+    lines += ["", "Metric definitions: fastdae/evaluation/judge.py (EvalConfig) and fastdae/metrics.py. FD-feat is a "
+              "Fréchet distance in the features of a classifier trained on the dataset, not FID. "
+              "\"none\": no run had a value (minimal width: no width reached the target error).",
+              "", "![metrics](metrics.png)" if report.get("metrics_png") == "drawn" else
+              f"metrics.png: {report.get('metrics_png')}", "", "![samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def _draw_metric_bars(report: dict[str, Any], path: Path) -> str:
+    """One panel per metric: a bar per variant (mean) with ±std error bars, with matplotlib (the
+    `plots` extra). Returns what happened, for the report: without matplotlib nothing is drawn."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+    except ImportError:
+        return "not drawn: matplotlib is not installed (pip install 'fastdae[plots]')"
+    variants = list(report["summary"])
+    keys = [(k, label) for k, label, _ in METRICS if any(report["summary"][v].get(k, {}).get("n") for v in variants)]
+    cols = 4
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (key, label) in zip(axes, keys):
+        stats = [report["summary"][v].get(key) or {"n": 0} for v in variants]
+        means = [s["mean"] if s["n"] else float("nan") for s in stats]
+        stds = [s["std"] if s["n"] else 0.0 for s in stats]
+        ax.bar(range(len(variants)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(variants))])
+        ax.set_xticks(range(len(variants)), [v[:14] for v in variants], rotation=20, fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return "drawn"
+
+
+def _draw_sample_grids(report: dict[str, Any], path: Path) -> None:
+    """Each variant's seed-0 sample grid (report["sample_grids"]), side by side, labelled."""
+    from PIL import Image, ImageDraw
+
+    grids = {v: Path(p) for v, p in report.get("sample_grids", {}).items()}
+    images = {v: Image.open(p).convert("RGB") for v, p in grids.items() if p.is_file()}
+    if not images:
+        return
+    scale = max(1, 256 // max(im.width for im in images.values()))  # small grids are upscaled, pixel-exact
+    images = {v: im.resize((im.width * scale, im.height * scale), Image.NEAREST) for v, im in images.items()}
+    w, h = sum(im.width + 10 for im in images.values()) + 10, max(im.height for im in images.values()) + 30
+    canvas = Image.new("RGB", (w, h), "white")
+    draw, x = ImageDraw.Draw(canvas), 10
+    for v, im in images.items():
+        draw.text((x, 6), v, fill="black")
+        canvas.paste(im, (x, 24))
+        x += im.width + 10
+    canvas.save(path)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> None:
+    """out_dir/report.md, report.json, metrics.png, samples.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["metrics_png"] = _draw_metric_bars(report, out_dir / "metrics.png")
+    _draw_sample_grids(report, out_dir / "samples.png")
+    files.write_bytes(out_dir / "report.json", json.dumps(report, indent=1).encode())  # keeps the variants' order
+    files.write_bytes(out_dir / "report.md", markdown(report).encode())

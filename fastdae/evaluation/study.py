@@ -1,0 +1,107 @@
+"""Studies: the three-arm comparison of PAPER.md §5 and the ablation of the weakening knob.
+
+    report = compare("x.yaml", arms=("joint", "dae", "control"), seeds=3, out_dir="results/compare")
+    report = ablation("x.yaml", knob="width_mult", values=[0.25, 0.5, 1.0], seeds=2, out_dir="results/ablation")
+
+Each (variant, seed) is one `fastdae.train` run (mode = the arm, seed = s) in out_dir/runs/<variant>-s<seed>;
+the arms share every budget of the config, so they use equal compute: joint trains the full decoder
+for stage1.steps + stage2.steps, dae and control train stage 1 for stage1.steps (weak / full decoder)
+and a fresh full decoder for stage2.steps, and every arm trains the same DiT for prior.steps.
+Then each run is evaluated (`evaluate_run`) against one `Judge` shared by all runs, and out_dir gets
+report.md (mean ± std over seeds per metric per variant), report.json (every number), metrics.png
+(bars with ±std) and samples.png (each variant's seed-0 sample grid side by side).
+
+Runs resume: finished stages and evaluations (runs/<name>/eval.json) are reused, so an interrupted
+study continues where it stopped. What is evaluated, on which data, is in `EvalConfig`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdae import files
+from fastdae.config import MODES, TrainConfig, apply_overrides, load_config
+from fastdae.evaluation.evaluate import evaluate_run
+from fastdae.evaluation.judge import EvalConfig, build_judge, device_of
+from fastdae.evaluation.report import METRICS, capacity_curves, summarize, write_report
+from fastdae.training.run import RunFolder
+
+ARMS = MODES  # ("dae", "joint", "control")
+KNOBS = ("width_mult", "num_res_blocks", "dropout")  # WeakDecoderConfig fields
+
+
+def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int, out_dir: Path, ev: EvalConfig,
+               title: str, command: str | None, log: Any) -> dict[str, Any]:
+    """Train and evaluate every variant (config overrides) for seeds 0..seeds-1; write the report."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judge = build_judge(cfg, ev, out_dir, log)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    grids: dict[str, str] = {}  # variant -> its seed-0 sample grid (samples.png)
+    for s in range(seeds):  # seeds outermost: a study stopped early still has every variant at equal seeds
+        for name, overrides in variants.items():
+            run_dir = out_dir / "runs" / f"{name}-s{s}"
+            run_cfg = apply_overrides(cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True})
+            eval_file = run_dir / "eval.json"
+            if s == 0:
+                grids[name] = str(RunFolder(run_cfg).sample_grid)
+            if eval_file.is_file():  # finished earlier: reuse
+                runs[name].append(json.loads(eval_file.read_text()))
+                continue
+            from fastdae.training import train
+
+            t0 = time.perf_counter()
+            summary = train(run_cfg).metrics
+            result = evaluate_run(run_cfg, judge, ev)
+            result["train_wall_s"] = summary["wall_s"]
+            files.write_json(eval_file, result)
+            log(f"{name} seed {s}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
+            runs[name].append(result)
+    report = {"title": title, "command": command, "config": cfg.to_dict(), "eval": asdict(ev), "seeds": seeds,
+              "reference": judge.reference, "summary": summarize(runs),
+              "capacity": capacity_curves(runs), "runs": runs, "sample_grids": grids,
+              "device": str(device_of(cfg)), "torch": torch.__version__}
+    write_report(report, out_dir)
+    return report
+
+
+def compare(config: TrainConfig | dict | str | Path, arms: Sequence[str] = ("joint", "dae", "control"), seeds: int = 3,
+            out_dir: str | Path = "results/compare", eval_config: EvalConfig | None = None, command: str | None = None,
+            log: Any = print) -> dict[str, Any]:
+    """PAPER.md §5: the arms at equal compute, `seeds` seeds each; returns the report dict (also
+    written to out_dir as report.md / report.json / metrics.png / samples.png)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {list(arms)}")
+    cfg = load_config(config)
+    return _run_study(cfg, {a: {"mode": a} for a in arms}, seeds, Path(out_dir), eval_config or EvalConfig(),
+                      "DAE comparison (PAPER.md §5)", command, log)
+
+
+def ablation(config: TrainConfig | dict | str | Path, knob: str, values: Sequence[Any], seeds: int = 2,
+             out_dir: str | Path = "results/ablation", eval_config: EvalConfig | None = None, select: str = "fd_feat",
+             command: str | None = None, log: Any = print) -> dict[str, Any]:
+    """The weakening knob of the auxiliary decoder (weak_decoder.<knob> in KNOBS) over `values`, in
+    mode dae; report["best"] is the value with the best mean `select` metric."""
+    if knob not in KNOBS:
+        raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
+    directions = {k: d for k, _, d in METRICS}
+    if select not in directions:
+        raise ValueError(f"select must be one of {sorted(directions)}, got {select!r}")
+    cfg = load_config(config)
+    variants = {f"{knob}={v}": {"mode": "dae", f"weak_decoder.{knob}": v} for v in values}
+    report = _run_study(cfg, variants, seeds, Path(out_dir), eval_config or EvalConfig(),
+                        f"Ablation of weak_decoder.{knob} (mode dae)", command, log)
+    scored = {name: s[select]["mean"] for name, s in report["summary"].items() if select in s}
+    if scored:
+        best = (max if directions[select] > 0 else min)(scored, key=scored.get)
+        report["best"] = {"variant": best, "select": select, "mean": scored[best]}
+        write_report(report, Path(out_dir))
+    return report

@@ -1,0 +1,78 @@
+"""Small file helpers shared by the trainer, the latent cache and the exports: atomic writes (temp
+name in the same folder, fsync, rename; the temp is removed on any failure, ENOSPC included),
+sha256 of files, and this process's torch.distributed rank."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HASH_CHUNK = 1 << 20
+
+
+def temp_name(path: Path) -> Path:
+    """`.name.tmp<pid>` next to path: hidden, unique per process, same filesystem (so rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree (nothing if absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path (file or folder) to write; on success it replaces `path` in one rename, on
+    any exception it is removed and the exception propagates. Readers see the old or the new `path`."""
+    path = Path(path)
+    tmp = temp_name(path)
+    remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            fsync_file(tmp)
+        elif path.is_dir():  # os.replace onto a non-empty folder fails: the old one goes first
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) outside it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

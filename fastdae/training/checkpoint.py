@@ -1,0 +1,113 @@
+"""Checkpoints and weights of a stage folder.
+
+    stage1/ckpt-00000400/   <name>.safetensors per module (EMAs as ema_<name>) + state.pt
+    stage1/latest           the name of the newest complete checkpoint folder
+
+A checkpoint is written into a temp folder, fsynced and renamed, then `latest` is replaced
+atomically; a SIGKILL at any point leaves the previous checkpoint valid, and a failed write (disk
+full) removes its temp folder. The new checkpoint and the one before it are kept. `latest` must
+name a ckpt-<step> folder inside the stage folder, else the run is refused.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastdae import files
+from fastdae.training.distributed import unwrap
+from fastdae.training.identity import RunError
+from fastdae.training.optim import set_base_lr
+
+if TYPE_CHECKING:  # run.py imports this module
+    from fastdae.training.run import Run
+
+LATEST = "latest"
+CHECKPOINT = re.compile(r"ckpt-(\d{8})")
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """Weights as safetensors, written atomically (readers never see a partial file)."""
+    with files.atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    return Path(path)
+
+
+def load_weights(path: str | Path, module: nn.Module, prefix: str = "") -> None:
+    """Load `prefix`-ed keys of a safetensors file into module (strict)."""
+    state = load_file(str(path))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    module.load_state_dict(state)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The checkpoint folder `latest` names, None without one."""
+    pointer = stage_dir / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = stage_dir / name
+    if not CHECKPOINT.fullmatch(name) or not path.is_dir():
+        raise RunError(f"{pointer} names {name!r}, not a ckpt-<step> folder inside {stage_dir}; "
+                              f"the run folder was edited or another run wrote it (rerun with overwrite)")
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT.fullmatch(path.name).group(1))
+
+
+@dataclass
+class State:
+    """What a checkpoint holds, by name: modules (EMAs as ema_<name>), optimizers, LR schedulers."""
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
+    final = stage_dir / f"ckpt-{step:08d}"
+    with files.atomic_path(final) as tmp:
+        tmp.mkdir()
+        for name, module in state.modules.items():
+            save_weights(tmp / f"{name}.safetensors", unwrap(module).state_dict())
+        with files.atomic_path(tmp / "state.pt") as state_file:
+            torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
+                        "schedulers": {k: s.state_dict() for k, s in state.schedulers.items()}}, state_file)
+    files.write_bytes(stage_dir / LATEST, final.name.encode())
+    older = sorted(p for p in stage_dir.glob("ckpt-*") if p != final)
+    for old in older[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_if_due(run: Run, stage: str, done: int, steps: int, every: int, state: State) -> None:
+    """Rank 0 checkpoints every `every` steps and at the last step."""
+    if (done % every == 0 or done == steps) and run.dist.is_main:
+        save_checkpoint(run.stage_dir(stage), done, state)
+
+
+def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:
+    """The step to start from: 0, or the step of checkpoint `path` after restoring `state` from it; the
+    optimizers named in `lrs` then use the configured learning rate (it may change on resume)."""
+    if path is None:
+        return 0
+    for name, module in state.modules.items():
+        load_weights(path / f"{name}.safetensors", unwrap(module))
+    saved = torch.load(path / "state.pt", weights_only=True)
+    for k, o in state.optimizers.items():
+        o.load_state_dict(saved["optimizers"][k])
+    for k, s in state.schedulers.items():
+        s.load_state_dict(saved["schedulers"][k])
+    for k, lr in lrs.items():
+        if k in state.optimizers:
+            set_base_lr(state.optimizers[k], state.schedulers[k], lr)
+    return int(saved["step"])

@@ -1,0 +1,45 @@
+"""The cache step: one pass of the frozen stage-1 encoder over the dataset -> run/cache (fastdae.LatentCache).
+
+A complete cache of the same encoder file (sha256), dataset fingerprint, flip and shard size is
+reused as is; an interrupted build keeps its finished shards (LatentCache.build).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import Tensor
+
+from fastdae.cache import CacheError, LatentCache
+from fastdae.models.autoencoder import build_encoder
+from fastdae.training.checkpoint import load_weights
+from fastdae.training.run import Run
+
+
+def run(r: Run) -> dict[str, Any]:
+    cfg, device = r.cfg, r.device
+    encoder_file = r.require(r.encoder_file, "stage1")
+    sha = r.sha256(encoder_file)
+    try:  # flip and shard_size are part of the stage's identity (checked by Run.prepare)
+        cache = r.open_cache()
+        return {"reused": True, "count": len(cache), "fields": sorted(cache.fields)}
+    except CacheError:
+        pass
+    encoder = build_encoder(cfg.autoencoder)
+    load_weights(encoder_file, encoder, prefix="encoder.")
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    bottleneck = r.frozen_bottleneck()
+
+    def encode(images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        with r.autocast():
+            h = encoder(images.to(device, non_blocking=True))
+        fields, latent = bottleneck.encode_fields(h.float())  # the bottleneck in fp32: exact code choice
+        return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
+
+    t0 = time.perf_counter()
+    cache = LatentCache.build(r.cache_dir, r.dataset, encode, batch_size=cfg.cache.batch_size,
+                              shard_size=cfg.cache.shard_size, encoder_sha256=sha, dataset_fingerprint=r.fingerprint,
+                              flip=cfg.cache.flip, num_workers=cfg.num_workers, progress=cfg.progress and r.dist.is_main)
+    elapsed = time.perf_counter() - t0
+    return {"reused": False, "count": len(cache), "fields": sorted(cache.fields), "time_s": elapsed,
+            "latents_per_s": len(cache) / elapsed}

@@ -1,0 +1,73 @@
+"""What each stage's outputs depend on, so a run folder never holds something other than it says.
+
+A stage's identity is (1) the values of the config keys it depends on and (2) fingerprints of its
+inputs: the dataset fingerprint and the sha256 of the upstream weights it reads. It is written to
+<stage>/identity.json before the stage writes anything else, and compared before anything is
+resumed or reused:
+
+- any recorded stage whose config keys differ means the folder holds another run: refused
+  (the message names every differing key) unless `overwrite` clears the folder first;
+- resuming a stage whose inputs changed (other data; stage 1 trained again since) is refused;
+- keys a user may change between calls of the same run (SAFE_KEYS: learning rates, log/ckpt
+  intervals, steps, the cache's batch size, and the run-control keys) are not part of any identity.
+  More steps on resume continue from the last checkpoint; fewer than the last checkpoint are refused.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from fastdae.config import ConfigError, TrainConfig
+
+# keys that say how to run, not what is trained
+RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard")
+# keys a resumed run may change (steps: see the module docstring)
+SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "cache.batch_size")
+SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.num_samples")
+
+_SHARED = ("seed", "precision", "data.*", "autoencoder.*")
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "stage1": (*_SHARED, "mode", "stage1.*"),
+    "cache": ("precision", "data.*", "autoencoder.*", "cache.*"),
+    "stage2": (*_SHARED, "cache.flip", "stage2.*"),
+    "prior": (*_SHARED, "cache.flip", "prior.*"),
+    "samples": (*_SHARED, "mode", "cache.flip", "prior.*"),
+}
+
+
+class RunError(ConfigError):
+    """The run folder holds something this config must not resume, reuse or overwrite."""
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def config_identity(cfg: TrainConfig, stage: str) -> dict[str, Any]:
+    """The config values `stage`'s outputs depend on, by dotted key."""
+    patterns = STAGE_KEYS[stage] + (("weak_decoder.*",) if stage == "stage1" and cfg.mode == "dae" else ())
+    own = flatten(cfg.to_dict())
+    keys = [k for k in own if _matches(k, patterns) and not _matches(k, SAFE_KEYS)]
+    if stage == "prior":
+        keys = [k for k in keys if k not in SAMPLING]
+    return {k: own[k] for k in keys}
+
+
+def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: recorded -> current' for every key whose value differs (or exists on one side only)."""
+
+    def show(d: dict[str, Any], k: str) -> str:
+        return repr(d[k]) if k in d else "(absent)"
+
+    return [f"{k}: {show(recorded, k)} -> {show(current, k)}" for k in sorted(recorded.keys() | current.keys())
+            if k not in recorded or k not in current or recorded[k] != current[k]]

@@ -1,0 +1,71 @@
+"""The prior stage: a DiT trained on the cached latents.
+
+Latents are the KL posterior draws or the VQ codebook vectors of the cached indices, scaled per
+channel by the cache's statistics (LatentScaler), so one DiT serves both bottlenecks (DESIGN.md).
+Writes prior/dit.safetensors (EMA weights when enabled).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdae.models.diffusion import LatentScaler, make_diffusion
+from fastdae.models.dit import DiT_models
+from fastdae.training import distributed
+from fastdae.training.checkpoint import State, restore, save_if_due, save_weights
+from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
+from fastdae.training.logs import StepLog
+from fastdae.training.optim import ema_or_none, make_optimizer, optimizer_step
+from fastdae.training.run import Run
+
+BETAS = (0.9, 0.999)  # DiT's AdamW betas
+
+
+def build_dit(r: Run) -> nn.Module:
+    """The configured DiT over (z_channels, size / downsample) latents (names and sizes: validated in the config)."""
+    cfg = r.cfg
+    return DiT_models[cfg.prior.model](input_size=cfg.data.size // cfg.autoencoder.downsample,
+                                       in_channels=cfg.autoencoder.z_channels, num_classes=r.num_classes(),
+                                       learn_sigma=False)
+
+
+def run(r: Run) -> dict[str, Any]:
+    cfg, p, device = r.cfg, r.cfg.prior, r.device
+    batch = r.per_rank("prior.batch_size")
+    cache, bottleneck = r.open_cache(), r.frozen_bottleneck()
+    scaler = LatentScaler(cache.channel_mean, cache.channel_std).to(device)
+    torch.manual_seed(cfg.seed + 2)
+    model = build_dit(r).to(device)
+    model_train = wrap_ddp(model, r.dist, device)
+    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps)
+    opt, sched = make_optimizer(model.parameters(), p.lr, BETAS, p.warmup_steps)
+    state = State({"dit": model}, {"dit": opt}, {"dit": sched})
+    ema = ema_or_none(model, p.ema_decay)
+    if ema is not None:
+        state.modules["ema_dit"] = ema
+    start = restore(r.resume_from["prior"], state, {"dit": p.lr})
+    params = list(model.parameters())
+    loader = cache.loader(batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda")
+    batches = cache_batches(loader, start)
+    log = StepLog(r, "prior", p.steps, start, p.log_every, p.ckpt_every, batch * r.dist.world_size)
+    model.train()
+    for step in range(start, p.steps):
+        distributed.seed_step(cfg.seed, "prior", step, r.dist.rank)
+        fields = to_device(log.batch(batches), device)
+        with torch.no_grad():
+            x0 = scaler.normalize(bottleneck.latent(fields))  # (B, C, h, w), ~unit variance per channel
+        y = fields["label"] if model.num_classes > 0 else None
+        with r.autocast():
+            loss = diffusion.loss(model_train, x0, y)
+        grad_norm = optimizer_step(loss, opt, sched, params, p.grad_clip)
+        if ema is not None:
+            ema.update(step)
+        log.step(step + 1, {"loss": loss.detach(), "grad_norm": grad_norm})
+        save_if_due(r, "prior", step + 1, p.steps, p.ckpt_every, state)
+    metrics = log.finish()
+    if r.dist.is_main:
+        save_weights(r.dit_file, (ema.module if ema is not None else model).state_dict())
+    metrics["num_classes"] = model.num_classes
+    return metrics

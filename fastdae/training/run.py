@@ -1,0 +1,347 @@
+"""`Run`: one run folder and what every stage shares. It owns
+
+- the layout (every artefact path is a property here, nowhere else),
+- the validated config, the process/device setup, the dataset (built once) and its fingerprint,
+- the latent cache and the frozen bottleneck as later stages read them (checked against the encoder
+  file's sha256 and the dataset fingerprint),
+- the identity checks (fastdae.training.identity): `prepare()` before anything is trained or
+  written, `begin(stage)` before each stage, `summarize()` after.
+
+    run/config.yaml  summary.json  train.log
+    run/<stage>/identity.json  metrics.json  log.csv  ckpt-*/  latest     (stage1, stage2, prior)
+    run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
+    run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from fastdae import files
+from fastdae.config import STAGES, ConfigError, TrainConfig
+from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint, load_weights
+from fastdae.training.distributed import autocast, setup_distributed
+from fastdae.training.identity import RunError, config_identity, differences
+
+log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
+CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
+DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
+
+
+class MissingOutputError(RunError, FileNotFoundError):
+    """A stage needs what an earlier stage writes, and it is not there."""
+
+
+@dataclass
+class Result:
+    """What a run left: its directory, every stage's metrics, and the paths of its outputs (None when
+    the stage has not run)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    cache: Path | None = None
+    sample_grid: Path | None = None
+    summary: Path | None = None
+
+
+class RunFolder:
+    """The layout of a run folder: every artefact path (what evaluation reads too), nothing else."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg, self.root = cfg, Path(cfg.out_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    config_file = property(lambda self: self.root / "config.yaml")
+    summary_file = property(lambda self: self.root / "summary.json")
+    log_file = property(lambda self: self.root / "train.log")
+    cache_dir = property(lambda self: self.stage_dir("cache"))
+    encoder_file = property(lambda self: self.stage_dir("stage1") / "encoder.safetensors")
+    dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
+    sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
+    sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
+
+    def decoder_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "decoder.safetensors"
+
+    @property
+    def final_decoder_stage(self) -> str:
+        """The decoder samples are decoded with: stage 2's, or stage 1's in mode "joint" (no stage 2)."""
+        return "stage1" if self.cfg.mode == "joint" else "stage2"
+
+    def identity_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "identity.json"
+
+    def metrics_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.json"
+
+    def log_csv(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "log.csv"
+
+
+class Run(RunFolder):
+    """A run in progress: the folder's layout (RunFolder) plus processes, device, dataset, cache and
+    the identity checks (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.resume_from: dict[str, Path | None] = {}
+        self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
+
+    def total_steps(self, stage: str) -> tuple[str, int]:
+        """(config key, steps) of a checkpointed stage; joint trains stage 1 for both budgets."""
+        c = self.cfg
+        if stage == "stage1" and c.mode == "joint":
+            return "stage1.steps + stage2.steps", c.stage1.steps + c.stage2.steps
+        return f"{stage}.steps", getattr(c, stage).steps
+
+    @cached_property
+    def dataset(self) -> Any:
+        from fastdae.data import build_dataset
+
+        return build_dataset(self.cfg.data)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        from fastdae.data import dataset_fingerprint
+
+        return dataset_fingerprint(self.dataset)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.cfg.precision)
+
+    def per_rank(self, key: str) -> int:
+        """The per-rank share of the global batch size at `key` (checked in prepare)."""
+        return getattr(self.cfg, key.split(".")[0]).batch_size // self.dist.world_size
+
+    def require(self, path: Path, stage: str) -> Path:
+        if not path.is_file():
+            raise MissingOutputError(f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in "
+                                     f"{self.root}")
+        return path
+
+    def sha256(self, path: Path) -> str:
+        """sha256 of a file, hashed again only when its size or mtime changed."""
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns)
+        if self._sha.get(path, (None, ""))[0] != key:
+            self._sha[path] = (key, files.sha256_file(path))
+        return self._sha[path][1]
+
+    def open_cache(self) -> Any:
+        """run/cache, verified against the stage-1 encoder it was built from and this run's dataset."""
+        from fastdae.cache import LatentCache
+
+        cache = LatentCache(self.cache_dir, verify="lazy")
+        cache.check(encoder_sha256=self.sha256(self.require(self.encoder_file, "stage1")),
+                    dataset_fingerprint=self.fingerprint)
+        return cache
+
+    def frozen_bottleneck(self) -> nn.Module:
+        """The stage-1 bottleneck (VQ codebook) from stage1/encoder.safetensors, frozen, in eval mode."""
+        from fastdae.models.autoencoder import build_bottleneck
+
+        bottleneck = build_bottleneck(self.cfg.autoencoder)
+        load_weights(self.require(self.encoder_file, "stage1"), bottleneck, prefix="bottleneck.")
+        return bottleneck.to(self.device).eval().requires_grad_(False)
+
+    def num_classes(self) -> int:
+        """Classes the DiT is conditioned on (0: unconditional), from the dataset's own description."""
+        ds = self.dataset
+        if not self.cfg.prior.class_cond:
+            return 0
+        if hasattr(ds, "num_classes"):
+            return int(ds.num_classes)
+        if getattr(ds, "classes", None):
+            return len(ds.classes)
+        return int(np.max(ds.labels)) + 1 if hasattr(ds, "labels") else 0
+
+    # ---- identity ------------------------------------------------------------------------------
+    def inputs(self, stage: str) -> dict[str, str]:
+        """Fingerprints of what `stage` reads: the dataset and the upstream weights' sha256."""
+        out = {"dataset": self.fingerprint}
+        if stage != "stage1":
+            out["encoder"] = self.sha256(self.require(self.encoder_file, "stage1"))
+        if stage == "samples":
+            final = self.final_decoder_stage
+            out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))
+            out["dit"] = self.sha256(self.require(self.dit_file, "prior"))
+        return out
+
+    def recorded(self, stage: str) -> dict[str, Any] | None:
+        path = self.identity_file(stage)
+        if not path.is_file():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+            if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
+                return rec
+        except ValueError:
+            pass
+        raise RunError(f"{path} is not a stage identity (edited or corrupted); use overwrite to start the run again")
+
+    def prepare(self) -> None:
+        """Refuse a folder holding another run (or, on resume, what cannot be resumed), check the batch
+        sizes against the dataset, then write config.yaml. Nothing is written before the checks pass."""
+        cfg, root = self.cfg, self.root
+        if root.is_dir() and any(root.iterdir()):
+            if not self.config_file.is_file():
+                raise RunError(f"out_dir {root} is not empty and is not a fastdae run (no config.yaml); it is never "
+                               f"cleared, not even with overwrite: choose another out_dir")
+            if cfg.overwrite:
+                self._on_main(lambda: [files.remove(p) for p in root.iterdir()])
+        conflicts = []
+        for stage in STAGES:
+            if not self.stage_dir(stage).exists():
+                continue
+            rec = self.recorded(stage)
+            diff = ["no identity.json (another run, or one of an older fastdae)"] if rec is None else \
+                differences(rec["config"], config_identity(cfg, stage))
+            if diff and not (rec is not None and stage in DERIVED and stage in cfg.stages):  # those are redone
+                conflicts.append(f"{stage} was trained with " + "; ".join(diff))
+        if conflicts:
+            raise RunError(f"out_dir {root} holds another run: {' | '.join(conflicts)}. Use overwrite "
+                           f"(--overwrite) to clear it, or another out_dir.")
+        for stage in cfg.stages if cfg.resume else ():
+            self._check_resumable(stage)
+        self._check_upstream_on_resume()
+        self._check_batches()
+        self._on_main(lambda: (root.mkdir(parents=True, exist_ok=True), files.write_bytes(
+            self.config_file, cfg.to_yaml().encode())))
+
+    def _check_resumable(self, stage: str) -> None:
+        rec = self.recorded(stage)
+        if rec is None or stage not in CHECKPOINTED:
+            return
+        if rec["inputs"]["dataset"] != self.fingerprint:
+            raise RunError(f"cannot resume {stage}: it was trained on another dataset (fingerprint "
+                           f"{rec['inputs']['dataset'][:12]}..., now {self.fingerprint[:12]}...): the images changed. "
+                           f"Train it again without resume, or use overwrite.")
+        ckpt = latest_checkpoint(self.stage_dir(stage))
+        key, steps = self.total_steps(stage)
+        if ckpt is not None and checkpoint_step(ckpt) > steps:
+            raise RunError(f"cannot resume {stage}: {key}={steps} is below its last checkpoint (step "
+                           f"{checkpoint_step(ckpt)}); raise it to >= {checkpoint_step(ckpt)}, or train the stage "
+                           f"again without resume")
+
+    def _check_upstream_on_resume(self) -> None:
+        """Stage 2 and the prior read stage 1's encoder (through the cache): resuming them in a call that
+        trains stage 1 further would continue from checkpoints of another encoder. Refused up front,
+        before stage 1 spends its steps."""
+        cfg = self.cfg
+        if not cfg.resume or "stage1" not in cfg.stages:
+            return
+        rec = self.recorded("stage1")
+        if rec is not None and self._finished("stage1") and rec["inputs"]["dataset"] == self.fingerprint:
+            return  # stage 1 will be skipped: its encoder stays
+        stale = [s for s in ("stage2", "prior") if s in cfg.stages and self.recorded(s) is not None]
+        if stale:
+            raise RunError(f"cannot resume {' and '.join(stale)} in a call that trains stage1 (again or further): "
+                           f"they were trained on the encoder stage1 replaces. Resume stage1 alone (stages=stage1), "
+                           f"then train {', '.join(s for s in cfg.stages if s != 'stage1')} again without resume")
+
+    def _check_batches(self) -> None:
+        n, world = len(self.dataset), self.dist.world_size
+        count = n * (2 if self.cfg.cache.flip else 1)
+        for key, items in (("stage1.batch_size", n), ("stage2.batch_size", count), ("prior.batch_size", count)):
+            batch = getattr(self.cfg, key.split(".")[0]).batch_size
+            if batch % world:
+                raise ConfigError(f"{key}={batch} must be divisible by the number of processes ({world})")
+            if (items // world) // (batch // world) == 0:
+                raise ConfigError(f"{key}={batch} is more than the {items} items of the dataset"
+                                  f"{' with flipped copies' if items != n else ''} over {world} process(es)")
+
+    def begin(self, stage: str) -> bool:
+        """Before a stage: False when it finished earlier (resume, same identity); else prepares its
+        folder (continued from `resume_from[stage]`, or cleared and given its identity.json)."""
+        if stage in ("stage2", "prior"):
+            self.open_cache()  # a cache of another encoder or dataset is refused before anything is touched
+        inputs, rec = self.inputs(stage), self.recorded(stage)
+        self.resume_from[stage] = None
+        if self.cfg.resume and rec is not None:
+            changed = differences(rec["inputs"], inputs) + differences(rec["config"], config_identity(self.cfg, stage))
+            if not changed and self._finished(stage):
+                log.info(f"{stage}: finished earlier ({self.metrics_file(stage)}), skipped")
+                return False
+            if not changed:
+                self.resume_from[stage] = latest_checkpoint(self.stage_dir(stage))
+                self._on_main(lambda: self._resumable_stage_dir(stage))
+                return True
+            if stage in CHECKPOINTED:
+                raise RunError(f"cannot resume {stage}: what it reads changed since it was trained "
+                               f"({'; '.join(changed)}). Train it again without resume, or use overwrite.")
+        keep = stage == "cache"  # LatentCache.build reuses the shards of its own identity
+        self._on_main(lambda: self._fresh_stage_dir(stage, keep, {"config": config_identity(self.cfg, stage),
+                                                                  "inputs": inputs}))
+        return True
+
+    def _finished(self, stage: str) -> bool:
+        path = self.metrics_file(stage)
+        if not path.is_file():
+            return False
+        return stage not in CHECKPOINTED or json.loads(path.read_text())["steps"] == self.total_steps(stage)[1]
+
+    def _resumable_stage_dir(self, stage: str) -> None:
+        """The stage runs again: it is no longer finished, and temp files of a killed process go."""
+        self.metrics_file(stage).unlink(missing_ok=True)
+        for debris in self.stage_dir(stage).glob(".*.tmp*"):
+            files.remove(debris)
+
+    def _fresh_stage_dir(self, stage: str, keep: bool, identity: dict[str, Any]) -> None:
+        d = self.stage_dir(stage)
+        if d.exists() and not keep:
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        self.metrics_file(stage).unlink(missing_ok=True)
+        files.write_json(self.identity_file(stage), identity)
+
+    def finish(self, stage: str, metrics: dict[str, Any]) -> None:
+        self._on_main(lambda: files.write_json(self.metrics_file(stage), metrics))
+
+    def _on_main(self, fn: Any) -> None:
+        """fn() on rank 0 between barriers: every rank has read the folder before, and sees the change after."""
+        self.dist.barrier()
+        if self.dist.is_main:
+            fn()
+        self.dist.barrier()
+
+    def summarize(self) -> Result:
+        """summary.json of the stages whose outputs still match what they were built from; the others
+        are listed under "stale" with what changed (e.g. stage 1 was trained again since)."""
+        stages, stale = {}, {}
+        for stage in STAGES:
+            rec = self.recorded(stage)
+            if rec is None or not self.metrics_file(stage).is_file():
+                continue
+            try:
+                changed = differences(rec["inputs"], self.inputs(stage))
+            except MissingOutputError as e:
+                changed = [str(e)]
+            if changed:
+                stale[stage] = changed
+            else:
+                stages[stage] = json.loads(self.metrics_file(stage).read_text())
+        cfg = self.cfg
+        summary = {"mode": cfg.mode, "bottleneck": cfg.autoencoder.bottleneck, "seed": cfg.seed, "stages": stages,
+                   "stale": stale, "wall_s": sum(m.get("wall_s", 0.0) for m in stages.values())}
+        if self.dist.is_main:
+            files.write_json(self.summary_file, summary)
+        weights = {"encoder": self.encoder_file, "stage1_decoder": self.decoder_file("stage1"),
+                   "stage2_decoder": self.decoder_file("stage2"), "dit": self.dit_file}
+        return Result(run_dir=self.root, metrics=summary,
+                      checkpoints={k: p for k, p in weights.items() if p.is_file()},
+                      cache=self.cache_dir if "cache" in stages else None,
+                      sample_grid=self.sample_grid if "samples" in stages else None,
+                      summary=self.summary_file if self.dist.is_main else None)

@@ -1,0 +1,69 @@
+"""Stage 2 (PAPER.md §2): a fresh full decoder trained on the frozen latents read from run/cache.
+
+The encoder is never built or loaded: the batches are (cached fields, images) pairs, the latent is
+the frozen codebook lookup (VQ) or a fresh draw from the cached posterior (KL). Same losses as stage 1
+without the bottleneck term. Writes stage2/decoder.safetensors (EMA weights when enabled).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastdae.models.autoencoder import build_decoder
+from fastdae.training import distributed
+from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
+from fastdae.training.checkpoint import restore, save_if_due, save_weights
+from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
+from fastdae.training.logs import StepLog
+from fastdae.training.optim import ema_or_none, optimizer_step
+from fastdae.training.run import Run
+
+
+def run(r: Run) -> dict[str, Any]:
+    cfg, s, device = r.cfg, r.cfg.stage2, r.device
+    batch = r.per_rank("stage2.batch_size")
+    cache, bottleneck = r.open_cache(), r.frozen_bottleneck()
+    torch.manual_seed(cfg.seed + 1)  # a fresh decoder, not stage 1's initialisation
+    decoder = build_decoder(cfg.autoencoder).to(device)
+    decoder_train = wrap_ddp(decoder, r.dist, device)
+    crit, state = losses_and_state(r, s, "decoder", decoder)
+    ema = ema_or_none(decoder, s.ema_decay)
+    if ema is not None:
+        state.modules["ema_decoder"] = ema
+    start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
+    params = list(decoder.parameters())
+    loader = cache.paired_loader(r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers),
+                                 pin_memory=device.type == "cuda")
+    batches = cache_batches(loader, start)
+    log = StepLog(r, "stage2", s.steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
+    decoder.train()
+    for step in range(start, s.steps):
+        distributed.seed_step(cfg.seed, "stage2", step, r.dist.rank)
+        fields, x = to_device(log.batch(batches), device)  # cached fields of x; x (B, 3, H, W)
+        with torch.no_grad():
+            z = bottleneck.latent(fields)  # (B, C, h, w): frozen codebook lookup or posterior draw
+        with r.autocast():
+            x_hat = decoder_train(z)
+            loss, terms = crit.generator_loss(x, x_hat, 0.0, step, decoder.last_layer)
+        terms["grad_norm"] = optimizer_step(loss, state.optimizers["decoder"], state.schedulers["decoder"], params,
+                                            s.grad_clip)
+        if crit.gan_active(step):
+            terms["d_loss"] = discriminator_step(r, crit, s, state, x, x_hat)
+        if ema is not None:
+            ema.update(step)
+        log.step(step + 1, {"loss": loss.detach(), **terms})
+        save_if_due(r, "stage2", step + 1, s.steps, s.ckpt_every, state)
+    metrics = log.finish()
+
+    final = ema.module if ema is not None else decoder.eval()
+    if r.dist.is_main:
+
+        def reconstruct(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            z = bottleneck.latent(to_device(cache.gather(idx), device), sample=False)
+            return images_at(r.dataset, idx), final(z)
+
+        metrics["eval"] = evaluate(r, "stage2", reconstruct)
+        save_weights(r.decoder_file("stage2"), final.state_dict())
+    metrics["lpips"] = crit.lpips is not None
+    return metrics

@@ -1,0 +1,78 @@
+"""Config validation up front (issue 12, finding 7): every field of every stage and the cross-field
+rules are checked when the config is built, before any training, with messages that name the key,
+the allowed values and, for near-miss names, what was probably meant."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdae
+from fastdae.config import TrainConfig, apply_overrides, preset
+
+
+@pytest.mark.parametrize("override,match", [
+    ("stage1.batch_size=-4", r"stage1\.batch_size.*>= 1.*-4"),
+    ("stage2.batch_size=0", r"stage2\.batch_size"),
+    ("prior.batch_size=0", r"prior\.batch_size"),
+    ("cache.batch_size=0", r"cache\.batch_size"),
+    ("cache.shard_size=0", r"cache\.shard_size"),
+    ("stage1.steps=0", r"stage1\.steps.*>= 1"),
+    ("stage2.steps=-3", r"stage2\.steps"),
+    ("prior.steps=0", r"prior\.steps"),
+    ("stage1.log_every=0", r"stage1\.log_every"),
+    ("stage2.ckpt_every=0", r"stage2\.ckpt_every"),
+    ("prior.ckpt_every=0", r"prior\.ckpt_every"),
+    ("stage1.betas=0.5", r"stage1\.betas.*two"),
+    ("stage2.betas=[0.5, 1.5]", r"stage2\.betas.*\[0, 1\)"),
+    ("stage1.lr=0", r"stage1\.lr.*> 0"),
+    ("prior.lr=-1e-4", r"prior\.lr"),
+    ("stage1.ema_decay=1.5", r"stage1\.ema_decay.*\[0, 1\)"),
+    ("stage1.warmup_steps=-1", r"stage1\.warmup_steps"),
+    ("stage1.grad_clip=-1", r"stage1\.grad_clip"),
+    ("stage1.disc.lr=0", r"stage1\.disc\.lr"),
+    ("prior.num_samples=0", r"prior\.num_samples"),
+    ("prior.sample_steps=0", r"prior\.sample_steps"),
+    ("prior.num_timesteps=0", r"prior\.num_timesteps"),
+    ("num_workers=-1", r"num_workers"),
+    ("data.size=17", r"data\.size.*17.*downsampl.*2"),
+    ("data.size=18", r"data\.size.*18.*patch.*2"),
+    ("prior.model=DiT-T2", r"prior\.model.*did you mean 'DiT-T/2'"),
+    ("prior.model=GPT", r"prior\.model.*DiT-B/2"),
+    ("prior.objective=flwo", r"prior\.objective.*did you mean 'flow'"),
+    ("prior.sampler=eular", r"prior\.sampler.*did you mean 'euler'"),
+    ("prior.schedule=cosine", r"prior\.schedule.*flow"),
+    ("mode=dea", r"mode.*did you mean 'dae'"),
+    ("stages=stage1,cahce", r"stages.*did you mean 'cache'"),
+    ("precision=bf61", r"precision.*did you mean 'bf16'"),
+    ("device=gpu", r"device.*cuda"),
+    ("autoencoder.bottleneck=kv", r"autoencoder\.bottleneck.*did you mean"),
+    ("stage2.stepz=3", r"unknown config key 'stage2\.stepz'.*did you mean 'steps'"),
+])
+def test_bad_values_are_rejected_when_the_config_is_built(override, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(preset("tiny"), [override])
+
+
+def test_every_preset_is_valid():
+    for name in ("default", "tiny"):
+        preset(name)
+    TrainConfig()
+
+
+def test_unknown_preset_suggests_the_near_miss():
+    with pytest.raises(ValueError, match="did you mean 'tiny'"):
+        preset("tinny")
+
+
+def test_cuda_without_a_gpu_is_a_config_error_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device.*'cuda'.*no CUDA"):
+        fastdae.train(apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "device=cuda"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_larger_than_the_dataset_fails_before_training(tmp_path):
+    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "prior.batch_size=128"])
+    with pytest.raises(ValueError, match=r"prior\.batch_size=128.*64"):
+        fastdae.train(cfg)
+    assert not (tmp_path / "run" / "stage1").exists()
