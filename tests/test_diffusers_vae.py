@@ -251,3 +251,46 @@ def test_import_loads_no_diffusers_or_taming():
             "I.load_taming_stage1, I.TamingDecoder, I.export_taming;"
             "bad = [m for m in ('diffusers', 'taming') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_train_with_diffusers_stage1(tmp_path, kind):
+    """fastdae.train with stage1.encoder = a diffusers folder: cache -> stage 2 (diffusers' Decoder) ->
+    prior -> samples at tiny steps; stage2/diffusers/ loads with from_pretrained and decodes the cached
+    latents as the trained decoder does."""
+    import fastdae
+    from fastdae.config import apply_overrides, preset
+    from fastdae.training.checkpoint import load_weights
+
+    vae = (save_kl if kind == "kl" else save_vq)(tmp_path / "src")
+    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples",
+                                           f"stage1.encoder={tmp_path / 'src'}"])
+    result = fastdae.train(cfg)
+    stages = result.metrics["stages"]
+    assert set(stages) == {"cache", "stage2", "prior", "samples"}
+    assert sorted(stages["cache"]["fields"]) == (["label", "logvar", "mean"] if kind == "kl" else ["indices", "label"])
+    assert result.sample_grid is not None and result.sample_grid.is_file()
+
+    cache = LatentCache(tmp_path / "run" / "cache")
+    stage1 = load_stage1(tmp_path / "src")
+    cache.check(encoder_sha256=stage1.sha256)
+    decoder = DiffusersDecoder.from_source(tmp_path / "src")
+    load_weights(tmp_path / "run" / "stage2" / "decoder.safetensors", decoder)
+    loaded = type(vae).from_pretrained(stages["stage2"]["diffusers"], local_files_only=True).eval()
+    z = stage1.latent(cache.gather([0, 1, 2]), sample=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z).sample, decoder.eval()(z), rtol=0, atol=ATOL)
+
+
+def test_config_rejects_stage1_with_a_pretrained_encoder(tmp_path):
+    from fastdae.config import ConfigError, apply_overrides, check_environment, preset
+
+    with pytest.raises(ConfigError, match="stages must not list 'stage1'"):
+        apply_overrides(preset("tiny"), [f"stage1.encoder={tmp_path}"])
+    cfg = apply_overrides(preset("tiny"), ["stages=cache,stage2", f"stage1.encoder={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="stage1.encoder"):
+        check_environment(cfg)
+    save_kl(tmp_path / "src")
+    cfg = apply_overrides(preset("tiny"), ["stages=cache,stage2", f"stage1.encoder={tmp_path / 'src'}", "data.size=17"])
+    with pytest.raises(ConfigError, match="downsampling factor 2"):
+        check_environment(cfg)

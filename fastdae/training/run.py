@@ -71,6 +71,7 @@ class RunFolder:
     dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
     sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
     sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
+    diffusers_export = property(lambda self: self.stage_dir("stage2") / "diffusers")  # with stage1.encoder
 
     def decoder_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "decoder.safetensors"
@@ -140,17 +141,58 @@ class Run(RunFolder):
             self._sha[path] = (key, files.sha256_file(path))
         return self._sha[path][1]
 
+    @cached_property
+    def pretrained_stage1(self) -> Any:
+        """stage1.encoder (a diffusers AutoencoderKL / VQModel folder) loaded frozen on this run's device,
+        a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
+        if self.cfg.stage1.encoder is None:
+            return None
+        from fastdae.integrations.diffusers_vae import load_stage1
+
+        return load_stage1(self.cfg.stage1.encoder, self.cfg.stage1.posterior, self.device)
+
+    def encoder_sha256(self) -> str:
+        """Identity of the frozen encoder the cache is built from: stage1/encoder.safetensors' sha256, or
+        the pretrained encoder's (class, config and encoder-side tensors)."""
+        if self.pretrained_stage1 is not None:
+            return self.pretrained_stage1.sha256
+        return self.sha256(self.require(self.encoder_file, "stage1"))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.cfg.autoencoder.z_channels if self.pretrained_stage1 is None else self.pretrained_stage1.latent_channels
+
+    @property
+    def downsample(self) -> int:
+        return self.cfg.autoencoder.downsample if self.pretrained_stage1 is None else self.pretrained_stage1.downsample
+
+    @property
+    def bottleneck_kind(self) -> str:
+        return self.cfg.autoencoder.bottleneck if self.pretrained_stage1 is None else self.pretrained_stage1.kind
+
+    def build_decoder(self) -> nn.Module:
+        """A fresh full decoder: fastdae's (autoencoder config) or diffusers' Decoder of stage1.encoder."""
+        if self.pretrained_stage1 is None:
+            from fastdae.models.autoencoder import build_decoder
+
+            return build_decoder(self.cfg.autoencoder)
+        from fastdae.integrations.diffusers_vae import DiffusersDecoder
+
+        return DiffusersDecoder.from_source(self.cfg.stage1.encoder)
+
     def open_cache(self) -> Any:
-        """run/cache, verified against the stage-1 encoder it was built from and this run's dataset."""
+        """run/cache, verified against the frozen encoder it was built from and this run's dataset."""
         from fastdae.cache import LatentCache
 
         cache = LatentCache(self.cache_dir, verify="lazy")
-        cache.check(encoder_sha256=self.sha256(self.require(self.encoder_file, "stage1")),
-                    dataset_fingerprint=self.fingerprint)
+        cache.check(encoder_sha256=self.encoder_sha256(), dataset_fingerprint=self.fingerprint)
         return cache
 
     def frozen_bottleneck(self) -> nn.Module:
-        """The stage-1 bottleneck (VQ codebook) from stage1/encoder.safetensors, frozen, in eval mode."""
+        """The frozen bottleneck (VQ codebook) in eval mode: stage 1's, from stage1/encoder.safetensors,
+        or the pretrained encoder's."""
+        if self.pretrained_stage1 is not None:
+            return self.pretrained_stage1.bottleneck
         from fastdae.models.autoencoder import build_bottleneck
 
         bottleneck = build_bottleneck(self.cfg.autoencoder)
@@ -173,7 +215,7 @@ class Run(RunFolder):
         """Fingerprints of what `stage` reads: the dataset and the upstream weights' sha256."""
         out = {"dataset": self.fingerprint}
         if stage != "stage1":
-            out["encoder"] = self.sha256(self.require(self.encoder_file, "stage1"))
+            out["encoder"] = self.encoder_sha256()
         if stage == "samples":
             final = self.final_decoder_stage
             out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))

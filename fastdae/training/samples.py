@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from fastdae.models.autoencoder import build_decoder
 from fastdae.models.diffusion import LatentScaler, make_diffusion
 from fastdae.training.checkpoint import load_weights, save_weights
 from fastdae.training.logs import save_grid
@@ -23,11 +22,11 @@ def run(r: Run) -> dict[str, Any]:
         return {}
     cache, bottleneck = r.open_cache(), r.frozen_bottleneck()
     scaler = LatentScaler(cache.channel_mean, cache.channel_std).to(device)
-    C = cfg.autoencoder.z_channels
+    C = r.latent_channels
     model = build_dit(r)
     load_weights(r.dit_file, model)
     model = model.to(device).eval()
-    decoder = build_decoder(cfg.autoencoder)
+    decoder = r.build_decoder()
     load_weights(r.decoder_file(r.final_decoder_stage), decoder)
     decoder = decoder.to(device).eval()
 
@@ -40,7 +39,7 @@ def run(r: Run) -> dict[str, Any]:
         z = diffusion.sample(model, (n, C, h, h), y=y, steps=p.sample_steps, sampler=p.sampler,
                              cfg_scale=p.cfg_scale, generator=generator)
     z = scaler.denormalize(z.float())
-    if cfg.autoencoder.bottleneck == "vq":
+    if r.bottleneck_kind == "vq":
         from fastdae import vq_nearest
 
         codebook = bottleneck.quantizer.codebook  # (K, D)
