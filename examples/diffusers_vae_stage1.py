@@ -8,10 +8,12 @@ cached once, a fresh DAE decoder in diffusers' architecture trained on them, exp
     cache = LatentCache.build(root, dataset, stage1.encode_fields, encoder_sha256=stage1.sha256, ...)
     decoder = DiffusersDecoder.from_source("my-vae")     # diffusers' Decoder + post_quant_conv, fresh
     export_diffusers(decoder, "my-vae", "my-vae-dae")    # AutoencoderKL.from_pretrained("my-vae-dae")
+    fastdae.train({"stages": ["cache", "stage2", "prior", "samples"], "stage1": {"encoder": "my-vae"}, ...})
 
 Without an argument a small randomly initialised AutoencoderKL stands in for a pretrained one (nothing
-is downloaded); pass a local diffusers VAE folder to use yours. Stage 2 here is plain L1 for a few
-steps, enough to show the pieces fit; fastdae's trainer adds LPIPS and the GAN. Needs diffusers;
+is downloaded); pass a local diffusers VAE folder to use yours. The hand-written stage 2 is plain L1
+for a few steps, enough to show the pieces fit; then fastdae.train runs the whole recipe on the same
+folder at the tiny preset's steps (with its LPIPS/GAN losses, the DiT and samples). Needs diffusers;
 prints "skipped" without it.
 """
 import sys
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+import fastdae
 from fastdae.cache import LatentCache
+from fastdae.config import apply_overrides, preset
 from fastdae.data import ProceduralShapes, dataset_fingerprint
 from fastdae.integrations import DiffusersDecoder, export_diffusers, load_stage1
 
@@ -74,7 +78,17 @@ def main(tmp: Path, source: Path | None) -> None:
     print(f"exported to {out.name}/ ({sorted(p.name for p in out.iterdir())}); "
           f"{stage1.source_class}.from_pretrained(...).decode vs fastdae's decoder: max |diff| {diff:.1e}")
     assert diff < 1e-5
-    print("ok: the exported diffusers model decodes the cached latents as the trained decoder does")
+
+    # the same through fastdae's trainer: cache, stage 2 with its losses, the DiT prior and samples
+    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp / 'run'}", "stages=cache,stage2,prior,samples",
+                                           f"stage1.encoder={source}", f"data.size={8 * stage1.downsample}"])
+    result = fastdae.train(cfg)
+    stage2 = result.metrics["stages"]["stage2"]
+    print(f"fastdae.train: stage 2 wrote {Path(stage2['diffusers']).relative_to(tmp)}/, samples in "
+          f"{result.sample_grid.relative_to(tmp)}")
+    assert getattr(diffusers, stage1.source_class).from_pretrained(stage2["diffusers"], local_files_only=True)
+    print("ok: the exported diffusers model decodes the cached latents as the trained decoder does; "
+          "fastdae.train ran cache, stage 2, prior and samples on the same folder")
 
 
 if __name__ == "__main__":
