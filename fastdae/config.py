@@ -87,11 +87,12 @@ class AEStageConfig:
 @dataclass
 class Stage1Config(AEStageConfig):
     """Stage 1 as AEStageConfig, or a pretrained encoder instead: `encoder` names a local diffusers
-    AutoencoderKL / VQModel folder (fastdae.integrations.diffusers_vae), used frozen. The run then
-    starts at `cache` (stage1 must not be listed, mode must be "dae"), `autoencoder` and
-    `weak_decoder` are unused, stage 2 trains diffusers' Decoder of that architecture and also
-    writes stage2/diffusers/ (a folder `from_pretrained` loads). KL latents are the posterior mean or,
-    with posterior "sample", a fresh draw per step."""
+    AutoencoderKL / VQModel folder or a taming VQGAN folder (fastdae.integrations.pretrained), used
+    frozen. The run then starts at `cache` (stage1 must not be listed, mode must be "dae"),
+    `autoencoder` and `weak_decoder` are unused, stage 2 trains a decoder of the source's
+    architecture and also writes stage2/diffusers/ (a folder `from_pretrained` loads) or
+    stage2/taming/ (last.ckpt + config.yaml). KL latents are the posterior mean or, with posterior
+    "sample", a fresh draw per step."""
 
     encoder: str | None = None
     posterior: str = "mean"
@@ -388,7 +389,7 @@ def check_environment(cfg: TrainConfig) -> None:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
     if cfg.stage1.encoder is not None:
-        from fastdae.integrations.diffusers_vae import latent_shape
+        from fastdae.integrations.pretrained import latent_shape
 
         try:
             _, down = latent_shape(cfg.stage1.encoder)

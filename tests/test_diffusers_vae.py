@@ -248,7 +248,7 @@ def test_errors(tmp_path):
 def test_import_loads_no_diffusers_or_taming():
     """diffusers / taming are imported when a model is loaded, not when fastdae.integrations names resolve."""
     code = ("import sys, fastdae.integrations as I; I.load_stage1, I.DiffusersDecoder, I.export_diffusers;"
-            "I.load_taming_stage1, I.TamingDecoder, I.export_taming;"
+            "I.load_taming_stage1, I.TamingDecoder, I.export_taming; import fastdae.integrations.pretrained;"
             "bad = [m for m in ('diffusers', 'taming') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -94,3 +94,46 @@ def test_rejects_what_it_does_not_support(tmp_path):
         {"model": {"target": "taming.models.vqgan.GumbelVQ", "params": {"ddconfig": DD, "n_embed": K, "embed_dim": D}}}))
     with pytest.raises(ValueError, match="GumbelVQ"):
         read_taming_config(tmp_path / "gumbel.yaml")
+
+
+def test_pretrained_folder_layouts(tmp_path):
+    """fastdae.integrations.pretrained tells the layouts apart: export_taming's and taming's log folder."""
+    from fastdae.integrations.pretrained import latent_shape, source_kind, taming_files
+
+    save_vqgan(tmp_path / "flat")
+    assert source_kind(tmp_path / "flat") == "taming" and latent_shape(tmp_path / "flat") == (D, 2)
+    logs = tmp_path / "logs"
+    (logs / "checkpoints").mkdir(parents=True)
+    (logs / "configs").mkdir()
+    (tmp_path / "flat" / "last.ckpt").rename(logs / "checkpoints" / "last.ckpt")
+    (tmp_path / "flat" / "config.yaml").rename(logs / "configs" / "2021-01-01T00-00-00-project.yaml")
+    assert taming_files(logs) == (logs / "checkpoints" / "last.ckpt",
+                                  logs / "configs" / "2021-01-01T00-00-00-project.yaml")
+    with pytest.raises(FileNotFoundError, match="neither a diffusers model folder"):
+        source_kind(tmp_path / "flat")  # emptied
+
+
+def test_train_with_taming_stage1(tmp_path):
+    """fastdae.train with stage1.encoder = a taming VQGAN folder: cache (codes) -> stage 2 (taming's
+    Decoder) -> prior -> samples; stage2/taming/last.ckpt decodes the cached codes as the trained decoder."""
+    import fastdae
+    from fastdae.cache import LatentCache
+    from fastdae.config import apply_overrides, preset
+    from fastdae.training.checkpoint import load_weights
+
+    save_vqgan(tmp_path / "vqgan")
+    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples",
+                                           f"stage1.encoder={tmp_path / 'vqgan'}"])
+    result = fastdae.train(cfg)
+    stages = result.metrics["stages"]
+    assert sorted(stages["cache"]["fields"]) == ["indices", "label"] and result.sample_grid.is_file()
+    out = tmp_path / "run" / "stage2" / "taming"
+    assert stages["stage2"]["taming"] == str(out)
+    stage1 = load_taming_stage1(out / "last.ckpt", out / "config.yaml")
+    LatentCache(tmp_path / "run" / "cache").check(encoder_sha256=stage1.sha256)  # same encoder as the source
+    decoder = TamingDecoder.from_source(out / "last.ckpt", out / "config.yaml", init="source").eval()
+    trained = TamingDecoder.from_source(out / "last.ckpt", out / "config.yaml")
+    load_weights(tmp_path / "run" / "stage2" / "decoder.safetensors", trained)
+    z_q = stage1.latent(LatentCache(tmp_path / "run" / "cache").gather([0, 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(z_q), trained.eval()(z_q), rtol=0, atol=0)

@@ -71,7 +71,10 @@ class RunFolder:
     dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
     sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
     sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
-    diffusers_export = property(lambda self: self.stage_dir("stage2") / "diffusers")  # with stage1.encoder
+
+    def export_dir(self, kind: str) -> Path:
+        """stage2/diffusers or stage2/taming: the stage1.encoder source with the stage-2 decoder in its format."""
+        return self.stage_dir("stage2") / kind
 
     def decoder_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "decoder.safetensors"
@@ -143,11 +146,11 @@ class Run(RunFolder):
 
     @cached_property
     def pretrained_stage1(self) -> Any:
-        """stage1.encoder (a diffusers AutoencoderKL / VQModel folder) loaded frozen on this run's device,
-        a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
+        """stage1.encoder (a diffusers AutoencoderKL / VQModel or taming VQGAN folder) loaded frozen on this
+        run's device, a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
         if self.cfg.stage1.encoder is None:
             return None
-        from fastdae.integrations.diffusers_vae import load_stage1
+        from fastdae.integrations.pretrained import load_stage1
 
         return load_stage1(self.cfg.stage1.encoder, self.cfg.stage1.posterior, self.device)
 
@@ -171,14 +174,14 @@ class Run(RunFolder):
         return self.cfg.autoencoder.bottleneck if self.pretrained_stage1 is None else self.pretrained_stage1.kind
 
     def build_decoder(self) -> nn.Module:
-        """A fresh full decoder: fastdae's (autoencoder config) or diffusers' Decoder of stage1.encoder."""
+        """A fresh full decoder: fastdae's (autoencoder config) or, with stage1.encoder, one in its architecture."""
         if self.pretrained_stage1 is None:
             from fastdae.models.autoencoder import build_decoder
 
             return build_decoder(self.cfg.autoencoder)
-        from fastdae.integrations.diffusers_vae import DiffusersDecoder
+        from fastdae.integrations.pretrained import build_decoder as build_pretrained_decoder
 
-        return DiffusersDecoder.from_source(self.cfg.stage1.encoder)
+        return build_pretrained_decoder(self.cfg.stage1.encoder)
 
     def open_cache(self) -> Any:
         """run/cache, verified against the frozen encoder it was built from and this run's dataset."""

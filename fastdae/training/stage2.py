@@ -64,9 +64,10 @@ def run(r: Run) -> dict[str, Any]:
 
         metrics["eval"] = evaluate(r, "stage2", reconstruct)
         save_weights(r.decoder_file("stage2"), final.state_dict())
-        if r.pretrained_stage1 is not None:  # the source encoder + this decoder, a folder from_pretrained loads
-            from fastdae.integrations.diffusers_vae import export_diffusers
+        if r.pretrained_stage1 is not None:  # the source encoder + this decoder, in the source's format
+            from fastdae.integrations.pretrained import export_decoder, source_kind
 
-            metrics["diffusers"] = str(export_diffusers(final, cfg.stage1.encoder, r.diffusers_export))
+            kind = source_kind(cfg.stage1.encoder)
+            metrics[kind] = str(export_decoder(final, cfg.stage1.encoder, r.export_dir(kind)))
     metrics["lpips"] = crit.lpips is not None
     return metrics
