@@ -42,7 +42,7 @@ def _cpu_threads():
 
 @pytest.mark.parametrize("member", list(MEMBERS))
 @pytest.mark.parametrize("name, factory, latent, batch", CASES, ids=[c[0] for c in CASES])
-def test_dit_train_step(benchmark, record, bench_device, name, factory, latent, batch, member):
+def test_dit_train_step(benchmark, timed, bench_device, name, factory, latent, batch, member):
     C, h, w = latent
     benchmark.group = f"dit-train-{name}-{C}x{h}x{w}-B{batch}"
     torch.manual_seed(0)
@@ -60,11 +60,8 @@ def test_dit_train_step(benchmark, record, bench_device, name, factory, latent, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
 
     step()  # warm-up: Triton compile + autotune
-    benchmark(step)
-    record(member=member, model=name, intra_op_threads=torch.get_num_threads(), batch=batch, latent=list(latent),
-           params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-           latents_per_s=batch / benchmark.stats.stats.mean)
+    seconds = timed(step, member=member, model=name, intra_op_threads=torch.get_num_threads(), batch=batch,
+                    latent=list(latent), params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    benchmark.extra_info["latents_per_s"] = batch / seconds

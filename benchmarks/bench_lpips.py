@@ -1,5 +1,6 @@
 """LPIPS: the fused head (forward + backward) and the whole loss, fastdae vs the reference eager
-composition vs the public lpips formula written eagerly, at VGG16 feature shapes.
+composition vs the public lpips formula written eagerly vs the reference head torch.compile'd
+(GPU only: inductor's CPU build takes minutes here), at VGG16 feature shapes.
 
     pytest benchmarks/bench_lpips.py --benchmark-only
 
@@ -10,10 +11,12 @@ extra_info: peak extra memory of one step (bytes) and, for the head, effective G
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from conftest import HAS_CUDA, peak_extra_memory  # benchmarks/conftest.py (pytest puts its folder on sys.path)
+from conftest import HAS_CUDA, peak_extra_memory, two_x_rule  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LPIPS
 
@@ -33,10 +36,24 @@ def public_lpips_head(feats0, feats1, weights):
     return out[:, 0]
 
 
+@functools.cache
+def _compiled_head():
+    return torch.compile(lpips_head_ref)
+
+
+def compiled_head(feats0, feats1, weights):
+    if not HAS_CUDA:
+        pytest.skip("the torch.compile'd head is measured on GPU (inductor's CPU build takes minutes here)")
+    if feats0[0].shape[-1] != 256:
+        pytest.skip("the torch.compile'd head is measured at 256 px (one compile per shape and dtype)")
+    return _compiled_head()(feats0, feats1, weights)
+
+
 HEADS = {
     "fastdae": lambda f0, f1, w: lpips_head(f0, f1, w),
     "reference": lpips_head_ref,
     "public-lpips": public_lpips_head,
+    "torch-compile": compiled_head,
 }
 
 
@@ -45,15 +62,10 @@ def vgg_feature_shapes(img: int) -> list[tuple[int, int, int]]:
     return [(c, img >> l, img >> l) for l, c in enumerate(CHANNELS)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("dtype", HEAD_DTYPES, ids=str)
 @pytest.mark.parametrize("member", list(HEADS))
 @pytest.mark.parametrize("img, batch", HEAD_CASES, ids=[f"{i}px-B{b}" for i, b in HEAD_CASES])
-def test_lpips_head_fwd_bwd(benchmark, record, bench_device, img, batch, member, dtype):
+def test_lpips_head_fwd_bwd(benchmark, timed, bench_device, img, batch, member, dtype):
     benchmark.group = f"lpips-head-{img}px-B{batch}-{str(dtype).removeprefix('torch.')}"
     shapes = vgg_feature_shapes(img)
     f0 = [torch.randn(batch, *s, device=bench_device, dtype=dtype).relu_().requires_grad_() for s in shapes]
@@ -62,16 +74,17 @@ def test_lpips_head_fwd_bwd(benchmark, record, bench_device, img, batch, member,
     head = HEADS[member]
 
     def step():
-        grads = torch.autograd.grad(head(f0, f1, w).sum(), f0 + f1)
-        _sync(bench_device)
-        return grads
+        return torch.autograd.grad(head(f0, f1, w).sum(), f0 + f1)
 
-    step()  # warm-up: JIT build / Triton compile
+    step()  # warm-up: JIT build / Triton compile / torch.compile
+    with torch.no_grad():  # the head's value vs float64, next to the eager reference in this dtype
+        f0_64, f1_64 = [f.double() for f in f0], [f.double() for f in f1]
+        accuracy = two_x_rule(head(f0, f1, w), lpips_head_ref(f0_64, f1_64, [x.double() for x in w]),
+                              lpips_head_ref(f0, f1, w))
     peak = peak_extra_memory(step, bench_device)
-    benchmark(step)
+    seconds = timed(step, member=member, dtype=str(dtype), peak_extra_bytes=peak, **accuracy)
     map_bytes = sum(f.numel() * f.element_size() for f in f0)
-    record(member=member, dtype=str(dtype), peak_extra_bytes=peak,
-           effective_gbps=6 * map_bytes / benchmark.stats.stats.mean / 1e9)
+    benchmark.extra_info["effective_gbps"] = 6 * map_bytes / seconds / 1e9
 
 
 def _reference_loss(model: LPIPS, head):
@@ -81,7 +94,7 @@ def _reference_loss(model: LPIPS, head):
 
 @pytest.mark.parametrize("member", ["fastdae", "fastdae-bf16-cl", "reference", "public-lpips"])
 @pytest.mark.parametrize("img, batch", LOSS_CASES, ids=[f"{i}px-B{b}" for i, b in LOSS_CASES])
-def test_lpips_loss_fwd_bwd(benchmark, record, bench_device, img, batch, member):
+def test_lpips_loss_fwd_bwd(benchmark, timed, bench_device, img, batch, member):
     if member == "fastdae-bf16-cl" and not HAS_CUDA:
         pytest.skip("bf16 channels_last trunk is a GPU option")
     benchmark.group = f"lpips-loss-{img}px-B{batch}"
@@ -97,11 +110,9 @@ def test_lpips_loss_fwd_bwd(benchmark, record, bench_device, img, batch, member)
     target = torch.rand(batch, 3, img, img, device=bench_device) * 2 - 1
 
     def step():
-        (grad,) = torch.autograd.grad(loss_fn(x, target).mean(), x)
-        _sync(bench_device)
-        return grad
+        return torch.autograd.grad(loss_fn(x, target).mean(), x)
 
     step()
     peak = peak_extra_memory(step, bench_device)
-    benchmark(step)
-    record(member=member, peak_extra_bytes=peak, images_per_s=batch / benchmark.stats.stats.mean)
+    seconds = timed(step, member=member, peak_extra_bytes=peak)
+    benchmark.extra_info["images_per_s"] = batch / seconds

@@ -2,6 +2,7 @@
 
 Public API (resolved lazily, so `import fastdae` stays cheap and never touches Triton or a compiler):
   training   train, TrainConfig, Result, LatentCache
+  evaluation sample (N samples of a run -> ADM .npz), fid (folders / .npz, local Inception weights)
   kernels    vq_nearest, vector_quantize, VQOutput, attention, lpips_head
   modules    fastdae.nn.{VectorQuantizer, Attention, LPIPS}
   packages   nn, models, metrics, integrations
@@ -24,9 +25,11 @@ _EXPORTS: dict[str, str] = {
     "VQOutput": "fastdae.kernels.vq",
     "attention": "fastdae.kernels.attention",
     "lpips_head": "fastdae.kernels.lpips",
+    "sample": "fastdae.sampling",
+    "fid": "fastdae.fid_score",
 }
 _SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "training",
-               "evaluation")
+               "evaluation", "sampling", "fid_score")
 
 __all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
 

@@ -3,6 +3,8 @@
     python -m fastdae train --preset default --out runs/x --stage2.steps 2000
     python -m fastdae train --config run.yaml --resume
     python -m fastdae compare --preset default --seeds 3 --out results/compare
+    python -m fastdae sample --run runs/x --num-samples 50000 --out samples.npz
+    python -m fastdae fid REAL FAKE --inception pt_inception-2015-12-05-6726825d.pth
 
 COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config the run cannot use
 (bad value, YAML, preset, missing file, a run folder that holds another run, a cache of other data)
@@ -121,10 +123,73 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ---- sample -----------------------------------------------------------------------------------
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    from fastdae.models.diffusion import SAMPLERS  # not fastdae.sampling: it imports the DiT
+
+    p.add_argument("--run", required=True, help="a finished run folder (config.yaml, prior/, stage2/, cache/)")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--out", default="samples.npz", help="ADM-layout .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels")
+    p.add_argument("--png-dir", help="also write every sample as <index>.png here")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per DiT batch (per rank)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale (default: the run's prior.cfg_scale)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's prior.sample_steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's prior.sampler")
+    p.add_argument("--labels", default="balanced", help="class labels: balanced (cycled) or random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _sample(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastdae.sampling import sample
+
+    if extra:
+        raise SystemExit(f"fastdae sample: unrecognized arguments {extra}")
+    try:
+        out = sample(args.run, args.num_samples, args.out, args.png_dir, args.batch_size, args.cfg_scale, args.seed,
+                     args.labels, args.steps, args.sampler, args.device)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"fastdae sample: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"samples: {out}")
+    return 0
+
+
+# ---- fid --------------------------------------------------------------------------------------
+def _fid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("real", help="folder of images, .npz with arr_0 (N, H, W, 3) uint8, or .npz with mu and sigma")
+    p.add_argument("fake", help="same kinds as REAL")
+    p.add_argument("--inception",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--stats-cache", help="folder caching each image source's statistics")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, help="image-decoding workers for folders (default: CPU cores, at most 8)")
+
+
+def _fid(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastdae.fid_score import fid
+
+    if extra:
+        raise SystemExit(f"fastdae fid: unrecognized arguments {extra}")
+    try:
+        value = fid(args.real, args.fake, args.inception, args.batch_size, args.stats_cache, args.device,
+                    args.num_workers, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"fastdae fid: {e}") from None
+    print(f"FID: {value:.4f}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "train": ("run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train),
     "compare": ("train and evaluate the joint / dae / control arms (or ablate the weak decoder), write a report",
                 _compare_arguments, _compare),
+    "sample": ("generate N samples of a finished run as an ADM-evaluator .npz (resumable, torchrun-ready)",
+               _sample_arguments, _sample),
+    "fid": ("Fréchet Inception distance between two image folders / .npz files (local Inception weights)",
+            _fid_arguments, _fid),
 }
 
 

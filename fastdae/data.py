@@ -3,11 +3,16 @@
 Every dataset returns `(image, label)` with image float32 (3, H, W) in [-1, 1] and label an int64
 scalar tensor, and defines `identity() -> dict` (what configures it and what it holds: a content
 hash or per-file stats), which `dataset_fingerprint` hashes together with a few sampled items; the
-latent cache stores that fingerprint in its manifest.
+latent cache stores that fingerprint in its manifest. Every dataset has `num_classes` (shapes: 4; a
+folder: its class subfolders, 1 without; an array: 1 + its largest label, over all labels).
+
+`split_dataset` cuts a dataset into the part training sees and the part only evaluation sees
+(DataConfig.holdout, seeded by DataConfig.seed, stratified by class); training uses the first:
 
     ds = build_dataset(DataConfig())            # 8192 procedural 32x32 shape images
     ds = build_dataset(DataConfig(name="folder", root="imgs/", size=64, crop="random", flip=True))
     ds = build_dataset(DataConfig(name="array", root="faces.npz", size=64))
+    train, heldout = split_dataset(ds, cfg)     # disjoint; together every item (shapes: see split_dataset)
 """
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CROPS = ("center", "random")
 FLOAT_RANGE_SLACK = 1e-3  # float arrays must lie in [-1 - slack, 1 + slack]
 HASH_BLOCK_BYTES = 1 << 26  # arrays are hashed in blocks of rows of about 64 MiB
+HOLDOUT_FRACTION = 0.1  # folder / array default: a tenth of each class is held out of training
+# shapes default: items generated past the training range (they cost the training set nothing); enough
+# for the judge's default parts (512 evaluation + 8192 classifier images + the sample-count floor)
+SHAPES_HOLDOUT = 16384
 
 
 @dataclass
@@ -39,7 +48,10 @@ class DataConfig:
     `size` is the training resolution (square); `num_samples` and `seed` configure "shapes".
     "folder" only: `resize` resizes the shorter side to `size` (else images are cropped as they are,
     and must be at least size x size), `crop` cuts the size x size window ("center" or "random"),
-    `flip` mirrors half the images left-right."""
+    `flip` mirrors half the images left-right.
+    `holdout`: the items held out of training for evaluation (see `split_dataset`): a fraction in
+    (0, 1) of the dataset (of each class) or a whole count >= 1; None: HOLDOUT_FRACTION of a folder or
+    array, SHAPES_HOLDOUT generated items for "shapes". `seed` seeds the split too."""
 
     name: str = "shapes"
     root: str | None = None
@@ -49,6 +61,7 @@ class DataConfig:
     resize: bool = True
     crop: str = "center"
     flip: bool = False
+    holdout: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -61,6 +74,14 @@ class DataConfig:
             raise ValueError(f"DataConfig.crop must be one of {CROPS}, got {self.crop!r}")
         if self.name != "folder" and (self.crop != "center" or self.flip):
             raise ValueError(f"DataConfig.crop and flip apply to name='folder' only, got name={self.name!r}")
+        h = self.holdout
+        if h is not None and not (0 < h < 1 or (h >= 1 and float(h).is_integer())):
+            raise ValueError(f"DataConfig.holdout must be a fraction in (0, 1) or a whole count >= 1, got {h!r}")
+
+    def holdout_count(self, n: int) -> int:
+        """Items held out of a dataset of n items (for shapes, n = num_samples; see split_dataset)."""
+        h = self.holdout if self.holdout is not None else SHAPES_HOLDOUT if self.name == "shapes" else HOLDOUT_FRACTION
+        return round(h * n) if h < 1 else int(h)
 
 
 def _to_signed_unit(rgb_uint8: np.ndarray) -> Tensor:
@@ -121,18 +142,23 @@ class ProceduralShapes(Dataset):
     _SLOT = 7
     _DRAWS = 4 + max_shapes * _SLOT
 
-    def __init__(self, num_samples: int, size: int = 32, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, size: int = 32, seed: int = 0, offset: int = 0) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if size < 8:
             raise ValueError(f"size must be >= 8 pixels for shapes to be recognisable, got {size}")
-        self.num_samples, self.size, self.seed = int(num_samples), int(size), int(seed)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        # item i is generator index offset + i: distinct indices of one seed give distinct item keys
+        # (each step of the key hash is a bijection of uint64), so index ranges never share an item
+        self.num_samples, self.size, self.seed, self.offset = int(num_samples), int(size), int(seed), int(offset)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def identity(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "size": self.size, "seed": self.seed, "version": 1}
+        ident = {"num_samples": self.num_samples, "size": self.size, "seed": self.seed, "version": 1}
+        return {**ident, "offset": self.offset} if self.offset else ident  # offset 0: the fingerprint of before
 
     def _check_indices(self, indices: np.ndarray) -> None:
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
@@ -141,7 +167,7 @@ class ProceduralShapes(Dataset):
     def _params(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Shape parameters of a batch: background (B, 3), count (B,), and per slot (B, S) type,
         cx, cy, radius, (B, S, 3) color, (B, S) active."""
-        u = _uniforms(self.seed, indices, self._DRAWS)  # (B, D)
+        u = _uniforms(self.seed, indices + self.offset, self._DRAWS)  # (B, D)
         s = self.size
         bg = 0.3 * u[:, 0:3]
         count = 1 + np.minimum((u[:, 3] * self.max_shapes).astype(np.int64), self.max_shapes - 1)
@@ -363,6 +389,7 @@ class ImageFolder(Dataset):
         self.size, self.resize, self.crop, self.flip = size, resize, crop, flip
         self.index = FolderIndex.cached(self.root, Path(cache_dir) if cache_dir is not None else None)
         self.classes, self.labels = self.index.classes, self.index.labels
+        self.num_classes = max(1, len(self.classes))  # images directly in root: one class, label 0
         self.image_size = (size, size)  # (H, W)
 
     def __len__(self) -> int:
@@ -422,8 +449,8 @@ class ImageFolder(Dataset):
 class ArrayDataset(Dataset):
     """Images from a numpy array, a .npy file (memory-mapped) or a .npz file (keys `images` and
     optionally `labels`). uint8 images are (N, H, W, 3) HWC in [0, 255]; float images are
-    (N, 3, H, W) CHW already in [-1, 1] (checked). `labels` (N,) integers override the file's;
-    without any, every label is 0."""
+    (N, 3, H, W) CHW already in [-1, 1] (checked). `labels` (N,) integers >= 0 override the file's;
+    without any, every label is 0. `num_classes` is 1 + the largest label."""
 
     def __init__(self, path_or_array: str | os.PathLike | np.ndarray | Tensor,
                  labels: np.ndarray | Tensor | None = None) -> None:
@@ -441,6 +468,7 @@ class ArrayDataset(Dataset):
         if labels is not None:
             file_labels = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
         self.labels = self._check_labels(file_labels, len(self.images), source)
+        self.num_classes = int(self.labels.max()) + 1  # over every label, not a sample of them
         self.source = source
         chw = self.images.dtype != np.uint8
         self.image_size = tuple(self.images.shape[2:4] if chw else self.images.shape[1:3])  # (H, W)
@@ -481,6 +509,8 @@ class ArrayDataset(Dataset):
             return np.zeros(n, dtype=np.int64)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"{source}: labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+        if labels.min() < 0:
+            raise ValueError(f"{source}: labels must be >= 0 (class indices), found {labels.min()}")
         return labels.astype(np.int64)
 
     def __len__(self) -> int:
@@ -518,6 +548,67 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if ds.image_size != (cfg.size, cfg.size):
         raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
     return ds
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation of the N items (int64 (N,)) in which every prefix, and every run of
+    consecutive items, holds each class in about its share: a class's n items, shuffled, get the keys
+    (k + u_k) / n (k = 0..n-1, u_k ~ U[0, 1)), i.e. evenly spread quantiles, and items go in key
+    order. A prefix of h items then holds round(h n / N) of the class, give or take one."""
+    rng = np.random.default_rng([seed, 0x5EED])  # its own stream: the split never moves with other draws
+    labels = np.asarray(labels, dtype=np.int64)
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        keys[rng.permutation(members)] = (np.arange(n) + rng.random(n)) / n
+    return np.argsort(keys, kind="stable")
+
+
+class DatasetSplit(Dataset):
+    """The items `indices` (int64 (n,), into `base`) of a dataset, in that order: one part of
+    `split_dataset`. Labels, classes and `num_classes` are the base dataset's (a part may lack a
+    class); its identity is the base's plus the part's name and indices, so a fingerprint of a part
+    covers the split."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, part: str) -> None:
+        self.base, self.indices, self.part = base, np.asarray(indices, dtype=np.int64), part
+        self.labels = np.asarray(base.labels)[self.indices]
+        self.num_classes = base.num_classes
+        self.classes = getattr(base, "classes", None)
+        self.image_size = base.image_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def identity(self) -> dict[str, Any]:
+        return {"base": getattr(self.base, "identity", dict)(), "part": self.part, "version": 1,
+                "indices_sha256": hashlib.sha256(self.indices.tobytes()).hexdigest()}
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.base[int(self.indices[i])]
+
+
+def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(train, heldout): training (stage 1, the cache, stage 2, the prior) sees only `train`, the
+    evaluation judge only `heldout`; deterministic for a config (seeded by cfg.seed).
+
+    ProceduralShapes: train is `ds` itself (its num_samples items, generator indices [offset, offset +
+    num_samples)); heldout is cfg.holdout_count(num_samples) items generated from the next indices of
+    the same seed, which never repeat a training item (see ProceduralShapes.__init__).
+    Any other dataset (it needs `labels` and `num_classes`): heldout is the first
+    cfg.holdout_count(N) items of `stratified_order` (each class held out in its share, give or take
+    one; kept in that order, so any run of it is stratified too) and train is the rest in index order;
+    together they are every item once. A holdout that leaves no training item is an error."""
+    if isinstance(ds, ProceduralShapes):
+        h = cfg.holdout_count(len(ds))
+        return ds, ProceduralShapes(max(1, h), ds.size, ds.seed, offset=ds.offset + len(ds))  # a dataset has >= 1 item
+    n, h = len(ds), cfg.holdout_count(len(ds))
+    if h >= n:
+        raise ValueError(f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
+                         f"none to train on; lower it")
+    order = stratified_order(ds.labels, cfg.seed)
+    return DatasetSplit(ds, np.sort(order[h:]), "train"), DatasetSplit(ds, order[:h], "heldout")
 
 
 def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:

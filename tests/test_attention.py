@@ -230,6 +230,50 @@ def test_module_qk_norm_and_errors():
 
 
 # ------------------------------------------------------------------------------------------------
+# Alignment hints, fallbacks and hostile inputs
+# ------------------------------------------------------------------------------------------------
+def test_alignment_hint_and_fallback_agree(device):
+    """Fused-qkv views with 16-byte rows get ALIGN = 16 bytes of elements; a view whose base is off by
+    one element gets the unhinted kernel (ALIGN = 1). Both match the reference."""
+    from fastdae.kernels.attention import fwd_launch
+
+    B, N, H, D = 1, 37, 2, 40
+    buf = torch.randn(B * N * 3 * H * D + 1, device=device)
+    for offset, align in ((0, 4), (1, 1)):
+        qkv = buf[offset:offset + B * N * 3 * H * D].view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o, lse = torch.empty_like(q), torch.empty(B, H, N, device=device)
+        assert fwd_launch(q, k, v, o, lse, 0.1).constexprs["ALIGN"] == align
+        torch.testing.assert_close(attention(q, k, v, impl="triton"), attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_head_dim_zero_is_a_clear_error():
+    q = torch.zeros(1, 1, 4, 0)
+    for impl in ("auto", "triton", "ref", "sdpa"):
+        with pytest.raises(ValueError, match="head dim D must be >= 1"):
+            attention(q, q, q, impl=impl)
+
+
+def test_auto_on_cpu_keeps_nan_rows_of_q():
+    """SDPA's CPU kernel returns a zero row where q has a NaN; auto returns NaN there, like the reference."""
+    q, k, v = _qkv(1, 2, 5, 7, 16, torch.float32, "cpu", requires_grad=False)
+    q[0, 1, 2, 3] = float("nan")
+    q[0, 0, 4, 0] = float("inf")
+    out, ref = attention(q, k, v), attention_ref(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, 1, 2].isnan().all() and out[0, 0, 4].isnan().all()
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, dtype", [(12, torch.bfloat16), (136, torch.float16), (64, torch.float32)])
+def test_auto_falls_back_to_sdpa_gpu(D, dtype):
+    """auto on CUDA: head dims the kernel does not take, and fp32, run SDPA instead of raising or
+    running the CUDA-core fp32 kernel."""
+    q, k, v = _qkv(2, 2, 33, 33, D, dtype, "cuda", requires_grad=False)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU only: DiT-sized shapes and torch.compile
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -115,3 +116,74 @@ def test_report_charts_with_and_without_matplotlib(tmp_path, monkeypatch, matplo
         assert (tmp_path / "metrics.png").stat().st_size > 0 and "![metrics](metrics.png)" in md
     else:
         assert not (tmp_path / "metrics.png").exists() and "pip install 'fastdae[plots]'" in md
+
+
+# ---- the judge sees held-out items only, on a class-subfolder folder and a labelled .npz (issue 14) ----
+def _class_folder(root, classes: int, per_class: int, size: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):  # a class is a colour, plus noise: learnable, never identical
+            pixels = np.clip(rng.normal(60 * c + 40, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i:02d}.png")
+
+
+def _labelled_npz(path, classes: int, per_class: int, size: int) -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(np.repeat(np.arange(classes), per_class))
+    images = np.clip(rng.normal(60 * labels[:, None, None, None] + 40, 20, size=(len(labels), size, size, 3)), 0, 255)
+    np.savez(path, images=images.astype(np.uint8), labels=labels)
+
+
+@pytest.mark.parametrize("kind", ["folder", "array"])
+def test_compare_judges_only_heldout_items(tmp_path, monkeypatch, kind):
+    from fastdae.cache import LatentCache
+    from fastdae.config import apply_overrides, preset
+    from fastdae.data import build_dataset, dataset_fingerprint, split_dataset
+    from fastdae.evaluation import build_judge
+
+    monkeypatch.setenv("FASTDAE_INDEX_DIR", str(tmp_path / "index"))
+    classes, per_class = 5, 10  # sorted class folders: the last class's label (4) only among the last items
+    root = tmp_path / ("imgs" if kind == "folder" else "data.npz")
+    (_class_folder if kind == "folder" else _labelled_npz)(root, classes, per_class, 16)
+    cfg = apply_overrides(preset("tiny"), {"data.name": kind, "data.root": str(root), "data.holdout": "0.4"})
+    ev = EvalConfig(**{**TINY_EVAL, "eval_images": 8, "classifier_images": 8})  # + 4 floor (prior.num_samples)
+    out = tmp_path / "cmp"
+    report = compare.compare(cfg, arms=("dae",), seeds=1, out_dir=out, eval_config=ev, log=lambda *_: None)
+
+    ds = build_dataset(cfg.data)
+    train, heldout = split_dataset(ds, cfg.data)
+    assert ds.num_classes == classes and (len(train), len(heldout)) == (30, 20)
+    assert report["split"] == {"train_items": 30, "heldout_items": 20, "eval_images": 8, "floor_images": 4,
+                               "classifier_images": 8}
+    assert "20 held out" in (out / "report.md").read_text()
+    (run,) = report["runs"]["dae"]
+    assert isinstance(run["psnr"], float) and isinstance(run["class_accuracy"], float)
+    assert 0.0 <= report["reference"]["classifier_accuracy"] <= 1.0 and "fd_feat_real" in report["reference"]
+    # the cache saw exactly the training split: its fingerprint covers the split's indices, and its labels match
+    run_dir = out / "runs" / "dae-s0"
+    cache = LatentCache(run_dir / "cache")
+    cache.check(dataset_fingerprint=dataset_fingerprint(train))
+    assert len(cache) == len(train)
+    assert np.array_equal(cache.gather(np.arange(len(cache)))["label"].numpy(), train.labels)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stages"]["prior"]["num_classes"] == classes  # from the dataset, not from a sample of labels
+    # the judge (reused from the study: the classifier is not trained again) uses held-out items only
+    stamp = (out / "judge" / "classifier.safetensors").stat().st_mtime_ns
+    judge = build_judge(cfg, ev, out, log=lambda *_: None)
+    assert (out / "judge" / "classifier.safetensors").stat().st_mtime_ns == stamp
+    assert judge.classifier.num_classes == classes
+    used = np.concatenate(list(judge.indices.values()))
+    assert len(set(used.tolist())) == len(used) == 20
+    assert set(used.tolist()) == set(heldout.indices.tolist()) and not set(used.tolist()) & set(train.indices.tolist())
+    assert np.array_equal(judge.labels.numpy(), ds.labels[judge.indices["eval"]])
+
+
+def test_judge_parts_are_consecutive_and_share_a_short_split():
+    from fastdae.evaluation.judge import judge_parts
+
+    assert judge_parts(100, 20, 10, 30) == {"eval": range(20), "floor": range(20, 30), "classifier": range(30, 60)}
+    # too few held-out items: the classifier gets half, evaluation and floor the rest in proportion
+    assert judge_parts(20, 12, 4, 100) == {"eval": range(8), "floor": range(8, 10), "classifier": range(10, 20)}

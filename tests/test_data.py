@@ -306,3 +306,84 @@ def test_build_dataset(tmp_path):
         DataConfig(flip=True)
     ds = build_dataset(DataConfig(name="folder", root=str(tmp_path / "imgs"), size=8, crop="random", flip=True))
     assert (ds.size, ds.crop, ds.flip) == (8, "random", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train / held-out split
+# ---------------------------------------------------------------------------------------------
+def _labelled(counts: list[int]) -> ArrayDataset:
+    labels = np.repeat(np.arange(len(counts)), counts)
+    images = np.random.default_rng(0).permutation(len(labels)).astype(np.uint8)  # item i's pixels: a tag
+    return ArrayDataset(np.broadcast_to(images[:, None, None, None], (len(labels), 8, 8, 3)).copy(),
+                        labels=np.random.default_rng(1).permutation(labels))
+
+
+@pytest.mark.parametrize("holdout,expected", [(0.2, 40), (17, 17), (None, 20)])
+def test_split_is_stratified_disjoint_and_covers_every_item(holdout, expected):
+    ds = _labelled([100, 60, 30, 10])  # imbalanced classes, labels in shuffled item order
+    train, heldout = data.split_dataset(ds, DataConfig(name="array", root="unused", size=8, holdout=holdout))
+    assert len(heldout) == expected and len(train) == 200 - expected
+    assert not set(train.indices) & set(heldout.indices)
+    assert sorted([*train.indices, *heldout.indices]) == list(range(200))
+    assert list(train.indices) == sorted(train.indices)  # the training part keeps the dataset's order
+    share = np.bincount(ds.labels, minlength=4) / 200
+    assert np.all(np.abs(np.bincount(heldout.labels, minlength=4) - expected * share) <= 1)
+    # any run of the held-out order is stratified too (the judge cuts it into consecutive parts)
+    assert np.all(np.abs(np.bincount(heldout.labels[:10], minlength=4) - 10 * share) <= 1)
+    assert np.array_equal(heldout.labels, ds.labels[heldout.indices])
+    image, label = heldout[3]
+    assert int(label) == ds.labels[heldout.indices[3]] and torch.equal(image, ds[int(heldout.indices[3])][0])
+    assert train.num_classes == heldout.num_classes == 4
+
+
+def test_split_is_deterministic_and_seeded_and_fingerprinted():
+    ds = _labelled([20, 20, 20])
+    cfg = DataConfig(name="array", root="unused", size=8, holdout=0.25)
+    a, b = data.split_dataset(ds, cfg), data.split_dataset(ds, cfg)
+    assert np.array_equal(a[1].indices, b[1].indices) and np.array_equal(a[0].indices, b[0].indices)
+    other = data.split_dataset(ds, DataConfig(name="array", root="unused", size=8, holdout=0.25, seed=1))
+    assert not np.array_equal(a[1].indices, other[1].indices)
+    # the training part's fingerprint (what the latent cache records) covers the split
+    fp = dataset_fingerprint(a[0])
+    assert fp == dataset_fingerprint(b[0])
+    assert fp != dataset_fingerprint(other[0]) and fp != dataset_fingerprint(ds) and fp != dataset_fingerprint(a[1])
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="holdout"):
+        DataConfig(holdout=1.5)
+    with pytest.raises(ValueError, match="holdout"):
+        DataConfig(holdout=0.0)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        data.split_dataset(_labelled([3, 3]), DataConfig(name="array", root="unused", size=8, holdout=6))
+
+
+def test_shapes_heldout_items_come_after_the_training_range():
+    ds = ProceduralShapes(16, size=16, seed=3)
+    fp = dataset_fingerprint(ds)
+    train, heldout = data.split_dataset(ds, DataConfig(num_samples=16, size=16, seed=3, holdout=8))
+    assert train is ds and dataset_fingerprint(train) == fp  # training data as before the split existed
+    assert len(heldout) == 8 and heldout.offset == 16 and heldout.seed == 3
+    longer = ProceduralShapes(24, size=16, seed=3)
+    images, labels = heldout.images(np.arange(8))
+    want_images, want_labels = longer.images(np.arange(16, 24))
+    assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    assert heldout.describe(2) == longer.describe(18)
+    train_images, _ = ds.images(np.arange(16))
+    assert not (images[:, None] == train_images[None]).flatten(2).all(-1).any()  # no held-out image is a training one
+    assert len(data.split_dataset(ds, DataConfig(num_samples=16, size=16))[1]) == data.SHAPES_HOLDOUT
+
+
+def test_num_classes_of_every_dataset(tmp_path):
+    assert ProceduralShapes(4, size=8).num_classes == 4
+    for c in range(3):
+        _png(tmp_path / "classes" / f"c{c}" / "a.png", 8, 8, seed=c)
+    assert ImageFolder(tmp_path / "classes", 8).num_classes == 3
+    _png(tmp_path / "flat" / "a.png", 8, 8)
+    assert ImageFolder(tmp_path / "flat", 8).num_classes == 1
+    labels = np.zeros(600, dtype=np.int64)
+    labels[-1] = 9  # only the last item has the largest label: every label counts, not a sample
+    assert ArrayDataset(np.zeros((600, 8, 8, 3), np.uint8), labels=labels).num_classes == 10
+    assert ArrayDataset(np.zeros((2, 8, 8, 3), np.uint8)).num_classes == 1
+    with pytest.raises(ValueError, match=">= 0"):
+        ArrayDataset(np.zeros((2, 8, 8, 3), np.uint8), labels=np.array([0, -1]))

@@ -152,6 +152,16 @@ def test_head_validation(change, err, match):
         lpips_head(*change(f0, f1, w))
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0)], ids=["C0", "H0", "W0"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "cpp", "ref"])
+def test_head_rejects_empty_channels_or_positions(impl, shape):
+    """C = 0 (a division by zero in the kernels) and H * W = 0 (a mean over nothing: NaN) are refused
+    in Python, before any kernel or C++ call."""
+    f = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"C >= 1 channels and H \* W >= 1 positions"):
+        lpips_head([f], [f.clone()], [torch.ones(shape[1])], impl=impl)
+
+
 def test_head_rejects_unknown_impl_and_learned_weights():
     f0, f1, w = make_feats(LAYER_SETS["odd"], dtype=torch.float32)
     with pytest.raises(ValueError, match="impl"):

@@ -224,6 +224,58 @@ def test_cpp_op_opcheck(dtype):
     torch.library.opcheck(_cpp_nearest(), (x.t().contiguous().t(), codebook))  # strided x
 
 
+@pytest.mark.parametrize("shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")],
+                         ids=["N_tail", "K_tail", "D_odd", "D256"])
+def test_triton_3xtf32_split_is_exact_to_fp32(shape):
+    """The GPU's fp32 path (x split into TF32 hi + lo once per program, the codebook tile once per
+    tile, three TF32 products), run here by forcing PRECISION="3xtf32" in the interpreter."""
+    import dataclasses
+
+    from fastdae.kernels._launch import launch
+    from fastdae.kernels.vq import nearest_launch
+
+    x, codebook, truth = separated(*shape, torch.float32, noise=0.3)
+    idx, dist = torch.empty(len(x), dtype=torch.int64), torch.empty(len(x))
+    csq = codebook.square().sum(1)
+    plan = nearest_launch(x, codebook, csq, csq.sum(), idx, dist, None)
+    launch(dataclasses.replace(plan, constexprs={**plan.constexprs, "PRECISION": "3xtf32"}))
+    assert torch.equal(idx, truth)
+    nearest_check(x, codebook, idx, dist)
+
+
+def test_triton_nonfinite_codebook_gives_nan_without_sync():
+    """On CUDA a non-finite codebook is not checked on the host (that is a sync per call): the kernel
+    returns NaN distances (so vector_quantize's loss is NaN) and in-range indices."""
+    from fastdae.kernels.vq import _nearest_triton
+
+    x, codebook = torch.randn(20, 8), torch.randn(300, 8)
+    for bad in (float("nan"), float("inf")):
+        cb = codebook.clone()
+        cb[257, 3] = bad
+        idx, dist = _nearest_triton(x, cb, None)
+        assert dist.isnan().all() and ((idx >= 0) & (idx < len(cb))).all()
+
+
+def test_alignment_flag():
+    from fastdae.kernels._launch import align_elems
+
+    assert align_elems(torch.empty(16, 8, dtype=torch.bfloat16), torch.empty(32, 8, dtype=torch.bfloat16)) == 8
+    assert align_elems(torch.empty(16, 7), torch.empty(32, 7)) == 1  # 28-byte rows
+
+
+@pytest.mark.gpu
+def test_no_host_sync_gpu():
+    x, codebook = torch.randn(4096, 32, device="cuda"), torch.randn(1024, 32, device="cuda")
+    vq_nearest(x, codebook)  # compile outside the check
+    vector_quantize(x, codebook)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vq_nearest(x, codebook)
+        vector_quantize(x, codebook)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N, K, D", [(65536, 16384, 64), (16411, 4097, 256), (8192, 65536, 8)])

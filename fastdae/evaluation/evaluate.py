@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fastdae import metrics as M
 from fastdae.config import TrainConfig
-from fastdae.evaluation.judge import EvalConfig, Judge, device_of, images_of
+from fastdae.evaluation.judge import EvalConfig, Judge, device_of, training_images
 from fastdae.training.run import RunFolder
 
 
@@ -55,7 +55,7 @@ def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str
     run, ae, device = RunFolder(run_cfg), run_cfg.autoencoder, device_of(run_cfg)
     encoder, bottleneck, decoder = _load_autoencoder(run, device)
     out: dict[str, Any] = {}
-    # reconstruction of held-out images
+    # reconstruction of the judge's held-out evaluation images
     x = judge.images
     z = _encode(encoder, bottleneck, x, ev.batch_size)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str
     out["jac_spectral"] = M.jacobian_spectral_norm(dec_n, probe, seed=run_cfg.seed)
     out["jac_frobenius_sq"], out["jac_frobenius"] = M.jacobian_frobenius_hutchinson(dec_n, probe, seed=run_cfg.seed)
     # capacity and the penalised distance: decoders of each width fitted to frozen training latents
-    x_train, _ = images_of(run_cfg.data, ev.capacity_images, seed_offset=0)
+    x_train = training_images(run_cfg.data, ev.capacity_images)
     _, z_train = M.scale_normalize(decoder, _encode(encoder, bottleneck, x_train, ev.batch_size),
                                    cache.channel_mean, cache.channel_std)
     target = M.DATA_RANGE**2 / 10 ** (ev.capacity_target_psnr / 10)  # PSNR -> MSE

@@ -101,6 +101,12 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [f"{_fmt(c['mean'])} ± {_fmt(c['std'])}" if (c := capacity.get(v, {}).get(str(w))) else "—"
                      for v in variants]
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    if "split" in report:
+        sp = report["split"]
+        lines += ["", f"Data: {sp['train_items']} training items, {sp['heldout_items']} held out (never trained on; "
+                  f"data.holdout). The judge uses held-out items only: {sp['eval_images']} evaluation images "
+                  f"(reconstructions, real feature statistics, the classifier's accuracy), {sp['floor_images']} "
+                  f"for the real-data floor, and {sp['classifier_images']} the classifier trains on."]
     ref = report["reference"]
     lines += ["", "Reference (real held-out images): " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
                                                              for k, v in ref.items())]

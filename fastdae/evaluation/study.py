@@ -7,7 +7,8 @@ Each (variant, seed) is one `fastdae.train` run (mode = the arm, seed = s) in ou
 the arms share every budget of the config, so they use equal compute: joint trains the full decoder
 for stage1.steps + stage2.steps, dae and control train stage 1 for stage1.steps (weak / full decoder)
 and a fresh full decoder for stage2.steps, and every arm trains the same DiT for prior.steps.
-Then each run is evaluated (`evaluate_run`) against one `Judge` shared by all runs, and out_dir gets
+Then each run is evaluated (`evaluate_run`) against one `Judge` shared by all runs (built from the
+dataset's held-out split only, which no run trains on; see EvalConfig), and out_dir gets
 report.md (mean ± std over seeds per metric per variant), report.json (every number), metrics.png
 (bars with ±std) and samples.png (each variant's seed-0 sample grid side by side).
 
@@ -65,7 +66,7 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             log(f"{name} seed {s}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
             runs[name].append(result)
     report = {"title": title, "command": command, "config": cfg.to_dict(), "eval": asdict(ev), "seeds": seeds,
-              "reference": judge.reference, "summary": summarize(runs),
+              "reference": judge.reference, "split": judge.split, "summary": summarize(runs),
               "capacity": capacity_curves(runs), "runs": runs, "sample_grids": grids,
               "device": str(device_of(cfg)), "torch": torch.__version__}
     write_report(report, out_dir)

@@ -108,9 +108,14 @@ def save_pretrained(
         "autoencoder": dataclasses.asdict(config),
         "weak_decoder": None if weak is None else dataclasses.asdict(weak),
     }
+    return write_pair(out, state, meta)
+
+
+def write_pair(out: Path, state: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """`out`/model.safetensors + `out`/config.json (meta, with meta["kind"]); shared with dit_export."""
     # atomic writes: an interrupted save (or a full disk) never leaves a half-written file behind
     with files.atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": kind})
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": meta["kind"]})
     files.write_bytes(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return out
 

@@ -19,8 +19,12 @@ D1 the next power of two >= the rest, at least 16, masked), e.g. 72 = 64 + 16 (8
 padded in memory, and the register width D0 + D1 never exceeds padding to a power of two: for DiT-XL's
 72 the kernels do 80 columns of work where padding would do 128 (FlashAttention-2's kernels: 96).
 
-Inputs: any strides (e.g. q, k, v as views of one fused qkv projection). fp32/bf16/fp16, fp32
-accumulation; fp32 products use IEEE fp32 (no TF32), like torch's default matmul. The output is a
+Inputs: any strides (e.g. q, k, v as views of one fused qkv projection); when every base is 16-byte
+aligned and every row/head/batch stride a multiple of 16 bytes (checked at launch: align_elems), the
+kernels say so with tl.multiple_of, which turns D = 72's 2-byte scalar loads into 128-bit cp.async
+(the static kernel report, fastdae/kernels/report.py). fp32/bf16/fp16, fp32 accumulation; fp32
+products use IEEE fp32 (no TF32), like torch's default matmul: on a GPU those run on CUDA cores and
+spill, so impl="auto" sends fp32 to SDPA. The output is a
 (B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
 is free.
 
@@ -30,7 +34,6 @@ attention_ref -> attention.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdae.kernels._dispatch import resolve_impl, triton_interpret
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -62,6 +66,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
+
+
+@triton.jit
+def _hint(sb, sh, sn, ALIGN: tl.constexpr):
+    """The (batch, head, row) strides of one tensor, asserted multiples of ALIGN elements (16 bytes)
+    when the launcher checked it (align_elems); ALIGN = 1 claims nothing. With 16-byte aligned bases
+    this is what lets D = 72 tiles load as 128-bit / cp.async rows instead of 2-byte scalars."""
+    if ALIGN > 1:  # hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sb = tl.multiple_of(sb.to(tl.int64), ALIGN)
+        sh = tl.multiple_of(sh.to(tl.int64), ALIGN)
+        sn = tl.multiple_of(sn.to(tl.int64), ALIGN)
+    return sb, sh, sn
 
 
 @triton.jit
@@ -131,8 +147,12 @@ def _attention_fwd_kernel(
     H, N_Q, N_KV, qk_scale,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
+    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
+    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
+    sob, soh, son = _hint(sob, soh, son, ALIGN)
     pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     k_base = k_ptr + b * skb + h * skh
@@ -170,9 +190,11 @@ def _attention_fwd_kernel(
 def _attention_bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr, H, N_Q,
     sob, soh, son, sod, sdb, sdh, sdn, sdd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Delta_i = sum_d O_id dO_id (B, H, N) float32; BLOCK_D is a power of two >= HEAD_DIM (no dot here)."""
+    sob, soh, son = _hint(sob, soh, son, ALIGN)
+    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
     pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_rows(o_ptr + b * sob + h * soh, rows, N_Q, son, sod, 0, BLOCK_D, HEAD_DIM, True)
@@ -219,8 +241,14 @@ def _attention_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdb, sdh, sdn, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
+    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
+    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
+    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
+    sdkb, sdkh, sdkn = _hint(sdkb, sdkh, sdkn, ALIGN)
+    sdvb, sdvh, sdvn = _hint(sdvb, sdvh, sdvn, ALIGN)
     pid_n, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
@@ -293,8 +321,13 @@ def _attention_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
+    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
+    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
+    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
+    sdqb, sdqh, sdqn = _hint(sdqb, sdqh, sdqn, ALIGN)
     pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdb + h * sdh
@@ -337,38 +370,35 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for Hopper-class GPUs (H100: 228 KB shared
-# memory per SM), narrow (D0 + D1 <= 64) and wide heads. fwd: a program owns BLOCK_M queries and
-# streams K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays
-# small); dq: owns BLOCK_M queries and streams small K/V tiles. The first entry of each list is the
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-width family (D0 + D1 <= 64,
+# <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams K/V; dkdv: owns
+# BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays small); dq: owns BLOCK_M
+# queries and streams small K/V tiles. Every entry compiles without spills for sm_90 and sm_80 in
+# the static kernel report (benchmarks/results/kernel-report-*), which removed the ones that spilled
+# (mostly on sm_80's register-resident mma operands at D = 128). The first entry of each list is the
 # default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
-_CONFIGS: dict[tuple[str, bool], list[tuple[int, int, int, int]]] = {
-    ("fwd", False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # last: fp32 fits
-    ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-    ("dkdv", True): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
-    ("dq", False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    ("dq", True): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+_CONFIGS: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3)],
+    ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
+    ("dkdv", 96): [(32, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 128): [(16, 128, 8, 3)],
+    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    ("dq", 96): [(128, 32, 8, 3)],
+    ("dq", 128): [(128, 32, 8, 3)],
 }
 _DELTA_BLOCK_M = 64
+_TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 
-def _configs(kernel: str, wide: bool) -> list[triton.Config]:
-    options = _CONFIGS[(kernel, wide)]
-    if triton_interpret():  # no timer worth tuning on: the default only
-        options = options[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
-
-
-@functools.cache
-def _tuned(kernel: str, wide: bool) -> triton.runtime.Autotuner:
-    """The kernel wrapped in an autotuner over its configs; tunes once per key (dtypes are keyed too)."""
-    fn = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}[kernel]
-    return triton.autotune(configs=_configs(kernel, wide), key=["N_Q", "N_KV", "HEAD_DIM"])(fn)
+def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
+    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _family(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: each launch is built by one function (shared with the static report), then run.
 # ---------------------------------------------------------------------------------------------
 def _constexprs(head_dim: int, dtype: torch.dtype) -> dict:
     d0, d1 = head_chunks(head_dim)
@@ -384,8 +414,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
 
 
-def _wide(head_dim: int) -> bool:
-    return sum(head_chunks(head_dim)) > 64
+def _family(head_dim: int) -> int:
+    """The register width bound D0 + D1 fits under: 64, 96 or 128."""
+    width = sum(head_chunks(head_dim))
+    return next(bound for bound in (64, 96, 128) if width <= bound)
 
 
 def _on_device(t: Tensor):
@@ -393,47 +425,69 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
+    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32."""
+    B, H, N, D = q.shape
+    return KernelLaunch(
+        _attention_fwd_kernel,
+        (q, k, v, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
+        dict(_constexprs(D, q.dtype), ALIGN=align_elems(q, k, v, o)), launch_configs("fwd", D, q.dtype),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+    )
+
+
+def bwd_launches(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
+    dq: Tensor, dk: Tensor, dv: Tensor, scale: float,
+) -> list[KernelLaunch]:
+    """The three backward launches, in order: Delta pre-pass, dK/dV, dQ."""
     B, H, N, D = q.shape
     M = k.shape[2]
+    consts = _constexprs(D, q.dtype)
+    inputs = (*strides(q), *strides(k), *strides(v), *strides(grad))
+    return [
+        KernelLaunch(
+            _attention_bwd_delta_kernel, (o, grad, delta, H, N, *strides(o), *strides(grad)),
+            dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), ALIGN=align_elems(o, grad)),
+            configs([(dict(BLOCK_M=_DELTA_BLOCK_M), 4, 3)]),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
+        ),
+        KernelLaunch(
+            _attention_bwd_dkdv_kernel,
+            (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv)),
+            dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)), launch_configs("dkdv", D, q.dtype),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B), _TUNE_KEY,
+        ),
+        KernelLaunch(
+            _attention_bwd_dq_kernel,
+            (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *inputs, *strides(dq)),
+            dict(consts, ALIGN=align_elems(q, k, v, grad, dq)), launch_configs("dq", D, q.dtype),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+        ),
+    ]
+
+
+def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, H, N, D = q.shape
     o = q.new_empty(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
     with _on_device(q):
-        _tuned("fwd", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
-            q, k, v, o, lse, H, N, M, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            **_constexprs(D, q.dtype),
-        )
+        launch(fwd_launch(q, k, v, o, lse, scale))
     return o, lse
 
 
 def _bwd_triton(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    B, H, N, D = q.shape
-    M = k.shape[2]
     dq, dk, dv = torch.empty(q.shape, **_like(q)), torch.empty(k.shape, **_like(k)), torch.empty(v.shape, **_like(v))
     if q.numel() == 0:
         return dq, dk, dv
     delta = torch.empty_like(lse)  # (B, H, N) float32
-    consts = _constexprs(D, q.dtype)
     with _on_device(q):
-        _attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_M), H, B)](
-            o, grad, delta, H, N, *o.stride(), *grad.stride(),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=_DELTA_BLOCK_M,
-        )
-        _tuned("dkdv", _wide(D))[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B)](
-            q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(),
-            **consts,
-        )
-        _tuned("dq", _wide(D))[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
-            q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(),
-            **consts,
-        )
+        for plan in bwd_launches(grad, q, k, v, o, lse, delta, dq, dk, dv, scale):
+            launch(plan)
     return dq, dk, dv
 
 
@@ -514,6 +568,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be (B, H, N, D), got shape {tuple(t.shape)}")
     B, H, N, D = q.shape
+    if D == 0:
+        raise ValueError(f"attention: head dim D must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D or k.shape[2] == 0:
         raise ValueError(
             f"attention: k and v must both be (B={B}, H={H}, M>=1, D={D}) for q {tuple(q.shape)}, "
@@ -525,17 +581,24 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def _validate_kernel(q: Tensor) -> None:
+def _kernel_mismatch(q: Tensor) -> str | None:
+    """Why the Triton kernel cannot take q's shape/dtype, or None when it can."""
     B, H, _, D = q.shape
     if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"attention: impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'")
+        return f"impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'"
     if D % 8 or not 8 <= D <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"attention: impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
-            f"got D={D}; use impl='sdpa' or 'ref'"
-        )
+        return (f"impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
+                f"got D={D}; use impl='sdpa' or 'ref'")
     if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
-        raise ValueError(f"attention: impl='triton' needs B, H <= {MAX_GRID_YZ}, got B={B}, H={H}")
+        return f"impl='triton' needs B, H <= {MAX_GRID_YZ}, got B={B}, H={H}"
+    return None
+
+
+def auto_uses_kernel(q: Tensor) -> bool:
+    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q: bf16/fp16 at head dims and
+    sizes it takes. fp32 goes to SDPA: the kernel's IEEE-fp32 dots run on CUDA cores and spill at
+    every config (benchmarks/results/kernel-report-*), SDPA's fp32 kernels do not."""
+    return q.dtype in (torch.bfloat16, torch.float16) and _kernel_mismatch(q) is None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
@@ -543,18 +606,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
 
     q (B, H, N, D), k and v (B, H, M, D), any strides; returns (B, H, N, D) in q's dtype.
     scale: multiplies q k^T, default 1 / sqrt(D).
-    impl: "auto" (Triton on CUDA; on CPU torch's SDPA, measured 1.1-2.7x faster than the reference
-    with 5-15x less memory in benchmarks/results/cpu-*), "triton" (fp32/bf16/fp16, D a multiple of 8
-    up to 128), "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
+    impl:
+      "auto"     CUDA: the Triton kernel for bf16/fp16 with D a multiple of 8 up to 128; torch's SDPA
+                 for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores and spill registers: SDPA is
+                 the faster fp32 path) and for head dims or batch sizes the kernel does not take.
+                 CPU: torch's SDPA (measured 1.1-2.7x faster than the reference with 5-15x less
+                 memory in benchmarks/results/cpu-*), with rows of q holding NaN/inf returned as NaN
+                 like the reference (SDPA's CPU kernel returns zeros there).
+      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 with IEEE fp32
+                 products: exact-to-fp32 but slow on a GPU, which is why auto does not pick it);
+      "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
     """
     _validate(q, k, v)
+    auto = impl == "auto"
     impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA, fallback="sdpa")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if auto and impl == "triton" and not auto_uses_kernel(q):
+        impl = "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, scale)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if auto and q.device.type == "cpu":  # the reference's NaN rows (one O(B H N D) pass)
+            out = torch.where(q.isfinite().all(dim=-1, keepdim=True), out, float("nan"))
+        return out
     if impl == "xformers":
         return _xformers_attention(q, k, v, scale)
-    _validate_kernel(q)
+    reason = _kernel_mismatch(q)
+    if reason is not None:
+        raise (TypeError if q.dtype not in KERNEL_DTYPES else ValueError)(f"attention: {reason}")
     return _attention_fwd_op(q, k, v, scale)[0]

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fastdae import _ext
 from fastdae.kernels._dispatch import num_warps_for, resolve_impl
+from fastdae.kernels._launch import KernelLaunch, configs, launch
 
 EPS = 1e-10  # added to the channel norm, as in the lpips package
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -135,28 +136,51 @@ def _position_stride(t: Tensor) -> int | None:
     return t.stride(3) if H == 1 or t.stride(2) == W * t.stride(3) else None
 
 
-def _flat_strides(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-    """(t or a contiguous copy, its (batch, channel, position) strides)."""
-    if _position_stride(t) is None:
-        t = t.contiguous()
-    return t, (t.stride(0), t.stride(1), _position_stride(t))
+def _flat(t: Tensor) -> Tensor:
+    """t, or a contiguous copy when its H, W do not flatten into one position axis."""
+    return t.contiguous() if _position_stride(t) is None else t
+
+
+def fwd_launch(f0: Tensor, f1: Tensor, w: Tensor, part: Tensor) -> KernelLaunch:
+    """One layer's forward launch: f0, f1 (B, C, H, W) with flat positions (see _flat_strides), w (C,)
+    fp32 -> per-tile sums into part (B, >= tiles) fp32."""
+    B, C, H, W = f0.shape
+    block_c, block_p, warps = _launch_config(C, H * W)
+    return KernelLaunch(
+        _lpips_head_fwd_kernel,
+        (f0, f1, w, part, C, H * W, part.stride(0), 1.0 / (H * W), *_flat_stride_args(f0), *_flat_stride_args(f1)),
+        dict(EPS=EPS), configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
+        lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B),
+    )
+
+
+def bwd_launch(grad: Tensor, f0: Tensor, f1: Tensor, w: Tensor, g0: Tensor, g1: Tensor,
+               need0: bool, need1: bool) -> KernelLaunch:
+    """One layer's backward launch: gradients into g0, g1 (flat positions; an unneeded one aliases f)."""
+    B, C, H, W = f0.shape
+    block_c, block_p, warps = _launch_config(C, H * W)
+    return KernelLaunch(
+        _lpips_head_bwd_kernel,
+        (f0, f1, w, grad, g0, g1, C, H * W, 1.0 / (H * W),
+         *_flat_stride_args(f0), *_flat_stride_args(f1), *_flat_stride_args(g0), *_flat_stride_args(g1)),
+        dict(EPS=EPS, NEED0=need0, NEED1=need1), configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
+        lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B),
+    )
+
+
+def _flat_stride_args(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), _position_stride(t)
 
 
 def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
     B = feats0[0].shape[0]
-    configs = [_launch_config(f.shape[1], f.shape[2] * f.shape[3]) for f in feats0]
-    tiles = [triton.cdiv(f.shape[2] * f.shape[3], cfg[1]) for f, cfg in zip(feats0, configs)]
+    tiles = [triton.cdiv(f.shape[2] * f.shape[3], _launch_config(f.shape[1], f.shape[2] * f.shape[3])[1])
+             for f in feats0]
     part = torch.empty(B, sum(tiles), device=feats0[0].device, dtype=torch.float32)  # (B, tiles of all layers)
     col = 0
-    for f0, f1, w, (block_c, block_p, warps), n in zip(feats0, feats1, weights, configs, tiles):
-        _, C, H, W = f0.shape
-        (f0, s0), (f1, s1) = _flat_strides(f0), _flat_strides(f1)
-        _lpips_head_fwd_kernel[(n, B)](
-            f0, f1, w, part[:, col:],
-            C, H * W, part.stride(0), 1.0 / (H * W),
-            *s0, *s1,
-            EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
-        )
+    for f0, f1, w, n in zip(feats0, feats1, weights, tiles):
+        f0, f1 = _flat(f0), _flat(f1)
+        launch(fwd_launch(f0, f1, w, part[:, col:]))
         col += n
     return part.sum(dim=1)
 
@@ -168,20 +192,13 @@ def _bwd_triton(
     grad = grad.to(torch.float32).contiguous()
     grads0, grads1 = [], []
     for f0, f1, w in zip(feats0, feats1, weights):
-        _, C, H, W = f0.shape
-        block_c, block_p, warps = _launch_config(C, H * W)
         out0 = torch.empty_like(f0) if need0 else None
         out1 = torch.empty_like(f1) if need1 else None
-        (f0, s0), (f1, s1) = _flat_strides(f0), _flat_strides(f1)
+        f0, f1 = _flat(f0), _flat(f1)
         # outputs in odd strides are computed in a contiguous buffer and copied; unneeded ones alias f
-        g0, t0 = _flat_strides(out0) if need0 else (f0, s0)
-        g1, t1 = _flat_strides(out1) if need1 else (f1, s1)
-        _lpips_head_bwd_kernel[(triton.cdiv(H * W, block_p), f0.shape[0])](
-            f0, f1, w, grad, g0, g1,
-            C, H * W, 1.0 / (H * W),
-            *s0, *s1, *t0, *t1,
-            EPS=EPS, BLOCK_C=block_c, BLOCK_P=block_p, NEED0=need0, NEED1=need1, num_warps=warps,
-        )
+        g0 = _flat(out0) if need0 else f0
+        g1 = _flat(out1) if need1 else f1
+        launch(bwd_launch(grad, f0, f1, w, g0, g1, need0, need1))
         if need0:
             grads0.append(g0 if g0 is out0 else out0.copy_(g0))
         if need1:
@@ -295,6 +312,10 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
             raise ValueError(
                 f"lpips_head: feats0[{l}] and feats1[{l}] must both be (B={B}, C, H, W), "
                 f"got {tuple(f0.shape)} and {tuple(f1.shape)}"
+            )
+        if f0.shape[1] == 0 or f0.shape[2] * f0.shape[3] == 0:  # no channels to normalise / no positions to average
+            raise ValueError(
+                f"lpips_head: feats0[{l}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
             )
         if f0.dtype != f1.dtype or f0.dtype not in allowed:
             raise TypeError(

@@ -14,8 +14,11 @@ vector_quantize(z, c, beta) with z_q = c[idx] (VQ-VAE convention; sg = stop-grad
     dloss/dc_k      = 2 / (N D) sum_{n: idx[n] = k} (c_k - z_n)         (codebook term, via index_add)
 
 The kernels never build the N x K distance matrix: a program owns a block of rows and streams the
-codebook in tiles, keeping a running (min score, index) per row; dot products accumulate in fp32 for
-fp32/bf16/fp16 inputs. The Triton forward of vector_quantize also gathers z_q and the exact
+codebook in tiles, keeping a running minimum score per (row, tile lane) and the tile it came from
+(fmin + one select per score), reduced to the lowest index once at the end; dot products accumulate
+in fp32 for fp32/bf16/fp16 inputs (fp32 as three TF32 tensor-core products on a GPU, its x split once
+per program). Launch configs per (D, dtype) come from the static kernel report
+(fastdae/kernels/report.py); row strides that are multiples of 16 bytes get tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact
 distances in the same pass (the loss is a sum of those distances), so it is one kernel launch.
 The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
 written in torch (a fused kernel would not pay).
@@ -34,7 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdae import _ext
-from fastdae.kernels._dispatch import num_warps_for, resolve_impl, triton_interpret
+from fastdae.kernels._dispatch import resolve_impl, triton_interpret
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CPP = ("vq", "vq_nearest")  # (csrc stem, op) for resolve_impl
@@ -62,44 +66,106 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _split_tf32(a, PRECISION: tl.constexpr):
+    """(hi, lo) with a = hi + lo exactly: hi keeps TF32's 10 mantissa bits (truncated), lo the rest
+    (PRECISION "3xtf32"); for other precisions (a, a), lo unused."""
+    if PRECISION == "3xtf32":
+        hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        lo = a - hi
+    else:
+        hi = a
+        lo = a
+    return hi, lo
+
+
+@triton.jit
+def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
+    """acc + x @ c^T. "3xtf32": hi.hi + lo.hi + hi.lo on TF32 tensor cores (error ~2^-21 relative,
+    fp32 class), from an x split once per program and a codebook tile split once per tile."""
+    if PRECISION == "3xtf32":
+        c_hi, c_lo = _split_tf32(ct, PRECISION)
+        acc = tl.dot(x_lo, c_hi, acc, input_precision="tf32")  # small terms first
+        acc = tl.dot(x_hi, c_lo, acc, input_precision="tf32")
+        acc = tl.dot(x_hi, c_hi, acc, input_precision="tf32")
+    else:
+        acc = _dot(x_hi, ct, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+               D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_K: tl.constexpr):
+    """Codes k0 ... k0 + BLOCK_K into the running (BLOCK_N, BLOCK_K) minimum of ||c||^2 - 2 x.c per
+    (row, lane) and the tile it came from: compare + 2 selects per score, no cross-lane reduction.
+    MASK_K: the tail tile (codes past K load as zeros with ||c||^2 = inf, so they never win)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    d = tl.arange(0, BLOCK_D)
+    c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
+    if D_CHUNKS == 1:
+        if MASK_K:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
+        else:
+            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None], other=0.0)
+        dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros(best.shape, tl.float32), PRECISION)
+    else:
+        dots = tl.zeros(best.shape, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + d
+            xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
+            ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
+            xc_hi, xc_lo = _split_tf32(xc, PRECISION)
+            dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
+    if MASK_K:
+        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))
+    else:
+        csq = tl.load(csq_ptr + codes)
+    scores = csq[None, :] - 2.0 * dots
+    better = scores < best  # strict: an earlier tile (lower index) keeps a tie; NaN scores never win
+    # the tile start as fp32 (k0 * 1.0): a float select packs better than an int one (3 -> 2 SASS ops)
+    return tl.minimum(scores, best), tl.where(better, k0 * 1.0, best_k0)
+
+
+@triton.jit
 def _vq_nearest_fwd_kernel(
-    x_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, zq_ptr,
-    N, K, D,
+    x_ptr, c_ptr, csq_ptr, csq_sum_ptr, idx_ptr, dist_ptr, zq_ptr,
+    N, K,
     sxn, sxd, sck, scd, szn, szd,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows.
+        # Hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
+        sxn = tl.multiple_of(sxn.to(tl.int64), ALIGN)
+        sck = tl.multiple_of(sck.to(tl.int64), ALIGN)
+        szn = tl.multiple_of(szn.to(tl.int64), ALIGN)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxn  # (BLOCK_N, 1)
     d = tl.arange(0, BLOCK_D)
-    best = tl.full((BLOCK_N,), float("inf"), tl.float32)  # running min of ||c||^2 - 2 x.c
-    best_idx = tl.zeros((BLOCK_N,), tl.int32)
-    if D_CHUNKS == 1:  # the whole x tile stays in registers for the sweep
+    lanes = tl.arange(0, BLOCK_K)
+    best = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
+    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # exact: tile starts < 2^24 (K < 16.7M codes)
+    if D_CHUNKS == 1:  # the whole x tile (and its TF32 split) stays resident for the sweep
         x = tl.load(x_rows + d[None, :] * sxd, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
-        if D_CHUNKS == 1:
-            ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
-            dots = _dot(x, ct, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION)  # (BLOCK_N, BLOCK_K)
-        else:
-            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + d
-                xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
-                ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
-                dots = _dot(xc, ct, dots, PRECISION)
-        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))  # padded codes never win
-        scores = csq[None, :] - 2.0 * dots
-        tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best  # strict: an earlier tile (lower index) keeps a tie
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, k0 + tile_idx, best_idx)
-    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q
+    else:  # unused: _scan_tile loads x chunk by chunk
+        x = tl.zeros((BLOCK_N, BLOCK_D), x_ptr.dtype.element_ty)
+    x_hi, x_lo = _split_tf32(x, PRECISION)
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):  # full tiles: no code masks
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
+                                   D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, False)
+    if k_full < K:
+        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k_full, K, sxd, sck,
+                                   scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, True)
+    row_best = tl.min(best, axis=1)
+    # lowest code index among the lanes holding the row minimum (lane 0 of tile 0 when all are inf)
+    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0.to(tl.int32) + lanes[None, :], K), axis=1)
+    # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q;
+    # sum_k ||c_k||^2 is NaN/inf iff some code is non-finite (or overflows): then every distance is NaN
     c_rows = c_ptr + best_idx.to(tl.int64)[:, None] * sck
-    dist = tl.zeros((BLOCK_N,), tl.float32)
+    dist = tl.zeros((BLOCK_N,), tl.float32) + tl.load(csq_sum_ptr) * 0.0
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + d
         mask = row_mask[:, None] & (dd < D)[None, :]
@@ -115,26 +181,39 @@ def _vq_nearest_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _launch_config(N: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes (powers of two, every tl.dot dimension >= 16) and warps.
+# (BLOCK_N, BLOCK_K, largest BLOCK_D, num_warps, num_stages) for D up to the key's bound, bf16/fp16
+# or fp32, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
+# sm_90 and sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16), capped:
+# below the cap x (and its TF32 split) is resident for the whole sweep; fp32 at D = 256 would need
+# 128 KB of resident x and spills, so it sweeps D in 64-wide chunks.
+_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
+    # (max D, fp32): config
+    (128, False): (64, 128, 128, 8, 3),
+    (256, False): (64, 64, 256, 8, 3),
+    (128, True): (128, 64, 128, 8, 3),
+    (256, True): (32, 64, 64, 4, 3),
+}
 
-    BLOCK_D: all of D in one chunk up to 64 (fp32) / 128 (16-bit) so x stays in registers; larger D
-    is swept in chunks. Chosen from register budgets, not yet tuned on a GPU."""
-    block_n = min(64, max(16, triton.next_power_of_2(N)))
-    block_k = 128
-    block_d = max(16, min(triton.next_power_of_2(D), 64 if dtype == torch.float32 else 128))
-    return dict(
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d),
-        PRECISION=_precision(dtype),
-        num_warps=num_warps_for(block_n * block_k),
-    )
+
+def launch_configs(N: int, D: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
+    """The search's config for N rows of width D: block sizes are powers of two (tl.dot dims >= 16)."""
+    fp32 = dtype == torch.float32
+    head = min((h for h, f in _CONFIGS if f == fp32 and D <= h), default=max(h for h, _ in _CONFIGS))
+    block_n, block_k, max_block_d, warps, stages = _CONFIGS[(head, fp32)]
+    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    block_d = max(16, min(triton.next_power_of_2(D), max_block_d))
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d))
+    return configs([(meta, warps, stages)])
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """How the kernel multiplies. On a GPU: fp32 as three TF32 products (~fp32 accuracy on tensor
+    cores; plain TF32's 10-bit mantissa flips the argmin between close codes). The interpreter
+    multiplies with numpy, whose rounding differs between identical columns of one matmul, so the
+    3-product sum can split exact ties there: it runs one IEEE fp32 product instead (the split is
+    tested on its own in tests/test_vq.py)."""
     if dtype == torch.float32:
-        # three TF32 products keep fp32 dot products at ~fp32 accuracy on tensor cores; plain TF32
-        # (10-bit mantissa) flips the argmin between close codes
-        return "tf32x3"
+        return "ieee" if triton_interpret() else "3xtf32"
     return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
 
 
@@ -143,22 +222,33 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(idx (N,) int64, sqdist (N,) fp32); also writes codebook[idx] into z_q (N, D) when given."""
+def nearest_launch(
+    x: Tensor, codebook: Tensor, csq: Tensor, csq_sum: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
+) -> KernelLaunch:
+    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 and its sum () ->
+    idx (N,) int64, dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
     N, D = x.shape
-    K = codebook.shape[0]
+    zq, zq_strides = (z_q, strides(z_q)) if z_q is not None else (dist, (0, 0))
+    aligned = align_elems(x, codebook, *((z_q,) if z_q is not None else ()))
+    return KernelLaunch(
+        _vq_nearest_fwd_kernel,
+        (x, codebook, csq, csq_sum, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
+        dict(D=D, PRECISION=_precision(x.dtype), WRITE_ZQ=z_q is not None, ALIGN=aligned),
+        launch_configs(N, D, x.dtype),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
+    )
+
+
+def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(idx (N,) int64, sqdist (N,) fp32); also writes codebook[idx] into z_q (N, D) when given.
+    A non-finite codebook (or ||c||^2 overflowing fp32) makes every sqdist NaN: checked in the
+    kernel, so no host sync."""
+    N = x.shape[0]
     idx = torch.empty(N, device=x.device, dtype=torch.int64)
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
-    csq = codebook.float().square().sum(dim=1)  # (K,) ||c||^2 in fp32
-    cfg = _launch_config(N, D, x.dtype)
-    zq, zq_strides = (z_q, z_q.stride()) if z_q is not None else (dist, (0, 0))
+    csq = torch.sum(codebook.float().square(), dim=1)  # (K,) ||c||^2 in fp32, once per call
     with _on_device(x):
-        _vq_nearest_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x, codebook, csq, idx, dist, zq,
-            N, K, D,
-            x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), *zq_strides,
-            WRITE_ZQ=z_q is not None, **cfg,
-        )
+        launch(nearest_launch(x, codebook, csq, csq.sum(), idx, dist, z_q))
     return idx, dist
 
 
@@ -312,9 +402,11 @@ def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape:
     if codebook.device != x.device:
         raise ValueError(f"{op}: {name} is on {x.device} but codebook is on {codebook.device}")
     # A sum is NaN/inf iff some element is, or finite values overflow fp32 (|c| ~ 1e19 already
-    # overflows ||c||^2): one fused reduction instead of isfinite's temporaries, and one host sync;
-    # skipped under torch.compile (it would break the graph).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(codebook.sum(dtype=torch.float32))):
+    # overflows ||c||^2): one fused reduction. Only on CPU, where it costs no device sync; on CUDA the
+    # kernel turns a non-finite codebook into NaN distances (and a NaN loss) instead of a host sync
+    # per call. Skipped under torch.compile (it would break the graph).
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(codebook.sum(dtype=torch.float32)))):
         raise ValueError(f"{op}: codebook (K={codebook.shape[0]}, D={D}) has non-finite (or overflowing) values")
 
 
@@ -326,6 +418,8 @@ def vq_nearest(x: Tensor, codebook: Tensor, impl: str = "auto") -> tuple[Tensor,
     dot products accumulate in fp32. Ties go to the lowest code index. The distance is recomputed
     from x - c_idx, so it is exact to fp32 rounding and never negative. Never builds the N x K
     matrix. sqdist is differentiable (2 (x - c_idx) to x, its negative to the chosen codes).
+    A codebook with NaN/inf values raises ValueError on CPU; on CUDA (checked without a host sync)
+    it makes every sqdist NaN.
     impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
     """
     _validate("vq_nearest", "x", x, codebook, impl, "(N, D)")
@@ -343,7 +437,8 @@ def vector_quantize(z: Tensor, codebook: Tensor, beta: float = 0.25, impl: str =
     straight through to z; indices is int64 z.shape[:-1]; loss is the float32 scalar
         ||sg[z] - z_q||^2 + beta * ||z - sg[z_q]||^2    (each a mean over the z.numel() elements),
     the codebook term training the codebook and the commitment term (weight beta) the encoder
-    (van den Oord et al. 2017, eq. 3). An empty z gives empty outputs and a zero loss.
+    (van den Oord et al. 2017, eq. 3). An empty z gives empty outputs and a zero loss. A non-finite
+    codebook raises on CPU and gives a NaN loss on CUDA (see vq_nearest).
     """
     _validate("vector_quantize", "z", z, codebook, impl, "(..., D)")
     if not isinstance(beta, (int, float)) or not beta >= 0:

@@ -25,7 +25,8 @@ Latent scaling is the caller's job (per-channel statistics of the cache): see La
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +86,18 @@ class LatentScaler(nn.Module):
 
 
 ModelFn = Callable[..., Tensor]  # model(x_t (B, C, h, w), t (B,), y) -> (B, C or 2C, h, w)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """N(0, I) noise of `shape`. With one generator per sample (a sequence of shape[0] generators on
+    `device`), sample i's noise comes from generator i alone: a sample is then the same whichever
+    batch it is drawn in (fastdae.sampling seeds one generator per sample index)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"randn: {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
 
 
 class Diffusion:
@@ -199,14 +212,15 @@ class Diffusion:
         steps: int = 50,
         sampler: str = "ddim",
         cfg_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Latents x0 (B, C, h, w) float32 from noise in `steps` model evaluations.
 
         cfg_scale != 1 calls model.forward_with_cfg(x, t, y, cfg_scale) (classifier-free guidance; y
         required). device defaults to the model's. Put a DiT in eval mode first: in training mode its
-        label dropout would replace labels with the null class."""
+        label dropout would replace labels with the null class. generator: one torch.Generator for
+        the batch, or one per sample (see randn)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"Diffusion.sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps < 1:
@@ -216,7 +230,7 @@ class Diffusion:
         if device is None:
             device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
         B, C = shape[0], shape[1]
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        x = randn(shape, generator, device, torch.float32)
         times = self.sample_times(steps)
         for t, s in zip(times[:-1], times[1:]):
             t_vec = torch.full((B,), t, device=device, dtype=torch.float64 if self.objective == "flow" else torch.long)
@@ -233,7 +247,7 @@ class Diffusion:
                     logvar = self.learned_logvar(out[:, C:], var, step_var)
                 else:
                     logvar = var.log().float()
-                noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+                noise = randn(tuple(x.shape), generator, device, x.dtype)
                 x = c_t.float() * x + c_0.float() * x0_hat + (0.5 * logvar).exp() * noise
             else:  # ddim / euler, and every sampler's last step into the clean state (x = x0_hat)
                 x = a_s.float() * x0_hat + s_s.float() * eps_hat

@@ -15,24 +15,26 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from fastdae import files
-from fastdae.config import STAGES, ConfigError, TrainConfig
+from fastdae.config import STAGES, ConfigError, TrainConfig, load_config
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint, load_weights
 from fastdae.training.distributed import autocast, setup_distributed
 from fastdae.training.identity import RunError, config_identity, differences
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
+CONFIG_FILE = "config.yaml"
 CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
 DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
 
@@ -63,7 +65,7 @@ class RunFolder:
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
-    config_file = property(lambda self: self.root / "config.yaml")
+    config_file = property(lambda self: self.root / CONFIG_FILE)
     summary_file = property(lambda self: self.root / "summary.json")
     log_file = property(lambda self: self.root / "train.log")
     cache_dir = property(lambda self: self.stage_dir("cache"))
@@ -104,6 +106,16 @@ class Run(RunFolder):
         self.resume_from: dict[str, Path | None] = {}
         self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
 
+    @classmethod
+    def open(cls, root: str | os.PathLike, device: str = "auto") -> Run:
+        """The existing run folder `root` as its config.yaml describes it (out_dir: `root`, wherever it
+        was trained), on `device`: for reading what its stages wrote."""
+        root = Path(root)
+        if not (root / CONFIG_FILE).is_file():
+            raise MissingOutputError(f"{root / CONFIG_FILE} does not exist: {root} is not a fastdae run folder")
+        cfg = dataclasses.replace(load_config(root / CONFIG_FILE), out_dir=str(root), device=device)
+        return cls(cfg)
+
     def total_steps(self, stage: str) -> tuple[str, int]:
         """(config key, steps) of a checkpointed stage; joint trains stage 1 for both budgets."""
         c = self.cfg
@@ -113,9 +125,11 @@ class Run(RunFolder):
 
     @cached_property
     def dataset(self) -> Any:
-        from fastdae.data import build_dataset
+        """The training part of the configured dataset (fastdae.data.split_dataset): the held-out part
+        is for evaluation only and never reaches stage 1, the cache, stage 2 or the prior."""
+        from fastdae.data import build_dataset, split_dataset
 
-        return build_dataset(self.cfg.data)
+        return split_dataset(build_dataset(self.cfg.data), self.cfg.data)[0]
 
     @cached_property
     def fingerprint(self) -> str:
@@ -203,15 +217,8 @@ class Run(RunFolder):
         return bottleneck.to(self.device).eval().requires_grad_(False)
 
     def num_classes(self) -> int:
-        """Classes the DiT is conditioned on (0: unconditional), from the dataset's own description."""
-        ds = self.dataset
-        if not self.cfg.prior.class_cond:
-            return 0
-        if hasattr(ds, "num_classes"):
-            return int(ds.num_classes)
-        if getattr(ds, "classes", None):
-            return len(ds.classes)
-        return int(np.max(ds.labels)) + 1 if hasattr(ds, "labels") else 0
+        """Classes the DiT is conditioned on (0: unconditional): the whole dataset's `num_classes`."""
+        return int(self.dataset.num_classes) if self.cfg.prior.class_cond else 0
 
     # ---- identity ------------------------------------------------------------------------------
     def inputs(self, stage: str) -> dict[str, str]:
@@ -224,6 +231,25 @@ class Run(RunFolder):
             out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))
             out["dit"] = self.sha256(self.require(self.dit_file, "prior"))
         return out
+
+    def changed_inputs(self, stage: str, rec: dict[str, Any]) -> list[str]:
+        """What `stage` read (its recorded identity `rec`) that differs now; a missing input says so."""
+        try:
+            return differences(rec["inputs"], self.inputs(stage))
+        except MissingOutputError as e:
+            return [str(e)]
+
+    def require_current(self, stage: str) -> None:
+        """Before reading a finished run's `stage` outputs (fastdae.sample): refuse unless the stage
+        finished and neither what it read nor the config keys it depends on changed since."""
+        rec = self.recorded(stage)
+        if rec is None or not self._finished(stage):
+            raise MissingOutputError(f"{stage} has not finished in {self.root}: train it first "
+                                     f"(stages=['{stage}', ...])")
+        changed = self.changed_inputs(stage, rec) + differences(rec["config"], config_identity(self.cfg, stage))
+        if changed:
+            raise RunError(f"{stage} in {self.root} is stale, it was built from other inputs or config: "
+                           f"{'; '.join(changed)}. Train {stage} again (stages=['{stage}', ...]) first.")
 
     def recorded(self, stage: str) -> dict[str, Any] | None:
         path = self.identity_file(stage)
@@ -370,10 +396,7 @@ class Run(RunFolder):
             rec = self.recorded(stage)
             if rec is None or not self.metrics_file(stage).is_file():
                 continue
-            try:
-                changed = differences(rec["inputs"], self.inputs(stage))
-            except MissingOutputError as e:
-                changed = [str(e)]
+            changed = self.changed_inputs(stage, rec)
             if changed:
                 stale[stage] = changed
             else:

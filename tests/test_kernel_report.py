@@ -1,0 +1,122 @@
+"""The static kernel report as a CI gate (CPU only, no GPU): every shipped config family compiled for
+sm_90 must have no spills, no 8/16-bit scalar global loads (and mostly 128-bit / cp.async / TMA
+ones) in its main loop, and tensor-core dots for bf16/fp16. Also the pieces the report stands on:
+the SASS reader, the load classifier and the launchers' alignment check."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdae.kernels._launch import align_elems, strides
+from fastdae.kernels.report import _load_kind, _read_sass, violations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ci_rows(tmp_path_factory) -> list[dict]:
+    """Rows of `python -m fastdae.kernels.report --ci` for sm_90, compiled in a subprocess: the
+    report needs the real kernels, and this process runs them interpreted (TRITON_INTERPRET=1)."""
+    out = tmp_path_factory.mktemp("kernel-report")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-m", "fastdae.kernels.report", "--ci", "--targets", "sm90", "--out", str(out)],
+                   check=True, env=env, cwd=ROOT, timeout=1200)
+    (path,) = out.glob("kernel-report-sm90-*.json")
+    return json.loads(path.read_text())["rows"]
+
+
+def test_ci_set_covers_every_config_family(ci_rows):
+    from fastdae.kernels.attention import auto_uses_kernel
+
+    seen = {(r["family"], r["dtype"]) for r in ci_rows}
+    for dtype in ("bf16", "fp32"):
+        assert ("vector_quantize", dtype) in seen
+        # attention families in every dtype impl="auto" runs the kernel for (fp32: SDPA, see below)
+        torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        if auto_uses_kernel(torch.empty(8, 16, 1024, 72, dtype=torch_dtype, device="meta")):
+            for family in ("attention_fwd", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
+                assert (family, dtype) in seen, (family, dtype)
+    assert ("lpips_fwd", "bf16") in seen and ("lpips_bwd", "bf16") in seen
+    shapes = {r["shape"] for r in ci_rows}
+    for shape in ("D64 contiguous", "D72 fused-qkv", "D128 contiguous"):  # one per head-width family
+        assert any(s.endswith(shape) for s in shapes), shape
+    assert {s.split()[-1] for s in shapes if s.startswith("N65536")} == {"D8", "D32", "D256"}
+
+
+def test_every_shipped_config_meets_the_rules(ci_rows):
+    broken = [f"{r['family']} {r['shape']} {r['dtype']} [{r['config']}]: {'; '.join(v)}"
+              for r in ci_rows if r["shipped"] and (v := violations(r["static"], r["dtype"]))]
+    assert not broken, "\n".join(broken)
+
+
+def test_auto_routes_only_kernel_friendly_attention_to_triton():
+    """fp32 attention's IEEE dots spill at every config (the report), so auto sends fp32 to SDPA;
+    head dims the kernel does not take too."""
+    from fastdae.kernels.attention import auto_uses_kernel
+
+    def q(D: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(2, 4, 64, D, dtype=dtype, device="meta")
+
+    assert auto_uses_kernel(q(72, torch.bfloat16)) and auto_uses_kernel(q(128, torch.float16))
+    assert not auto_uses_kernel(q(72, torch.float32))
+    assert not auto_uses_kernel(q(12, torch.bfloat16)) and not auto_uses_kernel(q(136, torch.bfloat16))
+
+
+def test_violations_flag_each_rule():
+    clean = dict(spill_stores=0, spill_loads=0, loop_loads={"ldgsts_b128": 4, "b32": 1},
+                 mma={"HGMMA.64x64x16.F32.BF16": 8}, dot="HGMMA.F32.BF16")
+    assert violations(clean, "bf16") == []
+    assert "spills" in violations({**clean, "spill_stores": 8}, "bf16")[0]
+    assert "scalar" in violations({**clean, "loop_loads": {"b128": 4, "b16": 2}}, "bf16")[0]
+    assert "not loaded wide" in violations({**clean, "loop_loads": {"b128": 1, "b32": 2}}, "fp32")[0]
+    assert "not loaded wide" in violations({**clean, "loop_loads": {"b64": 8}}, "fp32")[0]
+    assert violations({**clean, "loop_loads": {"ldgsts_b128": 1, "b64": 8, "b32": 1}}, "bf16") == []
+    assert violations({**clean, "loop_loads": {"ldgsts_b128": 2, "ldgsts_b32": 4}}, "bf16") == []  # lse, Delta
+    assert "tensor cores" in violations({**clean, "mma": {}, "dot": "FFMA (no tensor cores)"}, "bf16")[0]
+    assert violations({**clean, "mma": {}, "dot": "FFMA (no tensor cores)"}, "fp32") == []
+
+
+def test_sass_reader_finds_the_main_loop():
+    sass = "\n".join([
+        "Function:k",
+        "--:-:-:-:1\tLDG.E.U16 R2, desc[UR4][R2.64];",
+        "LBB0:",
+        "--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];",
+        "--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24;",
+        "--:-:-:-:1\t@P0 BRA LBB0;",
+        "LBB1:",
+        "--:-:-:-:1\tBRA LBB1;",  # the trap self-loop after EXIT is not a loop
+    ])
+    info = _read_sass(sass)
+    lo, hi = info["main"]
+    assert info["has_loop"] and info["instrs"][lo:hi] == [
+        "LDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64]", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "BRA LBB0"]
+
+
+@pytest.mark.parametrize("opcode, kind", [
+    ("LDG.E.U16", "b16"), ("LDG.E", "b32"), ("LDG.E.64.CONSTANT", "b64"), ("LDG.E.128", "b128"),
+    ("LDGSTS.E.BYPASS.LTC128B.128", "ldgsts_b128"), ("LDGSTS.E", "ldgsts_b32"), ("UTMALDG.2D", "tma"),
+    ("LDS.128", None), ("LDGDEPBAR", None), ("STG.E.128", None),
+])
+def test_load_kinds(opcode, kind):
+    assert _load_kind(opcode) == kind
+
+
+def test_align_elems():
+    B, N, H, D = 2, 5, 3, 72
+    qkv = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # DiT's fused-qkv views: strides 72 / 3*H*72
+    assert align_elems(q, k, v) == 8
+    assert align_elems(torch.empty(B, H, N, D)) == 4  # fp32: 16 bytes = 4 elements
+    assert align_elems(torch.empty(B, H, N, 7, dtype=torch.bfloat16)) == 1  # rows of 14 bytes
+    assert align_elems(torch.empty(B, H, N, D, dtype=torch.bfloat16)[..., 1:]) == 1  # base off by 2 bytes
+    assert align_elems(torch.empty(B, H, D, N, dtype=torch.bfloat16).transpose(-1, -2)) == 1  # column-major rows
+    assert align_elems(q, torch.empty(B, H, N, D)) == 1  # mixed element sizes: no single hint
+    assert strides(torch.empty(1, H, 1, D)) == (0, D, 0, 1)  # size-1 dims: stride never used
