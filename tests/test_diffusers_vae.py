@@ -280,6 +280,8 @@ def test_train_with_diffusers_stage1(tmp_path, kind):
     z = stage1.latent(cache.gather([0, 1, 2]), sample=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z).sample, decoder.eval()(z), rtol=0, atol=ATOL)
+    fastdae.sample(tmp_path / "run", num_samples=4, out=tmp_path / "samples.npz")  # the sampler takes the run too
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 16, 16, 3)
 
 
 def test_config_rejects_stage1_with_a_pretrained_encoder(tmp_path):
