@@ -85,7 +85,8 @@ def main(tmp: Path, ckpt: Path | None, config: Path | None) -> None:
     z_q = stage1.latent(cache.gather(list(range(8))))
     with torch.no_grad():  # taming's VQModel.decode: decoder(post_quant_conv(quant))
         diff = (theirs.eval()["decoder"](theirs["post_quant_conv"](z_q)) - decoder(z_q)).abs().max().item()
-    print(f"exported {sorted(p.name for p in out.iterdir())}; taming's decode vs fastdae's decoder: max |diff| {diff:.1e}")
+    print(f"exported {sorted(p.name for p in out.iterdir())}; taming's decode vs fastdae's decoder: "
+          f"max |diff| {diff:.1e}")
     assert diff < 1e-5
     print("ok: the exported checkpoint decodes the cached codes as the trained decoder does")
 

@@ -395,7 +395,7 @@ def check_environment(cfg: TrainConfig) -> None:
             _, down = latent_shape(cfg.stage1.encoder)
         except (OSError, ValueError) as e:
             raise ConfigError(f"stage1.encoder: {e}") from None
-        _check_latent_grid(cfg, down, f"stage1.encoder's downsampling factor {{down}}")
+        _check_latent_grid(cfg, down, "stage1.encoder's downsampling factor {down}")
 
 
 # ---- presets ----------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def test_kl_posterior_sample_matches_diffusers_draw(tmp_path):
     torch.testing.assert_close(stage1.latent(fields, sample=False), posterior.mean, rtol=0, atol=ATOL)
 
 
-VQ_VARIANTS = {"default": {}, "embed_dim_3": dict(vq_embed_dim=3), "spatial_norm": dict(norm_type="spatial", block_out_channels=(32, 32))}  # SpatialNorm: 32 groups
+VQ_VARIANTS = {"default": {}, "embed_dim_3": dict(vq_embed_dim=3),
+               "spatial_norm": dict(norm_type="spatial", block_out_channels=(32, 32))}  # SpatialNorm: 32 groups
 
 
 @pytest.mark.parametrize("variant", VQ_VARIANTS)

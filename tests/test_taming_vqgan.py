@@ -10,7 +10,8 @@ from torch import nn
 
 from fastdae.integrations.taming_vqgan import TamingDecoder, export_taming, load_taming_stage1, read_taming_config
 
-quantize = pytest.importorskip("taming.modules.vqvae.quantize", reason="pip install --no-deps taming-transformers-rom1504")
+quantize = pytest.importorskip("taming.modules.vqvae.quantize",
+                               reason="pip install --no-deps taming-transformers-rom1504")
 from taming.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 
 DD = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],  # GroupNorm(32)
@@ -91,7 +92,8 @@ def test_rejects_what_it_does_not_support(tmp_path):
     with pytest.raises(ValueError, match="without remap"):
         read_taming_config(tmp_path / "remap" / "config.yaml")
     (tmp_path / "gumbel.yaml").write_text(yaml.safe_dump(
-        {"model": {"target": "taming.models.vqgan.GumbelVQ", "params": {"ddconfig": DD, "n_embed": K, "embed_dim": D}}}))
+        {"model": {"target": "taming.models.vqgan.GumbelVQ",
+                   "params": {"ddconfig": DD, "n_embed": K, "embed_dim": D}}}))
     with pytest.raises(ValueError, match="GumbelVQ"):
         read_taming_config(tmp_path / "gumbel.yaml")
 

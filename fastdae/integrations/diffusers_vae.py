@@ -255,7 +255,8 @@ def export_diffusers(decoder: DiffusersDecoder, source: str | os.PathLike, out_d
                     if not k.startswith("_") and _jsonable(config.get(k)) != _jsonable(decoder.config.get(k)))
     if config["_class_name"] != decoder.config["_class_name"] or differ:
         raise ValueError(f"export_diffusers: the decoder was built for another model than {source} "
-                         f"(class {decoder.config['_class_name']} vs {config['_class_name']}; config keys differ: {differ})")
+                         f"(class {decoder.config['_class_name']} vs {config['_class_name']}; "
+                         f"config keys differ: {differ})")
     vae = load_diffusers_vae(source)
     for name in DECODER_SIDE:
         ours = getattr(decoder, name)

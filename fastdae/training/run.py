@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -32,6 +32,9 @@ from fastdae.config import STAGES, ConfigError, TrainConfig, load_config
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint, load_weights
 from fastdae.training.distributed import autocast, setup_distributed
 from fastdae.training.identity import RunError, config_identity, differences
+
+if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
+    from fastdae.integrations.diffusers_vae import FrozenStage1
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
 CONFIG_FILE = "config.yaml"
@@ -159,7 +162,7 @@ class Run(RunFolder):
         return self._sha[path][1]
 
     @cached_property
-    def pretrained_stage1(self) -> Any:
+    def pretrained_stage1(self) -> FrozenStage1 | None:
         """stage1.encoder (a diffusers AutoencoderKL / VQModel or taming VQGAN folder) loaded frozen on this
         run's device, a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
         if self.cfg.stage1.encoder is None:
@@ -175,17 +178,21 @@ class Run(RunFolder):
             return self.pretrained_stage1.sha256
         return self.sha256(self.require(self.encoder_file, "stage1"))
 
+    # the latent the cache holds: fastdae's autoencoder config, or what stage1.encoder produces
     @property
     def latent_channels(self) -> int:
-        return self.cfg.autoencoder.z_channels if self.pretrained_stage1 is None else self.pretrained_stage1.latent_channels
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.z_channels if pre is None else pre.latent_channels
 
     @property
     def downsample(self) -> int:
-        return self.cfg.autoencoder.downsample if self.pretrained_stage1 is None else self.pretrained_stage1.downsample
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.downsample if pre is None else pre.downsample
 
     @property
     def bottleneck_kind(self) -> str:
-        return self.cfg.autoencoder.bottleneck if self.pretrained_stage1 is None else self.pretrained_stage1.kind
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.bottleneck if pre is None else pre.kind
 
     def build_decoder(self) -> nn.Module:
         """A fresh full decoder: fastdae's (autoencoder config) or, with stage1.encoder, one in its architecture."""
