@@ -37,6 +37,7 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("ddpm", "flow")
 SCHEDULES = ("linear", "cosine")
+POSTERIORS = ("mean", "sample")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -95,6 +96,20 @@ class AEStageConfig:
 
 
 @dataclass
+class Stage1Config(AEStageConfig):
+    """Stage 1 as AEStageConfig, or a pretrained encoder instead: `encoder` names a local diffusers
+    AutoencoderKL / VQModel folder or a taming VQGAN folder (fastdae.integrations.pretrained), used
+    frozen. The run then starts at `cache` (stage1 must not be listed, mode must be "dae"),
+    `autoencoder` and `weak_decoder` are unused, stage 2 trains a decoder of the source's
+    architecture and also writes stage2/diffusers/ (a folder `from_pretrained` loads) or
+    stage2/taming/ (last.ckpt + config.yaml). KL latents are the posterior mean or, with posterior
+    "sample", a fresh draw per step."""
+
+    encoder: str | None = None
+    posterior: str = "mean"
+
+
+@dataclass
 class CacheConfig:
     """The one pass of the frozen encoder that writes run/cache (fastdae.LatentCache)."""
 
@@ -150,7 +165,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     weak_decoder: WeakDecoderConfig = field(default_factory=WeakDecoderConfig)
-    stage1: AEStageConfig = field(default_factory=AEStageConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     stage2: AEStageConfig = field(default_factory=AEStageConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -305,7 +320,7 @@ def _samplers() -> tuple[str, ...]:
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
 CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
                            "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
-                           "prior.schedule": SCHEDULES,
+                           "prior.schedule": SCHEDULES, "stage1.posterior": POSTERIORS,
                            **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
                            **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")}}
 
@@ -369,10 +384,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
     if p.cfg_scale != 1.0 and not p.class_cond:
         raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
-    down = cfg.autoencoder.downsample
+    if cfg.stage1.encoder is None:
+        _check_latent_grid(cfg, cfg.autoencoder.downsample, "the autoencoder's downsampling factor {down} "
+                                                            "(2 ** (len(autoencoder.ch_mult) - 1))")
+        return
+    if "stage1" in cfg.stages or cfg.mode != "dae":
+        raise ConfigError(f"stage1.encoder={cfg.stage1.encoder!r} is a pretrained stage 1: stages must not list "
+                          f"'stage1' and mode must be 'dae', got stages={cfg.stages}, mode={cfg.mode!r}")
+
+
+def _check_latent_grid(cfg: TrainConfig, down: int, what: str) -> None:
+    """data.size divisible by the encoder's downsampling factor, and the latent grid by the DiT's patch."""
     if cfg.data.size % down:
-        raise ConfigError(f"data.size={cfg.data.size} must be divisible by the autoencoder's downsampling factor "
-                          f"{down} (2 ** (len(autoencoder.ch_mult) - 1))")
+        raise ConfigError(f"data.size={cfg.data.size} must be divisible by {what.format(down=down)}")
+    p = cfg.prior
     patch = _dit_models()[p.model].keywords["patch_size"]
     if (cfg.data.size // down) % patch:
         raise ConfigError(f"data.size={cfg.data.size} gives {cfg.data.size // down}x{cfg.data.size // down} latents, "
@@ -403,6 +428,14 @@ def check_environment(cfg: TrainConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
+    if cfg.stage1.encoder is not None:
+        from fastdae.integrations.pretrained import latent_shape
+
+        try:
+            _, down = latent_shape(cfg.stage1.encoder)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stage1.encoder: {e}") from None
+        _check_latent_grid(cfg, down, "stage1.encoder's downsampling factor {down}")
 
 
 def _importable(module: str) -> bool:

@@ -1,5 +1,8 @@
-"""Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export).
-Never imported by the rest of fastdae; imports third-party libraries only inside functions.
+"""Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export,
+a diffusers AutoencoderKL/VQModel or taming VQGAN as the frozen stage 1).
+Not imported by the rest of fastdae, except `pretrained` (what `stage1.encoder` loads), which the
+trainer and the config check import inside functions when stage1.encoder is set; third-party
+libraries are imported only inside functions.
 
     VectorQuantizer2(n_e, e_dim, beta)       taming-transformers' quantizer over fastdae.vector_quantize
     patch_vq(model)                          taming VectorQuantizer2 modules -> the one above, weights kept
@@ -7,6 +10,11 @@ Never imported by the rest of fastdae; imports third-party libraries only inside
     FastDAEAttnProcessor()                   diffusers attention processor over fastdae.attention
     save_pretrained(module, path, config)    model.safetensors + config.json
     load_pretrained(path)                    rebuilds the saved decoder/autoencoder without fastdae.train
+    load_stage1(folder)                      a local diffusers AutoencoderKL/VQModel as the frozen stage 1
+    DiffusersDecoder.from_source(folder)     stage-2 decoder in diffusers' architecture
+    export_diffusers(decoder, folder, out)   -> a diffusers folder `from_pretrained` loads
+    load_taming_stage1(ckpt, yaml)           a taming VQGAN checkpoint as the frozen stage 1
+    TamingDecoder, export_taming             its stage-2 decoder and the checkpoint it exports to
     save_dit(dit, path, diffusion, scaler)   the DiT prior (+ what sampling needs), same file pair
     load_dit(path)                           PretrainedDiT(dit, diffusion, scaler)
 
@@ -24,6 +32,14 @@ _EXPORTS = {
     "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
     "save_pretrained": "fastdae.integrations.export",
     "load_pretrained": "fastdae.integrations.export",
+    "load_stage1": "fastdae.integrations.diffusers_vae",
+    "DiffusersStage1": "fastdae.integrations.diffusers_vae",
+    "DiffusersDecoder": "fastdae.integrations.diffusers_vae",
+    "export_diffusers": "fastdae.integrations.diffusers_vae",
+    "FrozenStage1": "fastdae.integrations.diffusers_vae",
+    "load_taming_stage1": "fastdae.integrations.taming_vqgan",
+    "TamingDecoder": "fastdae.integrations.taming_vqgan",
+    "export_taming": "fastdae.integrations.taming_vqgan",
     "save_dit": "fastdae.integrations.dit_export",
     "load_dit": "fastdae.integrations.dit_export",
 }

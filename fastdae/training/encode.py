@@ -18,23 +18,26 @@ from fastdae.training.run import Run
 
 def run(r: Run) -> dict[str, Any]:
     cfg, device = r.cfg, r.device
-    encoder_file = r.require(r.encoder_file, "stage1")
-    sha = r.sha256(encoder_file)
+    sha = r.encoder_sha256()
     try:  # flip and shard_size are part of the stage's identity (checked by Run.prepare)
         cache = r.open_cache()
         return {"reused": True, "count": len(cache), "fields": sorted(cache.fields)}
     except CacheError:
         pass
-    encoder = build_encoder(cfg.autoencoder)
-    load_weights(encoder_file, encoder, prefix="encoder.")
-    encoder = encoder.to(device).eval().requires_grad_(False)
+    if r.pretrained_stage1 is not None:  # stage1.encoder: a diffusers AutoencoderKL / VQModel, frozen
+        encoder = r.pretrained_stage1.encoder
+    else:
+        encoder = build_encoder(cfg.autoencoder)
+        load_weights(r.require(r.encoder_file, "stage1"), encoder, prefix="encoder.")
+        encoder = encoder.to(device).eval().requires_grad_(False)
     bottleneck = r.frozen_bottleneck()
 
     def encode(images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         with r.autocast():
             h = encoder(images.to(device, non_blocking=True))
         fields, latent = bottleneck.encode_fields(h.float())  # the bottleneck in fp32: exact code choice
-        return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
+        # contiguous: KL mean/logvar are channel halves of h, which may be channels-last strided (diffusers)
+        return {k: v.contiguous().cpu() for k, v in fields.items()}, latent.cpu()
 
     t0 = time.perf_counter()
     cache = LatentCache.build(r.cache_dir, r.dataset, encode, batch_size=cfg.cache.batch_size,

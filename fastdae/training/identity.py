@@ -33,9 +33,9 @@ _SHARED = ("seed", "precision", "data.*", "autoencoder.*")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "stage1": (*_SHARED, "mode", "stage1.*"),
     "cache": ("precision", "data.*", "autoencoder.*", "cache.*"),
-    "stage2": (*_SHARED, "cache.flip", "stage2.*"),
-    "prior": (*_SHARED, "cache.flip", "prior.*"),
-    "samples": (*_SHARED, "mode", "cache.flip", "prior.*"),
+    "stage2": (*_SHARED, "cache.flip", "stage1.posterior", "stage2.*"),
+    "prior": (*_SHARED, "cache.flip", "stage1.posterior", "prior.*"),
+    "samples": (*_SHARED, "mode", "cache.flip", "stage1.posterior", "prior.*"),
 }
 
 

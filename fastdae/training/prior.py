@@ -24,10 +24,10 @@ BETAS = (0.9, 0.999)  # DiT's AdamW betas
 
 
 def build_dit(r: Run) -> nn.Module:
-    """The configured DiT over (z_channels, size / downsample) latents (names and sizes: validated in the config)."""
+    """The configured DiT over the run's latents, (channels, size / downsample) (validated in the config)."""
     cfg = r.cfg
-    return DiT_models[cfg.prior.model](input_size=cfg.data.size // cfg.autoencoder.downsample,
-                                       in_channels=cfg.autoencoder.z_channels, num_classes=r.num_classes(),
+    return DiT_models[cfg.prior.model](input_size=cfg.data.size // r.downsample,
+                                       in_channels=r.latent_channels, num_classes=r.num_classes(),
                                        learn_sigma=False)
 
 

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -32,6 +32,9 @@ from fastdae.config import STAGES, ConfigError, TrainConfig, load_config
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint, load_weights
 from fastdae.training.distributed import autocast, setup_distributed
 from fastdae.training.identity import RunError, config_identity, differences
+
+if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
+    from fastdae.integrations.diffusers_vae import FrozenStage1
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
 CONFIG_FILE = "config.yaml"
@@ -73,6 +76,10 @@ class RunFolder:
     dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
     sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
     sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
+
+    def export_dir(self, kind: str) -> Path:
+        """stage2/diffusers or stage2/taming: the stage1.encoder source with the stage-2 decoder in its format."""
+        return self.stage_dir("stage2") / kind
 
     def decoder_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "decoder.safetensors"
@@ -159,17 +166,62 @@ class Run(RunFolder):
             self._sha[path] = (key, files.sha256_file(path))
         return self._sha[path][1]
 
+    @cached_property
+    def pretrained_stage1(self) -> FrozenStage1 | None:
+        """stage1.encoder (a diffusers AutoencoderKL / VQModel or taming VQGAN folder) loaded frozen on this
+        run's device, a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
+        if self.cfg.stage1.encoder is None:
+            return None
+        from fastdae.integrations.pretrained import load_stage1
+
+        return load_stage1(self.cfg.stage1.encoder, self.cfg.stage1.posterior, self.device)
+
+    def encoder_sha256(self) -> str:
+        """Identity of the frozen encoder the cache is built from: stage1/encoder.safetensors' sha256, or
+        the pretrained encoder's (class, config and encoder-side tensors)."""
+        if self.pretrained_stage1 is not None:
+            return self.pretrained_stage1.sha256
+        return self.sha256(self.require(self.encoder_file, "stage1"))
+
+    # the latent the cache holds: fastdae's autoencoder config, or what stage1.encoder produces
+    @property
+    def latent_channels(self) -> int:
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.z_channels if pre is None else pre.latent_channels
+
+    @property
+    def downsample(self) -> int:
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.downsample if pre is None else pre.downsample
+
+    @property
+    def bottleneck_kind(self) -> str:
+        pre = self.pretrained_stage1
+        return self.cfg.autoencoder.bottleneck if pre is None else pre.kind
+
+    def build_decoder(self) -> nn.Module:
+        """A fresh full decoder: fastdae's (autoencoder config) or, with stage1.encoder, one in its architecture."""
+        if self.pretrained_stage1 is None:
+            from fastdae.models.autoencoder import build_decoder
+
+            return build_decoder(self.cfg.autoencoder)
+        from fastdae.integrations.pretrained import build_decoder as build_pretrained_decoder
+
+        return build_pretrained_decoder(self.cfg.stage1.encoder)
+
     def open_cache(self) -> Any:
-        """run/cache, verified against the stage-1 encoder it was built from and this run's dataset."""
+        """run/cache, verified against the frozen encoder it was built from and this run's dataset."""
         from fastdae.cache import LatentCache
 
         cache = LatentCache(self.cache_dir, verify="lazy")
-        cache.check(encoder_sha256=self.sha256(self.require(self.encoder_file, "stage1")),
-                    dataset_fingerprint=self.fingerprint)
+        cache.check(encoder_sha256=self.encoder_sha256(), dataset_fingerprint=self.fingerprint)
         return cache
 
     def frozen_bottleneck(self) -> nn.Module:
-        """The stage-1 bottleneck (VQ codebook) from stage1/encoder.safetensors, frozen, in eval mode."""
+        """The frozen bottleneck (VQ codebook) in eval mode: stage 1's, from stage1/encoder.safetensors,
+        or the pretrained encoder's."""
+        if self.pretrained_stage1 is not None:
+            return self.pretrained_stage1.bottleneck
         from fastdae.models.autoencoder import build_bottleneck
 
         bottleneck = build_bottleneck(self.cfg.autoencoder)
@@ -185,7 +237,7 @@ class Run(RunFolder):
         """Fingerprints of what `stage` reads: the dataset and the upstream weights' sha256."""
         out = {"dataset": self.fingerprint}
         if stage != "stage1":
-            out["encoder"] = self.sha256(self.require(self.encoder_file, "stage1"))
+            out["encoder"] = self.encoder_sha256()
         if stage == "samples":
             final = self.final_decoder_stage
             out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastdae.models.autoencoder import build_decoder
 from fastdae.models.diffusion import SAMPLERS, Diffusion, Generators, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 from fastdae.training.checkpoint import load_weights, save_weights
@@ -90,7 +89,7 @@ def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
     cache = r.open_cache()
     dit = build_dit(r)
     load_weights(dit_file, dit)
-    decoder = build_decoder(cfg.autoencoder)
+    decoder = r.build_decoder()  # fastdae's, or one in stage1.encoder's architecture
     load_weights(decoder_file, decoder)
     identity = {"run": str(r.root.resolve()), "dit_sha256": r.sha256(dit_file),
                 "decoder_sha256": r.sha256(decoder_file), "objective": p.objective, "schedule": p.schedule,
@@ -98,7 +97,7 @@ def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
     return Sampler(dit=dit.to(r.device).eval(), decoder=decoder.to(r.device).eval(),
                    scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
                    diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
-                   bottleneck=r.frozen_bottleneck() if cfg.autoencoder.bottleneck == "vq" else None,
+                   bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
                    precision=cfg.precision, device=r.device, identity=identity, **settings)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from fastdae.models.autoencoder import build_decoder
 from fastdae.training import distributed
 from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
@@ -25,7 +24,7 @@ def run(r: Run) -> dict[str, Any]:
     batch = r.per_rank("stage2.batch_size")
     cache, bottleneck = r.open_cache(), r.frozen_bottleneck()
     torch.manual_seed(cfg.seed + 1)  # a fresh decoder, not stage 1's initialisation
-    decoder = build_decoder(cfg.autoencoder).to(device)
+    decoder = r.build_decoder().to(device)  # fastdae's, or diffusers' Decoder with stage1.encoder
     decoder_train = wrap_ddp(decoder, r.dist, device, s.compile)
     crit, state = losses_and_state(r, s, "stage2", "decoder", decoder)
     ema = ema_or_none(decoder, s.ema_decay)
@@ -70,5 +69,10 @@ def run(r: Run) -> dict[str, Any]:
 
         metrics["eval"] = evaluate(r, "stage2", reconstruct)
         save_weights(r.decoder_file("stage2"), final.state_dict())
+        if r.pretrained_stage1 is not None:  # the source encoder + this decoder, in the source's format
+            from fastdae.integrations.pretrained import export_decoder, source_kind
+
+            kind = source_kind(cfg.stage1.encoder)
+            metrics[kind] = str(export_decoder(final, cfg.stage1.encoder, r.export_dir(kind)))
     metrics["lpips"] = crit.lpips is not None
     return metrics
