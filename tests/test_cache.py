@@ -132,6 +132,26 @@ def test_round_trip_kl_with_flips(tmp_path):
     assert torch.allclose(cache.channel_std.double(), std, atol=1e-6)
 
 
+def test_strided_fields_are_stored_in_logical_order(tmp_path):
+    """Fields may be views (KL's mean/logvar are channel halves of a channels-last map, as diffusers'
+    encoders return on CPU): the shard holds their values, not their memory order."""
+    ds = ProceduralShapes(8, size=16, seed=7)
+
+    def encode(images):
+        h = torch.randn(len(images), 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        mean, logvar = h.chunk(2, dim=1)  # non-contiguous views
+        codes = torch.arange(len(images) * 6).reshape(len(images), 3, 2).transpose(1, 2)  # (B, 2, 3) view
+        encode.fields.append((mean, logvar, codes))
+        return {"mean": mean, "logvar": logvar, "codes": codes}, mean
+
+    encode.fields = []
+    cache = build(tmp_path, ds, encode, shard_size=8)
+    mean, logvar, codes = encode.fields[0]
+    got = cache.gather(np.arange(8))
+    assert torch.equal(got["mean"], mean.half().float()) and torch.equal(got["logvar"], logvar.half().float())
+    assert torch.equal(got["codes"], codes)
+
+
 def test_integer_downcast_and_float_storage():
     cases = {(0, 255): np.uint8, (-1, 5): np.int8, (0, 300): np.int16, (0, 40000): np.uint16,
              (-1, 40000): np.int32, (0, 2**40): np.int64}

@@ -31,13 +31,14 @@ def _stored(name: str, t: Tensor) -> np.ndarray:
     """A field's values as stored: integers downcast to the smallest dtype that fits, floats as float16."""
     if t.dtype.is_floating_point:
         with np.errstate(over="ignore"):  # overflow to inf is reported just below, with the field's name
-            a = t.float().numpy().astype(STORED_FLOAT)
+            a = np.ascontiguousarray(t.float().numpy(), dtype=STORED_FLOAT)
         if not np.isfinite(a).all():
             raise ValueError(f"field {name!r} has non-finite values or exceeds the float16 range (|x| > 65504)")
         return a
     if t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         a = t.numpy()
-        return a.astype(_smallest_int_dtype(int(a.min()), int(a.max()))) if a.size else a.astype(np.uint8)
+        dtype = _smallest_int_dtype(int(a.min()), int(a.max())) if a.size else np.uint8
+        return np.ascontiguousarray(a, dtype=dtype)
     raise TypeError(f"field {name!r} must be an integer or floating tensor, got {t.dtype}")
 
 

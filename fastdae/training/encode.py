@@ -36,8 +36,7 @@ def run(r: Run) -> dict[str, Any]:
         with r.autocast():
             h = encoder(images.to(device, non_blocking=True))
         fields, latent = bottleneck.encode_fields(h.float())  # the bottleneck in fp32: exact code choice
-        # contiguous: KL mean/logvar are channel halves of h, which may be channels-last strided (diffusers)
-        return {k: v.contiguous().cpu() for k, v in fields.items()}, latent.cpu()
+        return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
 
     t0 = time.perf_counter()
     cache = LatentCache.build(r.cache_dir, r.dataset, encode, batch_size=cfg.cache.batch_size,
