@@ -192,3 +192,25 @@ def test_judge_parts_are_consecutive_and_share_a_short_split():
     assert judge_parts(100, 20, 10, 30) == {"eval": range(20), "floor": range(20, 30), "classifier": range(30, 60)}
     # too few held-out items: the classifier gets half, evaluation and floor the rest in proportion
     assert judge_parts(20, 12, 4, 100) == {"eval": range(8), "floor": range(8, 10), "classifier": range(10, 20)}
+
+
+def test_compare_on_textures_with_two_seeds_tests_the_arms(tmp_path):
+    # the second procedural dataset through the CLI, as the study's commands run it; two seeds per arm,
+    # so Welch's test has a spread to scale and every pair and metric gets a p-value or a reason
+    eval_file = tmp_path / "eval.yaml"
+    eval_file.write_text(yaml.safe_dump(TINY_EVAL))
+    out = tmp_path / "tex"
+    argv = ["compare", "--preset", "tiny", "--arms", "dae,joint", "--seeds", "2", "--out", str(out), "--eval",
+            str(eval_file), "--data.name", "textures", "--prior.num_samples", "8"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["data"]["name"] == "textures" and report["split"]["heldout_items"] == 16384
+    assert [len(report["runs"][a]) for a in ("dae", "joint")] == [2, 2]
+    s = report["summary"]["dae"]["psnr"]
+    assert s["n"] == 2 and s["ci95"][0] < s["mean"] < s["ci95"][1]
+    tests = {t["metric"]: t for t in report["tests"]}
+    assert {(t["a"], t["b"]) for t in report["tests"]} == {("dae", "joint")}  # control did not run
+    psnr = tests["psnr"]
+    assert (psnr["n_a"], psnr["n_b"]) == (2, 2) and 0.0 <= psnr["p"] <= 1.0 and psnr["dof"] > 0
+    md = (out / "report.md").read_text()
+    assert "### DAE vs joint" in md and md.count("\n- ") == len(report["tests"])
