@@ -267,14 +267,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_head_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastdae_cpp, m) {
-  m.def("lpips_head_fwd(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor");
-  m.def(
-      "lpips_head_bwd(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
-      " -> (Tensor[], Tensor[])");
-}
-
-TORCH_LIBRARY_IMPL(fastdae_cpp, CPU, m) {
-  m.impl("lpips_head_fwd", &lpips_head_fwd);
-  m.impl("lpips_head_bwd", &lpips_head_bwd);
+// CPU kernels of ops whose schemas fastdae/kernels/lpips.py defines (csrc/README.md).
+TORCH_LIBRARY_IMPL(fastdae, CPU, m) {
+  m.impl("lpips_head", &lpips_head_fwd);
+  m.impl("lpips_head_backward", &lpips_head_bwd);
 }

@@ -1,161 +1,240 @@
 // Nearest-code search on CPU: for x (N, D) and a codebook c (K, D),
-//   idx[n]    = argmin_k ||x_n - c_k||^2 = argmin_k (||c_k||^2 - 2 x_n . c_k)   (lowest k wins ties)
+//   idx[n]    = argmin_k ||x_n - c_k||^2 = argmin_k (||c_k||^2 / 2 - x_n . c_k)   (lowest k wins ties)
 //   sqdist[n] = ||x_n - c_idx[n]||^2, recomputed directly from the difference (no cancellation)
-// The N x K distance matrix is never built: threads own blocks of RB rows; each block streams the
-// codebook in tiles of KT codes, gets the (RB x KT) dot products from one BLAS call (at::mm_out into
-// a thread-local buffer that stays in cache) and folds them into a running argmin right away. Extra
-// memory: the fp32 codebook copy (none for fp32 input), ||c||^2 (K,) and per-thread RB x (D + KT) floats.
-// All arithmetic is fp32 for fp32/bf16/fp16 inputs.
+// No score matrix is ever written, not even a tile of it: a register-blocked micro-kernel (a GEMM
+// micro-kernel with the argmin as its epilogue) computes the scores of MR rows x NR codes in
+// registers and folds them straight into per-lane running minima. A BLAS call per score tile plus a
+// pass over it (FAISS's IndexFlatL2, and this file before) writes and re-reads every score, which
+// bounds it at small D.
+//   - the codebook is packed once per call into panels of NR codes, d-major ([P][D][NR] fp32,
+//     P = ceil(K / NR)), so the micro-kernel loads NR consecutive codes' d-th components as NV
+//     vectors; each accumulator starts at ||c||^2 / 2 (padded codes: +inf, they never win);
+//   - x is cut into row blocks (at most RB_MAX rows, converted to fp32) that threads take from a
+//     shared counter; a block sweeps the codebook in L1-sized tiles of panels, MR rows at a time.
+// Extra memory: the packed codebook (P NR x D floats, in place of an fp32 copy), ||c||^2 / 2 and
+// per-thread RB_MAX x (D + 2 NR) words: O(N + K) for a fixed D. All arithmetic is fp32.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
-#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-constexpr int64_t MAX_RB = 256;  // rows per block (the BLAS call's M; blocks are the unit of parallel work)
-constexpr int64_t KT = 2048;     // codes per tile. RB=256, KT=2048 measured best of RB 64-512 x KT 128-4096 on
-                                 // a 2-core EPYC: fewer, larger BLAS calls amortise packing and dispatch
-                                 // (scores: 2 MiB per thread, L2/L3-resident)
-constexpr int64_t LANES = 16;  // independent running minima per row (two AVX2 vectors), merged per tile
+// One vector register of fp32 / int32 lanes through GCC/Clang vector extensions, so the same code
+// compiles to zmm (AVX-512, 32 registers) or ymm (AVX2, 16 registers) for the build's -march.
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;  // lanes per vector
+constexpr int64_t MR = 6;  // rows per micro-kernel: MR x NV accumulators + NV codes + a broadcast <= 32 regs
+#else
+constexpr int64_t W = 8;
+constexpr int64_t MR = 3;  // the same budget in 16 registers
+#endif
+constexpr int64_t NV = 2;       // vectors of codes per micro-kernel
+constexpr int64_t NR = NV * W;  // codes per panel
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
-// x row r (any strides, any accepted dtype) -> dst[0 .. D) in fp32.
+constexpr int64_t RB_MAX = 96;           // rows per block at most (the unit of parallel work)
+constexpr int64_t BLOCKS_PER_THREAD = 8;  // at least, when N allows: threads finish within ~1/8 of their work
+constexpr int64_t TILE_FLOATS = 1 << 13;  // codes per tile x D: a 32 KiB tile (at least one panel) stays in L1
+
+inline vf load_vf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Lanes where s < best[] (strict: a lane keeps its first minimum) write s to best[] and code to
+// best_idx[]. The running minima live in L1, not registers, to leave the registers to the
+// accumulators (GCC spills the codes otherwise): with AVX-512 a compare and two masked stores.
+inline void update_min(vf s, float* best, int32_t* best_idx, vi code) {
+#if defined(__AVX512F__)
+  const __mmask16 lt = _mm512_cmp_ps_mask(s, _mm512_loadu_ps(best), _CMP_LT_OQ);
+  _mm512_mask_storeu_ps(best, lt, s);
+  _mm512_mask_storeu_epi32(best_idx, lt, reinterpret_cast<__m512i>(code));
+#else
+  vf old;
+  vi old_idx;
+  std::memcpy(&old, best, sizeof old);
+  std::memcpy(&old_idx, best_idx, sizeof old_idx);
+  const vi lt = s < old;  // all-ones lanes where s wins; bit selects (no vector ?:, which older Clang lacks)
+  old = (vf)(((vi)s & lt) | ((vi)old & ~lt));
+  old_idx = (code & lt) | (old_idx & ~lt);
+  std::memcpy(best, &old, sizeof old);
+  std::memcpy(best_idx, &old_idx, sizeof old_idx);
+#endif
+}
+
+// MR rows of x (fp32, row-major, stride D) against panels [p0, p1): per-lane running minima of the
+// score hsq - x.c in (best, best_idx) (MR x NR each). Panels arrive in increasing code order, so
+// with the strict '<' each lane holds its lowest-index minimum.
+inline void sweep(const float* x, int64_t D, const float* panels, const float* hsq, int64_t p0, int64_t p1,
+                  float* best, int32_t* best_idx) {
+  vi lane;
+  for (int64_t j = 0; j < W; ++j) lane[j] = static_cast<int32_t>(j);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* cp = panels + p * D * NR;
+    vf acc[MR][NV];
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < NV; ++v) {
+      const vf h = load_vf(hsq + p * NR + v * W);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < MR; ++r) acc[r][v] = h;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      vf c[NV];
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < NV; ++v) c[v] = load_vf(cp + d * NR + v * W);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < MR; ++r) {
+        const float xs = x[r * D + d];
+#pragma GCC unroll 4
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] -= xs * c[v];  // one FMA with a broadcast operand
+      }
+    }
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < NV; ++v) {
+      const vi code = lane + static_cast<int32_t>(p * NR + v * W);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < MR; ++r) update_min(acc[r][v], best + r * NR + v * W, best_idx + r * NR + v * W, code);
+    }
+  }
+}
+
+// codebook (K, D) of any strides and accepted dtype -> panels ([P][D][NR], zero-padded codes) and
+// hsq[k] = ||c_k||^2 / 2 (+inf for padding), P = ceil(K / NR).
 template <typename scalar_t>
-void load_row(const scalar_t* x, int64_t r, int64_t sx0, int64_t sx1, int64_t D, float* dst) {
-  const scalar_t* row = x + r * sx0;
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(row[d * sx1]);
-}
-
-// Folds one row of dot products s[0 .. kt) (codes k0 ..) into (best, best_idx): score = ||c||^2 - 2 x.c.
-// LANES running minima with a strict '<' keep each lane's first minimum; the lane merge prefers the
-// lower index on equal scores, and tiles arrive in increasing k, so the lowest index wins every tie.
-void fold_row(const float* s, const float* csq, int64_t k0, int64_t kt, float& best, int64_t& best_idx) {
-  float bv[LANES];
-  int32_t bi[LANES];
-  std::fill(bv, bv + LANES, std::numeric_limits<float>::infinity());
-  std::fill(bi, bi + LANES, 0);
-  const int64_t kfull = kt - kt % LANES;
-  for (int64_t k = 0; k < kfull; k += LANES) {
-#pragma omp simd
-    for (int64_t j = 0; j < LANES; ++j) {
-      const float v = csq[k + j] - 2.0f * s[k + j];
-      const bool lt = v < bv[j];
-      bv[j] = lt ? v : bv[j];
-      bi[j] = lt ? static_cast<int32_t>(k + j) : bi[j];
+void pack_codebook(const at::Tensor& codebook, float* panels, float* hsq) {
+  const int64_t K = codebook.size(0), D = codebook.size(1), P = (K + NR - 1) / NR;
+  const scalar_t* cp = codebook.data_ptr<scalar_t>();
+  const int64_t s0 = codebook.stride(0), s1 = codebook.stride(1);
+  at::parallel_for(0, P, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t p = q0; p < q1; ++p) {
+      float* panel = panels + p * D * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        const int64_t k = p * NR + j;
+        float sq = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float c = k < K ? static_cast<float>(cp[k * s0 + d * s1]) : 0.0f;
+          panel[d * NR + j] = c;
+          sq += c * c;
+        }
+        hsq[k] = k < K ? 0.5f * sq : std::numeric_limits<float>::infinity();
+      }
     }
-  }
-  float tile_best = std::numeric_limits<float>::infinity();
-  int64_t tile_idx = 0;
-  for (int64_t j = 0; j < LANES; ++j) {
-    if (bv[j] < tile_best || (bv[j] == tile_best && bi[j] < tile_idx)) {
-      tile_best = bv[j];
-      tile_idx = bi[j];
-    }
-  }
-  for (int64_t k = kfull; k < kt; ++k) {  // tail indices exceed every lane's, so strict '<' keeps ties low
-    const float v = csq[k] - 2.0f * s[k];
-    if (v < tile_best) {
-      tile_best = v;
-      tile_idx = k;
-    }
-  }
-  if (tile_best < best) {
-    best = tile_best;
-    best_idx = k0 + tile_idx;
-  }
-}
-
-// Rows per block: MAX_RB, or fewer when that would leave threads idle (4 blocks per thread).
-int64_t rows_per_block(int64_t N) {
-  const int64_t want = (N + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  return std::clamp<int64_t>((want + 15) / 16 * 16, 16, MAX_RB);
+  });
 }
 
 template <typename scalar_t>
-void nearest(const at::Tensor& x, const at::Tensor& cb, const float* csq, int64_t* idx, float* dist) {
-  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
+void nearest(const at::Tensor& x, const float* panels, const float* hsq, int64_t K, int64_t* idx, float* dist) {
+  const int64_t N = x.size(0), D = x.size(1), P = (K + NR - 1) / NR;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  const float* cp = cb.data_ptr<float>();
-  const int64_t RB = rows_per_block(N);
-  at::parallel_for(0, (N + RB - 1) / RB, 1, [&](int64_t b0, int64_t b1) {
-    // x rows and scores in torch-allocated buffers, so memory profilers see them too
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor xbuf_t = at::empty({RB, D}, f32), sbuf_t = at::empty({RB, std::min(K, KT)}, f32);
+  // Row blocks of whole micro-kernel groups: at most RB_MAX rows, at least BLOCKS_PER_THREAD blocks
+  // per thread. Threads take blocks from a shared counter, so a thread that the OS deschedules (the
+  // cores are shared) does not hold the others at the end.
+  const int64_t groups = (N + MR - 1) / MR, threads = at::get_num_threads();
+  const int64_t gpb = std::clamp<int64_t>((groups + BLOCKS_PER_THREAD * threads - 1) / (BLOCKS_PER_THREAD * threads),
+                                          1, RB_MAX / MR);  // groups per block
+  const int64_t RB = gpb * MR, blocks = (groups + gpb - 1) / gpb;
+  const int64_t tile = std::max<int64_t>(1, TILE_FLOATS / (NR * std::max<int64_t>(D, 1)));  // panels per tile
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
+    // per-thread buffers in torch-allocated memory, so memory profilers see them too
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor xbuf_t = at::zeros({RB, D}, opts), bv_t = at::empty({RB, NR}, opts);
+    at::Tensor bi_t = at::empty({RB, NR}, opts.dtype(at::kInt));
     float* xbuf = xbuf_t.data_ptr<float>();
-    float* sbuf = sbuf_t.data_ptr<float>();
-    std::vector<float> best(RB);
-    std::vector<int64_t> best_idx(RB);
-    for (int64_t b = b0; b < b1; ++b) {
+    float* bv = bv_t.data_ptr<float>();
+    int32_t* bi = bi_t.data_ptr<int32_t>();
+    for (int64_t b = next++; b < blocks; b = next++) {
       const int64_t r0 = b * RB, nr = std::min(RB, N - r0);
-      for (int64_t r = 0; r < nr; ++r) load_row(xp, r0 + r, sx0, sx1, D, xbuf + r * D);
-      const at::Tensor xt = at::from_blob(xbuf, {nr, D}, f32);  // (nr, D)
-      std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
-      std::fill(best_idx.begin(), best_idx.end(), int64_t{0});
-      for (int64_t k0 = 0; k0 < K; k0 += KT) {
-        const int64_t kt = std::min(KT, K - k0);
-        at::Tensor st = at::from_blob(sbuf, {nr, kt}, f32);  // (nr, kt) = x . c^T
-        at::mm_out(st, xt, at::from_blob(const_cast<float*>(cp) + k0 * D, {kt, D}, f32).t());
-        for (int64_t r = 0; r < nr; ++r) fold_row(sbuf + r * kt, csq + k0, k0, kt, best[r], best_idx[r]);
-      }
-      for (int64_t r = 0; r < nr; ++r) {  // sqdist from the difference itself: exact to fp32 rounding
+      for (int64_t r = 0; r < nr; ++r)  // rows past nr (last block) hold old values: computed, never read
+        for (int64_t d = 0; d < D; ++d) xbuf[r * D + d] = static_cast<float>(xp[(r0 + r) * sx0 + d * sx1]);
+      std::fill(bv, bv + RB * NR, std::numeric_limits<float>::infinity());
+      std::fill(bi, bi + RB * NR, 0);
+      const int64_t ng = (nr + MR - 1) / MR;
+      for (int64_t q0 = 0; q0 < P; q0 += tile)
+        for (int64_t g = 0; g < ng; ++g)
+          sweep(xbuf + g * MR * D, D, panels, hsq, q0, std::min(P, q0 + tile), bv + g * MR * NR, bi + g * MR * NR);
+      for (int64_t r = 0; r < nr; ++r) {
+        // lane merge: the minimum score, the lowest code index among equal scores
+        float best = std::numeric_limits<float>::infinity();
+        int32_t best_idx = 0;
+        for (int64_t j = 0; j < NR; ++j) {
+          const float s = bv[r * NR + j];
+          const int32_t k = bi[r * NR + j];
+          if (s < best || (s == best && k < best_idx)) {
+            best = s;
+            best_idx = k;
+          }
+        }
+        // sqdist from the difference itself: exact to fp32 rounding
         const float* xr = xbuf + r * D;
-        const float* cr = cp + best_idx[r] * D;
+        const float* cp = panels + (best_idx / NR) * D * NR + best_idx % NR;
         float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += (xr[d] - cr[d]) * (xr[d] - cr[d]);
-        idx[r0 + r] = best_idx[r];
+        for (int64_t d = 0; d < D; ++d) acc += (xr[d] - cp[d * NR]) * (xr[d] - cp[d * NR]);
+        idx[r0 + r] = best_idx;
         dist[r0 + r] = acc;
       }
     }
   });
 }
 
+// fastdae::vq_nearest on CPU: (sqdist (N,) float32, idx (N,) int64), the schema's order.
 std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x, const at::Tensor& codebook) {
   TORCH_CHECK(x.dim() == 2, "vq_nearest: x must be (N, D), got ", x.sizes());
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) > 0 && codebook.size(1) == x.size(1),
               "vq_nearest: codebook must be (K >= 1, D=", x.size(1), "), got ", codebook.sizes());
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR, "vq_nearest: K must fit in int32");
   TORCH_CHECK(x.scalar_type() == codebook.scalar_type(), "vq_nearest: x and codebook dtypes differ");
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
               "vq_nearest: x must be float32, bfloat16 or float16, got ", t);
-  const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1);
+  const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1), P = (K + NR - 1) / NR;
   at::Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({N}, x.options().dtype(at::kFloat));
-  if (N == 0) return {idx, dist};
-  const at::Tensor cb = codebook.to(at::kFloat).contiguous();  // (K, D) fp32: a no-op for fp32 input
-  const at::Tensor csq_t = at::empty({K}, cb.options());  // ||c_k||^2
-  float* csq = csq_t.data_ptr<float>();
-  const float* cp = cb.data_ptr<float>();
-  at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) acc += cp[k * D + d] * cp[k * D + d];
-      csq[k] = acc;
-    }
-  });
+  if (N == 0) return {dist, idx};
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor panels = at::empty({P, D, NR}, f32), hsq = at::empty({P * NR}, f32);
+  float* pp = panels.data_ptr<float>();
+  float* hp = hsq.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    pack_codebook<scalar_t>(codebook, pp, hp);
+    nearest<scalar_t>(x, pp, hp, K, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+  };
   switch (t) {
-    case at::kFloat: nearest<float>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
-    case at::kBFloat16:
-      nearest<c10::BFloat16>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
-      break;
-    default: nearest<c10::Half>(x, cb, csq, idx.data_ptr<int64_t>(), dist.data_ptr<float>()); break;
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(c10::Half{}); break;
   }
-  return {idx, dist};
+  return {dist, idx};
+}
+
+// fastdae::vector_quantize's forward on CPU: (z_q = codebook[idx] (N, D), idx (N,), loss ()) with
+// loss = (1 + beta) * mean ||z - z_q||^2 (fastdae/kernels/vq.py has the formula and the backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z, const at::Tensor& codebook,
+                                                               double beta) {
+  auto [dist, idx] = vq_nearest(z, codebook);
+  at::Tensor z_q = codebook.index_select(0, idx);
+  return {z_q, idx, dist.sum() * ((1.0 + beta) / std::max<int64_t>(z.numel(), 1))};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastdae_cpp, m) {
-  m.def("vq_nearest(Tensor x, Tensor codebook) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastdae_cpp, CPU, m) {
+// CPU kernels of ops whose schemas fastdae/kernels/vq.py defines (csrc/README.md).
+TORCH_LIBRARY_IMPL(fastdae, CPU, m) {
   m.impl("vq_nearest", &vq_nearest);
+  m.impl("vector_quantize", &vector_quantize);
 }

@@ -1,5 +1,6 @@
-"""Lazy loader of fastdae's C++ CPU ops (csrc/*.cpp, registered with TORCH_LIBRARY_FRAGMENT into
-the `fastdae_cpp` namespace, reached as torch.ops.fastdae_cpp.<op>).
+"""Lazy loader of fastdae's C++ CPU kernels (csrc/*.cpp). Each file registers the CPU kernels of
+`fastdae::` ops whose schemas are defined in Python (fastdae/kernels/_common.py): loading it is what
+turns the op's CPU kernel from the pure-torch reference into the C++ function (csrc/README.md).
 
 Order of attempts, once per process:
   1. a prebuilt library (`fastdae/_C*.so`, from FASTDAE_BUILD_EXT=1 at install time);
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-NAMESPACE = "fastdae_cpp"
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 _LDFLAGS = ["-fopenmp"]
 _PKG = Path(__file__).resolve().parent
@@ -84,20 +84,17 @@ def _load_source(stem: str) -> bool:
         return False
 
 
-def has_op(stem: str, op: str) -> bool:
-    """True when torch.ops.fastdae_cpp.<op> (defined in csrc/<stem>.cpp) is available."""
+def available(stem: str) -> bool:
+    """True when csrc/<stem>.cpp is loaded (prebuilt or JIT-built): its ops' CPU kernels are C++."""
     if os.environ.get("FASTDAE_NO_EXT") == "1" or sys.platform == "win32":
         return False
-    if not _load_prebuilt():
-        _load_source(stem)
-    return hasattr(getattr(torch.ops, NAMESPACE), op)
+    return _load_prebuilt() or _load_source(stem)
 
 
-def get_op(stem: str, op: str):
-    """The C++ op, or a RuntimeError that says why it is missing."""
-    if not has_op(stem, op):
+def require(stem: str, op: str) -> None:
+    """A RuntimeError that says why the C++ kernels of csrc/<stem>.cpp are missing, if they are."""
+    if not available(stem):
         raise RuntimeError(
-            f"fastdae C++ op {NAMESPACE}::{op} is unavailable (FASTDAE_NO_EXT=1, or csrc/{stem}.cpp "
-            "failed to build: see the warning above); use impl='ref' or impl='auto'"
+            f"{op}: impl='cpp' needs the C++ kernels of csrc/{stem}.cpp, which are unavailable (FASTDAE_NO_EXT=1, "
+            "or the build failed: see the warning above); use impl='auto' (the reference on CPU then) or 'ref'"
         )
-    return getattr(getattr(torch.ops, NAMESPACE), op)

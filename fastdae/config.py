@@ -32,7 +32,9 @@ from fastdae.models.discriminator import DiscriminatorConfig
 
 MODES = ("dae", "joint", "control")
 STAGES = ("stage1", "cache", "stage2", "prior", "samples")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("ddpm", "flow")
 SCHEDULES = ("linear", "cosine")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -64,13 +66,22 @@ class AEStageConfig:
 
     LPIPS needs local VGG16 weights (`lpips_trunk`, `lpips_lin`; nothing is downloaded) or
     `lpips_random_init` (tests); without either it is off and the run log says so.
-    `ema_decay` 0 disables the decoder EMA. Adam(lr, betas) as VQGAN, linear warm-up of `warmup_steps`."""
+    `ema_decay` 0 disables the decoder EMA. Adam(lr, betas) as VQGAN, linear warm-up of `warmup_steps`.
+    Loop options (README: training options): `optimizer` adam | adamw (`weight_decay`: Adam's L2 term,
+    AdamW's decoupled decay), `lr_schedule` constant | cosine (to 0 at the last step, after the warm-up),
+    `grad_accum` micro-batches per step (batch_size stays the images per optimizer step), `compile`
+    (torch.compile the trained modules). The discriminator keeps Adam(disc.lr, betas), constant."""
 
     steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    grad_accum: int = 1
+    compile: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     l1_weight: float = 1.0
@@ -94,7 +105,8 @@ class CacheConfig:
 
 @dataclass
 class PriorConfig:
-    """DiT prior on cached latents (scaled by the cache's per-channel mean/std) and its sampler."""
+    """DiT prior on cached latents (scaled by the cache's per-channel mean/std) and its sampler.
+    The loop options are AEStageConfig's (betas fixed to DiT's (0.9, 0.999))."""
 
     model: str = "DiT-T/2"
     objective: str = "flow"
@@ -104,6 +116,11 @@ class PriorConfig:
     batch_size: int = 64
     lr: float = 3e-4
     warmup_steps: int = 0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    grad_accum: int = 1
+    compile: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     class_cond: bool = True
@@ -120,7 +137,9 @@ class TrainConfig:
     """A whole DAE run (PAPER.md §2, §5). `mode`: "dae" (weak decoder in stage 1, then stage 2),
     "joint" (full decoder for stage1.steps + stage2.steps, no stage 2), "control" (full decoder for
     stage1.steps, then stage 2). `stages` run in order; each reads earlier outputs from out_dir.
-    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU. `resume`: continue each listed stage from
+    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU; "fp16": fp16 autocast with a GradScaler
+    (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
+    Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`: continue each listed stage from
     its last checkpoint (finished stages are skipped) when its identity matches (README: resume);
     `overwrite`: clear an out_dir that holds another run first."""
 
@@ -142,6 +161,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = False
+    wandb: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
@@ -285,7 +305,9 @@ def _samplers() -> tuple[str, ...]:
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
 CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
                            "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
-                           "prior.schedule": SCHEDULES}
+                           "prior.schedule": SCHEDULES,
+                           **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
+                           **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")}}
 
 # (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
 _RANGES: tuple[tuple[str, Any, str], ...] = (
@@ -294,6 +316,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
                                                           "num_timesteps", "sample_steps", "num_samples")),
     *((f"{p}.lr", lambda v: v > 0, "> 0") for p in ("{ae}", "{ae}.disc", "prior")),
     *((f"{p}.warmup_steps", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
+    *((f"{p}.weight_decay", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
+    *((f"{p}.grad_accum", lambda v: v >= 1, ">= 1 (1: no accumulation)") for p in ("{ae}", "prior")),
     *((f"{p}.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)") for p in ("{ae}", "prior")),
     *((f"{p}.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)") for p in ("{ae}", "prior")),
     *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "lpips_weight")),
@@ -324,11 +348,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"stages must be distinct and in run order {list(STAGES)}, got {cfg.stages}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        raise ConfigError("precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device, got device='cpu'; "
+                          "use 'fp32' or 'bf16' on CPU")
     for pattern, ok, what in _RANGES:
         for key in ([pattern.format(ae=s) for s in ("stage1", "stage2")] if "{ae}" in pattern else [pattern]):
             value = get_key(cfg, key)
             if not ok(value):
                 raise ConfigError(f"{key} must be {what}, got {value!r}")
+    for stage in ("stage1", "stage2", "prior"):
+        s = getattr(cfg, stage)
+        if s.batch_size % s.grad_accum:
+            raise ConfigError(f"{stage}.batch_size={s.batch_size} must be divisible by {stage}.grad_accum="
+                              f"{s.grad_accum} (batch_size is the images per optimizer step, in grad_accum equal "
+                              f"micro-batches)")
     p = cfg.prior
     check_choice("prior.model", p.model, _dit_models())
     check_choice("prior.sampler", p.sampler, _samplers())
@@ -356,6 +389,13 @@ def check_environment(cfg: TrainConfig) -> None:
         index = int(cfg.device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device and torch sees none; "
+                          "use 'fp32' or 'bf16' on CPU")
+    for key, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if getattr(cfg, key) and not _importable(module):
+            raise ConfigError(f"{key}=true needs the {package} package, which is not installed (pip install {package}), "
+                              f"or set {key}=false")
     files = {"data.root": cfg.data.root if cfg.data.name != "shapes" else None}
     for stage in ("stage1", "stage2"):
         for name in ("lpips_trunk", "lpips_lin"):
@@ -363,6 +403,16 @@ def check_environment(cfg: TrainConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ---- presets ----------------------------------------------------------------------------------

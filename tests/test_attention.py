@@ -13,6 +13,7 @@ from fastdae.kernels.attention import (
     _attention_bwd_op,
     _attention_fwd_op,
     _bwd_triton,
+    _fwd_triton,
     attention,
     attention_ref,
     head_chunks,
@@ -92,11 +93,15 @@ def test_very_negative_scores_stay_finite(device):
         assert rel_err(out, ref) < 1e-3, name
 
 
-def test_forward_saves_logsumexp(device):
+@pytest.mark.parametrize("kernel", ["triton", "op"])
+def test_forward_saves_logsumexp(device, kernel):
+    """The launcher (interpreted on CPU) and the op's kernel for the device (CPU: the reference)."""
     q, k, v = _qkv(2, 3, 50, 33, 24, torch.float32, device, requires_grad=False)
-    out, lse2 = _attention_fwd_op(q, k, v, 0.25)
+    out, lse2 = (_fwd_triton if kernel == "triton" else _attention_fwd_op)(q, k, v, 0.25)
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25  # (B, H, N, M)
     torch.testing.assert_close(lse2.double() * math.log(2), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    expected = attention_ref(q.double(), k.double(), v.double(), 0.25)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert out.transpose(1, 2).is_contiguous(), "output is a (B, H, N, D) view of a (B, N, H, D) buffer"
 
 
@@ -119,8 +124,11 @@ def test_opcheck(device):
     out, lse = _attention_fwd_op(q.detach(), k.detach(), v.detach(), 0.2)
     grad = torch.randn_like(out)
     torch.library.opcheck(_attention_bwd_op, (grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2))
-    dq, dk, dv = _bwd_triton(grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for kernel in (_bwd_triton, _attention_bwd_op):  # the launcher and the op's kernel for the device
+        dq, dk, dv = kernel(grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
+        expected = torch.autograd.grad(attention_ref(q, k, v, 0.2), (q, k, v), grad)
+        for a, e in zip((dq, dk, dv), expected):
+            assert a.shape == e.shape and a.is_contiguous() and rel_err(a, e) < 1e-5
 
 
 def test_public_api_names():
@@ -159,7 +167,7 @@ def test_head_chunks_valid_for_every_supported_dim():
         (((2, 2, 8, 16), (2, 3, 8, 16), (2, 3, 8, 16)), None, r"\(B=2, H=2, M>=1, D=16\)", ValueError),
         (((2, 8, 16), (2, 8, 16), (2, 8, 16)), None, r"q must be \(B, H, N, D\)", ValueError),
         (((2, 2, 8, 16), (2, 2, 0, 16), (2, 2, 0, 16)), None, "M>=1", ValueError),
-        (((1, 1, 8, 16),) * 3, (torch.float32, torch.float16, torch.float32), "share one floating dtype", TypeError),
+        (((1, 1, 8, 16),) * 3, (torch.float32, torch.float16, torch.float32), "k must have q's dtype", TypeError),
         (((1, 1, 8, 12),) * 3, None, "multiple of 8", ValueError),
         (((1, 1, 8, 136),) * 3, None, r"multiple of 8 in \[8, 128\]", ValueError),
     ],
@@ -177,7 +185,7 @@ def test_errors_impl_device_dtype():
         attention(q, q, q, impl="flash")
     with pytest.raises(ValueError, match="no C\\+\\+ implementation"):
         attention(q, q, q, impl="cpp")
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
         attention(q, q.to("meta"), q)
     with pytest.raises(TypeError, match="impl='triton' takes"):
         attention(q.double(), q.double(), q.double(), impl="triton")

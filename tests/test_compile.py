@@ -1,12 +1,15 @@
-"""torch.compile readiness of fastdae's public ops: torch.library.opcheck on every custom op behind
-vq_nearest, vector_quantize, attention and lpips_head, and a tiny model built from fastdae's drop-in
-modules whose compiled (fullgraph=True) outputs and gradients match eager.
-
-The ops run their kernel paths ("triton": real kernels on CUDA, the Triton interpreter on CPU;
-"cpp" on CPU tensors where the C++ op is built), since impl="ref" is plain torch with no custom op."""
+"""torch.compile readiness of fastdae's public ops: torch.library.opcheck on the one op behind each of
+vq_nearest, vector_quantize, attention and lpips_head (kernels/_common.py), on the test device's
+kernels (CUDA: Triton; CPU: C++ where it builds) and on the CPU's reference kernels without the C++
+extension, and a tiny model built from fastdae's drop-in modules whose compiled (fullgraph=True)
+outputs and gradients match eager."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +22,17 @@ from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 from fastdae.nn import Attention, VectorQuantizer
 from utils import rel_err
 
-HAS_CPP = {"lpips": _ext.has_op("lpips", "lpips_head_fwd"), "vq": _ext.has_op("vq", "vq_nearest")}
+HAS_CPP = {"lpips": _ext.available("lpips"), "vq": _ext.available("vq")}
 TOL = {"cpu": 1e-5, "cuda": 1e-4}  # float32 relative error; compiled graphs may fuse and reorder float ops
 
 
 def kernel_impl(stem: str, device: torch.device) -> str:
-    """The fastest kernel path on `device`: Triton on CUDA, else C++ when built, else interpreted Triton."""
-    return "cpp" if device.type == "cpu" and HAS_CPP.get(stem, False) else "triton"
+    """The op's kernel for `device`: Triton on CUDA; on CPU the C++ kernel where it builds, else "auto"
+    (the op with its reference kernel; attention: torch's SDPA, as the interpreted Triton path
+    does not trace)."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpp" if HAS_CPP.get(stem, False) else "auto"
 
 
 def _qkv(dev: torch.device, B: int = 2, H: int = 2, N: int = 7, M: int = 5, D: int = 16) -> tuple[Tensor, ...]:
@@ -48,9 +55,9 @@ def _lpips_feats(dev: torch.device, requires_grad: bool = True) -> tuple[list[Te
     return f0, f1, [torch.rand(s[0], device=dev) for s in shapes]
 
 
-def _lpips_bwd_args(dev: torch.device, impl: str) -> tuple:
+def _lpips_bwd_args(dev: torch.device) -> tuple:
     f0, f1, w = _lpips_feats(dev, requires_grad=False)
-    return (torch.rand(2, device=dev), f0, f1, w, impl, True, True)
+    return (torch.rand(2, device=dev), f0, f1, w, True, True)
 
 
 def _vq_args(dev: torch.device) -> tuple[Tensor, Tensor]:
@@ -58,31 +65,49 @@ def _vq_args(dev: torch.device) -> tuple[Tensor, Tensor]:
     return torch.randn(37, 5, device=dev, requires_grad=True), torch.randn(10, 5, device=dev, requires_grad=True)
 
 
-# case -> (csrc stem or None, builder(device, impl) -> (op, args)); "cpp" cases run on CPU tensors
+# case -> builder(device) -> (op, args). On CUDA the ops run their Triton kernels; on CPU their C++
+# kernels where csrc builds (else the references; test_ops_without_the_cpp_extension covers those).
 OPCHECK_CASES = {
-    "vq_nearest": ("vq", lambda d, impl: (_vq_nearest_op, (*_vq_args(d), impl))),
-    "vector_quantize": ("vq", lambda d, impl: (_vector_quantize_op, (*_vq_args(d), 0.25, impl))),
-    "lpips_head": ("lpips", lambda d, impl: (_lpips_head_op, (*_lpips_feats(d), impl))),
-    "lpips_head_backward": ("lpips", lambda d, impl: (_lpips_head_backward_op, _lpips_bwd_args(d, impl))),
-    "attention_fwd": (None, lambda d, impl: (_attention_fwd_op, (*_qkv(d), 0.3))),
-    "attention_bwd": (None, lambda d, impl: (_attention_bwd_op, _attention_bwd_args(d))),
+    "vq_nearest": lambda d: (_vq_nearest_op, _vq_args(d)),
+    "vector_quantize": lambda d: (_vector_quantize_op, (*_vq_args(d), 0.25)),
+    "lpips_head": lambda d: (_lpips_head_op, _lpips_feats(d)),
+    "lpips_head_backward": lambda d: (_lpips_head_backward_op, _lpips_bwd_args(d)),
+    "attention_fwd": lambda d: (_attention_fwd_op, (*_qkv(d), 0.3)),
+    "attention_bwd": lambda d: (_attention_bwd_op, _attention_bwd_args(d)),
 }
 
 
-OPCHECK_PARAMS = [(case, "triton") for case in OPCHECK_CASES] + [
-    (case, "cpp") for case, (stem, _) in OPCHECK_CASES.items() if stem is not None
-]
-
-
-@pytest.mark.parametrize("case, impl", OPCHECK_PARAMS)
-def test_opcheck(case, impl, device):
-    stem, build = OPCHECK_CASES[case]
-    if impl == "cpp":
-        if not HAS_CPP[stem]:
-            pytest.skip(f"the C++ op csrc/{stem}.cpp is not built on this machine")
-        device = torch.device("cpu")
-    op, args = build(device, impl)
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(case, device):
+    op, args = OPCHECK_CASES[case](device)
     torch.library.opcheck(op, args)
+
+
+def test_ops_without_the_cpp_extension():
+    """FASTDAE_NO_EXT=1 (as after a failed build): the CPU kernels of the C++-backed ops are the
+    references, which pass opcheck and give the references' values; impl='cpp' says what is missing."""
+    code = """
+import torch
+from fastdae.kernels import lpips, vq
+x, c = torch.randn(37, 5, requires_grad=True), torch.randn(10, 5, requires_grad=True)
+torch.library.opcheck(vq._vq_nearest_op, (x, c))
+torch.library.opcheck(vq._vector_quantize_op, (x, c, 0.25))
+sqdist, idx = vq._vq_nearest_op(x, c)
+ref_idx, ref_dist = vq.vq_nearest_ref(x, c)
+assert torch.equal(idx, ref_idx) and torch.equal(sqdist, ref_dist)
+f0, f1 = ([torch.rand(2, *s) for s in ((3, 5, 7), (16, 2, 3))] for _ in range(2))
+w = [torch.rand(f.shape[1]) for f in f0]
+torch.library.opcheck(lpips._lpips_head_op, ([f.clone().requires_grad_() for f in f0], f1, w))
+torch.library.opcheck(lpips._lpips_head_backward_op, (torch.rand(2), f0, f1, w, True, True))
+torch.testing.assert_close(lpips._lpips_head_op(f0, f1, w), lpips.lpips_head_ref(f0, f1, w))
+try:
+    vq.vq_nearest(x, c, impl="cpp")
+    raise AssertionError("impl='cpp' ran without the C++ extension")
+except RuntimeError as err:
+    assert "needs the C++ kernels of csrc/vq.cpp" in str(err), err
+"""
+    env = dict(os.environ, FASTDAE_NO_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
 
 
 class TinyLatentModel(nn.Module):
@@ -92,7 +117,7 @@ class TinyLatentModel(nn.Module):
 
     def __init__(self, device: torch.device, dim: int = 16, num_codes: int = 8) -> None:
         super().__init__()
-        self.attn = Attention(dim, num_heads=2, qkv_bias=True, impl="triton")
+        self.attn = Attention(dim, num_heads=2, qkv_bias=True, impl=kernel_impl("attention", device))
         self.vq = VectorQuantizer(num_codes, dim, impl=kernel_impl("vq", device))
         self.decode = nn.Conv2d(dim, 8, 1)
         self.register_buffer("lin", torch.rand(8))

@@ -11,8 +11,9 @@ from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LIN_KEY, LPIPS, SCALE, SHIFT, VGG16Trunk, bundled_lin_weights
 from utils import DTYPES, assert_close_to_ref
 
-HAS_CPP = _ext.has_op("lpips", "lpips_head_fwd")
-IMPLS = ["triton", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")), "ref"]
+HAS_CPP = _ext.available("lpips")
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))
+IMPLS = ["triton", CPP, "ref"]
 
 # named layer lists (C, H, W) per layer: odd channel counts, 1x1 and 7x9 maps, a VGG-like pyramid
 LAYER_SETS = {
@@ -114,26 +115,47 @@ def test_head_only_needed_gradient(impl):
         torch.testing.assert_close(x.grad, g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if getattr(i, "values", (i,))[0] != "ref"])
+@pytest.mark.parametrize("impl", ["auto", CPP])
 def test_head_opcheck_and_compile(impl):
+    """The ops through the dispatcher (CPU: the C++ kernels when built, else the reference) pass
+    opcheck, and lpips_head compiles (fullgraph) to the eager value."""
     from fastdae.kernels.lpips import _lpips_head_backward_op, _lpips_head_op
 
     f0, f1, w = make_feats(LAYER_SETS["odd"], dtype=torch.float32)
     x0 = [f.clone().requires_grad_() for f in f0]
     x1 = [f.clone().requires_grad_() for f in f1]
-    torch.library.opcheck(_lpips_head_op, (x0, x1, w, impl))
-    torch.library.opcheck(_lpips_head_backward_op, (torch.rand(B), f0, f1, w, impl, True, False))
+    torch.library.opcheck(_lpips_head_op, (x0, x1, w))
+    for need0, need1 in ((True, False), (True, True)):
+        torch.library.opcheck(_lpips_head_backward_op, (torch.rand(B), f0, f1, w, need0, need1))
     compiled = torch.compile(lambda a, b: lpips_head(a, b, w, impl=impl), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(f0, f1), lpips_head(f0, f1, w, impl=impl))
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
-def test_cpp_ops_opcheck():
-    from fastdae.kernels.lpips import _cpp_op
+def test_triton_launchers_match_the_fakes():
+    """The CUDA kernels (the Triton launchers, here interpreted) return what the fakes promise,
+    channels_last maps included."""
+    from fastdae.kernels.lpips import _bwd_fake, _bwd_triton, _fwd_fake, _fwd_triton
 
     f0, f1, w = make_feats(LAYER_SETS["odd"], dtype=torch.float32)
-    torch.library.opcheck(_cpp_op("lpips_head_fwd"), (f0, f1, w))
-    torch.library.opcheck(_cpp_op("lpips_head_bwd"), (torch.rand(B), f0, f1, w, True, True))
+    f1 = [f.to(memory_format=torch.channels_last) for f in f1]
+    out, fake = _fwd_triton(f0, f1, w), _fwd_fake(f0, f1, w)
+    assert (out.shape, out.dtype) == (fake.shape, fake.dtype)
+    real, fake = _bwd_triton(torch.rand(B), f0, f1, w, True, True), _bwd_fake(torch.rand(B), f0, f1, w, True, True)
+    for r, f in zip(real[0] + real[1], fake[0] + fake[1]):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+def test_reference_backward_kernel_matches_autograd():
+    """The backward op's reference kernel (the CPU's without the C++ extension) is the ref's gradient."""
+    from fastdae.kernels.lpips import _bwd_reference
+
+    f0, f1, w = make_feats(LAYER_SETS["odd"], dtype=torch.float64)
+    x0, x1 = [f.clone().requires_grad_() for f in f0], [f.clone().requires_grad_() for f in f1]
+    grad = torch.rand(B, dtype=torch.float64)
+    expected = torch.autograd.grad(lpips_head_ref(x0, x1, w), x0 + x1, grad)
+    g0, g1 = _bwd_reference(grad, f0, f1, w, True, True)
+    for g, e in zip(g0 + g1, expected):
+        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from fastdae import _ext
 from fastdae.kernels.vq import vector_quantize
 from fastdae.nn import VectorQuantizer
 
-HAS_CPP = _ext.has_op("vq", "vq_nearest")
+HAS_CPP = _ext.available("vq")
 
 CENTERS = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [-4.0, -4.0, -4.0]])
 

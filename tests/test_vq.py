@@ -10,7 +10,7 @@ from fastdae import _ext
 from fastdae.kernels.vq import VQOutput, vector_quantize, vector_quantize_ref, vq_nearest, vq_nearest_ref
 from utils import DTYPES, assert_close_to_ref
 
-HAS_CPP = _ext.has_op("vq", "vq_nearest")
+HAS_CPP = _ext.available("vq")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))
 IMPLS = ["triton", CPP, "ref"]
 KERNEL_IMPLS = ["triton", CPP]
@@ -172,7 +172,7 @@ X = torch.randn(3, 4)
         (lambda: vq_nearest(X, C[:, :3]), ValueError, r"codebook must be \(K, D=4\)"),
         (lambda: vq_nearest(X, C[0]), ValueError, r"codebook must be \(K, D=4\)"),
         (lambda: vq_nearest(X, C[:0]), ValueError, "empty"),
-        (lambda: vq_nearest(X.long(), C.long()), TypeError, "x must be"),
+        (lambda: vq_nearest(X.long(), C.long()), TypeError, "x must have a dtype in"),
         (lambda: vq_nearest(X, C.double()), TypeError, "codebook must have x's dtype"),
         (lambda: vq_nearest(X.double(), C.double(), impl="cpp"), TypeError, "dtype"),
         (lambda: vq_nearest(X, C.to("meta")), ValueError, "on meta"),
@@ -191,14 +191,16 @@ def test_validation(fn, err, match):
         fn()
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("impl", ["auto", CPP])
 def test_opcheck_and_compile(impl):
+    """The ops through the dispatcher (CPU: the C++ kernels when built, else the reference) pass
+    opcheck and compile (fullgraph) to the eager values and gradients."""
     from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 
     x, codebook, _ = separated(21, 10, 6, torch.float32, noise=0.3)
     xg, cg = x.clone().requires_grad_(), codebook.clone().requires_grad_()
-    torch.library.opcheck(_vq_nearest_op, (xg, cg, impl))
-    torch.library.opcheck(_vector_quantize_op, (xg, cg, 0.25, impl))
+    torch.library.opcheck(_vq_nearest_op, (xg, cg))
+    torch.library.opcheck(_vector_quantize_op, (xg, cg, 0.25))
 
     def step(z, c):
         out = vector_quantize(z, c, impl=impl)
@@ -214,14 +216,44 @@ def test_opcheck_and_compile(impl):
         torch.testing.assert_close(a, b)
 
 
+def test_triton_launchers_match_the_fakes():
+    """The CUDA kernels (the Triton launchers, here interpreted) return what the fakes promise."""
+    from fastdae.kernels.vq import _nearest_cuda, _nearest_fake, _vector_quantize_fake, _vector_quantize_triton
+
+    x, codebook = torch.randn(21, 6)[:, :5], torch.randn(10, 5)  # a strided x
+    for real, fake in ((_nearest_cuda(x, codebook), _nearest_fake(x, codebook)),
+                       (_vector_quantize_triton(x, codebook, 0.25), _vector_quantize_fake(x, codebook, 0.25))):
+        for r, f in zip(real, fake):
+            assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpp_op_opcheck(dtype):
-    from fastdae.kernels.vq import _cpp_nearest
+def test_cpp_kernels_opcheck(dtype):
+    """The C++ CPU kernels in every dtype, for contiguous and strided x."""
+    from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 
     x, codebook = torch.randn(70, 9).to(dtype), torch.randn(13, 9).to(dtype)
-    torch.library.opcheck(_cpp_nearest(), (x, codebook))
-    torch.library.opcheck(_cpp_nearest(), (x.t().contiguous().t(), codebook))  # strided x
+    for xs in (x, x.t().contiguous().t()):
+        torch.library.opcheck(_vq_nearest_op, (xs, codebook))
+        torch.library.opcheck(_vector_quantize_op, (xs, codebook, 0.25))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N, K, D", [(1999, 1500, 40), (301, 257, 256)], ids=["many_row_blocks", "D256_panel_tiles"])
+def test_cpp_nearest_many_blocks(N, K, D, threads):
+    """The C++ micro-kernel past the named edge shapes: dozens of row blocks shared by threads, code
+    tiles and padded panels; nearest within tolerance and the reference's indices on separated codes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, codebook = torch.randn(N, D), torch.randn(K, D)
+        nearest_check(x, codebook, *vq_nearest(x, codebook, impl="cpp"))
+        x, codebook, truth = separated(N, K, D, torch.float32)
+        assert torch.equal(vq_nearest(x, codebook, impl="cpp")[0], truth)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")],

@@ -17,11 +17,10 @@ of positions, so the norms, the weighted channel sum and (backward) a . f are co
 registers; backward recomputes the norms instead of saving normalised copies. Per-tile sums are
 written to a (B, tiles) buffer and summed in a fixed order, so results are deterministic.
 
-File order: Triton kernels -> launchers -> custom ops (+ fake, autograd) -> lpips_head_ref -> lpips_head.
+File order: Triton kernels -> launchers -> ops (reference and fake kernels, autograd) -> lpips_head_ref -> lpips_head.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -29,16 +28,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdae import _ext
-from fastdae.kernels._dispatch import num_warps_for, resolve_impl
+from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, interpreted, on_device
+from fastdae.kernels._dispatch import num_warps_for, route
 from fastdae.kernels._launch import KernelLaunch, configs, launch
 
 EPS = 1e-10  # added to the channel norm, as in the lpips package
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CPP = ("lpips", "lpips_head_fwd")  # (csrc stem, op) for resolve_impl
+_CPP = "lpips"  # csrc/lpips.cpp: the CPU kernels of both ops
 _TILE_ELEMS = 4096  # channels x positions held by one program (per input map)
 # torch.compile evaluates the backend choice once at trace time instead of tracing the C++ loader
-_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+_route = torch.compiler.assume_constant_result(route)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +176,10 @@ def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor
              for f in feats0]
     part = torch.empty(B, sum(tiles), device=feats0[0].device, dtype=torch.float32)  # (B, tiles of all layers)
     col = 0
-    for f0, f1, w, n in zip(feats0, feats1, weights, tiles):
-        f0, f1 = _flat(f0), _flat(f1)
-        launch(fwd_launch(f0, f1, w, part[:, col:]))
-        col += n
+    with on_device(feats0[0]):
+        for f0, f1, w, n in zip(feats0, feats1, weights, tiles):
+            launch(fwd_launch(_flat(f0), _flat(f1), w, part[:, col:]))
+            col += n
     return part.sum(dim=1)
 
 
@@ -198,7 +196,8 @@ def _bwd_triton(
         # outputs in odd strides are computed in a contiguous buffer and copied; unneeded ones alias f
         g0 = _flat(out0) if need0 else f0
         g1 = _flat(out1) if need1 else f1
-        launch(bwd_launch(grad, f0, f1, w, g0, g1, need0, need1))
+        with on_device(f0):
+            launch(bwd_launch(grad, f0, f1, w, g0, g1, need0, need1))
         if need0:
             grads0.append(g0 if g0 is out0 else out0.copy_(g0))
         if need1:
@@ -206,76 +205,95 @@ def _bwd_triton(
     return grads0, grads1
 
 
-def _cpp_op(name: str):
-    """torch.ops.fastdae_cpp.<name> (lpips_head_fwd / lpips_head_bwd) with its fake implementation."""
-    op = _ext.get_op(_CPP[0], name)
-    _register_cpp_fakes()
-    return op
-
-
-@functools.cache
-def _register_cpp_fakes() -> None:
-    """Shape-only versions of the C++ ops, so they pass opcheck and trace under torch.compile."""
-    torch.library.register_fake("fastdae_cpp::lpips_head_fwd")(
-        lambda feats0, feats1, weights: _fwd_fake(feats0, feats1, weights, "cpp")
-    )
-    torch.library.register_fake("fastdae_cpp::lpips_head_bwd")(
-        lambda grad, feats0, feats1, weights, need0, need1: _bwd_fake(
-            grad, feats0, feats1, weights, "cpp", need0, need1
-        )
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Custom ops: impl is "triton" or "cpp" (resolved by lpips_head); torch.compile sees one node.
+# The ops (kernels/_common.py: define_op): CUDA runs the Triton launchers above, CPU the C++ kernels
+# of csrc/lpips.cpp, any other device (and the CPU without the C++ extension) the reference kernels
+# here. torch.compile sees one node per pass; backward recomputes the norms from the saved features.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastdae::lpips_head", mutates_args=())
-def _lpips_head_op(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], impl: str) -> Tensor:
-    if impl == "cpp":
-        return _cpp_op("lpips_head_fwd")(feats0, feats1, weights)
-    return _fwd_triton(feats0, feats1, weights)
+def _fwd_reference(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
+    return lpips_head_ref(feats0, feats1, weights)
 
 
-@torch.library.custom_op("fastdae::lpips_head_backward", mutates_args=())
-def _lpips_head_backward_op(
-    grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], impl: str,
-    need0: bool, need1: bool,
+def _bwd_reference(
+    grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], need0: bool, need1: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
-    if impl == "cpp":
-        return _cpp_op("lpips_head_bwd")(grad, feats0, feats1, weights, need0, need1)
-    return _bwd_triton(grad, feats0, feats1, weights, need0, need1)
+    """The module docstring's backward in torch, per layer: dL/df = r a - r^2 / n (a . f) f."""
+    grads0, grads1 = [], []
+    for f0, f1, w in zip(feats0, feats1, weights):
+        B, C, H, W = f0.shape
+        acc = torch.promote_types(f0.dtype, torch.float32)
+        x0, x1 = f0.to(acc), f1.to(acc)
+        n0, n1 = (torch.linalg.vector_norm(x, dim=1, keepdim=True) for x in (x0, x1))  # (B, 1, H, W)
+        r0, r1 = 1.0 / (n0 + EPS), 1.0 / (n1 + EPS)
+        a = (2.0 / (H * W)) * grad.to(acc).view(B, 1, 1, 1) * w.to(acc).view(1, C, 1, 1) * (x0 * r0 - x1 * r1)
+        sides = ((need0, grads0, f0, x0, n0, r0, 1.0), (need1, grads1, f1, x1, n1, r1, -1.0))
+        for need, grads, f, x, n, r, sign in sides:
+            if need:  # the second term's limit at n = 0 (where f = 0) is 0
+                k = torch.where(n > 0, r * r / n.clamp_min(1e-30), 0.0) * (a * x).sum(dim=1, keepdim=True)
+                grads.append(torch.empty_like(f).copy_(sign * (a * r - k * x)))  # laid out like the fake
+    return grads0, grads1
 
 
-def _fwd_fake(feats0, feats1, weights, impl):
-    return feats0[0].new_empty(feats0[0].shape[0], dtype=torch.float32)
+def _fwd_fake(feats0, feats1, weights):
+    acc = torch.promote_types(feats0[0].dtype, torch.float32)
+    return feats0[0].new_empty(feats0[0].shape[0], dtype=acc)
 
 
-def _bwd_fake(grad, feats0, feats1, weights, impl, need0, need1):
+def _bwd_fake(grad, feats0, feats1, weights, need0, need1):
     return ([torch.empty_like(f) for f in feats0] if need0 else [],
             [torch.empty_like(f) for f in feats1] if need1 else [])
 
 
-_lpips_head_op.register_fake(_fwd_fake)
-_lpips_head_backward_op.register_fake(_bwd_fake)
-
-
 def _setup_context(ctx, inputs, output) -> None:
-    feats0, feats1, weights, impl = inputs
-    ctx.n_layers, ctx.impl = len(feats0), impl
+    feats0, feats1, weights = inputs
+    ctx.n_layers = len(feats0)
     ctx.save_for_backward(*feats0, *feats1, *weights)
+
+
+def _layers(tensors, L: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(feats0, feats1, weights) from the 3 L tensors feats0 + feats1 + weights."""
+    return list(tensors[:L]), list(tensors[L : 2 * L]), list(tensors[2 * L :])
 
 
 def _backward(ctx, grad: Tensor):
     L = ctx.n_layers
-    saved = ctx.saved_tensors
-    feats0, feats1, weights = list(saved[:L]), list(saved[L : 2 * L]), list(saved[2 * L :])
     need0, need1 = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
-    grads0, grads1 = _lpips_head_backward_op(grad, feats0, feats1, weights, ctx.impl, need0, need1)
+    grads0, grads1 = _lpips_head_backward_op(grad, *_layers(ctx.saved_tensors, L), need0, need1)
     none = [None] * L
-    return grads0 or none, grads1 or none, none, None
+    return grads0 or none, grads1 or none, none
 
 
-_lpips_head_op.register_autograd(_backward, setup_context=_setup_context)
+# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers with the same
+# formulas; the layers arrive flattened, as autograd.Function differentiates tensor arguments only.
+def _interpreted_forward(L: int, *tensors: Tensor) -> Tensor:
+    return _fwd_triton(*_layers(tensors, L))
+
+
+def _interpreted_setup_context(ctx, inputs, output) -> None:
+    ctx.n_layers = inputs[0]
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _interpreted_backward(ctx, grad: Tensor):
+    L = ctx.n_layers
+    need0, need1 = any(ctx.needs_input_grad[1 : 1 + L]), any(ctx.needs_input_grad[1 + L : 1 + 2 * L])
+    grads0, grads1 = _bwd_triton(grad, *_layers(ctx.saved_tensors, L), need0, need1)
+    none = [None] * L
+    return None, *(grads0 or none), *(grads1 or none), *none
+
+
+# feats0, feats1 per layer (B, C, H, W), weights per layer (C,) float32 -> (B,) float32
+_lpips_head_op = define_op(
+    "lpips_head(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor",
+    cuda=_fwd_triton, reference=_fwd_reference, fake=_fwd_fake, backward=_backward, setup_context=_setup_context,
+)
+# grad (B,) -> (per-layer gradients of feats0 if need0 else [], of feats1 if need1 else [])
+_lpips_head_backward_op = define_op(
+    "lpips_head_backward(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
+    " -> (Tensor[], Tensor[])",
+    cuda=_bwd_triton, reference=_bwd_reference, fake=_bwd_fake,
+)
+_lpips_head_interpreted = interpreted(_interpreted_forward, _interpreted_setup_context, _interpreted_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,18 +335,13 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
             raise ValueError(
                 f"lpips_head: feats0[{l}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
             )
-        if f0.dtype != f1.dtype or f0.dtype not in allowed:
-            raise TypeError(
-                f"lpips_head: feats0[{l}]/feats1[{l}] must share a dtype in {allowed}, got {f0.dtype}, {f1.dtype}"
-            )
+        check_tensors("lpips_head", {f"feats0[{l}]": f0, f"feats1[{l}]": f1}, allowed)
         if w.shape != (f0.shape[1],) or not w.is_floating_point():
             raise ValueError(
                 f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}"
             )
-        if not (f0.device == f1.device == w.device == device):
-            raise ValueError(
-                f"lpips_head: layer {l} tensors are on {f0.device}, {f1.device}, {w.device}; expected {device}"
-            )
+        if not (f0.device == w.device == device):
+            raise ValueError(f"lpips_head: layer {l} tensors are on {f0.device} and {w.device}; expected {device}")
 
 
 def lpips_head(
@@ -344,10 +357,12 @@ def lpips_head(
     impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
     """
     _validate(feats0, feats1, weights, impl)
-    impl = _resolve_impl(impl, feats0[0].device, "lpips_head", cpp=_CPP)
-    if impl == "ref":
+    where = _route(impl, feats0[0].device, "lpips_head", cpp=_CPP)
+    if where == "ref":
         return lpips_head_ref(feats0, feats1, weights)
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         raise ValueError("lpips_head: weights must not require grad with impl='triton'/'cpp'; use impl='ref'")
     weights = [w.detach().to(torch.float32).contiguous() for w in weights]
-    return _lpips_head_op(list(feats0), list(feats1), weights, impl)
+    if where == "interpret":
+        return _lpips_head_interpreted(len(weights), *feats0, *feats1, *weights)
+    return _lpips_head_op(list(feats0), list(feats1), weights)

@@ -23,12 +23,10 @@ distances in the same pass (the loss is a sum of those distances), so it is one 
 The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
 written in torch (a fused kernel would not pay).
 
-File order: Triton kernel -> launchers -> custom ops (+ fake, autograd) -> *_ref -> public functions.
+File order: Triton kernel -> launchers -> ops (reference and fake kernels, autograd) -> *_ref -> public functions.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -36,15 +34,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdae import _ext
-from fastdae.kernels._dispatch import resolve_impl, triton_interpret
+from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
+from fastdae.kernels._dispatch import route, triton_interpret
 from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CPP = ("vq", "vq_nearest")  # (csrc stem, op) for resolve_impl
+_CPP = "vq"  # csrc/vq.cpp: the CPU kernels of both ops
 _REF_CHUNK_ELEMS = 1 << 22  # the reference scores row chunks of at most this many (row, code) pairs
 # torch.compile evaluates the backend choice once at trace time instead of tracing the C++ loader
-_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+_route = torch.compiler.assume_constant_result(route)
 
 
 class VQOutput(NamedTuple):
@@ -56,15 +53,6 @@ class VQOutput(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Triton kernel: program i owns rows i*BLOCK_N ... and sweeps all K codes in BLOCK_K tiles.
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b in fp32. PRECISION "upcast": operands cast to fp32 first (the interpreter
-    multiplies bfloat16's raw bits; bf16 products are exact in fp32, so the result matches a GPU)."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 @triton.jit
 def _split_tf32(a, PRECISION: tl.constexpr):
     """(hi, lo) with a = hi + lo exactly: hi keeps TF32's 10 mantissa bits (truncated), lo the rest
@@ -88,7 +76,7 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
         acc = tl.dot(x_hi, c_lo, acc, input_precision="tf32")
         acc = tl.dot(x_hi, c_hi, acc, input_precision="tf32")
     else:
-        acc = _dot(x_hi, ct, acc, PRECISION)
+        acc = dot(x_hi, ct, acc, PRECISION)
     return acc
 
 
@@ -212,14 +200,7 @@ def _precision(dtype: torch.dtype) -> str:
     multiplies with numpy, whose rounding differs between identical columns of one matmul, so the
     3-product sum can split exact ties there: it runs one IEEE fp32 product instead (the split is
     tested on its own in tests/test_vq.py)."""
-    if dtype == torch.float32:
-        return "ieee" if triton_interpret() else "3xtf32"
-    return "upcast" if dtype == torch.bfloat16 and triton_interpret() else "tf32"  # tf32: moot for 16-bit
-
-
-def _on_device(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return precision(dtype, fp32="ieee" if triton_interpret() else "3xtf32")
 
 
 def nearest_launch(
@@ -247,61 +228,56 @@ def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Te
     idx = torch.empty(N, device=x.device, dtype=torch.int64)
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
     csq = torch.sum(codebook.float().square(), dim=1)  # (K,) ||c||^2 in fp32, once per call
-    with _on_device(x):
+    with on_device(x):
         launch(nearest_launch(x, codebook, csq, csq.sum(), idx, dist, z_q))
     return idx, dist
 
 
+def _vector_quantize_triton(z: Tensor, codebook: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """z (N, D) -> (z_q (N, D), idx (N,), loss ()): the search also gathers z_q, in one launch."""
+    z_q = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+    idx, dist = _nearest_triton(z, codebook, z_q)
+    return z_q, idx, _loss(dist, beta, z.numel())
+
+
+def _loss(sqdist: Tensor, beta: float, numel: int) -> Tensor:
+    """(1 + beta) * mean ||z - z_q||^2: both loss terms have the value of the distance sum."""
+    return sqdist.sum() * ((1.0 + beta) / max(numel, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops (kernels/_common.py: define_op): CUDA runs the Triton launchers above, CPU the C++ kernels
+# of csrc/vq.cpp, any other device (and the CPU without the C++ extension) the reference kernels
+# here. Backward formulas are torch ops (see the module docstring).
+# ---------------------------------------------------------------------------------------------
+def _nearest_reference(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    idx, sqdist = vq_nearest_ref(x, codebook)
+    return sqdist, idx
+
+
+def _nearest_cuda(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    idx, sqdist = _nearest_triton(x, codebook, None)
+    return sqdist, idx
+
+
+def _vector_quantize_reference(z: Tensor, codebook: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    idx, dist = vq_nearest_ref(z, codebook)
+    return codebook.index_select(0, idx), idx, _loss(dist, beta, z.numel())
+
+
 def _nearest_fake(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """Shapes of the C++ op's (idx (N,) int64, sqdist (N,) float32)."""
-    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
+    """(sqdist (N,) float32 (float64 for the reference's float64), idx (N,) int64)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=torch.int64)
 
 
-@functools.cache
-def _cpp_nearest():
-    """torch.ops.fastdae_cpp.vq_nearest, with its fake implementation registered once."""
-    op = _ext.get_op(*_CPP)
-    torch.library.register_fake("fastdae_cpp::vq_nearest")(_nearest_fake)
-    return op
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops: impl is "triton" or "cpp" (resolved by the public functions); torch.compile sees
-# one node each. Backward formulas are torch ops (see the module docstring).
-# ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastdae::vq_nearest", mutates_args=())
-def _vq_nearest_op(x: Tensor, codebook: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    """(sqdist, idx): the float output first, as opcheck's autograd test sums outputs in order."""
-    idx, sqdist = _cpp_nearest()(x, codebook) if impl == "cpp" else _nearest_triton(x, codebook, None)
-    return sqdist, idx
-
-
-@torch.library.custom_op("fastdae::vector_quantize", mutates_args=())
-def _vector_quantize_op(z: Tensor, codebook: Tensor, beta: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """z (N, D) -> (z_q (N, D), idx (N,), loss ()); the loss is (1 + beta) * mean ||z - z_q||^2."""
-    if impl == "cpp":
-        idx, dist = _cpp_nearest()(z, codebook)
-        z_q = codebook.index_select(0, idx)
-    else:
-        z_q = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        idx, dist = _nearest_triton(z, codebook, z_q)
-    return z_q, idx, dist.sum() * ((1.0 + beta) / z.numel())
-
-
-@_vq_nearest_op.register_fake
-def _vq_nearest_fake(x, codebook, impl):
-    idx, sqdist = _nearest_fake(x, codebook)
-    return sqdist, idx
-
-
-@_vector_quantize_op.register_fake
-def _vector_quantize_fake(z, codebook, beta, impl):
-    idx, _ = _nearest_fake(z, codebook)
-    return torch.empty_like(z, memory_format=torch.contiguous_format), idx, z.new_empty((), dtype=torch.float32)
+def _vector_quantize_fake(z: Tensor, codebook: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    dist, idx = _nearest_fake(z, codebook)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), idx, dist.new_empty(())
 
 
 def _nearest_setup_context(ctx, inputs, output) -> None:
-    x, codebook, _ = inputs
+    x, codebook = inputs
     ctx.save_for_backward(x, codebook, output[1])
 
 
@@ -309,21 +285,18 @@ def _nearest_backward(ctx, grad_dist: Tensor | None, grad_idx):
     """d sqdist_n / d x_n = 2 (x_n - c_idx[n]); the same with a minus sign to c_idx[n]."""
     x, codebook, idx = ctx.saved_tensors
     if grad_dist is None:
-        return None, None, None
+        return None, None
     diff = (x.float() - codebook.float().index_select(0, idx)) * (2.0 * grad_dist)[:, None]  # (N, D)
     grad_x = diff.to(x.dtype) if ctx.needs_input_grad[0] else None
     grad_c = None
     if ctx.needs_input_grad[1]:
         grad_c = torch.zeros(codebook.shape, device=x.device, dtype=torch.float32).index_add(0, idx, -diff)
         grad_c = grad_c.to(codebook.dtype)
-    return grad_x, grad_c, None
-
-
-_vq_nearest_op.register_autograd(_nearest_backward, setup_context=_nearest_setup_context)
+    return grad_x, grad_c
 
 
 def _vq_setup_context(ctx, inputs, output) -> None:
-    z, codebook, beta, _ = inputs
+    z, codebook, beta = inputs
     z_q, idx, _ = output
     ctx.beta, ctx.codebook_shape, ctx.codebook_dtype = beta, codebook.shape, codebook.dtype
     # z_q rather than the codebook: the nn module may update the codebook in place after forward
@@ -342,10 +315,25 @@ def _vq_backward(ctx, grad_zq: Tensor | None, grad_idx, grad_loss: Tensor | None
     if ctx.needs_input_grad[1]:  # codebook term: per-code sums of diff in fp32, scaled once (K, D)
         grad_c = torch.zeros(ctx.codebook_shape, device=z.device, dtype=torch.float32).index_add_(0, idx, diff)
         grad_c = (grad_c * -scale).to(ctx.codebook_dtype)
-    return grad_z, grad_c, None, None
+    return grad_z, grad_c, None
 
 
-_vector_quantize_op.register_autograd(_vq_backward, setup_context=_vq_setup_context)
+# x (N, D), codebook (K, D) -> (sqdist (N,) float32, idx (N,) int64): the float output first, as
+# opcheck's autograd test sums the outputs in order; vq_nearest returns them the other way round
+_vq_nearest_op = define_op(
+    "vq_nearest(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
+    cuda=_nearest_cuda, reference=_nearest_reference,
+    fake=_nearest_fake, backward=_nearest_backward, setup_context=_nearest_setup_context,
+)
+# z (N, D), codebook (K, D) -> (z_q (N, D), idx (N,) int64, loss () float32)
+_vector_quantize_op = define_op(
+    "vector_quantize(Tensor z, Tensor codebook, float beta) -> (Tensor, Tensor, Tensor)",
+    cuda=_vector_quantize_triton, reference=_vector_quantize_reference,
+    fake=_vector_quantize_fake, backward=_vq_backward, setup_context=_vq_setup_context,
+)
+# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same autograd
+_nearest_interpreted = interpreted(_nearest_cuda, _nearest_setup_context, _nearest_backward)
+_vector_quantize_interpreted = interpreted(_vector_quantize_triton, _vq_setup_context, _vq_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,16 +369,7 @@ def vector_quantize_ref(z: Tensor, codebook: Tensor, beta: float = 0.25) -> VQOu
 
 def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape: str) -> None:
     """Argument checks shared by vq_nearest ((N, D) x) and vector_quantize ((..., D) z)."""
-    for arg, t in ((name, x), ("codebook", codebook)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {arg} must be a tensor, got {type(t).__name__}")
-    allowed = KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ())
-    if x.dtype not in allowed:
-        raise TypeError(f"{op}: {name} must be a {shape} tensor of dtype in {allowed}, got {x.dtype}")
-    if codebook.dtype != x.dtype:
-        raise TypeError(
-            f"{op}: codebook must have {name}'s dtype {x.dtype}, got {codebook.dtype} (cast it with .to({x.dtype}))"
-        )
+    check_tensors(op, {name: x, "codebook": codebook}, KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ()))
     if (shape == "(N, D)" and x.dim() != 2) or x.dim() < 1:
         raise ValueError(f"{op}: {name} must be {shape}, got shape {tuple(x.shape)}")
     D = x.shape[-1]
@@ -399,8 +378,6 @@ def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape:
                          f"got {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError(f"{op}: codebook is empty; expected (K >= 1, D={D})")
-    if codebook.device != x.device:
-        raise ValueError(f"{op}: {name} is on {x.device} but codebook is on {codebook.device}")
     # A sum is NaN/inf iff some element is, or finite values overflow fp32 (|c| ~ 1e19 already
     # overflows ||c||^2): one fused reduction. Only on CPU, where it costs no device sync; on CUDA the
     # kernel turns a non-finite codebook into NaN distances (and a NaN loss) instead of a host sync
@@ -423,10 +400,10 @@ def vq_nearest(x: Tensor, codebook: Tensor, impl: str = "auto") -> tuple[Tensor,
     impl: "auto" (Triton on CUDA, C++ on CPU when built, else "ref"), "triton", "cpp" or "ref".
     """
     _validate("vq_nearest", "x", x, codebook, impl, "(N, D)")
-    impl = _resolve_impl(impl, x.device, "vq_nearest", cpp=_CPP)
-    if impl == "ref" or x.shape[0] == 0:
+    where = _route(impl, x.device, "vq_nearest", cpp=_CPP)
+    if where == "ref" or x.shape[0] == 0:
         return vq_nearest_ref(x, codebook)
-    sqdist, idx = _vq_nearest_op(x, codebook, impl)
+    sqdist, idx = (_nearest_interpreted if where == "interpret" else _vq_nearest_op)(x, codebook)
     return idx, sqdist
 
 
@@ -443,8 +420,9 @@ def vector_quantize(z: Tensor, codebook: Tensor, beta: float = 0.25, impl: str =
     _validate("vector_quantize", "z", z, codebook, impl, "(..., D)")
     if not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"vector_quantize: beta must be a non-negative number, got {beta!r}")
-    impl = _resolve_impl(impl, z.device, "vector_quantize", cpp=_CPP)
-    if impl == "ref" or z.numel() == 0:
+    where = _route(impl, z.device, "vector_quantize", cpp=_CPP)
+    if where == "ref" or z.numel() == 0:
         return vector_quantize_ref(z, codebook, beta)
-    z_q, idx, loss = _vector_quantize_op(z.reshape(-1, z.shape[-1]), codebook, float(beta), impl)
+    op = _vector_quantize_interpreted if where == "interpret" else _vector_quantize_op
+    z_q, idx, loss = op(z.reshape(-1, z.shape[-1]), codebook, float(beta))
     return VQOutput(z_q.view(z.shape), idx.view(z.shape[:-1]), loss)

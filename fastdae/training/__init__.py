@@ -39,7 +39,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> Result:
     check_environment(cfg)
     r = Run(cfg)
     r.prepare()  # every refusal happens here, before anything is trained or written
-    with _log_to(r):
+    with _log_to(r), _wandb_run(r):
         for name in cfg.stages:
             if name == "stage2" and cfg.mode == "joint":
                 log.info("stage2: skipped in mode 'joint' (stage 1 trained the full decoder for stage1 + stage2 steps)")
@@ -53,6 +53,22 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> Result:
             r.finish(name, metrics)
             log.info(f"{name}: done in {metrics['wall_s']:.1f} s")
         return r.summarize()
+
+
+@contextlib.contextmanager
+def _wandb_run(r: Run) -> Iterator[None]:
+    """With wandb=true, one W&B run (project "fastdae", named after out_dir, files under out_dir) on
+    rank 0 for this call; the stages log to it (logs.Trackers). W&B's own settings (WANDB_MODE,
+    WANDB_PROJECT, ...) apply."""
+    if not (r.cfg.wandb and r.dist.is_main):
+        yield
+        return
+    wandb = importlib.import_module("wandb")
+    run = wandb.init(project="fastdae", name=r.root.name, dir=str(r.root), config=r.cfg.to_dict())
+    try:
+        yield
+    finally:
+        run.finish()
 
 
 @contextlib.contextmanager

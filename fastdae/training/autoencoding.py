@@ -11,21 +11,24 @@ from torch import Tensor, nn
 from fastdae.models.losses import AutoencoderLoss
 from fastdae.training.checkpoint import State
 from fastdae.training.distributed import wrap_ddp
-from fastdae.training.logs import eval_chunks, reconstruction_eval
-from fastdae.training.optim import make_optimizer, optimizer_step
+from fastdae.training.logs import Trackers, eval_chunks, mean_terms, reconstruction_eval
+from fastdae.training.optim import Updater
 from fastdae.training.run import Run
 
 
-def losses_and_state(run: Run, s: Any, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
-    """The criterion (L1 + LPIPS + GAN) and a checkpoint State with `generator`'s Adam and, when the
-    GAN is on, the discriminator with its own Adam (disc.lr, no warm-up)."""
-    crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device))
-    opt, sched = make_optimizer(generator.parameters(), s.lr, s.betas, s.warmup_steps)
-    state = State({name: generator}, {name: opt}, {name: sched})
+def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
+    """The criterion (L1 + LPIPS + GAN) and a checkpoint State with `generator`'s Updater (the stage's
+    loop options) and, when the GAN is on, the discriminator with its own (Adam at disc.lr, constant,
+    no warm-up; grad_accum, grad_clip and fp16 as the stage)."""
+    crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device, s.compile))
+    steps = run.total_steps(stage)[1]
+    state = State({name: generator}, {name: Updater(generator.parameters(), s, total_steps=steps, fp16=run.fp16,
+                                                    device=run.device)})
     if crit.discriminator is not None:
         state.modules["discriminator"] = crit.discriminator
-        state.optimizers["discriminator"], state.schedulers["discriminator"] = make_optimizer(
-            crit.discriminator.parameters(), s.disc.lr, s.betas, 0)
+        state.updaters["discriminator"] = Updater(crit.discriminator.parameters(), s, total_steps=steps,
+                                                  fp16=run.fp16, device=run.device, lr=s.disc.lr, optimizer="adam",
+                                                  schedule="constant", warmup_steps=0)
     return crit, state
 
 
@@ -34,13 +37,17 @@ def learning_rates(s: Any, name: str) -> dict[str, float]:
     return {name: s.lr, "discriminator": s.disc.lr}
 
 
-def discriminator_step(run: Run, crit: AutoencoderLoss, s: Any, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
-    """One hinge-loss step of the discriminator on real x and (detached) x_hat; returns its loss."""
-    with run.autocast():
-        d_loss = crit.discriminator_loss(x, x_hat)
-    optimizer_step(d_loss, state.optimizers["discriminator"], state.schedulers["discriminator"],
-                   list(crit.discriminator.parameters()), s.grad_clip)
-    return d_loss.detach()
+def discriminator_step(run: Run, crit: AutoencoderLoss, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
+    """One hinge-loss step of the discriminator on real x and (detached) x_hat (B, 3, H, W), in the
+    stage's micro-batches; returns its loss (the mean over them)."""
+    upd, losses = state.updaters["discriminator"], []
+    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), crit.disc_train):
+        with run.autocast():
+            d_loss = crit.discriminator_loss(xm, xm_hat)
+        upd.backward(d_loss)
+        losses.append({"d_loss": d_loss.detach()})
+    upd.step()
+    return mean_terms(losses)["d_loss"]
 
 
 @torch.no_grad()
@@ -54,7 +61,12 @@ def evaluate(run: Run, stage: str, reconstruct: Callable[[list[int]], tuple[Tens
                 pair = reconstruct(idx)
             yield pair
 
-    return reconstruction_eval(pairs(), run.stage_dir(stage) / "reconstructions.png")
+    trackers = Trackers(run, stage)
+    try:
+        return reconstruction_eval(pairs(), run.stage_dir(stage) / "reconstructions.png", trackers,
+                                   run.total_steps(stage)[1])
+    finally:
+        trackers.close()
 
 
 def images_at(dataset: Any, indices: list[int]) -> Tensor:

@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,7 +23,7 @@ from torch import nn
 from fastdae import files
 from fastdae.training.distributed import unwrap
 from fastdae.training.identity import RunError
-from fastdae.training.optim import set_base_lr
+from fastdae.training.optim import Updater
 
 if TYPE_CHECKING:  # run.py imports this module
     from fastdae.training.run import Run
@@ -66,11 +66,11 @@ def checkpoint_step(path: Path) -> int:
 
 @dataclass
 class State:
-    """What a checkpoint holds, by name: modules (EMAs as ema_<name>), optimizers, LR schedulers."""
+    """What a checkpoint holds, by name: modules (EMAs as ema_<name>) and updaters (optimizer, LR
+    scheduler and GradScaler states, in state.pt under "optimizers", "schedulers", "scalers")."""
 
     modules: dict[str, nn.Module]
-    optimizers: dict[str, Any] = field(default_factory=dict)
-    schedulers: dict[str, Any] = field(default_factory=dict)
+    updaters: dict[str, Updater] = field(default_factory=dict)
 
 
 def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
@@ -80,8 +80,9 @@ def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
         for name, module in state.modules.items():
             save_weights(tmp / f"{name}.safetensors", unwrap(module).state_dict())
         with files.atomic_path(tmp / "state.pt") as state_file:
-            torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
-                        "schedulers": {k: s.state_dict() for k, s in state.schedulers.items()}}, state_file)
+            parts = {k: u.state_dict() for k, u in state.updaters.items()}
+            torch.save({"step": step, **{f"{part}s": {k: p[part] for k, p in parts.items()}
+                                         for part in ("optimizer", "scheduler", "scaler")}}, state_file)
     files.write_bytes(stage_dir / LATEST, final.name.encode())
     older = sorted(p for p in stage_dir.glob("ckpt-*") if p != final)
     for old in older[:-1]:
@@ -97,17 +98,16 @@ def save_if_due(run: Run, stage: str, done: int, steps: int, every: int, state: 
 
 def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:
     """The step to start from: 0, or the step of checkpoint `path` after restoring `state` from it; the
-    optimizers named in `lrs` then use the configured learning rate (it may change on resume)."""
+    updaters named in `lrs` then use the configured learning rate (it may change on resume)."""
     if path is None:
         return 0
     for name, module in state.modules.items():
         load_weights(path / f"{name}.safetensors", unwrap(module))
     saved = torch.load(path / "state.pt", weights_only=True)
-    for k, o in state.optimizers.items():
-        o.load_state_dict(saved["optimizers"][k])
-    for k, s in state.schedulers.items():
-        s.load_state_dict(saved["schedulers"][k])
+    for k, u in state.updaters.items():
+        u.load_state_dict({"optimizer": saved["optimizers"][k], "scheduler": saved["schedulers"][k],
+                           "scaler": saved.get("scalers", {}).get(k, {})})  # no "scalers": saved before fp16 existed
     for k, lr in lrs.items():
-        if k in state.optimizers:
-            set_base_lr(state.optimizers[k], state.schedulers[k], lr)
+        if k in state.updaters:
+            state.updaters[k].set_lr(lr)
     return int(saved["step"])

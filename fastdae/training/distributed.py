@@ -53,19 +53,32 @@ def setup_distributed(device: str) -> tuple[Dist, torch.device]:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for "auto"/"bf16"; CPU runs fp32 unless "bf16" is asked for explicitly."""
+    """bf16 autocast on CUDA for "auto"/"bf16"; CPU runs fp32 unless "bf16" is asked for explicitly;
+    "fp16" (CUDA only, checked in the config) pairs with the Updater's GradScaler."""
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def wrap_ddp(module: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    if d.world_size == 1:
+def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = False) -> nn.Module:
+    """The handle a stage trains through: `module` itself, wrapped in DDP under torchrun, and
+    torch.compile'd when `compile` (the stage's option). It shares `module`'s parameters; checkpoints
+    and EMAs read `module`."""
+    if d.world_size > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+    if not compile:
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    # the GAN's adaptive weight differentiates the compiled graph twice (autograd.grad with
+    # retain_graph, then backward): compiled backwards must not donate (free) their saved buffers
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(module)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "_orig_mod", module)  # torch.compile's OptimizedModule
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 

@@ -9,8 +9,11 @@ resumed or reused:
   (the message names every differing key) unless `overwrite` clears the folder first;
 - resuming a stage whose inputs changed (other data; stage 1 trained again since) is refused;
 - keys a user may change between calls of the same run (SAFE_KEYS: learning rates, log/ckpt
-  intervals, steps, the cache's batch size, and the run-control keys) are not part of any identity.
-  More steps on resume continue from the last checkpoint; fewer than the last checkpoint are refused.
+  intervals, steps, compile, the cache's batch size, and the run-control keys) are not part of any
+  identity. More steps on resume continue from the last checkpoint; fewer than the last checkpoint
+  are refused (with lr_schedule cosine, the decay then stretches over the new number of steps).
+  The other loop options (optimizer, weight_decay, lr_schedule, warmup_steps, grad_accum, precision)
+  change what is trained: they are identity keys.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from typing import Any
 from fastdae.config import ConfigError, TrainConfig
 
 # keys that say how to run, not what is trained
-RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard")
-# keys a resumed run may change (steps: see the module docstring)
-SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "cache.batch_size")
+RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard",
+               "wandb")
+# keys a resumed run may change (steps: see the module docstring; compile changes how, not what, is computed)
+SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "*.compile", "cache.batch_size")
 SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.num_samples")
 
 _SHARED = ("seed", "precision", "data.*", "autoencoder.*")

@@ -1,8 +1,10 @@
-"""What a stage reports: log.csv (+ TensorBoard, progress bar) every log_every steps with images/s,
-the NaN/Inf guard at those steps (the only host syncs besides logging), and the PNG grids."""
+"""What a stage reports: log.csv (+ TensorBoard / W&B, progress bar) every log_every steps with
+images/s, the NaN/Inf guard at those steps (the only host syncs besides logging), and the PNG grids
+(also sent to TensorBoard / W&B, with the batch's reconstructions at every checkpoint step)."""
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 import os
 import time
@@ -20,6 +22,11 @@ from fastdae.training.run import Run
 EVAL_IMAGES = 256  # the fixed evaluation set: the first items of the dataset
 EVAL_BATCH = 64
 GRID_PAIRS = 8
+
+
+def mean_terms(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-key mean of a step's micro-batch loss terms (tensors or floats)."""
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
 
 
 class CSVLog:
@@ -66,7 +73,7 @@ class StepLog:
         self.log_every, self.ckpt_every, self.images = log_every, ckpt_every, images_per_step
         main = run.dist.is_main
         self.csv = CSVLog(run.log_csv(stage), start) if main else None
-        self.tb = _tensorboard(run.stage_dir(stage)) if run.cfg.tensorboard and main else None
+        self.trackers = Trackers(run, stage)
         self.bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not (run.cfg.progress and main))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
         self.last: dict[str, float] = {}
@@ -83,11 +90,16 @@ class StepLog:
         self.wait += time.perf_counter() - t
         return batch
 
-    def step(self, done: int, losses: dict[str, Tensor]) -> None:
+    def step(self, done: int, losses: dict[str, Tensor], images: tuple[Tensor, Tensor] | None = None) -> None:
+        """After step `done`: losses (with "loss"); images: the batch and its reconstructions (B, 3, H, W),
+        shown in TensorBoard / W&B at checkpoint steps."""
         self.nonfinite |= ~torch.isfinite(losses["loss"].detach())
         self.bar.update(1)
         if not self.due(done):
             return
+        if images is not None and (done % self.ckpt_every == 0 or done == self.steps):
+            x, x_hat = (t[:GRID_PAIRS] for t in images)
+            self.trackers.image("reconstructions", torch.cat([x, x_hat]), done, nrow=len(x))
         check_finite(self.nonfinite, self.stage, done, self.run.dist)
         now = time.perf_counter()
         self.last = {k: float(v) for k, v in losses.items()}
@@ -96,33 +108,58 @@ class StepLog:
         if self.csv is not None:
             self.csv.write({"step": done, **{k: f"{v:.6g}" for k, v in self.last.items()},
                             "images_per_s": f"{rate:.1f}", "time_s": f"{now - self.t0:.2f}"})
-        if self.tb is not None:
-            for k, v in self.last.items():
-                self.tb.add_scalar(f"{self.stage}/{k}", v, done)
+        self.trackers.scalars(self.last, done)
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", img_s=f"{rate:.0f}")
 
     def finish(self) -> dict[str, Any]:
         self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
         elapsed, ran = time.perf_counter() - self.t0, self.steps - self.start
         return {"steps": self.steps, "steps_this_run": ran, "time_s": elapsed,
                 "images_per_s": self.images * ran / elapsed if ran else None,
                 "loader_wait_fraction": self.wait / elapsed if ran else None, "final": self.last}
 
 
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(out / "tb"))
+class Trackers:
+    """TensorBoard (<stage>/tb) and Weights & Biases (the run `fastdae.train` started) on rank 0, each
+    when its config key is true (the packages are checked up front: config.check_environment).
+    W&B gets `<stage>/step` with every entry: the x-axis to plot a stage's curves against."""
+
+    def __init__(self, run: Run, stage: str) -> None:
+        main, cfg = run.dist.is_main, run.cfg
+        self.stage = stage
+        self.tb = None
+        if cfg.tensorboard and main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.stage_dir(stage) / "tb"))
+        self.wandb = importlib.import_module("wandb") if cfg.wandb and main else None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{self.stage}/step": step, **{f"{self.stage}/{k}": v for k, v in values.items()}})
+
+    def image(self, name: str, images: Tensor, step: int, nrow: int | None = None) -> None:
+        """(B, 3, H, W) in [-1, 1] as one grid image (save_grid's layout) named <stage>/<name>."""
+        if self.tb is None and self.wandb is None:
+            return
+        grid = grid_image(images, nrow).numpy()  # (H', W', 3) uint8
+        if self.tb is not None:
+            self.tb.add_image(f"{self.stage}/{name}", grid, step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log({f"{self.stage}/step": step, f"{self.stage}/{name}": self.wandb.Image(grid)})
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """(B, 3, H, W) in [-1, 1] -> one PNG, nrow images per row (default: square-ish), 1-pixel gaps."""
-    from PIL import Image
-
+def grid_image(images: Tensor, nrow: int | None = None) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid, nrow images per row (default:
+    square-ish), 1-pixel gaps."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
     B, _, H, W = x.shape
     nrow = nrow or math.ceil(math.sqrt(B))
@@ -131,7 +168,14 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) 
     for i in range(B):
         r, c = divmod(i, nrow)
         grid[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return grid.permute(1, 2, 0)
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """(B, 3, H, W) in [-1, 1] -> one PNG (grid_image)."""
+    from PIL import Image
+
+    Image.fromarray(grid_image(images, nrow).numpy()).save(path)
     return Path(path)
 
 
@@ -142,9 +186,10 @@ def eval_chunks(n: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def reconstruction_eval(pairs: Iterable[tuple[Tensor, Tensor]], path: Path) -> dict[str, float]:
+def reconstruction_eval(pairs: Iterable[tuple[Tensor, Tensor]], path: Path, trackers: Trackers,
+                        step: int) -> dict[str, float]:
     """L1 and PSNR (images in [-1, 1], so PSNR = 10 log10(4 / MSE)) over (x, x_hat) batches; a PNG with
-    GRID_PAIRS originals over their reconstructions."""
+    GRID_PAIRS originals over their reconstructions (also to `trackers` as eval_reconstructions at `step`)."""
     l1 = se = count = 0.0
     shown: list[Tensor] = []
     for x, x_hat in pairs:
@@ -155,4 +200,5 @@ def reconstruction_eval(pairs: Iterable[tuple[Tensor, Tensor]], path: Path) -> d
         if not shown:
             shown = [x[:GRID_PAIRS], x_hat[:GRID_PAIRS]]
     save_grid(torch.cat(shown), path, nrow=len(shown[0]))
+    trackers.image("eval_reconstructions", torch.cat(shown), step, nrow=len(shown[0]))
     return {"l1": l1 / count, "psnr": 10 * math.log10(4.0 / max(se / count, 1e-12))}

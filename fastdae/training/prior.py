@@ -16,8 +16,8 @@ from fastdae.models.dit import DiT_models
 from fastdae.training import distributed
 from fastdae.training.checkpoint import State, restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog
-from fastdae.training.optim import ema_or_none, make_optimizer, optimizer_step
+from fastdae.training.logs import StepLog, mean_terms
+from fastdae.training.optim import Updater, ema_or_none
 from fastdae.training.run import Run
 
 BETAS = (0.9, 0.999)  # DiT's AdamW betas
@@ -38,31 +38,33 @@ def run(r: Run) -> dict[str, Any]:
     scaler = LatentScaler(cache.channel_mean, cache.channel_std).to(device)
     torch.manual_seed(cfg.seed + 2)
     model = build_dit(r).to(device)
-    model_train = wrap_ddp(model, r.dist, device)
+    model_train = wrap_ddp(model, r.dist, device, p.compile)
     diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps)
-    opt, sched = make_optimizer(model.parameters(), p.lr, BETAS, p.warmup_steps)
-    state = State({"dit": model}, {"dit": opt}, {"dit": sched})
+    upd = Updater(model.parameters(), p, total_steps=p.steps, fp16=r.fp16, device=device, betas=BETAS)
+    state = State({"dit": model}, {"dit": upd})
     ema = ema_or_none(model, p.ema_decay)
     if ema is not None:
         state.modules["ema_dit"] = ema
     start = restore(r.resume_from["prior"], state, {"dit": p.lr})
-    params = list(model.parameters())
     loader = cache.loader(batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda")
     batches = cache_batches(loader, start)
     log = StepLog(r, "prior", p.steps, start, p.log_every, p.ckpt_every, batch * r.dist.world_size)
     model.train()
     for step in range(start, p.steps):
         distributed.seed_step(cfg.seed, "prior", step, r.dist.rank)
-        fields = to_device(log.batch(batches), device)
-        with torch.no_grad():
-            x0 = scaler.normalize(bottleneck.latent(fields))  # (B, C, h, w), ~unit variance per channel
-        y = fields["label"] if model.num_classes > 0 else None
-        with r.autocast():
-            loss = diffusion.loss(model_train, x0, y)
-        grad_norm = optimizer_step(loss, opt, sched, params, p.grad_clip)
+        parts = []
+        for fields in upd.micro_batches(to_device(log.batch(batches), device), model_train):
+            with torch.no_grad():
+                x0 = scaler.normalize(bottleneck.latent(fields))  # (b, C, h, w), ~unit variance per channel
+            y = fields["label"] if model.num_classes > 0 else None
+            with r.autocast():
+                loss = diffusion.loss(model_train, x0, y)
+            upd.backward(loss)
+            parts.append({"loss": loss.detach()})
+        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
         if ema is not None:
             ema.update(step)
-        log.step(step + 1, {"loss": loss.detach(), "grad_norm": grad_norm})
+        log.step(step + 1, terms)
         save_if_due(r, "prior", step + 1, p.steps, p.ckpt_every, state)
     metrics = log.finish()
     if r.dist.is_main:

@@ -136,6 +136,11 @@ class Run(RunFolder):
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.cfg.precision)
 
+    @property
+    def fp16(self) -> bool:
+        """fp16 autocast: the Updaters scale the loss (GradScaler)."""
+        return self.cfg.precision == "fp16"
+
     def per_rank(self, key: str) -> int:
         """The per-rank share of the global batch size at `key` (checked in prepare)."""
         return getattr(self.cfg, key.split(".")[0]).batch_size // self.dist.world_size
@@ -285,6 +290,10 @@ class Run(RunFolder):
             batch = getattr(self.cfg, key.split(".")[0]).batch_size
             if batch % world:
                 raise ConfigError(f"{key}={batch} must be divisible by the number of processes ({world})")
+            accum = getattr(self.cfg, key.split(".")[0]).grad_accum
+            if (batch // world) % accum:
+                raise ConfigError(f"{key}={batch} over {world} process(es) gives {batch // world} images per process, "
+                                  f"not divisible by {key.split('.')[0]}.grad_accum={accum} (equal micro-batches)")
             if (items // world) // (batch // world) == 0:
                 raise ConfigError(f"{key}={batch} is more than the {items} items of the dataset"
                                   f"{' with flipped copies' if items != n else ''} over {world} process(es)")

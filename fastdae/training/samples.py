@@ -19,7 +19,7 @@ from fastdae.models.diffusion import SAMPLERS, Diffusion, Generators, LatentScal
 from fastdae.models.dit import DiT
 from fastdae.training.checkpoint import load_weights, save_weights
 from fastdae.training.distributed import autocast
-from fastdae.training.logs import save_grid
+from fastdae.training.logs import Trackers, save_grid
 from fastdae.training.prior import build_dit
 from fastdae.training.run import Run
 
@@ -113,6 +113,9 @@ def run(r: Run) -> dict[str, Any]:
     images = s.images(n, y, torch.Generator(r.device).manual_seed(cfg.seed))  # (n, 3, H, W)
     elapsed = time.perf_counter() - t0
     grid = save_grid(images, r.sample_grid)
+    trackers = Trackers(r, "samples")
+    trackers.image("samples", images, cfg.prior.steps)  # at the prior's last step
+    trackers.close()
     save_weights(r.sample_images, {"images": images.cpu(), **({"labels": y} if y is not None else {})})
     decoder_file = r.decoder_file(r.final_decoder_stage).relative_to(r.root)
     return {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),

@@ -17,8 +17,8 @@ from fastdae.training import distributed
 from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import image_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog
-from fastdae.training.optim import ema_or_none, optimizer_step
+from fastdae.training.logs import StepLog, mean_terms
+from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
 
@@ -29,29 +29,34 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and every resume
     weak = cfg.weak_decoder if cfg.mode == "dae" else None
     ae = Autoencoder(cfg.autoencoder, build_decoder(cfg.autoencoder, weak)).to(device)
-    ae_train = wrap_ddp(ae, r.dist, device)
-    crit, state = losses_and_state(r, s, "autoencoder", ae)
+    ae_train = wrap_ddp(ae, r.dist, device, s.compile)
+    crit, state = losses_and_state(r, s, "stage1", "autoencoder", ae)
     ema = ema_or_none(ae.decoder, s.ema_decay)
     if ema is not None:
         state.modules["ema_decoder"] = ema
     start = restore(r.resume_from["stage1"], state, learning_rates(s, "autoencoder"))
-    params = list(ae.parameters())
+    upd = state.updaters["autoencoder"]
     batches = image_batches(r.dataset, batch, cfg.seed, start, r.dist, cfg.num_workers, device)
     log = StepLog(r, "stage1", steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
     ae.train()
     for step in range(start, steps):
         distributed.seed_step(cfg.seed, "stage1", step, r.dist.rank)
         x = to_device(log.batch(batches)[0], device)  # (B, 3, H, W) in [-1, 1]
-        with r.autocast():
-            x_hat, aux = ae_train(x)  # aux: the bottleneck's loss term (VQ commitment / KL)
-            loss, terms = crit.generator_loss(x, x_hat, aux, step, ae.decoder.last_layer)
-        terms["grad_norm"] = optimizer_step(loss, state.optimizers["autoencoder"], state.schedulers["autoencoder"],
-                                            params, s.grad_clip)
+        parts, x_hats = [], []
+        for xm in upd.micro_batches(x, ae_train):  # (B / grad_accum, 3, H, W) each
+            with r.autocast():
+                x_hat, aux = ae_train(xm)  # aux: the bottleneck's loss term (VQ commitment / KL)
+                loss, terms = crit.generator_loss(xm, x_hat, aux, step, ae.decoder.last_layer)
+            upd.backward(loss)
+            parts.append({"loss": loss.detach(), **terms})
+            x_hats.append(x_hat.detach())
+        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
+        x_hat = torch.cat(x_hats)  # (B, 3, H, W)
         if crit.gan_active(step):
-            terms["d_loss"] = discriminator_step(r, crit, s, state, x, x_hat)
+            terms["d_loss"] = discriminator_step(r, crit, state, x, x_hat)
         if ema is not None:
             ema.update(step)
-        log.step(step + 1, {"loss": loss.detach(), **terms})
+        log.step(step + 1, terms, images=(x, x_hat))
         save_if_due(r, "stage1", step + 1, steps, s.ckpt_every, state)
     metrics = log.finish()
 

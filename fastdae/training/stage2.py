@@ -15,8 +15,8 @@ from fastdae.training import distributed
 from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog
-from fastdae.training.optim import ema_or_none, optimizer_step
+from fastdae.training.logs import StepLog, mean_terms
+from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
 
@@ -26,13 +26,13 @@ def run(r: Run) -> dict[str, Any]:
     cache, bottleneck = r.open_cache(), r.frozen_bottleneck()
     torch.manual_seed(cfg.seed + 1)  # a fresh decoder, not stage 1's initialisation
     decoder = build_decoder(cfg.autoencoder).to(device)
-    decoder_train = wrap_ddp(decoder, r.dist, device)
-    crit, state = losses_and_state(r, s, "decoder", decoder)
+    decoder_train = wrap_ddp(decoder, r.dist, device, s.compile)
+    crit, state = losses_and_state(r, s, "stage2", "decoder", decoder)
     ema = ema_or_none(decoder, s.ema_decay)
     if ema is not None:
         state.modules["ema_decoder"] = ema
     start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
-    params = list(decoder.parameters())
+    upd = state.updaters["decoder"]
     loader = cache.paired_loader(r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers),
                                  pin_memory=device.type == "cuda")
     batches = cache_batches(loader, start)
@@ -41,18 +41,23 @@ def run(r: Run) -> dict[str, Any]:
     for step in range(start, s.steps):
         distributed.seed_step(cfg.seed, "stage2", step, r.dist.rank)
         fields, x = to_device(log.batch(batches), device)  # cached fields of x; x (B, 3, H, W)
-        with torch.no_grad():
-            z = bottleneck.latent(fields)  # (B, C, h, w): frozen codebook lookup or posterior draw
-        with r.autocast():
-            x_hat = decoder_train(z)
-            loss, terms = crit.generator_loss(x, x_hat, 0.0, step, decoder.last_layer)
-        terms["grad_norm"] = optimizer_step(loss, state.optimizers["decoder"], state.schedulers["decoder"], params,
-                                            s.grad_clip)
+        parts, x_hats = [], []
+        for fm, xm in upd.micro_batches((fields, x), decoder_train):  # B / grad_accum items each
+            with torch.no_grad():
+                z = bottleneck.latent(fm)  # (b, C, h, w): frozen codebook lookup or posterior draw
+            with r.autocast():
+                x_hat = decoder_train(z)
+                loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)
+            upd.backward(loss)
+            parts.append({"loss": loss.detach(), **terms})
+            x_hats.append(x_hat.detach())
+        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
+        x_hat = torch.cat(x_hats)  # (B, 3, H, W)
         if crit.gan_active(step):
-            terms["d_loss"] = discriminator_step(r, crit, s, state, x, x_hat)
+            terms["d_loss"] = discriminator_step(r, crit, state, x, x_hat)
         if ema is not None:
             ema.update(step)
-        log.step(step + 1, {"loss": loss.detach(), **terms})
+        log.step(step + 1, terms, images=(x, x_hat))
         save_if_due(r, "stage2", step + 1, s.steps, s.ckpt_every, state)
     metrics = log.finish()
 
