@@ -91,8 +91,10 @@ def _runs():
     # fd_feat (lower is better): dae clearly lowest; psnr (higher is better): joint clearly highest;
     # ssim: the arms overlap; min_width: None everywhere (not measured, no test)
     return {
-        "joint": [{"fd_feat": 60.0 + d, "psnr": 25.0 + d, "ssim": 0.8 + d / 100, "min_width": None} for d in (-1, 0, 1)],
-        "dae": [{"fd_feat": 40.0 + d, "psnr": 20.0 + d, "ssim": 0.8 - d / 100, "min_width": None} for d in (-1, 0, 1)],
+        "joint": [{"fd_feat": 60.0 + d, "psnr": 25.0 + d, "ssim": 0.8 + d / 100, "min_width": None}
+                  for d in (-1, 0, 1)],
+        "dae": [{"fd_feat": 40.0 + d, "psnr": 20.0 + d, "ssim": 0.8 - d / 100, "min_width": None}
+                for d in (-1, 0, 1)],
         "control": [{"fd_feat": 58.0 + d, "psnr": 21.0 + d, "ssim": 0.8 + d / 50, "min_width": None}
                     for d in (-1, 0, 1)],
     }

@@ -101,7 +101,8 @@ class Judge:
     """What every run is measured against: held-out real images, the dataset classifier (FD-feat,
     validity), the optional FID Inception and LPIPS, and reference values of real data. `indices`:
     each part's items as indices into the dataset `build_dataset` returns (generator indices for a
-    procedural dataset), all from the held-out split; `split`: the item counts of the split and of each part."""
+    procedural dataset), all from the held-out split; `split`: the item counts of the split and of
+    each part."""
 
     images: Tensor
     labels: Tensor

@@ -41,9 +41,9 @@ ARM_NAMES = {"dae": "DAE"}  # how the sentences name a variant (others: as is)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """variant -> metric -> {mean, std, n, ci95} (stats.mean_ci: ci95 is None for one seed); None values (e.g. no width reached the
-    capacity target) are left out and n says how many counted ({"n": 0}: None in every run, shown
-    as "none" in the table)."""
+    """variant -> metric -> {mean, std, n, ci95} (stats.mean_ci: ci95 is None for one seed); None
+    values (e.g. no width reached the capacity target) are left out and n says how many counted
+    ({"n": 0}: None in every run, shown as "none" in the table)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for variant, results in runs.items():
         out[variant] = {}
@@ -109,7 +109,8 @@ def significance_sentence(test: dict[str, Any]) -> str:
     winner, loser = (a, b) if a_wins else (b, a)
     sign = direction if a_wins else -direction  # the winner's improvement = sign * (mean a - mean b) > 0
     lo, hi = sorted(sign * c for c in test["ci95"])
-    return f"{winner} beats {loser} on {label} by {_fmt(sign * test['diff'])} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}."
+    by = _fmt(sign * test["diff"])
+    return f"{winner} beats {loser} on {label} by {by} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}."
 
 
 def _fmt(x: float) -> str:
