@@ -107,6 +107,17 @@ def test_textures_describe_matches_the_rendering():
     assert kinds == set(ProceduralTextures.classes)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_textures_are_learnable_by_the_judge_classifier():
+    # the study's judge needs a classifier that separates the classes on held-out items (chance: 0.2);
+    # measured 0.94-1.00 over classifier seeds 0-2 at this small budget, 1.000 with the judge's
+    # width 32 and 300 steps
+    from fastdae.models.classifier import classifier_accuracy, train_classifier
+
+    clf = train_classifier(ProceduralTextures(4096, seed=1), steps=300, width=8, seed=0)
+    assert classifier_accuracy(clf, ProceduralTextures(512, seed=1, offset=4096)) >= 0.9
+
+
 def test_textures_are_unlike_shapes():
     # shapes: a plain background around the objects; textures: edges everywhere (fine detail over the image)
     def edge_fraction(ds) -> float:
