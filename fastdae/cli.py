@@ -3,6 +3,7 @@
     python -m fastdae train --preset default --out runs/x --stage2.steps 2000
     python -m fastdae train --config run.yaml --resume
     python -m fastdae compare --preset default --seeds 3 --out results/compare
+    python -m fastdae compare --preset default --seeds 5 --out results/study-textures --data.name textures
     python -m fastdae sample --run runs/x --num-samples 50000 --out samples.npz
     python -m fastdae fid REAL FAKE --inception pt_inception-2015-12-05-6726825d.pth
 

@@ -1,18 +1,19 @@
-"""Datasets: the procedural default (no download), image folders, and numpy arrays.
+"""Datasets: two procedural ones (no download; shapes is the default), image folders, numpy arrays.
 
 Every dataset returns `(image, label)` with image float32 (3, H, W) in [-1, 1] and label an int64
 scalar tensor, and defines `identity() -> dict` (what configures it and what it holds: a content
 hash or per-file stats), which `dataset_fingerprint` hashes together with a few sampled items; the
-latent cache stores that fingerprint in its manifest. Every dataset has `num_classes` (shapes: 4; a
-folder: its class subfolders, 1 without; an array: 1 + its largest label, over all labels).
+latent cache stores that fingerprint in its manifest. Every dataset has `num_classes` (shapes: 4;
+textures: 5; a folder: its class subfolders, 1 without; an array: 1 + its largest label, over all labels).
 
 `split_dataset` cuts a dataset into the part training sees and the part only evaluation sees
 (DataConfig.holdout, seeded by DataConfig.seed, stratified by class); training uses the first:
 
     ds = build_dataset(DataConfig())            # 8192 procedural 32x32 shape images
+    ds = build_dataset(DataConfig(name="textures"))  # 8192 procedural 32x32 texture images
     ds = build_dataset(DataConfig(name="folder", root="imgs/", size=64, crop="random", flip=True))
     ds = build_dataset(DataConfig(name="array", root="faces.npz", size=64))
-    train, heldout = split_dataset(ds, cfg)     # disjoint; together every item (shapes: see split_dataset)
+    train, heldout = split_dataset(ds, cfg)     # disjoint; together every item (procedural: see split_dataset)
 """
 from __future__ import annotations
 
@@ -31,27 +32,30 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-DATASETS = ("shapes", "folder", "array")
+DATASETS = ("shapes", "textures", "folder", "array")
+PROCEDURAL = ("shapes", "textures")  # generated from DataConfig.seed, no root
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CROPS = ("center", "random")
 FLOAT_RANGE_SLACK = 1e-3  # float arrays must lie in [-1 - slack, 1 + slack]
 HASH_BLOCK_BYTES = 1 << 26  # arrays are hashed in blocks of rows of about 64 MiB
 HOLDOUT_FRACTION = 0.1  # folder / array default: a tenth of each class is held out of training
-# shapes default: items generated past the training range (they cost the training set nothing); enough
-# for the judge's default parts (512 evaluation + 8192 classifier images + the sample-count floor)
-SHAPES_HOLDOUT = 16384
+# procedural default: items generated past the training range (they cost the training set nothing);
+# enough for the judge's default parts (512 evaluation + 8192 classifier images + the sample-count floor)
+PROCEDURAL_HOLDOUT = 16384
 
 
 @dataclass
 class DataConfig:
     """Which dataset to train on. `root` is the folder ("folder") or the .npy/.npz file ("array");
-    `size` is the training resolution (square); `num_samples` and `seed` configure "shapes".
+    `size` is the training resolution (square); `num_samples` and `seed` configure the procedural
+    datasets (PROCEDURAL): "shapes" (ProceduralShapes, 4 classes) and "textures" (ProceduralTextures,
+    5 classes of periodic texture: fine detail over the whole image, unlike the shapes).
     "folder" only: `resize` resizes the shorter side to `size` (else images are cropped as they are,
     and must be at least size x size), `crop` cuts the size x size window ("center" or "random"),
     `flip` mirrors half the images left-right.
     `holdout`: the items held out of training for evaluation (see `split_dataset`): a fraction in
     (0, 1) of the dataset (of each class) or a whole count >= 1; None: HOLDOUT_FRACTION of a folder or
-    array, SHAPES_HOLDOUT generated items for "shapes". `seed` seeds the split too."""
+    array, PROCEDURAL_HOLDOUT generated items for a procedural dataset. `seed` seeds the split too."""
 
     name: str = "shapes"
     root: str | None = None
@@ -66,7 +70,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"DataConfig.name must be one of {DATASETS}, got {self.name!r}")
-        if self.name != "shapes" and not self.root:
+        if self.name not in PROCEDURAL and not self.root:
             raise ValueError(f"DataConfig.root is required for name={self.name!r} (a folder or .npy/.npz file)")
         if self.size < 1 or self.num_samples < 1:
             raise ValueError(f"DataConfig.size and num_samples must be >= 1, got {self.size}, {self.num_samples}")
@@ -79,8 +83,9 @@ class DataConfig:
             raise ValueError(f"DataConfig.holdout must be a fraction in (0, 1) or a whole count >= 1, got {h!r}")
 
     def holdout_count(self, n: int) -> int:
-        """Items held out of a dataset of n items (for shapes, n = num_samples; see split_dataset)."""
-        h = self.holdout if self.holdout is not None else SHAPES_HOLDOUT if self.name == "shapes" else HOLDOUT_FRACTION
+        """Items held out of a dataset of n items (procedural: n = num_samples; see split_dataset)."""
+        h = self.holdout if self.holdout is not None else PROCEDURAL_HOLDOUT if self.name in PROCEDURAL else \
+            HOLDOUT_FRACTION
         return round(h * n) if h < 1 else int(h)
 
 
@@ -91,7 +96,7 @@ def _to_signed_unit(rgb_uint8: np.ndarray) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Procedural shapes
+# Procedural datasets: shapes, textures
 # ---------------------------------------------------------------------------------------------
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment (2^64 / golden ratio)
 
@@ -117,13 +122,83 @@ def _uniforms(seed: int, indices: np.ndarray, n: int) -> np.ndarray:
     return (bits >> 11).astype(np.float64) * 2.0**-53  # top 53 bits -> exact doubles in [0, 1)
 
 
-class ProceduralShapes(Dataset):
+class ProceduralDataset(Dataset):
+    """A dataset generated from (seed, index): the base of ProceduralShapes and ProceduralTextures.
+
+    Item i is generator index offset + i, a pure function of (seed, offset + i) (counter-based hashing,
+    see `_uniforms`): distinct indices of one seed give distinct item keys (each step of the key hash
+    is a bijection of uint64), so index ranges never share an item, which is what `split_dataset`'s
+    held-out part (the indices after the training range) relies on. Batches are rendered with
+    vectorised numpy (`__getitems__`, used by torch's DataLoader). A subclass sets `classes`,
+    `num_classes`, `_DRAWS` (uniforms per item) and `_VERSION`, and defines `_params` (uniforms
+    (B, _DRAWS) -> parameters, with "label" (B,)) and `_render` (parameters -> uint8 (B, H, W, 3))."""
+
+    classes: tuple[str, ...]
+    num_classes: int
+    _DRAWS: int
+    _VERSION: int
+    MIN_SIZE = 8  # pixels: below it neither shapes nor textures are recognisable
+
+    def __init__(self, num_samples: int, size: int = 32, seed: int = 0, offset: int = 0) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if size < self.MIN_SIZE:
+            raise ValueError(f"size must be >= {self.MIN_SIZE} pixels for {type(self).__name__} to be recognisable, "
+                             f"got {size}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        self.num_samples, self.size, self.seed, self.offset = int(num_samples), int(size), int(seed), int(offset)
+        self.image_size = (self.size, self.size)  # (H, W)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def identity(self) -> dict[str, Any]:
+        ident = {"num_samples": self.num_samples, "size": self.size, "seed": self.seed, "version": self._VERSION}
+        return {**ident, "offset": self.offset} if self.offset else ident  # offset 0: the fingerprint of before
+
+    def part(self, start: int, stop: int) -> ProceduralDataset:
+        """Items [start, stop) of this dataset as a dataset of the same kind (generator indices
+        offset + start ...): a split's or the judge's part without materialising an index list."""
+        if not 0 <= start < stop:
+            raise ValueError(f"part needs 0 <= start < stop, got [{start}, {stop})")
+        return type(self)(stop - start, self.size, self.seed, offset=self.offset + start)
+
+    def _check_indices(self, indices: np.ndarray) -> None:
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
+            raise IndexError(f"index out of range for {type(self).__name__} of length {self.num_samples}")
+
+    def _params(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _render(self, p: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _batch_params(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        self._check_indices(idx)
+        return self._params(idx)
+
+    def images(self, indices: np.ndarray | list[int]) -> tuple[Tensor, Tensor]:
+        """A batch: images float32 (B, 3, H, W) in [-1, 1], labels int64 (B,)."""
+        p = self._batch_params(indices)
+        return _to_signed_unit(self._render(p)), torch.from_numpy(p["label"].copy())
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        images, labels = self.images(indices)
+        return list(zip(images.unbind(0), labels.unbind(0)))
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        images, labels = self.images([i])
+        return images[0], labels[0]
+
+
+class ProceduralShapes(ProceduralDataset):
     """size x size RGB images of 1-3 coloured shapes (circle, square, triangle, cross) on a plain
     dark background; the label is the type of the first shape, which is the largest and drawn on top.
 
-    Item i is a pure function of (seed, i) (counter-based hashing, see `_uniforms`), and batches are
-    rendered with vectorised numpy (`__getitems__`, used by torch's DataLoader): 8192 images take
-    about a second. Every shape lies inside the image; edges are anti-aliased over one pixel.
+    Item i is a pure function of (seed, i) (see ProceduralDataset); 8192 images render in about a
+    second. Every shape lies inside the image; edges are anti-aliased over one pixel.
 
     `describe(i)` gives the ground truth of item i, for validity checks of generated samples:
         {"label": int, "background": (r, g, b),
@@ -141,32 +216,11 @@ class ProceduralShapes(Dataset):
     # per item: 3 background channels, 1 shape count, then per shape slot: type, x, y, radius, r, g, b
     _SLOT = 7
     _DRAWS = 4 + max_shapes * _SLOT
-
-    def __init__(self, num_samples: int, size: int = 32, seed: int = 0, offset: int = 0) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if size < 8:
-            raise ValueError(f"size must be >= 8 pixels for shapes to be recognisable, got {size}")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        # item i is generator index offset + i: distinct indices of one seed give distinct item keys
-        # (each step of the key hash is a bijection of uint64), so index ranges never share an item
-        self.num_samples, self.size, self.seed, self.offset = int(num_samples), int(size), int(seed), int(offset)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def identity(self) -> dict[str, Any]:
-        ident = {"num_samples": self.num_samples, "size": self.size, "seed": self.seed, "version": 1}
-        return {**ident, "offset": self.offset} if self.offset else ident  # offset 0: the fingerprint of before
-
-    def _check_indices(self, indices: np.ndarray) -> None:
-        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
-            raise IndexError(f"index out of range for ProceduralShapes of length {self.num_samples}")
+    _VERSION = 1
 
     def _params(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Shape parameters of a batch: background (B, 3), count (B,), and per slot (B, S) type,
-        cx, cy, radius, (B, S, 3) color, (B, S) active."""
+        """Shape parameters of a batch: label (B,), background (B, 3), count (B,), and per slot (B, S)
+        type, cx, cy, radius, (B, S, 3) color, (B, S) active."""
         u = _uniforms(self.seed, indices + self.offset, self._DRAWS)  # (B, D)
         s = self.size
         bg = 0.3 * u[:, 0:3]
@@ -181,7 +235,7 @@ class ProceduralShapes(Dataset):
         cy = radius + slots[..., 2] * (s - 2 * radius)
         color = 0.45 + 0.55 * slots[..., 4:7]  # (B, S, 3)
         active = np.arange(self.max_shapes)[None, :] < count[:, None]  # (B, S)
-        return {"bg": bg, "count": count, "kind": kind, "cx": cx, "cy": cy, "radius": radius,
+        return {"label": kind[:, 0], "bg": bg, "count": count, "kind": kind, "cx": cx, "cy": cy, "radius": radius,
                 "color": color, "active": active}
 
     def _render(self, p: dict[str, np.ndarray]) -> np.ndarray:
@@ -206,26 +260,9 @@ class ProceduralShapes(Dataset):
             img = img + alpha[..., None] * (color - img)
         return np.rint(img * 255.0).astype(np.uint8)
 
-    def images(self, indices: np.ndarray | list[int]) -> tuple[Tensor, Tensor]:
-        """A batch: images float32 (B, 3, H, W) in [-1, 1], labels int64 (B,)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        self._check_indices(idx)
-        p = self._params(idx)
-        return _to_signed_unit(self._render(p)), torch.from_numpy(p["kind"][:, 0].copy())
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
-        images, labels = self.images(indices)
-        return list(zip(images.unbind(0), labels.unbind(0)))
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        images, labels = self.images([i])
-        return images[0], labels[0]
-
     def describe(self, i: int) -> dict[str, Any]:
         """Ground truth of item i (see the class docstring for the format)."""
-        idx = np.array([i], dtype=np.int64)
-        self._check_indices(idx)
-        p = self._params(idx)
+        p = self._batch_params([i])
         shapes = [
             {"type": self.classes[int(p["kind"][0, s])], "label": int(p["kind"][0, s]),
              "center": (float(p["cx"][0, s]), float(p["cy"][0, s])), "radius": float(p["radius"][0, s]),
@@ -233,6 +270,78 @@ class ProceduralShapes(Dataset):
             for s in range(int(p["count"][0]))
         ]
         return {"label": shapes[0]["label"], "background": tuple(float(c) for c in p["bg"][0]), "shapes": shapes}
+
+
+class ProceduralTextures(ProceduralDataset):
+    """size x size RGB images filled edge to edge by one two-colour periodic texture; the label is
+    its kind: stripes, checks (a checkerboard), dots (a square lattice of discs), rings (concentric
+    about a centre) or waves (stripes bent by a sine across them).
+
+    Harder than, and unlike, the shapes: the class is a texture, not an object; every pixel is detail
+    (edges every half period, 0.15-0.3 of the image), and period, orientation, phase (the pattern's
+    origin) and both colours are random per item, so no colour, position or frequency gives the class
+    away. Item i is a pure function of (seed, i) (see ProceduralDataset); edges are anti-aliased over
+    about one pixel.
+
+    `describe(i)` gives the ground truth of item i:
+        {"label": int, "type": "rings", "period": px, "angle": radians, "center": (x, y),
+         "colors": ((r, g, b), (r, g, b))}
+    The texture is a function g of the coordinates (u, v), in pixels, of a pixel centre in the frame
+    rotated by `angle` about `center` (x right, y down, pixel centres at +0.5); with k = 2 pi / period:
+    stripes sin(k u); checks sign(sin(k u) sin(k v)) min(|sin(k u)|, |sin(k v)|) (the sign of the
+    product, with a slope of k at every edge); dots cos(k u) + cos(k v) - 0.5; rings sin(k |(u, v)|);
+    waves sin(k u + 1.5 sin(k v / 2)). Pixels with g > 0 take colors[0], g < 0 colors[1]. One colour
+    is in [0.45, 1], the other in [0, 0.3], per channel, and which is which is random.
+    """
+
+    classes = ("stripes", "checks", "dots", "rings", "waves")
+    num_classes = len(classes)
+    # per item: kind, period, angle, centre x, y, which colour is light, 3 light + 3 dark channels
+    _DRAWS = 12
+    _VERSION = 1
+    PERIOD = (0.15, 0.3)  # of the image side
+    WAVE_BEND = 1.5  # radians of phase: the waves' stripes move sideways by 1.5 / k, about a quarter period
+
+    def _params(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Texture parameters of a batch: label (B,), period, angle, cx, cy (B,), colors (B, 2, 3)."""
+        u = _uniforms(self.seed, indices + self.offset, self._DRAWS)  # (B, D)
+        kind = np.minimum((u[:, 0] * self.num_classes).astype(np.int64), self.num_classes - 1)
+        lo, hi = self.PERIOD
+        period = self.size * (lo + (hi - lo) * u[:, 1])
+        light, dark = 0.45 + 0.55 * u[:, 6:9], 0.3 * u[:, 9:12]  # (B, 3) each
+        swap = (u[:, 5] < 0.5)[:, None, None]
+        colors = np.where(swap, np.stack([dark, light], 1), np.stack([light, dark], 1))  # (B, 2, 3)
+        return {"label": kind, "period": period, "angle": np.pi * u[:, 2], "cx": self.size * u[:, 3],
+                "cy": self.size * u[:, 4], "colors": colors}
+
+    def _render(self, p: dict[str, np.ndarray]) -> np.ndarray:
+        """Parameters of B items -> uint8 (B, H, W, 3)."""
+        f32 = np.float32
+        grid = np.arange(self.size, dtype=f32) + 0.5  # pixel centres
+        dx = grid[None, None, :] - p["cx"][:, None, None].astype(f32)  # (B, 1, W)
+        dy = grid[None, :, None] - p["cy"][:, None, None].astype(f32)  # (B, H, 1)
+        cos, sin = (np.cos(p["angle"])[:, None, None].astype(f32), np.sin(p["angle"])[:, None, None].astype(f32))
+        u, v = dx * cos + dy * sin, dy * cos - dx * sin  # (B, H, W) each
+        k = (2 * np.pi / p["period"])[:, None, None].astype(f32)  # (B, 1, 1) rad / px
+        ku, kv = k * u, k * v
+        su, sv = np.sin(ku), np.sin(kv)
+        checks = np.sign(su * sv) * np.minimum(np.abs(su), np.abs(sv))
+        g = np.stack([su, checks, np.cos(ku) + np.cos(kv) - 0.5, np.sin(k * np.sqrt(u * u + v * v)),
+                      np.sin(ku + self.WAVE_BEND * np.sin(0.5 * kv))])  # (5, B, H, W)
+        g = np.take_along_axis(g, p["label"][None, :, None, None], axis=0)[0]  # (B, H, W)
+        # near an edge g ~ k * (distance in px) (its slope is about k for every kind), so g / k is
+        # a signed distance there: one pixel of anti-aliasing, as the shapes have
+        alpha = np.clip(0.5 + g / k, 0.0, 1.0)[..., None]  # (B, H, W, 1)
+        c0, c1 = (p["colors"][:, j, None, None, :].astype(f32) for j in (0, 1))  # (B, 1, 1, 3)
+        return np.rint((c1 + alpha * (c0 - c1)) * 255.0).astype(np.uint8)
+
+    def describe(self, i: int) -> dict[str, Any]:
+        """Ground truth of item i (see the class docstring for the format)."""
+        p = self._batch_params([i])
+        label = int(p["label"][0])
+        return {"label": label, "type": self.classes[label], "period": float(p["period"][0]),
+                "angle": float(p["angle"][0]), "center": (float(p["cx"][0]), float(p["cy"][0])),
+                "colors": tuple(tuple(float(c) for c in p["colors"][0, j]) for j in (0, 1))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +649,8 @@ class ArrayDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The dataset a DataConfig names, with images of cfg.size x cfg.size."""
-    if cfg.name == "shapes":
-        return ProceduralShapes(cfg.num_samples, cfg.size, cfg.seed)
+    if cfg.name in PROCEDURAL:
+        return (ProceduralShapes if cfg.name == "shapes" else ProceduralTextures)(cfg.num_samples, cfg.size, cfg.seed)
     if cfg.name == "folder":
         return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
     ds = ArrayDataset(cfg.root)
@@ -593,16 +702,16 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """(train, heldout): training (stage 1, the cache, stage 2, the prior) sees only `train`, the
     evaluation judge only `heldout`; deterministic for a config (seeded by cfg.seed).
 
-    ProceduralShapes: train is `ds` itself (its num_samples items, generator indices [offset, offset +
-    num_samples)); heldout is cfg.holdout_count(num_samples) items generated from the next indices of
-    the same seed, which never repeat a training item (see ProceduralShapes.__init__).
+    A ProceduralDataset (shapes, textures): train is `ds` itself (its num_samples items, generator
+    indices [offset, offset + num_samples)); heldout is cfg.holdout_count(num_samples) items generated
+    from the next indices of the same seed, which never repeat a training item (see ProceduralDataset).
     Any other dataset (it needs `labels` and `num_classes`): heldout is the first
     cfg.holdout_count(N) items of `stratified_order` (each class held out in its share, give or take
     one; kept in that order, so any run of it is stratified too) and train is the rest in index order;
     together they are every item once. A holdout that leaves no training item is an error."""
-    if isinstance(ds, ProceduralShapes):
-        h = cfg.holdout_count(len(ds))
-        return ds, ProceduralShapes(max(1, h), ds.size, ds.seed, offset=ds.offset + len(ds))  # a dataset has >= 1 item
+    if isinstance(ds, ProceduralDataset):
+        h = max(1, cfg.holdout_count(len(ds)))  # a dataset has >= 1 item
+        return ds, ds.part(len(ds), len(ds) + h)
     n, h = len(ds), cfg.holdout_count(len(ds))
     if h >= n:
         raise ValueError(f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
@@ -614,7 +723,7 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
 def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:
     """sha256 hex of a dataset's identity: class, `identity()` (if defined), length, and `num_probes`
     items spread over the index range. fastdae's identities cover every image: an array's content
-    hash, a folder's per-file stat (see ImageFolder.identity), the shapes' generator settings; the
+    hash, a folder's per-file stat (see ImageFolder.identity), a procedural one's generator settings; the
     probes guard other datasets. Probes are drawn under a fixed torch seed (random crops and flips
     repeat) and hashed after rounding to 8 bits, so last-bit float differences between machines
     do not change the fingerprint."""

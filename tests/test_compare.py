@@ -24,9 +24,11 @@ def test_summarize_mean_std_and_missing():
     runs = {"a": [{"psnr": 10.0, "min_width": None}, {"psnr": 14.0, "min_width": None}],
             "b": [{"psnr": 12.0, "min_width": 8}, {"min_width": None}]}
     s = _summarize(runs)
-    assert s["a"]["psnr"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5 * 2), "n": 2}  # sample std
+    # sample std; 95% interval mean +- t_{0.975, 1} std / sqrt(2) = 12 +- 12.706205 * 2
+    assert s["a"]["psnr"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5 * 2), "n": 2,
+                              "ci95": pytest.approx([12 - 25.41241, 12 + 25.41241])}
     assert s["a"]["min_width"] == {"n": 0}
-    assert s["b"]["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1} and s["b"]["min_width"]["mean"] == 8
+    assert s["b"]["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1, "ci95": None} and s["b"]["min_width"]["mean"] == 8
     assert "ssim" not in s["a"]
 
 
@@ -35,7 +37,7 @@ def test_capacity_curves_in_psnr():
     runs = {"a": [{"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},
                   {"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]}]}
     c = _capacity_curves(runs)
-    assert c["a"]["4"] == {"mean": pytest.approx(20.0), "std": 0.0, "n": 2}
+    assert c["a"]["4"] == {"mean": pytest.approx(20.0), "std": 0.0, "n": 2, "ci95": pytest.approx([20.0, 20.0])}
     assert c["a"]["8"]["mean"] == pytest.approx(30.0)
 
 
@@ -65,6 +67,9 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     assert "| PSNR (dB) | ↑ |" in md and "| FD-feat (samples) | ↓ |" in md
     assert "| FID" not in md and "| rFID" not in md  # no Inception weights given: never called FID
     assert "Minimal-capacity probe" in md and "| 4 |" in md and "| 8 |" in md
+    # one seed: every arm pair is listed per metric, and said to be untestable rather than tested
+    assert {(t["a"], t["b"]) for t in report["tests"]} == {("dae", "joint"), ("dae", "control"), ("control", "joint")}
+    assert all(t["p"] is None for t in report["tests"]) and "- DAE vs joint on FD-feat (samples): DAE - joint = " in md
     for png in ("metrics.png", "samples.png"):
         assert (out / png).stat().st_size > 0
     # a second call reuses the finished runs' evaluations and the judge's classifier instead of training again
@@ -187,3 +192,25 @@ def test_judge_parts_are_consecutive_and_share_a_short_split():
     assert judge_parts(100, 20, 10, 30) == {"eval": range(20), "floor": range(20, 30), "classifier": range(30, 60)}
     # too few held-out items: the classifier gets half, evaluation and floor the rest in proportion
     assert judge_parts(20, 12, 4, 100) == {"eval": range(8), "floor": range(8, 10), "classifier": range(10, 20)}
+
+
+def test_compare_on_textures_with_two_seeds_tests_the_arms(tmp_path):
+    # the second procedural dataset through the CLI, as the study's commands run it; two seeds per arm,
+    # so Welch's test has a spread to scale and every pair and metric gets a p-value or a reason
+    eval_file = tmp_path / "eval.yaml"
+    eval_file.write_text(yaml.safe_dump(TINY_EVAL))
+    out = tmp_path / "tex"
+    argv = ["compare", "--preset", "tiny", "--arms", "dae,joint", "--seeds", "2", "--out", str(out), "--eval",
+            str(eval_file), "--data.name", "textures", "--prior.num_samples", "8"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["data"]["name"] == "textures" and report["split"]["heldout_items"] == 16384
+    assert [len(report["runs"][a]) for a in ("dae", "joint")] == [2, 2]
+    s = report["summary"]["dae"]["psnr"]
+    assert s["n"] == 2 and s["ci95"][0] < s["mean"] < s["ci95"][1]
+    tests = {t["metric"]: t for t in report["tests"]}
+    assert {(t["a"], t["b"]) for t in report["tests"]} == {("dae", "joint")}  # control did not run
+    psnr = tests["psnr"]
+    assert (psnr["n_a"], psnr["n_b"]) == (2, 2) and 0.0 <= psnr["p"] <= 1.0 and psnr["dof"] > 0
+    md = (out / "report.md").read_text()
+    assert "### DAE vs joint" in md and md.count("\n- ") == len(report["tests"])

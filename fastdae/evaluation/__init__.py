@@ -4,13 +4,15 @@
     report = fastdae.evaluation.ablation("x.yaml", knob="dropout", values=[0.0, 0.3], seeds=2)
 
 One module per piece: judge.py (EvalConfig, the Judge every run is measured against), evaluate.py
-(`evaluate_run`: every metric of one finished run), report.py (summaries over seeds, report.md /
-report.json / charts), study.py (`compare`, `ablation`: train, evaluate, report).
+(`evaluate_run`: every metric of one finished run), stats.py (Student-t intervals, Welch's t-test),
+report.py (summaries over seeds, pairwise tests, report.md / report.json / charts), study.py
+(`compare`, `ablation`: train, evaluate, report).
 """
 from fastdae.evaluation.evaluate import evaluate_run
 from fastdae.evaluation.judge import EvalConfig, Judge, build_judge
-from fastdae.evaluation.report import METRICS, markdown, write_report
+from fastdae.evaluation.report import METRICS, PAIRS, markdown, pairwise_tests, write_report
+from fastdae.evaluation.stats import mean_ci, welch
 from fastdae.evaluation.study import ARMS, KNOBS, ablation, compare
 
-__all__ = ["ARMS", "KNOBS", "METRICS", "EvalConfig", "Judge", "ablation", "build_judge", "compare", "evaluate_run",
-           "markdown", "write_report"]
+__all__ = ["ARMS", "KNOBS", "METRICS", "PAIRS", "EvalConfig", "Judge", "ablation", "build_judge", "compare",
+           "evaluate_run", "markdown", "mean_ci", "pairwise_tests", "welch", "write_report"]

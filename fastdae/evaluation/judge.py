@@ -18,7 +18,7 @@ from fastdae import files
 from fastdae import metrics as M
 from fastdae.cache.format import gather_images
 from fastdae.config import TrainConfig
-from fastdae.data import (DataConfig, DatasetSplit, ProceduralShapes, build_dataset, dataset_fingerprint,
+from fastdae.data import (DataConfig, DatasetSplit, ProceduralDataset, build_dataset, dataset_fingerprint,
                           split_dataset)
 
 PARTS = ("eval", "floor", "classifier")  # the judge's runs of the held-out split, in this order
@@ -100,8 +100,9 @@ class _TensorDataset(torch.utils.data.Dataset):
 class Judge:
     """What every run is measured against: held-out real images, the dataset classifier (FD-feat,
     validity), the optional FID Inception and LPIPS, and reference values of real data. `indices`:
-    each part's items as indices into the dataset `build_dataset` returns (generator indices for
-    shapes), all from the held-out split; `split`: the item counts of the split and of each part."""
+    each part's items as indices into the dataset `build_dataset` returns (generator indices for a
+    procedural dataset), all from the held-out split; `split`: the item counts of the split and of
+    each part."""
 
     images: Tensor
     labels: Tensor
@@ -115,16 +116,17 @@ class Judge:
 
 
 def _base_indices(heldout: Dataset, part: range) -> np.ndarray:
-    """Indices into the whole dataset of a run of the held-out split (generator indices for shapes)."""
-    if isinstance(heldout, ProceduralShapes):
+    """Indices into the whole dataset of a run of the held-out split (generator indices for a
+    procedural dataset)."""
+    if isinstance(heldout, ProceduralDataset):
         return heldout.offset + np.arange(part.start, part.stop, dtype=np.int64)
     return heldout.indices[part.start:part.stop]
 
 
 def _part(heldout: Dataset, part: range, name: str) -> Dataset:
     """A non-empty run of the held-out split as a dataset with its own identity (for fingerprints)."""
-    if isinstance(heldout, ProceduralShapes):
-        return ProceduralShapes(len(part), heldout.size, heldout.seed, offset=heldout.offset + part.start)
+    if isinstance(heldout, ProceduralDataset):
+        return heldout.part(part.start, part.stop)
     return DatasetSplit(heldout.base, _base_indices(heldout, part), name)
 
 

@@ -1,6 +1,8 @@
-"""A study's report: mean ± std over seeds per metric per variant (`summarize`), the capacity curves,
-report.md / report.json, metrics.png (bars with ±std, drawn with matplotlib when installed:
-pip install 'fastdae[plots]') and samples.png (each variant's seed-0 sample grid side by side)."""
+"""A study's report: mean ± std and the 95% Student-t interval over seeds per metric per variant
+(`summarize`), Welch's t-test between the arms with one sentence each (`pairwise_tests`,
+`significance_sentence`), the capacity curves, report.md / report.json, metrics.png (bars with ±std,
+drawn with matplotlib when installed: pip install 'fastdae[plots]') and samples.png (each variant's
+seed-0 sample grid side by side)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fastdae import files
 from fastdae import metrics as M
+from fastdae.evaluation.stats import ALPHA, LEVEL, mean_ci, welch
 
 # key, label in the report, +1 when higher is better (-1 lower)
 METRICS: tuple[tuple[str, str, int], ...] = (
@@ -33,23 +34,23 @@ METRICS: tuple[tuple[str, str, int], ...] = (
 )
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    """{mean, std (over seeds, ddof 1; 0 for one seed), n}."""
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+# the arm pairs a comparison tests, (a, b): is a better than b? control isolates the weak decoder's
+# effect (dae vs control) from the fresh stage-2 decoder's (control vs joint)
+PAIRS: tuple[tuple[str, str], ...] = (("dae", "joint"), ("dae", "control"), ("control", "joint"))
+ARM_NAMES = {"dae": "DAE"}  # how the sentences name a variant (others: as is)
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> metric -> {mean, std, n} (_mean_std); None values (e.g. no width reached the
-    capacity target) are left out and n says how many counted ({"n": 0}: None in every run, shown
-    as "none" in the table)."""
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant -> metric -> {mean, std, n, ci95} (stats.mean_ci: ci95 is None for one seed); None
+    values (e.g. no width reached the capacity target) are left out and n says how many counted
+    ({"n": 0}: None in every run, shown as "none" in the table)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for variant, results in runs.items():
         out[variant] = {}
         for key, _, _ in METRICS:
             values = [r[key] for r in results if r.get(key) is not None]
             if values:
-                out[variant][key] = _mean_std(values)
+                out[variant][key] = mean_ci(values)
             elif any(key in r for r in results):  # measured, but None in every run
                 out[variant][key] = {"n": 0}
     return out
@@ -64,13 +65,74 @@ def capacity_curves(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str
         for r in results:
             for point in r.get("capacity_curve", []):
                 psnrs.setdefault(point["width"], []).append(10 * math.log10(M.DATA_RANGE**2 / point["error"]))
-        out[variant] = {str(w): _mean_std(v) for w, v in sorted(psnrs.items())}
+        out[variant] = {str(w): mean_ci(v) for w, v in sorted(psnrs.items())}
     return out
 
+
+def pairwise_tests(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Welch's t-test over seeds for each of PAIRS whose both arms ran, for each metric measured in
+    both: stats.welch's {diff (mean a - mean b), ci95, t, dof, p, n_a, n_b} plus a, b, metric and
+    `better`: the arm whose mean is better in the metric's direction when p < ALPHA, else None."""
+    tests = []
+    for a, b in PAIRS:
+        if a not in runs or b not in runs:
+            continue
+        for key, _, direction in METRICS:
+            va = [r[key] for r in runs[a] if r.get(key) is not None]
+            vb = [r[key] for r in runs[b] if r.get(key) is not None]
+            if not va or not vb:
+                continue
+            w = welch(va, vb)
+            better = None
+            if w["p"] is not None and w["p"] < ALPHA:
+                better = a if direction * w["diff"] > 0 else b
+            tests.append({"a": a, "b": b, "metric": key, **w, "better": better})
+    return tests
+
+
+def significance_sentence(test: dict[str, Any]) -> str:
+    """One plain sentence for a pairwise test (`pairwise_tests`): who beats whom on the metric and by
+    how much (the winner's improvement in the metric's better direction, with its 95% interval), or
+    that there is no significant difference; with t, the Welch dof, p and the seeds counted."""
+    label, direction = next((label, d) for k, label, d in METRICS if k == test["metric"])
+    a, b = (ARM_NAMES.get(v, v) for v in (test["a"], test["b"]))
+    seeds = f"n = {test['n_a']} vs {test['n_b']} seeds"
+    if test["p"] is None:
+        return (f"{a} vs {b} on {label}: {a} - {b} = {_fmt(test['diff'])}, not testable ({seeds}; Welch's test "
+                f"needs >= 2 seeds per arm and some spread).")
+    stat = f"t = {test['t']:.3g}, dof = {test['dof']:.3g}, p = {test['p']:.2g}, {seeds}"
+    if test["better"] is None:
+        lo, hi = test["ci95"]
+        return (f"No significant difference between {a} and {b} on {label} (p >= {ALPHA:g}): {a} - {b} = "
+                f"{_fmt(test['diff'])} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}.")
+    a_wins = test["better"] == test["a"]
+    winner, loser = (a, b) if a_wins else (b, a)
+    sign = direction if a_wins else -direction  # the winner's improvement = sign * (mean a - mean b) > 0
+    lo, hi = sorted(sign * c for c in test["ci95"])
+    by = _fmt(sign * test["diff"])
+    return f"{winner} beats {loser} on {label} by {by} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}."
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+def _significance_lines(tests: list[dict[str, Any]]) -> list[str]:
+    """The report's significance section: per arm pair, a tally and one sentence per metric."""
+    if not tests:
+        return []
+    lines = ["", f"## Significance: Welch's t-test over seeds (two-sided, α = {ALPHA:g})", "",
+             "Each sentence compares the arms' means over seeds; \"beats\" follows the metric's direction "
+             "(↑ / ↓ above) and needs p < α; the interval is that of the difference of means (Welch–"
+             "Satterthwaite dof). The test is unpaired: it makes no use of the arms sharing seed numbers."]
+    for a, b in dict.fromkeys((t["a"], t["b"]) for t in tests):
+        pair = [t for t in tests if (t["a"], t["b"]) == (a, b)]
+        wins_a, wins_b = (sum(t["better"] == v for t in pair) for v in (a, b))
+        na, nb = (ARM_NAMES.get(v, v) for v in (a, b))
+        lines += ["", f"### {na} vs {nb}", "",
+                  f"{na} is significantly better on {wins_a}, {nb} on {wins_b}, of {len(pair)} metrics.", ""]
+        lines += [f"- {significance_sentence(t)}" for t in pair]
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -78,17 +140,20 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# {report['title']}", ""]
     if report.get("command"):
         lines += ["Command:", "", f"    {report['command']}", ""]
-    lines += [f"{report['seeds']} seed(s) per variant, mean ± std (sample std over seeds; n = seeds counted "
-              f"when fewer). Device {report['device']}, torch {report['torch']}.", "",
+    lines += [f"{report['seeds']} seed(s) per variant, mean ± std [{LEVEL:.0%} confidence interval of the mean, "
+              f"Student t with n - 1 dof] (sample std over seeds; n = seeds counted when fewer). "
+              f"Device {report['device']}, torch {report['torch']}.", "",
               "| metric | better | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for key, label, direction in METRICS:
         cells = []
         for v in variants:
             s = report["summary"][v].get(key)
             n = f" (n={s['n']})" if s and s["n"] < report["seeds"] else ""
-            cells.append("—" if not s else "none" if s["n"] == 0 else f"{_fmt(s['mean'])} ± {_fmt(s['std'])}{n}")
+            ci = f" [{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}]" if s and s.get("ci95") else ""
+            cells.append("—" if not s else "none" if s["n"] == 0 else f"{_fmt(s['mean'])} ± {_fmt(s['std'])}{ci}{n}")
         if any(c != "—" for c in cells):
             lines.append(f"| {label} | {'↑' if direction > 0 else '↓'} | " + " | ".join(cells) + " |")
+    lines += _significance_lines(report.get("tests", []))
     capacity = report.get("capacity", {})
     widths = sorted({int(w) for c in capacity.values() for w in c})
     if widths:

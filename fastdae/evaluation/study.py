@@ -9,7 +9,8 @@ for stage1.steps + stage2.steps, dae and control train stage 1 for stage1.steps 
 and a fresh full decoder for stage2.steps, and every arm trains the same DiT for prior.steps.
 Then each run is evaluated (`evaluate_run`) against one `Judge` shared by all runs (built from the
 dataset's held-out split only, which no run trains on; see EvalConfig), and out_dir gets
-report.md (mean ± std over seeds per metric per variant), report.json (every number), metrics.png
+report.md (mean ± std and 95% interval over seeds per metric per variant; for the arms, Welch's
+t-test of each pair of PAIRS per metric, as a sentence), report.json (every number), metrics.png
 (bars with ±std) and samples.png (each variant's seed-0 sample grid side by side).
 
 Runs resume: finished stages and evaluations (runs/<name>/eval.json) are reused, so an interrupted
@@ -30,7 +31,7 @@ from fastdae import files
 from fastdae.config import MODES, TrainConfig, apply_overrides, load_config
 from fastdae.evaluation.evaluate import evaluate_run
 from fastdae.evaluation.judge import EvalConfig, build_judge, device_of
-from fastdae.evaluation.report import METRICS, capacity_curves, summarize, write_report
+from fastdae.evaluation.report import METRICS, capacity_curves, pairwise_tests, summarize, write_report
 from fastdae.training.run import RunFolder
 
 ARMS = MODES  # ("dae", "joint", "control")
@@ -67,7 +68,7 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             runs[name].append(result)
     report = {"title": title, "command": command, "config": cfg.to_dict(), "eval": asdict(ev), "seeds": seeds,
               "reference": judge.reference, "split": judge.split, "summary": summarize(runs),
-              "capacity": capacity_curves(runs), "runs": runs, "sample_grids": grids,
+              "tests": pairwise_tests(runs), "capacity": capacity_curves(runs), "runs": runs, "sample_grids": grids,
               "device": str(device_of(cfg)), "torch": torch.__version__}
     write_report(report, out_dir)
     return report
