@@ -312,7 +312,7 @@ def run_fastdae(config: dict[str, Any]) -> dict[str, Any]:
     result = fastdae.train(config)
     stages = result.metrics["stages"]
     return {"wall": {s: stages[s]["wall_s"] for s in STAGES},
-            "loop": {s: stages[s]["time_s"] for s in STAGES if "time_s" in stages[s] and s != "cache"},
+            "loop": {s: stages[s]["time_s"] for s in ("stage1", "stage2", "prior")},
             "final": {"stage1_psnr": stages["stage1"]["eval"]["psnr"], "stage2_psnr": stages["stage2"]["eval"]["psnr"],
                       **{s: stages[s]["final"]["loss"] for s in ("stage1", "stage2", "prior")}}}
 
@@ -367,6 +367,7 @@ def warmed(threads, tmp_path_factory) -> None:
 
 # rounds interleaved, alternating which member goes first
 ORDER = [(r, v) for r in range(ROUNDS) for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1])]
+_TOTALS: dict[int, dict[str, float]] = {}  # round -> variant -> total seconds, for the round's ratio
 
 
 @pytest.mark.parametrize("round_,variant", ORDER, ids=[f"r{r}-{v}" for r, v in ORDER])
@@ -377,10 +378,39 @@ def test_e2e_recipe(benchmark, record, warmed, tmp_path, round_, variant):
     benchmark.group = f"e2e-recipe-{config['data']['size']}px"
     benchmark.pedantic(lambda: splits.append(run_recipe(variant, config)), rounds=1, iterations=1, warmup_rounds=0)
     split = splits[0]
+    totals = _TOTALS.setdefault(round_, {})
+    totals[variant] = split["total"]
+    ratio = {"round_ratio_common_over_fastdae": totals["common-way"] / totals["fastdae"]} if len(totals) == 2 else {}
     record(round=round_, load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0],
-           **flat_info(variant, split, config))
+           **flat_info(variant, split, config), **ratio)
     assert set(split["wall"]) == {*STAGES, "other"} and all(v >= 0 for v in split["wall"].values())
     assert all(math.isfinite(v) for v in split["final"].values()), split["final"]
+
+
+@pytest.mark.parametrize("component", ["lpips-loss", "frozen-encode"])
+def test_e2e_component(benchmark, record, warmed, tmp_path, component):
+    """What dominates the recipe's steps on a CPU, at the recipe's shapes: the LPIPS loss both members
+    pay in every stage-1/2 step (VGG16 on x_hat and x, backward through x_hat; stage batch), and the
+    frozen encoder + quantizer forward the common way adds to every stage-2 and prior step (prior batch)."""
+    cfg = TrainConfig.from_dict(recipe(tmp_path))
+    torch.manual_seed(0)
+    size = cfg.data.size
+    if component == "lpips-loss":
+        from fastdae.nn import LPIPS
+
+        lpips, batch = LPIPS(random_init=True, check_range=False), cfg.stage1.batch_size
+        x, x_hat = torch.rand(2, batch, 3, size, size).mul(2).sub(1).unbind(0)
+        x_hat.requires_grad_(True)
+        run = lambda: lpips(x_hat, x).mean().backward()
+    else:
+        ae, batch = cfg.autoencoder, cfg.prior.batch_size
+        encoder = build_encoder(ae).eval().requires_grad_(False)
+        quantizer = TamingQuantizer(ae.num_codes, ae.z_channels, ae.vq_beta).eval()
+        x = torch.rand(batch, 3, size, size).mul(2).sub(1)
+        run = torch.no_grad()(lambda: quantizer(encoder(x)))
+    benchmark.group = f"e2e-components-{size}px"
+    benchmark.pedantic(run, rounds=1 if QUICK else 7, warmup_rounds=1)
+    record(component=component, batch=batch, image_size=size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +479,7 @@ def report(path: Path) -> str:
     loads = [r[k] for r in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
     lines = [
         f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
-        f"{first['threads']} threads)", "",
+        f"intra-op threads: {first['threads']})", "",
         f"Recipe: {first['image_size']} px shapes, {first['num_samples']} images; stage 1 {first['stage1_steps']} "
         f"steps x {first['stage1_batch']}, cache, stage 2 {first['stage2_steps']} x {first['stage2_batch']}, prior "
         f"({first['dit']}) {first['prior_steps']} x {first['prior_batch']}; {len(ratios)} interleaved rounds.",
@@ -471,6 +501,10 @@ def report(path: Path) -> str:
               "| final | fastdae | common way |", "|---|---|---|"]
     for k in ("final_stage1_psnr", "final_stage2_psnr", "final_stage1", "final_stage2", "final_prior"):
         lines.append(f"| {k.removeprefix('final_')} | {med['fastdae'][k]:.3f} | {med['common-way'][k]:.3f} |")
+    components = [b for b in data["benchmarks"] if b["name"].startswith("test_e2e_component")]
+    lines += ["", "Components at the recipe's shapes (median of rounds, same run):", ""]
+    lines += [f"- {b['extra_info']['component']} (batch {b['extra_info']['batch']}): "
+              f"{1e3 * b['stats']['median']:.0f} ms" for b in components]
     return "\n".join(lines) + "\n"
 
 
