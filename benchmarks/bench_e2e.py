@@ -49,12 +49,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from bench_lpips import public_lpips_head  # benchmarks/bench_lpips.py (pytest puts its folder on sys.path)
+
 import fastdae
-from bench_lpips import public_lpips_head  # benchmarks/ is on sys.path (pytest's rootdir-relative import)
 from fastdae.config import TrainConfig, preset
 from fastdae.data import build_dataset
 from fastdae.models.autoencoder import build_decoder, build_encoder
