@@ -477,28 +477,27 @@ def report(path: Path) -> str:
            for v, rs in by.items()}
     first = runs[0]
     loads = [r[k] for r in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
-    lines = [
-        f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
-        f"intra-op threads: {first['threads']})", "",
-        f"Recipe: {first['image_size']} px shapes, {first['num_samples']} images; stage 1 {first['stage1_steps']} "
-        f"steps x {first['stage1_batch']}, cache, stage 2 {first['stage2_steps']} x {first['stage2_batch']}, prior "
-        f"({first['dit']}) {first['prior_steps']} x {first['prior_batch']}; {len(ratios)} interleaved rounds.",
-        f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
-        f"(machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}).", "",
-        f"**Wall-clock ratio common-way / fastdae: {statistics.median(ratios):.2f}x** (median over rounds; "
-        f"per round: {', '.join(f'{x:.2f}x' for x in ratios)}).", "",
-        "| stage | fastdae (s) | common way (s) | ratio | fastdae ms/step | common ms/step |", "|---|---|---|---|---|---|",
-    ]
+    title = (f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
+             f"intra-op threads: {first['threads']})")
+    sizes = (f"Recipe: {first['image_size']} px shapes, {first['num_samples']} images; stage 1 {first['stage1_steps']} "
+             f"steps x {first['stage1_batch']}, cache, stage 2 {first['stage2_steps']} x {first['stage2_batch']}, prior "
+             f"({first['dit']}) {first['prior_steps']} x {first['prior_batch']}; {len(ratios)} interleaved rounds.")
+    load = (f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
+            f"(machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}).")
+    headline = (f"**Wall-clock ratio common-way / fastdae: {statistics.median(ratios):.2f}x** (median over rounds; "
+                f"per round: {', '.join(f'{x:.2f}x' for x in ratios)}).")
+    lines = [title, "", sizes, load, "", headline, "",
+             "| stage | fastdae (s) | common way (s) | ratio | fastdae ms/step | common ms/step |", "|---|---|---|---|---|---|"]
     for s in (*STAGES, "other", "total"):
         f, c = med["fastdae"][f"{s}_s"], med["common-way"][f"{s}_s"]
         ms = [m.get(f"{s}_loop_ms_per_step") for m in (med["fastdae"], med["common-way"])]
         ms_text = " | ".join(f"{x:.0f}" if x is not None else "" for x in ms)
         ratio = f"{c / f:.2f}x" if c > 0 else "(no cache)"
         lines.append(f"| {s} | {f:.2f} | {c:.2f} | {ratio} | {ms_text} |")
-    lines += ["", "Medians over rounds; `other` is fastdae.train's setup outside the stages (config, logging, "
-              "summary) or the common way's run outside its stages. ms/step: the training loop alone (no "
-              "model build, eval or final save), per step.", "",
-              "| final | fastdae | common way |", "|---|---|---|"]
+    notes = ("Medians over rounds; `other` is fastdae.train's setup outside the stages (config, logging, "
+             "summary) or the common way's run outside its stages. ms/step: the training loop alone (no "
+             "model build, eval or final save), per step.")
+    lines += ["", notes, "", "| final | fastdae | common way |", "|---|---|---|"]
     for k in ("final_stage1_psnr", "final_stage2_psnr", "final_stage1", "final_stage2", "final_prior"):
         lines.append(f"| {k.removeprefix('final_')} | {med['fastdae'][k]:.3f} | {med['common-way'][k]:.3f} |")
     components = [b for b in data["benchmarks"] if b["name"].startswith("test_e2e_component")]
