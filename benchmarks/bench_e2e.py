@@ -473,8 +473,8 @@ def report(path: Path) -> str:
     runs = [b["extra_info"] for b in data["benchmarks"] if b["name"].startswith("test_e2e_recipe")]
     by = {v: sorted((r for r in runs if r["variant"] == v), key=lambda r: r["round"]) for v in VARIANTS}
     ratios = [c["total_s"] / f["total_s"] for f, c in zip(by["fastdae"], by["common-way"])]
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
-           for v, rs in by.items()}
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if all(isinstance(r.get(k), float) for r in rs)}
+           for v, rs in by.items()}  # (the round's ratio is on its second member only)
     first = runs[0]
     loads = [r[k] for r in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
     title = (f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
