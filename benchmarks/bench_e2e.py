@@ -494,9 +494,10 @@ def report(path: Path) -> str:
         ms_text = " | ".join(f"{x:.0f}" if x is not None else "" for x in ms)
         ratio = f"{c / f:.2f}x" if c > 0 else "(no cache)"
         lines.append(f"| {s} | {f:.2f} | {c:.2f} | {ratio} | {ms_text} |")
-    notes = ("Medians over rounds; `other` is fastdae.train's setup outside the stages (config, logging, "
-             "summary) or the common way's run outside its stages. ms/step: the training loop alone (no "
-             "model build, eval or final save), per step.")
+    notes = ("Per-member medians over rounds (so the total row's ratio, of medians, can differ from the "
+             "headline, the median of per-round ratios); `other` is fastdae.train's setup outside the stages "
+             "(config, logging, summary) or the common way's run outside its stages. ms/step: the training "
+             "loop alone (no model build, eval or final save), per step.")
     lines += ["", notes, "", "| final | fastdae | common way |", "|---|---|---|"]
     for k in ("final_stage1_psnr", "final_stage2_psnr", "final_stage1", "final_stage2", "final_prior"):
         lines.append(f"| {k.removeprefix('final_')} | {med['fastdae'][k]:.3f} | {med['common-way'][k]:.3f} |")
