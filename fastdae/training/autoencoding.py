@@ -37,6 +37,19 @@ def learning_rates(s: Any, name: str) -> dict[str, float]:
     return {name: s.lr, "discriminator": s.disc.lr}
 
 
+def update_step(run: Run, crit: AutoencoderLoss, state: State, name: str, step: int, x: Tensor,
+                micro: list[tuple[dict[str, Tensor], Tensor]]) -> tuple[dict[str, Any], Tensor]:
+    """After the generator's micro-batches (their loss terms and x_hat): the generator's optimizer
+    step, then the discriminator's when the GAN is on. Returns the step's log terms and x_hat
+    (B, 3, H, W)."""
+    upd = state.updaters[name]
+    terms = {**mean_terms([t for t, _ in micro]), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
+    x_hat = torch.cat([xh for _, xh in micro])
+    if crit.gan_active(step):
+        terms["d_loss"] = discriminator_step(run, crit, state, x, x_hat)
+    return terms, x_hat
+
+
 def discriminator_step(run: Run, crit: AutoencoderLoss, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
     """One hinge-loss step of the discriminator on real x and (detached) x_hat (B, 3, H, W), in the
     stage's micro-batches; returns its loss (the mean over them)."""

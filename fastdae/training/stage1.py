@@ -14,10 +14,10 @@ import torch
 
 from fastdae.models.autoencoder import Autoencoder, build_decoder
 from fastdae.training import distributed
-from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
+from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import image_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog, mean_terms
+from fastdae.training.logs import StepLog
 from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
@@ -42,18 +42,14 @@ def run(r: Run) -> dict[str, Any]:
     for step in range(start, steps):
         distributed.seed_step(cfg.seed, "stage1", step, r.dist.rank)
         x = to_device(log.batch(batches)[0], device)  # (B, 3, H, W) in [-1, 1]
-        parts, x_hats = [], []
+        micro = []  # (loss terms, x_hat) per micro-batch
         for xm in upd.micro_batches(x, ae_train):  # (B / grad_accum, 3, H, W) each
             with r.autocast():
                 x_hat, aux = ae_train(xm)  # aux: the bottleneck's loss term (VQ commitment / KL)
                 loss, terms = crit.generator_loss(xm, x_hat, aux, step, ae.decoder.last_layer)
             upd.backward(loss)
-            parts.append({"loss": loss.detach(), **terms})
-            x_hats.append(x_hat.detach())
-        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
-        x_hat = torch.cat(x_hats)  # (B, 3, H, W)
-        if crit.gan_active(step):
-            terms["d_loss"] = discriminator_step(r, crit, state, x, x_hat)
+            micro.append(({"loss": loss.detach(), **terms}, x_hat.detach()))
+        terms, x_hat = update_step(r, crit, state, "autoencoder", step, x, micro)
         if ema is not None:
             ema.update(step)
         log.step(step + 1, terms, images=(x, x_hat))

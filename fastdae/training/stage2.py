@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from fastdae.training import distributed
-from fastdae.training.autoencoding import discriminator_step, evaluate, images_at, learning_rates, losses_and_state
+from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog, mean_terms
+from fastdae.training.logs import StepLog
 from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
@@ -40,7 +40,7 @@ def run(r: Run) -> dict[str, Any]:
     for step in range(start, s.steps):
         distributed.seed_step(cfg.seed, "stage2", step, r.dist.rank)
         fields, x = to_device(log.batch(batches), device)  # cached fields of x; x (B, 3, H, W)
-        parts, x_hats = [], []
+        micro = []  # (loss terms, x_hat) per micro-batch
         for fm, xm in upd.micro_batches((fields, x), decoder_train):  # B / grad_accum items each
             with torch.no_grad():
                 z = bottleneck.latent(fm)  # (b, C, h, w): frozen codebook lookup or posterior draw
@@ -48,12 +48,8 @@ def run(r: Run) -> dict[str, Any]:
                 x_hat = decoder_train(z)
                 loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)
             upd.backward(loss)
-            parts.append({"loss": loss.detach(), **terms})
-            x_hats.append(x_hat.detach())
-        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
-        x_hat = torch.cat(x_hats)  # (B, 3, H, W)
-        if crit.gan_active(step):
-            terms["d_loss"] = discriminator_step(r, crit, state, x, x_hat)
+            micro.append(({"loss": loss.detach(), **terms}, x_hat.detach()))
+        terms, x_hat = update_step(r, crit, state, "decoder", step, x, micro)
         if ema is not None:
             ema.update(step)
         log.step(step + 1, terms, images=(x, x_hat))
