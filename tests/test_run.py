@@ -3,7 +3,6 @@ identity (config keys it depends on, dataset fingerprint, upstream weights), ste
 a folder holding another run is refused without overwrite, and a full disk leaves no debris."""
 from __future__ import annotations
 
-import csv
 import errno
 import re
 from pathlib import Path
@@ -13,20 +12,13 @@ import pytest
 import torch
 
 import fastdae
-from fastdae.config import TrainConfig, apply_overrides, preset
+from fastdae.config import TrainConfig, apply_overrides
+from utils import read_log, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STAGE1 = ["stages=stage1", "stage1.steps=2", "stage1.ckpt_every=2", "stage1.log_every=1"]
 
-
-def tiny(out: Path, *overrides: str) -> TrainConfig:
-    return apply_overrides(preset("tiny"), [f"out_dir={out}", *overrides])
-
-
-def read_log(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def tree(root: Path) -> dict[str, bytes]:

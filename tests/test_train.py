@@ -1,7 +1,6 @@
 """fastdae.train end to end at a tiny budget, config round trips, stage isolation, resume, NaN guard, DDP."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -18,20 +17,13 @@ from fastdae.config import STAGES, TrainConfig, apply_overrides, load_config, pr
 from fastdae.models.autoencoder import Encoder
 from fastdae.training import distributed
 from fastdae.training.optim import NonFiniteLossError
+from utils import read_log, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def tiny(out: Path, *overrides: str) -> TrainConfig:
-    return apply_overrides(preset("tiny"), [f"out_dir={out}", *overrides])
-
-
-def read_log(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

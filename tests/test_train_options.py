@@ -4,7 +4,6 @@ Each one changes what it should, is validated up front, is in the identity where
 trained, and resumes exactly."""
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -17,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import fastdae
-from fastdae.config import ConfigError, TrainConfig, apply_overrides, check_environment, preset
+from fastdae.config import ConfigError, apply_overrides, check_environment, preset
 from fastdae.training import distributed
 from fastdae.training.identity import config_identity
 from fastdae.training.optim import Updater, lr_factor
+from utils import read_log, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # (GroupNorm is per image, the VQ losses are means over equal micro-batches)
 PLAIN = ["stages=stage1", "stage1.steps=3", "stage1.disc.start=1000", "weak_decoder.dropout=0.0"]
 
-
-def tiny(out: Path, *overrides: str) -> TrainConfig:
-    return apply_overrides(preset("tiny"), [f"out_dir={out}", *overrides])
-
-
-def read_log(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_same_curves(want: list[dict[str, str]], got: list[dict[str, str]], keys: tuple[str, ...],

@@ -1,8 +1,14 @@
-"""Shared numerics helpers for kernel tests (flash-attention's rule: a kernel's error against a
-float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor)."""
+"""Shared test helpers: numerics for kernel tests (flash-attention's rule: a kernel's error against a
+float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor), and
+the tiny trainer config and log reader of the training tests."""
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import torch
+
+from fastdae.config import TrainConfig, apply_overrides, preset
 
 # floor of the relative error allowed, per dtype of the inputs
 ERR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -29,3 +35,14 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer filled with NaN, so an unwritten element fails the test."""
     return torch.full_like(t, float("nan"))
+
+
+def tiny(out: Path, *overrides: str) -> TrainConfig:
+    """The `tiny` preset writing to `out`, with "key=value" overrides."""
+    return apply_overrides(preset("tiny"), [f"out_dir={out}", *overrides])
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    """A stage's log.csv as a list of rows."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
