@@ -121,7 +121,10 @@ class CacheConfig:
 @dataclass
 class PriorConfig:
     """DiT prior on cached latents (scaled by the cache's per-channel mean/std) and its sampler.
-    The loop options are AEStageConfig's (betas fixed to DiT's (0.9, 0.999))."""
+    The loop options are AEStageConfig's (betas fixed to DiT's (0.9, 0.999)). `judge_steps`: the
+    samples stage scores its samples with the judge classifier of fastdae.evaluation (trained for
+    this many steps on held-out items only, kept in run/judge/): class accuracy and validity in
+    summary.json; 0, or a dataset without classes, skips it."""
 
     model: str = "DiT-T/2"
     objective: str = "flow"
@@ -143,6 +146,7 @@ class PriorConfig:
     sample_steps: int = 50
     cfg_scale: float = 1.0
     num_samples: int = 64
+    judge_steps: int = 600
     log_every: int = 50
     ckpt_every: int = 1000
 
@@ -338,6 +342,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "lpips_weight")),
     ("{ae}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1) (Adam's beta1, beta2)"),
     ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
+    ("prior.judge_steps", lambda v: v >= 0, ">= 0 (0: samples not judged)"),
     ("cache.batch_size", lambda v: v >= 1, ">= 1"),
     ("cache.shard_size", lambda v: v >= 1, ">= 1"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
@@ -482,7 +487,7 @@ def _tiny() -> TrainConfig:
         "stage2": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
         "cache": {"batch_size": 32, "shard_size": 32},
         "prior": {"model": "DiT-T/2", "steps": 3, "batch_size": 8, "sample_steps": 2, "num_samples": 4,
-                  "log_every": 1, "ckpt_every": 2},
+                  "judge_steps": 0, "log_every": 1, "ckpt_every": 2},
         "progress": False,
     })
 

@@ -77,6 +77,13 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     assert cli.main(argv) == 0
     assert [(out / p).stat().st_mtime_ns for p in ("runs/dae-s0/eval.json", "judge/classifier.safetensors")] == stamps
     assert json.loads((out / "report.json").read_text())["runs"] == report["runs"]
+    # another EvalConfig: every run is evaluated again (nothing retrained); another training config: refused
+    eval_file.write_text(yaml.safe_dump({**TINY_EVAL, "lipschitz_pairs": 6}))
+    weights = (out / "runs/dae-s0/stage2/decoder.safetensors").stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert (out / "runs/dae-s0/eval.json").stat().st_mtime_ns != stamps[0]
+    assert (out / "runs/dae-s0/stage2/decoder.safetensors").stat().st_mtime_ns == weights
+    assert cli.main([*argv, "--stage2.l1_weight", "2"]) == 2  # the runs hold another config: not mixed in
 
 
 def test_ablation_picks_a_value(tmp_path):

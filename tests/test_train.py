@@ -160,6 +160,29 @@ def test_resume_skips_finished_stages(dae_vq_run):
     assert result.metrics["stages"]["cache"] == dae_vq_run.metrics["stages"]["cache"]
 
 
+def test_samples_are_judged_in_the_summary(dae_vq_run, tmp_path):
+    import shutil
+
+    shutil.copytree(dae_vq_run.run_dir, tmp_path / "run")
+    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
+                          ["stages=samples", "prior.judge_steps=20", f"out_dir={tmp_path / 'run'}"])
+    samples = fastdae.train(cfg).metrics["stages"]["samples"]
+    assert 0 <= samples["class_accuracy"] <= 1 and 0 <= samples["validity"] <= 1 and samples["fd_feat"] >= 0
+    judge = samples["judge"]
+    assert judge["classifier_steps"] == 20 and judge["validity_threshold"] == 0.9
+    assert judge["train_items"] == cfg.data.num_samples and judge["heldout_items"] > 0  # scored on held-out items
+    assert 0 <= judge["validity_real"] <= 1 and 0 <= judge["classifier_accuracy"] <= 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["samples"]["class_accuracy"] == samples["class_accuracy"]
+    # the classifier is kept and reused by the next samples stage; judge_steps 0 judges nothing
+    weights = tmp_path / "run" / "judge" / "classifier.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert fastdae.train(cfg).metrics["stages"]["samples"]["validity"] == samples["validity"]
+    assert weights.stat().st_mtime_ns == stamp
+    off = fastdae.train(apply_overrides(cfg, ["prior.judge_steps=0"])).metrics["stages"]["samples"]
+    assert "class_accuracy" not in off and "judge" not in off
+
+
 # ---- resume and failure -----------------------------------------------------------------------
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys

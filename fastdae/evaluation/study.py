@@ -14,7 +14,9 @@ t-test of each pair of PAIRS per metric, as a sentence), report.json (every numb
 (bars with ±std) and samples.png (each variant's seed-0 sample grid side by side).
 
 Runs resume: finished stages and evaluations (runs/<name>/eval.json) are reused, so an interrupted
-study continues where it stopped. What is evaluated, on which data, is in `EvalConfig`.
+study continues where it stopped, and more seeds add runs; an eval.json is reused only when its run's
+config and the EvalConfig are the ones it was made with (a run folder trained with another config
+is refused, not mixed in). What is evaluated, on which data, is in `EvalConfig`.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from fastdae.config import MODES, TrainConfig, apply_overrides, load_config
 from fastdae.evaluation.evaluate import evaluate_run
 from fastdae.evaluation.judge import EvalConfig, build_judge, device_of
 from fastdae.evaluation.report import METRICS, capacity_curves, pairwise_tests, summarize, write_report
+from fastdae.training.identity import RUN_CONTROL, flatten
 from fastdae.training.run import RunFolder
 
 ARMS = MODES  # ("dae", "joint", "control")
@@ -50,19 +53,23 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
     for s in range(seeds):  # seeds outermost: a study stopped early still has every variant at equal seeds
         for name, overrides in variants.items():
             run_dir = out_dir / "runs" / f"{name}-s{s}"
-            run_cfg = apply_overrides(cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True})
+            # the study's judge scores the samples: no per-run judge (prior.judge_steps 0)
+            run_cfg = apply_overrides(cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True,
+                                            "prior.judge_steps": 0})
             eval_file = run_dir / "eval.json"
+            identity = _eval_identity(run_cfg, ev)
             if s == 0:
                 grids[name] = str(RunFolder(run_cfg).sample_grid)
-            if eval_file.is_file():  # finished earlier: reuse
-                runs[name].append(json.loads(eval_file.read_text()))
+            if eval_file.is_file() and (earlier := json.loads(eval_file.read_text())).get("identity") == identity:
+                runs[name].append(earlier)  # evaluated earlier with this config and judge: reuse
                 continue
             from fastdae.training import train
 
             t0 = time.perf_counter()
-            summary = train(run_cfg).metrics
+            summary = train(run_cfg).metrics  # refuses a folder trained with another config
             result = evaluate_run(run_cfg, judge, ev)
             result["train_wall_s"] = summary["wall_s"]
+            result["identity"] = identity
             files.write_json(eval_file, result)
             log(f"{name} seed {s}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
             runs[name].append(result)
@@ -72,6 +79,12 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
               "device": str(device_of(cfg)), "torch": torch.__version__}
     write_report(report, out_dir)
     return report
+
+
+def _eval_identity(run_cfg: TrainConfig, ev: EvalConfig) -> dict[str, Any]:
+    """What a run's eval.json depends on: its config (run-control keys aside) and the EvalConfig."""
+    own = flatten(run_cfg.to_dict())
+    return {"config": {k: v for k, v in own.items() if k not in RUN_CONTROL}, "eval": asdict(ev)}
 
 
 def compare(config: TrainConfig | dict | str | Path, arms: Sequence[str] = ("joint", "dae", "control"), seeds: int = 3,

@@ -11,6 +11,7 @@
     run/<stage>/identity.json  metrics.json  log.csv  ckpt-*/  latest     (stage1, stage2, prior)
     run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
     run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
+    run/judge/ (the classifier that scores the samples, prior.judge_steps)
 """
 from __future__ import annotations
 

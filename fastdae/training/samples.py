@@ -1,6 +1,9 @@
 """The samples stage: prior.num_samples DiT samples (labels cycling over the classes), decoded by the
 final decoder (stage 2's, or stage 1's in mode "joint"). VQ samples are snapped to their nearest
-code (fastdae.vq_nearest) before decoding. Writes samples/grid.png and samples/images.safetensors.
+code (fastdae.vq_nearest) before decoding. Writes samples/grid.png and samples/images.safetensors,
+and, with prior.judge_steps > 0 on a dataset with classes, scores the samples with the judge
+classifier (`judge_samples`): their class accuracy and validity go to the stage's metrics, so
+summary.json states what the grid shows as numbers.
 
 `Sampler` (built from a Run by `build_sampler`) is the one decoding path from DiT noise to images:
 this stage draws its grid with it, and `fastdae.sample` its N samples at scale.
@@ -20,7 +23,7 @@ from fastdae.training.checkpoint import load_weights, save_weights
 from fastdae.training.distributed import autocast
 from fastdae.training.logs import Trackers, save_grid
 from fastdae.training.prior import build_dit
-from fastdae.training.run import Run
+from fastdae.training.run import Run, log
 
 
 @dataclass
@@ -117,5 +120,28 @@ def run(r: Run) -> dict[str, Any]:
     trackers.close()
     save_weights(r.sample_images, {"images": images.cpu(), **({"labels": y} if y is not None else {})})
     decoder_file = r.decoder_file(r.final_decoder_stage).relative_to(r.root)
-    return {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),
-            "time_s": elapsed, "samples_per_s": n / elapsed}
+    metrics = {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),
+               "time_s": elapsed, "samples_per_s": n / elapsed}
+    if cfg.prior.judge_steps > 0 and y is not None and s.num_classes >= 2:
+        metrics.update(judge_samples(r, images.cpu(), y))
+    return metrics
+
+
+def judge_samples(r: Run, images: Tensor, labels: Tensor) -> dict[str, Any]:
+    """Class accuracy (argmax = the class asked for), validity (top softmax >= the threshold) and
+    FD-feat of the samples (n, 3, H, W) asked for `labels` (n,), by the judge of fastdae.evaluation:
+    a classifier trained for prior.judge_steps steps on held-out items only (never trained on; kept
+    in run/judge/ and reused while the data and steps stay), with what held-out real images score
+    under "judge" (the ceiling)."""
+    from fastdae import metrics as M
+    from fastdae.evaluation.judge import EvalConfig, build_judge
+
+    ev = EvalConfig(classifier_steps=r.cfg.prior.judge_steps)
+    judge = build_judge(r.cfg, ev, r.root, log.info)
+    scores = M.sample_validity(judge.classifier, images, labels, ev.validity_threshold)
+    scores["fd_feat"] = M.frechet_score(judge.classifier, images, judge.stats["FD-feat"], ev.batch_size)
+    log.info(f"samples: class accuracy {scores['class_accuracy']:.3f}, validity {scores['validity']:.3f} "
+             f"(judge; real held-out images: {judge.reference.get('class_accuracy_real', float('nan')):.3f}, "
+             f"{judge.reference.get('validity_real', float('nan')):.3f})")
+    return {**scores, "judge": {"validity_threshold": ev.validity_threshold, "classifier_steps": ev.classifier_steps,
+                                **judge.reference, **judge.split}}
