@@ -1,0 +1,42 @@
+"""Stage 1 (mode control: full decoder) at the default preset with another normalisation; colour error."""
+import sys, json, math, torch, numpy as np
+from torch import nn
+import fastdae.models.autoencoder as A
+variant, out = sys.argv[1], sys.argv[2]
+extra = sys.argv[3:]
+if variant == "gn1":
+    A._norm = lambda c: nn.GroupNorm(1, c, eps=1e-6)
+elif variant == "none":
+    A._norm = lambda c: nn.Identity()
+elif variant == "gn8":
+    A._norm = lambda c: nn.GroupNorm(math.gcd(32, max(1, c // 8)), c, eps=1e-6)
+import fastdae
+from fastdae.config import preset, apply_overrides
+from fastdae.data import build_dataset, split_dataset
+from fastdae.cache.format import gather_images
+from fastdae.training.checkpoint import load_weights
+cfg = apply_overrides(preset("default"), [f"out_dir={out}", "stages=stage1", "mode=control", "progress=false", "overwrite=true", *extra])
+res = fastdae.train(cfg)
+ae = cfg.autoencoder
+enc, bott, dec = A.build_encoder(ae), A.build_bottleneck(ae), A.build_decoder(ae)
+load_weights(res.run_dir / "stage1/encoder.safetensors", enc, prefix="encoder.")
+load_weights(res.run_dir / "stage1/encoder.safetensors", bott, prefix="bottleneck.")
+load_weights(res.run_dir / "stage1/decoder.safetensors", dec)
+_, held = split_dataset(build_dataset(cfg.data), cfg.data)
+x, y = gather_images(held, np.arange(256))
+with torch.no_grad():
+    for m in (enc, bott, dec): m.eval()
+    z = bott.encode_fields(enc(x))[1]
+    xh = dec(z).clamp(-1, 1)
+mse = ((xh - x) ** 2).mean((1, 2, 3))
+psnr = (10 * torch.log10(4 / mse)).mean().item()
+# colour of the brightest pixels (the shapes): mean over pixels whose true brightness is in the top 20%
+b = x.mean(1, keepdim=True)
+thr = b.flatten(1).quantile(0.8, dim=1)[:, None, None, None]
+mask = (b >= thr).float()
+col = lambda t: (t * mask).sum((2, 3)) / mask.sum((2, 3))
+cerr = (col(xh) - col(x)).abs().mean().item()
+chroma = lambda t: (col(t) - col(t).mean(1, keepdim=True)).abs().mean().item()
+print(json.dumps({"variant": variant, "extra": extra, "psnr": round(psnr, 2), "shape_colour_err": round(cerr, 4),
+                  "chroma_true": round(chroma(x), 4), "chroma_recon": round(chroma(xh), 4),
+                  "stage1_s": round(res.metrics["stages"]["stage1"]["wall_s"], 1)}))
