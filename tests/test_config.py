@@ -32,6 +32,7 @@ from fastdae.config import TrainConfig, apply_overrides, preset
     ("stage1.disc.lr=0", r"stage1\.disc\.lr"),
     ("prior.num_samples=0", r"prior\.num_samples"),
     ("prior.sample_steps=0", r"prior\.sample_steps"),
+    ("prior.judge_steps=-1", r"prior\.judge_steps must be >= 0"),
     ("prior.num_timesteps=0", r"prior\.num_timesteps"),
     ("num_workers=-1", r"num_workers"),
     ("data.size=17", r"data\.size.*17.*downsampl.*2"),
