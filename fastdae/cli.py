@@ -9,7 +9,8 @@
 
 COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config the run cannot use
 (bad value, YAML, preset, missing file, a run folder that holds another run, a cache of other data)
-is printed as one line without a traceback, and the command exits with status 2.
+is printed as one line without a traceback, and the command exits with status 2; so are the errors
+of `sample` and `fid` (a missing or stale run, bad input files).
 """
 from __future__ import annotations
 
@@ -29,15 +30,17 @@ USAGE_ERROR = 2  # argparse's status for bad arguments
 
 def parse_overrides(extra: list[str]) -> list[str]:
     """["--stage2.steps", "2000", "--mode=joint"] -> ["stage2.steps=2000", "mode=joint"]."""
+    from fastdae.config import ConfigError
+
     out, i = [], 0
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--") or len(item) == 2:
-            raise SystemExit(f"fastdae: expected a --key value override, got {item!r}")
+            raise ConfigError(f"expected a --key value override, got {item!r}")
         key, sep, value = item[2:].partition("=")
         if not sep:
             if i + 1 >= len(extra):
-                raise SystemExit(f"fastdae: override --{key} needs a value")
+                raise ConfigError(f"override --{key} needs a value")
             i += 1
             value = extra[i]
         out.append(f"{key}={value}")
@@ -146,12 +149,12 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     from fastdae.sampling import sample
 
     if extra:
-        raise SystemExit(f"fastdae sample: unrecognized arguments {extra}")
+        return _usage_error("sample", f"unrecognized arguments {extra}")
     try:
         out = sample(args.run, args.num_samples, args.out, args.png_dir, args.batch_size, args.cfg_scale, args.seed,
                      args.labels, args.steps, args.sampler, args.device)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"fastdae sample: {e}") from None
+        return _usage_error("sample", e)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"samples: {out}")
     return 0
@@ -173,12 +176,12 @@ def _fid(args: argparse.Namespace, extra: list[str]) -> int:
     from fastdae.fid_score import fid
 
     if extra:
-        raise SystemExit(f"fastdae fid: unrecognized arguments {extra}")
+        return _usage_error("fid", f"unrecognized arguments {extra}")
     try:
         value = fid(args.real, args.fake, args.inception, args.batch_size, args.stats_cache, args.device,
                     args.num_workers, progress=True)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"fastdae fid: {e}") from None
+        return _usage_error("fid", e)
     print(f"FID: {value:.4f}")
     return 0
 
@@ -194,6 +197,13 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
 }
 
 
+def _usage_error(command: str, e: object) -> int:
+    """What the user asked for cannot be done (bad input, a missing or stale run): one line on stderr,
+    no traceback, exit status USAGE_ERROR, as for config errors."""
+    print(f"fastdae {command}: {e}", file=sys.stderr)
+    return USAGE_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdae.cache import CacheError
     from fastdae.config import ConfigError
@@ -207,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args, extra)
     except (ConfigError, CacheError) as e:  # the user's config or run folder: one line, no traceback
-        print(f"fastdae {args.command}: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return _usage_error(args.command, e)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastdae import cli
-from fastdae.config import TrainConfig
+from fastdae.config import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_parse_overrides():
     assert cli.parse_overrides(["--stage2.steps", "2000", "--mode=joint", "--stages", "stage1,cache"]) == [
         "stage2.steps=2000", "mode=joint", "stages=stage1,cache"]
-    with pytest.raises(SystemExit, match="needs a value"):
+    with pytest.raises(ConfigError, match="needs a value"):
         cli.parse_overrides(["--seed"])
-    with pytest.raises(SystemExit, match="expected a --key value"):
+    with pytest.raises(ConfigError, match="expected a --key value"):
         cli.parse_overrides(["seed", "3"])
 
 

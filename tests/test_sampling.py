@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,10 +168,11 @@ def test_cli_sample(run_dir, tmp_path, capsys):
     assert images.shape == (6, 16, 16, 3)
     assert np.array_equal(labels, sampling.sample_labels(6, 4, "random", 2).numpy())
     assert json.loads((tmp_path / "cli.npz.json").read_text())["settings"]["steps"] == 1
-    with pytest.raises(SystemExit, match="other settings"):
-        main(["sample", "--run", str(run_dir), "--num-samples", "6", "--out", str(out)])
-    with pytest.raises(SystemExit, match="not a fastdae run folder"):
-        main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.npz")])
+    # errors exit with the usage status (2, as config errors), one line on stderr, no traceback
+    assert main(["sample", "--run", str(run_dir), "--num-samples", "6", "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2
+    assert "not a fastdae run folder" in capsys.readouterr().err
 
 
 SCRIPT = textwrap.dedent("""
@@ -212,7 +214,7 @@ def test_a_runs_prior_exports_with_what_sampling_needs(run_dir, tmp_path):
     assert torch.equal(prior.scaler.denormalize(latents[0]), s.scaler.denormalize(latents[1]))
 
 
-def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, tmp_path):
+def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, tmp_path, capsys):
     """The folder is read where it is now (config.yaml names where it was trained); its prior and final
     decoder must have finished and still match the encoder and the config keys they were built from."""
     from safetensors.torch import load_file, save_file
@@ -225,8 +227,8 @@ def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, t
     encoder = moved / "stage1" / "encoder.safetensors"  # stage 1 trained again: prior and stage 2 are stale
     weights = load_file(encoder)
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, encoder)
-    with pytest.raises(SystemExit, match=r"stage2 in .* is stale.*encoder: '"):
-        main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "a.npz")])
+    assert main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "a.npz")]) == 2
+    assert re.search(r"stage2 in .* is stale.*encoder: '", capsys.readouterr().err)
     save_file(weights, encoder)
 
     cfg = apply_overrides(load_config(moved / "config.yaml"), ["prior.num_timesteps=500"])
@@ -236,6 +238,6 @@ def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, t
     apply_overrides(cfg, ["prior.num_timesteps=1000"]).save(moved / "config.yaml")
 
     (moved / "prior" / "metrics.json").unlink()  # the prior stage was interrupted
-    with pytest.raises(SystemExit, match="prior has not finished"):
-        main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "b.npz")])
+    assert main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "b.npz")]) == 2
+    assert "prior has not finished" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists() and not (tmp_path / "b.npz.parts").exists()
