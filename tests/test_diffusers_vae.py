@@ -255,7 +255,7 @@ def test_import_loads_no_diffusers_or_taming():
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
-def test_train_with_diffusers_stage1(tmp_path, kind):
+def test_train_with_diffusers_stage1(tmp_path, kind, monkeypatch):
     """fastdae.train with stage1.encoder = a diffusers folder: cache -> stage 2 (diffusers' Decoder) ->
     prior -> samples at tiny steps; stage2/diffusers/ loads with from_pretrained and decodes the cached
     latents as the trained decoder does."""
@@ -266,6 +266,13 @@ def test_train_with_diffusers_stage1(tmp_path, kind):
     vae = (save_kl if kind == "kl" else save_vq)(tmp_path / "src")
     cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples",
                                            f"stage1.encoder={tmp_path / 'src'}"])
+    from fastdae.training import stage2
+
+    def stage2_without_encoder(r, run=stage2.run):  # the stages after the cache free the encoder's weights
+        assert r.pretrained_stage1.encoder is None
+        return run(r)
+
+    monkeypatch.setattr(stage2, "run", stage2_without_encoder)
     result = fastdae.train(cfg)
     stages = result.metrics["stages"]
     assert set(stages) == {"cache", "stage2", "prior", "samples"}

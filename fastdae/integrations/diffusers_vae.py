@@ -148,6 +148,11 @@ class FrozenStage1(nn.Module):
     def train(self, mode: bool = True) -> FrozenStage1:
         return super().train(False)  # frozen: never in training mode (the VQ codebook must not move)
 
+    def release_encoder(self) -> None:
+        """Free the encoder's weights: the stages after the cache read latents only (`sha256`, the
+        bottleneck and the codebook stay)."""
+        self.encoder = None
+
     @torch.no_grad()
     def encode_fields(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Images (B, 3, H, W) in [-1, 1] -> (KL {"mean", "logvar"} | VQ {"indices" (B, h, w)}, stats
@@ -156,6 +161,8 @@ class FrozenStage1(nn.Module):
         Fields come back contiguous: diffusers' encoder returns channels-last strided maps, whose
         mean/logvar halves LatentCache.build (as of this commit) would store with scrambled element order,
         and on which randn_like would draw in another order than diffusers' latent_dist.sample()."""
+        if self.encoder is None:
+            raise RuntimeError("FrozenStage1.encode_fields: the encoder was released (release_encoder) after the cache")
         fields, stats = self.bottleneck.encode_fields(self.encoder(x).float())
         return {name: t.contiguous() for name, t in fields.items()}, stats
 
