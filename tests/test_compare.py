@@ -32,6 +32,32 @@ def test_summarize_mean_std_and_missing():
     assert "ssim" not in s["a"]
 
 
+def test_verdict_states_wins_losses_probes_and_learning():
+    from fastdae.evaluation.report import markdown, pairwise_tests
+
+    # dae: clearly better FD-feat and Lipschitz bound than joint, clearly worse PSNR; control as dae on PSNR
+    runs = {"joint": [{"psnr": 21.0 + e, "fd_feat": 20.0 + e, "lipschitz": 5.0 + e, "class_accuracy": 0.9 + e / 10}
+                      for e in (0.0, 0.1, -0.1)],
+            "dae": [{"psnr": 20.0 + e, "fd_feat": 10.0 + e, "lipschitz": 3.0 + e, "class_accuracy": 0.7 + e / 10}
+                    for e in (0.0, 0.1, -0.1)],
+            "control": [{"psnr": 20.0 + e, "fd_feat": 10.2 + e, "lipschitz": 3.1 + 2 * e, "class_accuracy": 0.7}
+                        for e in (0.0, 0.1, -0.1)]}
+    report = {"title": "t", "seeds": 3, "device": "cpu", "torch": "x", "summary": _summarize(runs),
+              "tests": pairwise_tests(runs), "reference": {"num_classes": 4, "class_accuracy_real": 1.0}}
+    md = markdown(report)
+    assert ("- **DAE vs joint**: DAE is significantly better on FD-feat (samples), Lipschitz lower bound; joint on "
+            "PSNR (dB), class accuracy; no significant difference on the other 0 of 4 metrics. Complexity probes (the "
+            "paper predicts DAE's decoder is the simpler): DAE's mean is lower on 1 of 1 (Lipschitz lower bound).") in md
+    assert ("- **DAE vs control**: DAE is significantly better on no metric; control on no metric; no significant "
+            "difference on the other 4 of 4 metrics.") in md
+    assert ("Class accuracy of samples: joint 0.90, dae 0.70, control 0.70 (chance 0.25, real images 1); at or above "
+            "0.8: joint.") in md
+    runs["joint"] = [{**r, "class_accuracy": 0.5} for r in runs["joint"]]
+    report.update(summary=_summarize(runs), tests=pairwise_tests(runs))
+    assert "no arm reaches 0.8: the generation metrics compare priors that learned the classes only partly" in \
+        markdown(report)
+
+
 def test_capacity_curves_in_psnr():
     # MSE 0.04 on the [-1, 1] range (4 = range^2) is 20 dB, 0.004 is 30 dB
     runs = {"a": [{"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},

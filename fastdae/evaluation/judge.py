@@ -173,7 +173,7 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = prin
         raise ValueError(f"the held-out split has {len(heldout)} items, too few for the judge (it needs >= 2 "
                          f"evaluation images); raise data.holdout")
     images, labels = gather_images(heldout, np.asarray(ranges["eval"]))  # (e, 3, H, W), (e,)
-    reference: dict[str, Any] = {"eval_images": len(images)}
+    reference: dict[str, Any] = {"eval_images": len(images), "num_classes": num_classes}
     classifier = None
     if num_classes >= 2:
         classifier = _dataset_classifier(cfg, ev, _part(heldout, ranges["classifier"], "classifier"), num_classes,

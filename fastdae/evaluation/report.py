@@ -38,6 +38,9 @@ METRICS: tuple[tuple[str, str, int], ...] = (
 # effect (dae vs control) from the fresh stage-2 decoder's (control vs joint)
 PAIRS: tuple[tuple[str, str], ...] = (("dae", "joint"), ("dae", "control"), ("control", "joint"))
 ARM_NAMES = {"dae": "DAE"}  # how the sentences name a variant (others: as is)
+# the decoder-complexity probes, for each of which the paper predicts DAE's decoder is the simplest (lowest)
+PROBES = ("lipschitz", "jac_spectral", "jac_frobenius", "penalised_distance")
+LEARNED = 0.8  # sample class accuracy from which a prior counts as having learned the classes (the study's bar)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -135,6 +138,40 @@ def _significance_lines(tests: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The report's verdict, in words, for a study with a dae arm: whom DAE significantly beats and
+    loses to, per arm pair; which way the decoder-complexity probes point; whether the priors learned
+    the classes (class accuracy of samples against chance and LEARNED)."""
+    summary, tests = report["summary"], report.get("tests", [])
+    if "dae" not in summary or not tests:
+        return []
+    labels = {k: label for k, label, _ in METRICS}
+    lines = ["", f"## Verdict (Welch's t-test over seeds, α = {ALPHA:g})", ""]
+    for other in (v for v in ("joint", "control") if v in summary):
+        pair = [t for t in tests if (t["a"], t["b"]) == ("dae", other)]
+        wins, losses = ([labels[t["metric"]] for t in pair if t["better"] == v] for v in ("dae", other))
+        probes = [k for k in PROBES if summary["dae"].get(k, {}).get("n") and summary[other].get(k, {}).get("n")]
+        lower = [labels[k] for k in probes if summary["dae"][k]["mean"] < summary[other][k]["mean"]]
+        lines += [f"- **DAE vs {other}**: DAE is significantly better on {', '.join(wins) or 'no metric'}; {other} "
+                  f"on {', '.join(losses) or 'no metric'}; no significant difference on the other "
+                  f"{len(pair) - len(wins) - len(losses)} of {len(pair)} metrics. Complexity probes (the paper "
+                  f"predicts DAE's decoder is the simpler): DAE's mean is lower on {len(lower)} of {len(probes)}"
+                  f"{' (' + ', '.join(lower) + ')' if lower else ''}."]
+    accuracy = {v: s["class_accuracy"]["mean"] for v, s in summary.items() if s.get("class_accuracy", {}).get("n")}
+    if accuracy:
+        k = report["reference"].get("num_classes")
+        chance = f"chance {1 / k:.2f}, " if k else ""
+        real = report["reference"].get("class_accuracy_real")
+        learned = [v for v, a in accuracy.items() if a >= LEARNED]
+        lines += [f"- **Did the priors learn the classes?** Class accuracy of samples: "
+                  + ", ".join(f"{v} {a:.2f}" for v, a in accuracy.items())
+                  + f" ({chance}real images {_fmt(real) if real is not None else 'n/a'}); "
+                  + (f"at or above {LEARNED:g}: {', '.join(learned)}." if learned else
+                     f"no arm reaches {LEARNED:g}: the generation metrics compare priors that learned the classes "
+                     f"only partly.")]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     variants = list(report["summary"])
     lines = [f"# {report['title']}", ""]
@@ -142,8 +179,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["Command:", "", f"    {report['command']}", ""]
     lines += [f"{report['seeds']} seed(s) per variant, mean ± std [{LEVEL:.0%} confidence interval of the mean, "
               f"Student t with n - 1 dof] (sample std over seeds; n = seeds counted when fewer). "
-              f"Device {report['device']}, torch {report['torch']}.", "",
-              "| metric | better | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+              f"Device {report['device']}, torch {report['torch']}."]
+    lines += verdict_lines(report)
+    lines += ["", "| metric | better | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for key, label, direction in METRICS:
         cells = []
         for v in variants:
