@@ -246,4 +246,5 @@ def test_compare_on_textures_with_two_seeds_tests_the_arms(tmp_path):
     psnr = tests["psnr"]
     assert (psnr["n_a"], psnr["n_b"]) == (2, 2) and 0.0 <= psnr["p"] <= 1.0 and psnr["dof"] > 0
     md = (out / "report.md").read_text()
-    assert "### DAE vs joint" in md and md.count("\n- ") == len(report["tests"])
+    assert "### DAE vs joint" in md and md.split("## Significance")[1].count("\n- ") == len(report["tests"])
+    assert "- **DAE vs joint**: DAE is significantly better on" in md.split("## Significance")[0]  # the verdict

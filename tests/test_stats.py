@@ -137,4 +137,5 @@ def test_markdown_has_intervals_and_a_sentence_per_test():
     assert f"| FD-feat (samples) | ↓ | 60 ± 1 [{60 - half:.4g}, {60 + half:.4g}] |" in md
     assert "## Significance: Welch's t-test" in md and "### DAE vs joint" in md and "### control vs joint" in md
     assert "DAE is significantly better on 1, joint on 1, of 3 metrics." in md
-    assert md.count("\n- ") == len(report["tests"]) == 9
+    assert md.split("## Significance")[1].count("\n- ") == len(report["tests"]) == 9
+    assert md.index("## Verdict") < md.index("| metric |") < md.index("## Significance")
