@@ -1,7 +1,7 @@
 """ImageFolder at ImageNet-like file counts: index build (cold), cached load (warm), fingerprint,
 and peak memory, on a synthetic tree of tiny PNGs (1000 class folders; nothing downloaded).
 
-    python benchmarks/folder_index.py --files 100000 --tree /tmp/fastdae-tree --out benchmarks/results
+    python benchmarks/folder_index.py --files 100000 --out benchmarks/results   # tree: <tempdir>/fastdae-tree
 
 Each step runs twice in fresh subprocesses: once timed (wall time after the imports, and the
 process's peak RSS, torch's import included), once under tracemalloc for the peak Python heap

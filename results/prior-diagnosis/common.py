@@ -20,7 +20,7 @@ from fastdae.config import TrainConfig, preset  # noqa: E402
 from fastdae.models.autoencoder import build_bottleneck, build_decoder  # noqa: E402
 from fastdae.train.loop import load_weights  # noqa: E402
 
-JUDGE_DIR = Path("/tmp/p/judge")  # classifier weights are rebuilt by build_judge when missing
+JUDGE_DIR = Path("runs/p/judge")  # under the repo root (git ignores runs/); classifier weights are rebuilt by build_judge when missing
 
 
 def judge(cfg: TrainConfig | None = None):
