@@ -63,7 +63,8 @@ def check_choice(key: str, value: Any, allowed: Any) -> None:
 @dataclass
 class AEStageConfig:
     """One autoencoder training stage (stage 1, or stage 2 on cached latents); both use the losses of
-    PAPER.md §3: l1_weight * L1 + lpips_weight * LPIPS + lambda * L_G (+ bottleneck term in stage 1).
+    PAPER.md §3: l1_weight * L1 + lpips_weight * LPIPS + lambda * L_G (+ bottleneck term in stage 1),
+    plus chroma_weight * the L1 of the colour alone (fastdae.models.losses; 0: VQGAN's loss).
 
     LPIPS needs local VGG16 weights (`lpips_trunk`, `lpips_lin`; nothing is downloaded) or
     `lpips_random_init` (tests); without either it is off and the run log says so.
@@ -86,6 +87,7 @@ class AEStageConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     l1_weight: float = 1.0
+    chroma_weight: float = 0.0
     lpips_weight: float = 1.0
     lpips_trunk: str | None = None
     lpips_lin: str | None = None
@@ -339,7 +341,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((f"{p}.grad_accum", lambda v: v >= 1, ">= 1 (1: no accumulation)") for p in ("{ae}", "prior")),
     *((f"{p}.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)") for p in ("{ae}", "prior")),
     *((f"{p}.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)") for p in ("{ae}", "prior")),
-    *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "lpips_weight")),
+    *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "chroma_weight", "lpips_weight")),
     ("{ae}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1) (Adam's beta1, beta2)"),
     ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
     ("prior.judge_steps", lambda v: v >= 0, ">= 0 (0: samples not judged)"),

@@ -194,3 +194,30 @@ def test_group_norm_never_degenerates_to_instance_norm():
     assert norms and all(n.num_channels // n.num_groups >= 4 for n in norms), \
         sorted({(n.num_channels, n.num_groups) for n in norms})
     assert ae_mod._norm(128).num_groups == 32 and ae_mod._norm(512).num_groups == 32
+
+
+def test_chroma_term_weighs_colour_errors_only():
+    """chroma_l1 is the L1 of the error's two opponent-colour components: zero for an error along grey
+    (brightness), |e| for a unit-axis colour error; with chroma_weight > 0 the generator loss adds
+    chroma_weight times it and logs it (float64 reference); chroma_weight 0 is the plain L1."""
+    from fastdae.config import AEStageConfig
+    from fastdae.models.losses import CHROMA_AXES, AutoencoderLoss, chroma_l1
+
+    torch.testing.assert_close(CHROMA_AXES @ CHROMA_AXES.T, torch.eye(2))
+    torch.testing.assert_close(CHROMA_AXES @ torch.ones(3), torch.zeros(2), rtol=0, atol=1e-7)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 7, generator=gen, dtype=torch.float64) * 2 - 1
+    assert chroma_l1(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # a grey shift: no colour error
+    red_green = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1) / 2 ** 0.5
+    assert chroma_l1(x, x - 0.2 * red_green).item() == pytest.approx(0.2 / 2)  # |0.2| on one of 2 axes
+    x_hat = x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * 0.1
+    d = x - x_hat
+    want = torch.stack([(d[:, 0] - d[:, 1]) / 2 ** 0.5, (d[:, 0] + d[:, 1] - 2 * d[:, 2]) / 6 ** 0.5]).abs().mean()
+    torch.testing.assert_close(chroma_l1(x, x_hat), want)
+    plain, weighted = (AutoencoderLoss(AEStageConfig(lpips_weight=0.0, chroma_weight=w), torch.device("cpu"))
+                       for w in (0.0, 3.0))
+    loss0, terms0 = plain.generator_loss(x, x_hat, 0.0, step=0, last_layer=torch.zeros(1))
+    loss3, terms3 = weighted.generator_loss(x, x_hat, 0.0, step=0, last_layer=torch.zeros(1))
+    assert "chroma" not in terms0 and terms3["chroma"].item() == pytest.approx(want.item())
+    torch.testing.assert_close(loss0, d.abs().mean())
+    torch.testing.assert_close(loss3, d.abs().mean() + 3.0 * want)

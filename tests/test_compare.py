@@ -103,6 +103,13 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     assert cli.main(argv) == 0
     assert [(out / p).stat().st_mtime_ns for p in ("runs/dae-s0/eval.json", "judge/classifier.safetensors")] == stamps
     assert json.loads((out / "report.json").read_text())["runs"] == report["runs"]
+    # an eval.json written before a config key existed is reused while the key is at its default
+    older = json.loads((out / "runs/dae-s0/eval.json").read_text())
+    del older["identity"]["config"]["stage1.chroma_weight"]
+    (out / "runs/dae-s0/eval.json").write_text(json.dumps(older))
+    stamps[0] = (out / "runs/dae-s0/eval.json").stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert (out / "runs/dae-s0/eval.json").stat().st_mtime_ns == stamps[0]
     # another EvalConfig: every run is evaluated again (nothing retrained); another training config: refused
     eval_file.write_text(yaml.safe_dump({**TINY_EVAL, "lipschitz_pairs": 6}))
     weights = (out / "runs/dae-s0/stage2/decoder.safetensors").stat().st_mtime_ns

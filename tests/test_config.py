@@ -29,6 +29,7 @@ from fastdae.config import TrainConfig, apply_overrides, preset
     ("stage1.ema_decay=1.5", r"stage1\.ema_decay.*\[0, 1\)"),
     ("stage1.warmup_steps=-1", r"stage1\.warmup_steps"),
     ("stage1.grad_clip=-1", r"stage1\.grad_clip"),
+    ("stage2.chroma_weight=-1", r"stage2\.chroma_weight must be >= 0"),
     ("stage1.disc.lr=0", r"stage1\.disc\.lr"),
     ("prior.num_samples=0", r"prior\.num_samples"),
     ("prior.sample_steps=0", r"prior\.sample_steps"),

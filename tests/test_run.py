@@ -47,6 +47,23 @@ def test_resume_may_change_the_learning_rate_and_uses_it(tmp_path):
     assert state["schedulers"]["autoencoder"]["base_lrs"] == [pytest.approx(1e-3)]
 
 
+def test_a_run_recorded_before_a_config_key_existed_resumes_at_its_default(tmp_path):
+    """A config key added since a run was recorded (its identity lacks it) is unchanged at the key's
+    default, which trains what the older code trained; any other value is refused, naming the key."""
+    import json
+
+    cfg = tiny(tmp_path, *STAGE1)
+    fastdae.train(cfg)
+    record = tmp_path / "stage1" / "identity.json"
+    rec = json.loads(record.read_text())
+    assert rec["config"].pop("stage1.chroma_weight") == 0.0
+    record.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match=r"stage1\.chroma_weight: \(absent\) -> 3\.0"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.chroma_weight=3", "stage1.steps=4"]))
+    fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
+    assert (tmp_path / "stage1" / "ckpt-00000004").is_dir()
+
+
 # ---- finding 2: steps on resume -----------------------------------------------------------------
 def test_resume_with_more_steps_continues_and_matches_a_straight_run(tmp_path):
     straight = fastdae.train(tiny(tmp_path / "straight", *STAGE1, "stage1.steps=4"))

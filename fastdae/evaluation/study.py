@@ -34,7 +34,7 @@ from fastdae.config import MODES, TrainConfig, apply_overrides, load_config
 from fastdae.evaluation.evaluate import evaluate_run
 from fastdae.evaluation.judge import EvalConfig, build_judge, device_of
 from fastdae.evaluation.report import METRICS, capacity_curves, pairwise_tests, summarize, write_report
-from fastdae.training.identity import RUN_CONTROL, flatten
+from fastdae.training.identity import RUN_CONTROL, differences, flatten
 from fastdae.training.run import RunFolder
 
 ARMS = MODES  # ("dae", "joint", "control")
@@ -60,7 +60,8 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             identity = _eval_identity(run_cfg, ev)
             if s == 0:
                 grids[name] = str(RunFolder(run_cfg).sample_grid)
-            if eval_file.is_file() and (earlier := json.loads(eval_file.read_text())).get("identity") == identity:
+            earlier = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+            if earlier is not None and _same_eval(earlier, identity):
                 runs[name].append(earlier)  # evaluated earlier with this config and judge: reuse
                 continue
             from fastdae.training import train
@@ -85,6 +86,13 @@ def _eval_identity(run_cfg: TrainConfig, ev: EvalConfig) -> dict[str, Any]:
     """What a run's eval.json depends on: its config (run-control keys aside) and the EvalConfig."""
     own = flatten(run_cfg.to_dict())
     return {"config": {k: v for k, v in own.items() if k not in RUN_CONTROL}, "eval": asdict(ev)}
+
+
+def _same_eval(earlier: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """An eval.json is reused for the same EvalConfig and config (keys added to the config since it
+    was written count as unchanged at their defaults, as on resume)."""
+    rec = earlier.get("identity")
+    return rec is not None and rec["eval"] == identity["eval"] and not differences(rec["config"], identity["config"])
 
 
 def compare(config: TrainConfig | dict | str | Path, arms: Sequence[str] = ("joint", "dae", "control"), seeds: int = 3,

@@ -68,10 +68,18 @@ def config_identity(cfg: TrainConfig, stage: str) -> dict[str, Any]:
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: recorded -> current' for every key whose value differs (or exists on one side only)."""
+    """'key: recorded -> current' for every key whose value differs (or exists on one side only). A key
+    the record lacks is unchanged when the current value is its default: a key added to the config
+    since (e.g. stage1.chroma_weight), at the default that trains what the older code trained."""
+    defaults = flatten(TrainConfig().to_dict())
 
     def show(d: dict[str, Any], k: str) -> str:
         return repr(d[k]) if k in d else "(absent)"
 
+    def same(k: str) -> bool:
+        if k not in recorded:
+            return k in current and k in defaults and current[k] == defaults[k]
+        return k in current and recorded[k] == current[k]
+
     return [f"{k}: {show(recorded, k)} -> {show(current, k)}" for k in sorted(recorded.keys() | current.keys())
-            if k not in recorded or k not in current or recorded[k] != current[k]]
+            if not same(k)]
