@@ -126,7 +126,9 @@ class PriorConfig:
     The loop options are AEStageConfig's (betas fixed to DiT's (0.9, 0.999)). `judge_steps`: the
     samples stage scores its samples with the judge classifier of fastdae.evaluation (trained for
     this many steps on held-out items only, kept in run/judge/): class accuracy and validity in
-    summary.json; 0, or a dataset without classes, skips it."""
+    summary.json; 0, or a dataset without classes, skips it. Known problem: objective ddpm with
+    schedule cosine trains, but its samples explode, because the last alpha_bar is 2e-9 and x0 is not
+    clipped (results/prior-diagnosis, hypothesis 12). Use the linear schedule."""
 
     model: str = "DiT-T/2"
     objective: str = "flow"
