@@ -13,6 +13,8 @@ Groups:
   cache-write    LatentCache.build with the frozen encoder, latents/s.
   cache-read     a full pass over the cache: fastdae's batched memmap loader vs a torch DataLoader
                  over per-item reads (the usual Dataset pattern), latents/s.
+  optimizer-step one Adam update of the prior's DiT: torch's per-parameter loop, foreach, fused (the
+                 `fused` training option).
 GPU: a VQGAN-f8-like model (AE-S/8) at 128x128, batch 32. CPU: the default preset's model at 32x32,
 batch 16 (runs in a couple of minutes on 2 cores).
 """
@@ -187,3 +189,25 @@ def test_cache_read(benchmark, record, setup, reader):
     benchmark.group = f"cache-read-{SIZE}px"
     benchmark.pedantic(read, rounds=5, warmup_rounds=1)
     record(reader=reader, latents=len(cache), latents_per_s=len(cache) / benchmark.stats.stats.median)
+
+
+OPTIMIZER_KERNELS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("kernel", list(OPTIMIZER_KERNELS))
+def test_optimizer_step(benchmark, record, bench_device, kernel):
+    """One Adam update of the prior's DiT (the default preset's DiT-T/2 on 8x8 latents; DiT-B/2 on
+    32x32 on a GPU) with fixed gradients: torch's per-parameter loop (its CPU default), its foreach
+    path (its CUDA default) and the fused kernel (the `fused: true` training option)."""
+    from fastdae.models.dit import DiT_models
+
+    name, size = ("DiT-B/2", 32) if HAS_CUDA else ("DiT-T/2", 8)
+    torch.manual_seed(0)
+    model = DiT_models[name](input_size=size, in_channels=4, num_classes=10).to(bench_device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **OPTIMIZER_KERNELS[kernel])
+    record(kernel=kernel, model=name, params=sum(p.numel() for p in model.parameters()),
+           tensors=len(list(model.parameters())))
+    benchmark.group = f"optimizer-step-{name}"
+    benchmark.pedantic(lambda: (opt.step(), sync(bench_device)), rounds=100, warmup_rounds=5)

@@ -4,8 +4,8 @@
 
 Within each pytest-benchmark group, the baseline is the member whose name matches --baseline
 (default: the reference, SDPA's flash backend for attention, the encoder-every-step stage 2, the
-per-item DataLoader); every member's speedup is baseline median / member median. Ratios only compare
-members of one group measured in one run, on one machine.
+per-item DataLoader, torch's per-parameter Adam loop); every member's speedup is baseline median /
+member median. Ratios only compare members of one group measured in one run, on one machine.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def summarize(paths: list[Path], baseline: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", type=Path)
-    ap.add_argument("--baseline", default="reference|sdpa-flash|encoder-every-step|per-item", help="regex picking each group's baseline member by name")
+    ap.add_argument("--baseline", default="reference|sdpa-flash|encoder-every-step|per-item|\\[loop\\]", help="regex picking each group's baseline member by name")
     args = ap.parse_args()
     print(summarize(args.json, args.baseline))
 

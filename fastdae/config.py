@@ -72,7 +72,9 @@ class AEStageConfig:
     Loop options (README: training options): `optimizer` adam | adamw (`weight_decay`: Adam's L2 term,
     AdamW's decoupled decay), `lr_schedule` constant | cosine (to 0 at the last step, after the warm-up),
     `grad_accum` micro-batches per step (batch_size stays the images per optimizer step), `compile`
-    (torch.compile the trained modules). The discriminator keeps Adam(disc.lr, betas), constant."""
+    (torch.compile the trained modules), `fused` (torch's fused Adam/AdamW kernel: one kernel for every
+    parameter instead of a per-parameter loop; faster, but not bitwise the loop's weights, so it is
+    part of the run's identity). The discriminator keeps Adam(disc.lr, betas), constant."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -84,6 +86,7 @@ class AEStageConfig:
     lr_schedule: str = "constant"
     grad_accum: int = 1
     compile: bool = False
+    fused: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     l1_weight: float = 1.0
@@ -143,6 +146,7 @@ class PriorConfig:
     lr_schedule: str = "constant"
     grad_accum: int = 1
     compile: bool = False
+    fused: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     class_cond: bool = True

@@ -56,7 +56,7 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 
 class Updater:
     """The optimisation of one module's parameters, configured by a stage config `s` (lr, optimizer,
-    weight_decay, warmup_steps, lr_schedule, grad_accum, grad_clip; README: training options):
+    weight_decay, warmup_steps, lr_schedule, grad_accum, grad_clip, fused; README: training options):
     Adam or AdamW, the LR schedule over `total_steps`, a GradScaler (enabled with fp16 autocast: the
     loss is scaled so fp16 gradients do not underflow; steps with Inf/NaN gradients are skipped and
     the scale lowered), and gradient accumulation over `grad_accum` micro-batches per step.
@@ -72,7 +72,8 @@ class Updater:
         kind = optimizer or s.optimizer
         opt_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         weight_decay = s.weight_decay if optimizer is None else 0.0
-        self.opt = opt_cls(self.params, lr=lr or s.lr, betas=tuple(betas or s.betas), weight_decay=weight_decay)
+        self.opt = opt_cls(self.params, lr=lr or s.lr, betas=tuple(betas or s.betas), weight_decay=weight_decay,
+                           fused=True if s.fused else None)  # None: torch's default (loop on CPU, foreach on CUDA)
         self.sched = Scheduler(self.opt, partial(lr_factor, warmup_steps=s.warmup_steps if warmup_steps is None
                                                  else warmup_steps, schedule=schedule or s.lr_schedule,
                                                  total_steps=total_steps))
