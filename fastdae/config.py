@@ -129,9 +129,10 @@ class PriorConfig:
     The loop options are AEStageConfig's (betas fixed to DiT's (0.9, 0.999)). `judge_steps`: the
     samples stage scores its samples with the judge classifier of fastdae.evaluation (trained for
     this many steps on held-out items only, kept in run/judge/): class accuracy and validity in
-    summary.json; 0, or a dataset without classes, skips it. Known problem: objective ddpm with
-    schedule cosine trains, but its samples explode, because the last alpha_bar is 2e-9 and x0 is not
-    clipped (results/prior-diagnosis, hypothesis 12). Use the linear schedule."""
+    summary.json; 0, or a dataset without classes, skips it. `clip_x0` > 0 clamps the sampler's x0
+    estimates to [-clip_x0, clip_x0] (latents normalised to unit std; 0: off). Objective ddpm with
+    schedule cosine needs it (e.g. 4): the schedule's last alpha_bar is 2e-9, and unclipped samples
+    explode (results/prior-diagnosis, hypothesis 12)."""
 
     model: str = "DiT-T/2"
     objective: str = "flow"
@@ -153,6 +154,7 @@ class PriorConfig:
     sampler: str = "euler"
     sample_steps: int = 50
     cfg_scale: float = 1.0
+    clip_x0: float = 0.0
     num_samples: int = 64
     judge_steps: int = 600
     log_every: int = 50
@@ -351,6 +353,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("{ae}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1) (Adam's beta1, beta2)"),
     ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
     ("prior.judge_steps", lambda v: v >= 0, ">= 0 (0: samples not judged)"),
+    ("prior.clip_x0", lambda v: v >= 0, ">= 0 (0: x0 not clipped)"),
     ("cache.batch_size", lambda v: v >= 1, ">= 1"),
     ("cache.shard_size", lambda v: v >= 1, ">= 1"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
@@ -395,6 +398,9 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("prior.sampler", p.sampler, _samplers())
     if p.objective == "flow" and p.schedule != "linear":
         raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
+    if p.objective == "ddpm" and p.schedule == "cosine" and p.clip_x0 <= 0:
+        raise ConfigError("prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
+                          "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode")
     if p.cfg_scale != 1.0 and not p.class_cond:
         raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
     if cfg.stage1.encoder is None:

@@ -43,6 +43,7 @@ from fastdae.config import TrainConfig, apply_overrides, preset
     ("prior.objective=flwo", r"prior\.objective.*did you mean 'flow'"),
     ("prior.sampler=eular", r"prior\.sampler.*did you mean 'euler'"),
     ("prior.schedule=cosine", r"prior\.schedule.*flow"),
+    ("prior.clip_x0=-1", r"prior\.clip_x0 must be >= 0"),
     ("mode=dea", r"mode.*did you mean 'dae'"),
     ("stages=stage1,cahce", r"stages.*did you mean 'cache'"),
     ("precision=bf61", r"precision.*did you mean 'bf16'"),
@@ -53,6 +54,13 @@ from fastdae.config import TrainConfig, apply_overrides, preset
 def test_bad_values_are_rejected_when_the_config_is_built(override, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(preset("tiny"), [override])
+
+
+def test_ddpm_with_the_cosine_schedule_needs_the_x0_clip():
+    with pytest.raises(ValueError, match=r"cosine.*ddpm.*prior\.clip_x0 > 0.*explode"):
+        apply_overrides(preset("tiny"), ["prior.objective=ddpm", "prior.schedule=cosine"])
+    assert apply_overrides(preset("tiny"), ["prior.objective=ddpm", "prior.schedule=cosine",
+                                            "prior.clip_x0=4"]).prior.clip_x0 == 4.0
 
 
 def test_every_preset_is_valid():

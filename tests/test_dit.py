@@ -144,26 +144,52 @@ def test_trained_dit_samples_the_pattern_of_the_asked_class(objective, sampler):
     nearest its own class's pattern. A sign error in the velocity, a reversed time grid, labels that
     never reach the model or a swapped CFG formula all put samples at chance (1/4) or off the patterns.
     (results/prior-diagnosis: the same check at the default prior's size.)"""
+    diffusion = make_diffusion(objective)
+    model, patterns = _train_on_patterns(diffusion, steps=300)
+    y = torch.arange(32) % 4
+    for cfg_scale in (1.0, 3.0):
+        x = diffusion.sample(model, (32, 4, 4, 4), y=y, steps=20, sampler=sampler, cfg_scale=cfg_scale,
+                             generator=torch.Generator().manual_seed(1))
+        hits, rms = _pattern_fit(x, y, patterns)
+        assert hits.all(), (cfg_scale, hits)
+        # near the pattern (N(0, 1) entries), not merely on its side; guidance overshoots a little
+        assert rms < (0.35 if cfg_scale == 1.0 else 0.8), (cfg_scale, rms)
+
+
+def test_ddpm_cosine_samples_need_the_x0_clip():
+    """DDPM with the cosine schedule: its last alpha_bar is 2e-9, so the first sampling step amplifies the
+    eps error ~1e4x in x0 and unclipped samples explode (results/prior-diagnosis, hypothesis 12); with
+    clip_x0 the same trained DiT samples its class's pattern."""
+    diffusion = make_diffusion("ddpm", "cosine")
+    model, patterns = _train_on_patterns(diffusion, steps=1500)
+    y = torch.arange(32) % 4
+    runs = {clip: diffusion.sample(model, (32, 4, 4, 4), y=y, steps=20, sampler="ddpm", clip_x0=clip,
+                                   generator=torch.Generator().manual_seed(1)) for clip in (None, 4.0)}
+    assert _pattern_fit(runs[None], y, patterns)[1] > 100  # exploded
+    hits, rms = _pattern_fit(runs[4.0], y, patterns)
+    assert hits.all() and rms < 0.35, (hits, rms)
+    with pytest.raises(ValueError, match="clip_x0"):
+        diffusion.sample(model, (2, 4, 4, 4), y=y[:2], steps=2, clip_x0=0.0)
+
+
+def _train_on_patterns(diffusion, steps: int) -> tuple[DiT, torch.Tensor]:
+    """A small DiT trained on latents = a fixed N(0, 1) pattern per class (4 classes) + 0.1 noise."""
     torch.manual_seed(0)
     patterns = torch.randn(4, 4, 4, 4)
     model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=4)
-    diffusion = make_diffusion(objective)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for _ in range(steps):
         y = torch.randint(0, 4, (32,), generator=g)
         x0 = patterns[y] + 0.1 * torch.randn(32, 4, 4, 4, generator=g)
         loss = diffusion.loss(model, x0, y, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    model.eval()
-    y = torch.arange(32) % 4
-    for cfg_scale in (1.0, 3.0):
-        x = diffusion.sample(model, (32, 4, 4, 4), y=y, steps=20, sampler=sampler, cfg_scale=cfg_scale,
-                             generator=torch.Generator().manual_seed(1))
-        dist = torch.cdist(x.flatten(1), patterns.flatten(1))  # (32, 4)
-        assert (dist.argmin(1) == y).all(), (cfg_scale, dist.argmin(1))
-        rms = (dist[torch.arange(32), y] ** 2 / x[0].numel()).mean().sqrt()
-        # near the pattern (N(0, 1) entries), not merely on its side; guidance overshoots a little
-        assert rms < (0.35 if cfg_scale == 1.0 else 0.8), (cfg_scale, rms)
+    return model.eval(), patterns
+
+
+def _pattern_fit(x: torch.Tensor, y: torch.Tensor, patterns: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(whether each sample lies nearest its class's pattern, rms distance to that pattern per entry)."""
+    dist = torch.cdist(x.flatten(1), patterns.flatten(1))  # (B, 4)
+    return dist.argmin(1) == y, (dist[torch.arange(len(y)), y] ** 2 / x[0].numel()).mean().sqrt().item()

@@ -214,19 +214,24 @@ class Diffusion:
         cfg_scale: float = 1.0,
         generator: Generators = None,
         device: torch.device | str | None = None,
+        clip_x0: float | None = None,
     ) -> Tensor:
         """Latents x0 (B, C, h, w) float32 from noise in `steps` model evaluations.
 
         cfg_scale != 1 calls model.forward_with_cfg(x, t, y, cfg_scale) (classifier-free guidance; y
         required). device defaults to the model's. Put a DiT in eval mode first: in training mode its
         label dropout would replace labels with the null class. generator: one torch.Generator for
-        the batch, or one per sample (see randn)."""
+        the batch, or one per sample (see randn). clip_x0 > 0 clamps every x0 estimate to [-clip_x0,
+        clip_x0] and re-derives eps from it (ADM's clip_denoised, in the latents' units): DDPM's cosine
+        schedule needs it, its last alpha_bar of 2e-9 amplifies the eps error ~1e4x in x0."""
         if sampler not in SAMPLERS:
             raise ValueError(f"Diffusion.sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps < 1:
             raise ValueError(f"Diffusion.sample: steps must be >= 1, got {steps}")
         if cfg_scale != 1.0 and y is None:
             raise ValueError("Diffusion.sample: cfg_scale != 1 needs class labels y")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"Diffusion.sample: clip_x0 must be > 0 or None, got {clip_x0}")
         if device is None:
             device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
         B, C = shape[0], shape[1]
@@ -241,6 +246,9 @@ class Diffusion:
                 out = model.forward_with_cfg(x, self.model_time(t_vec), y, cfg_scale)
             a_t, s_t, a_s, s_s = self._step(t_vec, s_vec, B)
             x0_hat, eps_hat = self.x0_eps(out[:, :C].float(), x, a_t.float(), s_t.float())
+            if clip_x0 is not None:
+                x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+                eps_hat = (x - a_t.float() * x0_hat) / s_t.float()
             if sampler == "ddpm" and s != (CLEAN if self.objective == "ddpm" else 0.0):
                 c_t, c_0, var, step_var = self.posterior(a_t, s_t, a_s, s_s)
                 if self.objective == "ddpm" and out.shape[1] == 2 * C:

@@ -27,7 +27,8 @@ RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_worker
                "wandb")
 # keys a resumed run may change (steps: see the module docstring; compile changes how, not what, is computed)
 SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "*.compile", "cache.batch_size")
-SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.num_samples", "prior.judge_steps")
+SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.clip_x0", "prior.num_samples",
+            "prior.judge_steps")
 
 _SHARED = ("seed", "precision", "data.*", "autoencoder.*")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {

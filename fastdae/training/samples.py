@@ -41,6 +41,7 @@ class Sampler:
     steps: int
     sampler: str
     cfg_scale: float
+    clip_x0: float  # 0: off
     precision: str
     device: torch.device
     identity: dict[str, Any]  # what the samples depend on besides the noise: weights' sha256, settings
@@ -57,7 +58,8 @@ class Sampler:
         y = labels.to(self.device) if labels is not None else None
         with autocast(self.device, self.precision):
             z = self.diffusion.sample(self.dit, (B, C, h, h), y=y, steps=self.steps, sampler=self.sampler,
-                                      cfg_scale=self.cfg_scale, generator=generator, device=self.device)
+                                      cfg_scale=self.cfg_scale, generator=generator, device=self.device,
+                                      clip_x0=self.clip_x0 or None)
         z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
         if self.bottleneck is not None:
             from fastdae import vq_nearest
@@ -96,12 +98,12 @@ def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
     load_weights(decoder_file, decoder)
     identity = {"run": str(r.root.resolve()), "dit_sha256": r.sha256(dit_file),
                 "decoder_sha256": r.sha256(decoder_file), "objective": p.objective, "schedule": p.schedule,
-                "num_timesteps": p.num_timesteps, "precision": cfg.precision, **settings}
+                "num_timesteps": p.num_timesteps, "clip_x0": p.clip_x0, "precision": cfg.precision, **settings}
     return Sampler(dit=dit.to(r.device).eval(), decoder=decoder.to(r.device).eval(),
                    scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
                    diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
                    bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
-                   precision=cfg.precision, device=r.device, identity=identity, **settings)
+                   clip_x0=p.clip_x0, precision=cfg.precision, device=r.device, identity=identity, **settings)
 
 
 def run(r: Run) -> dict[str, Any]:
