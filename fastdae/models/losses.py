@@ -22,7 +22,7 @@ from fastdae.models.discriminator import NLayerDiscriminator, adaptive_weight, h
 log = logging.getLogger("fastdae.train")
 
 # rows: orthonormal red-green and yellow-blue axes, both orthogonal to grey (1, 1, 1)
-CHROMA_AXES = (torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]).T / torch.tensor([2.0, 6.0]).sqrt()).T
+CHROMA_AXES = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / torch.tensor([[2.0], [6.0]]).sqrt()
 
 
 def chroma_l1(x: Tensor, x_hat: Tensor) -> Tensor:
