@@ -30,12 +30,14 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastdae import files
+from fastdae.training.identity import differences
 from fastdae.training.run import Run
 from fastdae.training.samples import Sampler, build_sampler
 
@@ -171,6 +173,19 @@ def _merge(parts: Path, out: Path, num_samples: int, png_dir: Path | None, digit
             _write_npy_member(zf, "arr_1", (num_samples,), np.dtype(np.int64), field("labels"))
 
 
+def _same_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether samples recorded with `recorded` settings are those `current` asks for. A setting the
+    record lacks (added to the sampler since, e.g. clip_x0) is unchanged at the prior config's
+    default, as a run's identity treats config keys added since (fastdae.training.identity)."""
+    if recorded is None:
+        return False
+
+    def as_prior(settings: dict[str, Any]) -> dict[str, Any]:  # the config's key names
+        return {f"prior.{k}": v for k, v in settings.items()}
+
+    return not differences(as_prior(recorded), as_prior(current))
+
+
 # ---------------------------------------------------------------------------------------------
 # The public function
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +211,13 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
     sidecar = out.with_name(out.name + ".json")
     if out.is_file():
         previous = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        if previous.get("settings") != settings:
+        if not _same_settings(previous.get("settings"), settings):
             raise FileExistsError(f"sample: {out} holds samples of other settings (or was not written by fastdae "
                                   f"sample: no {sidecar.name}); remove it or pick another --out")
         return out  # already complete
     parts = out.with_name(out.name + PARTS_SUFFIX)
     settings_file = parts / SETTINGS_FILE
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+    if settings_file.is_file() and not _same_settings(json.loads(settings_file.read_text()), settings):
         raise FileExistsError(f"sample: {parts} holds partial samples of other settings ({settings_file}); "
                               f"remove it or pick another --out")
     done = _done_ranges(parts) if parts.is_dir() else []

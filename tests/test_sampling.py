@@ -144,6 +144,24 @@ def test_other_settings_are_refused_not_mixed(run_dir, tmp_path):
         fastdae.sample(run_dir, 8, tmp_path / "p.npz", progress=False)
 
 
+def test_settings_added_since_count_as_unchanged_at_their_default(run_dir, tmp_path):
+    out = fastdae.sample(run_dir, 8, tmp_path / "s.npz", batch_size=8, progress=False)
+    sidecar = tmp_path / "s.npz.json"
+    record = json.loads(sidecar.read_text())
+    del record["settings"]["clip_x0"]  # as written before the sampler had the setting
+    sidecar.write_text(json.dumps(record))
+    assert fastdae.sample(run_dir, 8, out, batch_size=4, progress=False) == out  # the default: same samples
+    record["settings"]["clip_x0"] = 4.0  # recorded with another value: other samples
+    sidecar.write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match="other settings"):
+        fastdae.sample(run_dir, 8, out, progress=False)
+    record["settings"]["dit_sha256"] = "0" * 64  # a key that is not a config key is never assumed
+    del record["settings"]["clip_x0"]
+    sidecar.write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match="other settings"):
+        fastdae.sample(run_dir, 8, out, progress=False)
+
+
 def test_random_labels_are_seeded_and_cover_the_classes():
     a = sampling.sample_labels(400, 4, "random", seed=3)
     assert torch.equal(a, sampling.sample_labels(400, 4, "random", seed=3))
