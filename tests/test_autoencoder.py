@@ -221,3 +221,23 @@ def test_chroma_term_weighs_colour_errors_only():
     assert "chroma" not in terms0 and terms3["chroma"].item() == pytest.approx(want.item())
     torch.testing.assert_close(loss0, d.abs().mean())
     torch.testing.assert_close(loss3, d.abs().mean() + 3.0 * want)
+
+
+def test_linear_skip_starts_at_zero_and_maps_each_latent_pixel_to_its_patch():
+    cfg = AutoencoderConfig(ch=16, ch_mult=[1, 2, 2], z_channels=4, linear_skip=True)
+    plain = build_decoder(AutoencoderConfig(ch=16, ch_mult=[1, 2, 2], z_channels=4))
+    for dec in (build_decoder(cfg), build_decoder(cfg, WeakDecoderConfig(dropout=0.0))):
+        assert isinstance(dec.skip, nn.ConvTranspose2d) and dec.skip.kernel_size == dec.skip.stride == (4, 4)
+    dec = build_decoder(cfg)
+    assert dec.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["skip.weight", "skip.bias"]
+    z = torch.randn(2, 4, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(z), plain(z), rtol=0, atol=0)  # a fresh skip adds exactly zero
+        dec.skip.weight.normal_()
+        dz = torch.zeros_like(z)
+        dz[0, :, 1, 2] = 1.0  # one latent pixel changes: only its 4 x 4 patch moves through the skip
+        moved = (dec.skip(z + dz) - dec.skip(z)).abs().sum(1)[0] > 0
+    expected = torch.zeros(12, 20, dtype=torch.bool)
+    expected[4:8, 8:12] = True
+    assert torch.equal(moved, expected)
+    assert build_decoder(AutoencoderConfig()).skip is None  # off by default

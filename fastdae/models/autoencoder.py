@@ -28,7 +28,8 @@ class AutoencoderConfig:
     """Encoder/decoder shape and bottleneck. `ch_mult[i]` is the width of level i in units of `ch`;
     every level after the first halves the resolution. `attn` adds self-attention to the mid block
     (the lowest resolution). VQ: `num_codes` codes of dim `z_channels`; KL: Gaussian posterior with
-    `z_channels` channels and weight `kl_weight` on KL(q || N(0, I))."""
+    `z_channels` channels and weight `kl_weight` on KL(q || N(0, I)). `linear_skip` adds to every
+    decoder (full and weak) a linear path from the latent to the pixels (Decoder.skip)."""
 
     bottleneck: str = "vq"
     ch: int = 64
@@ -40,6 +41,7 @@ class AutoencoderConfig:
     vq_beta: float = 0.25
     vq_ema: bool = False
     kl_weight: float = 1e-6
+    linear_skip: bool = False
 
     def __post_init__(self) -> None:
         self.ch_mult = [int(m) for m in self.ch_mult]
@@ -165,10 +167,14 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(B, z_channels, h, w) -> (B, 3, h*f, w*f). `dropout` > 0 puts Dropout2d after every residual
-    block (the weak auxiliary decoder); the full decoder has none."""
+    block (the weak auxiliary decoder); the full decoder has none. `linear_skip` adds `skip`, a
+    transposed convolution with kernel = stride = f (each latent pixel -> an f x f RGB patch), to the
+    output: the linear part of the map (a patch's mean colour) trains in a few hundred steps through it,
+    where the deep path alone learns colour last (results/prior-diagnosis, third pass). It starts at
+    zero: a fresh decoder computes what one without it does."""
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 attn: bool = False, dropout: float = 0.0) -> None:
+                 attn: bool = False, dropout: float = 0.0, linear_skip: bool = False) -> None:
         super().__init__()
         width = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
@@ -185,6 +191,12 @@ class Decoder(nn.Module):
         self.up = nn.Sequential(*layers)
         self.norm_out = _norm(width)
         self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+        self.skip: nn.ConvTranspose2d | None = None
+        if linear_skip:
+            f = 2 ** (len(ch_mult) - 1)
+            self.skip = nn.ConvTranspose2d(z_channels, 3, f, stride=f)
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     @property
     def last_layer(self) -> Tensor:
@@ -193,7 +205,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.up(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        x = self.conv_out(F.silu(self.norm_out(h)))
+        return x if self.skip is None else x + self.skip(z)
 
 
 class VQBottleneck(nn.Module):
@@ -266,14 +279,14 @@ def build_encoder(cfg: AutoencoderConfig) -> Encoder:
 def build_decoder(cfg: AutoencoderConfig, weak: WeakDecoderConfig | None = None) -> Decoder:
     """The full decoder (weak=None) or the weakened auxiliary decoder; never builds an encoder."""
     if weak is None:
-        return Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn)
+        return Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn, linear_skip=cfg.linear_skip)
     asked = cfg.ch * weak.width_mult
     ch = max(8, round(asked / 8) * 8)  # multiples of 8 keep GroupNorm and kernels happy
     if ch != asked:  # e.g. ch=16: width_mult 0.25 and 0.5 both give 8 channels, the same decoder
         warnings.warn(f"weak decoder: width_mult={weak.width_mult} x ch={cfg.ch} = {asked:g} channels, "
                       f"rounded to {ch} (a multiple of 8, at least 8)", stacklevel=2)
     blocks = weak.num_res_blocks or cfg.num_res_blocks
-    return Decoder(ch, cfg.ch_mult, blocks, cfg.z_channels, cfg.attn, weak.dropout)
+    return Decoder(ch, cfg.ch_mult, blocks, cfg.z_channels, cfg.attn, weak.dropout, cfg.linear_skip)
 
 
 class Autoencoder(nn.Module):
