@@ -1,4 +1,7 @@
-"""PSNR and shape chroma of held-out reconstructions through a run's final decoder."""
+"""PSNR and shape chroma of held-out reconstructions through a run's final decoder; with GRID.png, also a
+grid of the first 16 (top real, bottom reconstructed; fourth pass).
+
+usage: colour.py RUN [GRID.png]"""
 import sys, json, numpy as np, torch
 from fastdae.training.run import Run
 from fastdae.training.checkpoint import load_weights
@@ -19,3 +22,6 @@ col = lambda t: (t * mask).sum((2, 3)) / mask.sum((2, 3))
 chroma = lambda t: (col(t) - col(t).mean(1, keepdim=True)).abs().mean().item()
 print(json.dumps({"run": sys.argv[1], "psnr": round(psnr, 2), "colour_err": round((col(xh) - col(x)).abs().mean().item(), 4),
                   "chroma_true": round(chroma(x), 4), "chroma_recon": round(chroma(xh), 4)}))
+if len(sys.argv) > 2:
+    from fastdae.training.logs import save_grid
+    save_grid(torch.cat([x[:16], xh[:16]]), sys.argv[2], nrow=16)
