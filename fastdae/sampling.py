@@ -39,7 +39,7 @@ from torch import Tensor
 from fastdae import files
 from fastdae.training.identity import differences
 from fastdae.training.run import Run
-from fastdae.training.samples import Sampler, build_sampler
+from fastdae.training.samples import SETTINGS_SINCE, Sampler, build_sampler
 
 __all__ = ["Sampler", "load_sampler", "open_run", "sample", "sample_generator", "sample_labels"]
 
@@ -174,16 +174,9 @@ def _merge(parts: Path, out: Path, num_samples: int, png_dir: Path | None, digit
 
 
 def _same_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    """Whether samples recorded with `recorded` settings are those `current` asks for. A setting the
-    record lacks (added to the sampler since, e.g. clip_x0) is unchanged at the prior config's
-    default, as a run's identity treats config keys added since (fastdae.training.identity)."""
-    if recorded is None:
-        return False
-
-    def as_prior(settings: dict[str, Any]) -> dict[str, Any]:  # the config's key names
-        return {f"prior.{k}": v for k, v in settings.items()}
-
-    return not differences(as_prior(recorded), as_prior(current))
+    """Whether samples recorded with `recorded` settings are those `current` asks for; a setting the
+    record lacks (added since: SETTINGS_SINCE) is unchanged at its default."""
+    return recorded is not None and not differences(recorded, current, SETTINGS_SINCE)
 
 
 # ---------------------------------------------------------------------------------------------

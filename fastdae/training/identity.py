@@ -68,11 +68,14 @@ def config_identity(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     return {k: own[k] for k in keys}
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def differences(recorded: dict[str, Any], current: dict[str, Any],
+                defaults: dict[str, Any] | None = None) -> list[str]:
     """'key: recorded -> current' for every key whose value differs (or exists on one side only). A key
-    the record lacks is unchanged when the current value is its default: a key added to the config
-    since (e.g. stage1.chroma_weight), at the default that trains what the older code trained."""
-    defaults = flatten(TrainConfig().to_dict())
+    the record lacks is unchanged when the current value is its default: a key added since (e.g.
+    stage1.chroma_weight), at the default that computes what the older code computed. `defaults`: those
+    keys' defaults (None: the flattened TrainConfig's)."""
+    if defaults is None:
+        defaults = flatten(TrainConfig().to_dict())
 
     def show(d: dict[str, Any], k: str) -> str:
         return repr(d[k]) if k in d else "(absent)"

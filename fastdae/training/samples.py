@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastdae.config import PriorConfig
 from fastdae.models.diffusion import SAMPLERS, Diffusion, Generators, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 from fastdae.training.checkpoint import load_weights, save_weights
@@ -77,6 +78,11 @@ class Sampler:
 def to_uint8(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU, rounded to the nearest level."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+# settings added to the sampler's identity since it was first recorded, at the default that samples what
+# the older code sampled (an older record lacks them: fastdae.sampling reuses it at these values)
+SETTINGS_SINCE = {"clip_x0": PriorConfig.clip_x0}
 
 
 def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
