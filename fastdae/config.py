@@ -37,6 +37,7 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("ddpm", "flow")
 SCHEDULES = ("linear", "cosine")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 POSTERIORS = ("mean", "sample")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -132,11 +133,13 @@ class PriorConfig:
     summary.json; 0, or a dataset without classes, skips it. `clip_x0` > 0 clamps the sampler's x0
     estimates to [-clip_x0, clip_x0] (latents normalised to unit std; 0: off). Objective ddpm with
     schedule cosine needs it (e.g. 4): the schedule's last alpha_bar is 2e-9, and unclipped samples
-    explode (results/prior-diagnosis, hypothesis 12)."""
+    explode (results/prior-diagnosis, hypothesis 12). `time_sampling`: flow's training times, uniform or
+    logit_normal (SD3; see fastdae.models.diffusion.make_diffusion)."""
 
     model: str = "DiT-T/2"
     objective: str = "flow"
     schedule: str = "linear"
+    time_sampling: str = "uniform"
     num_timesteps: int = 1000
     steps: int = 2000
     batch_size: int = 64
@@ -334,7 +337,7 @@ def _samplers() -> tuple[str, ...]:
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
 CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
                            "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
-                           "prior.schedule": SCHEDULES, "stage1.posterior": POSTERIORS,
+                           "prior.schedule": SCHEDULES, "prior.time_sampling": TIME_SAMPLINGS, "stage1.posterior": POSTERIORS,
                            **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
                            **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")}}
 
@@ -398,6 +401,9 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("prior.sampler", p.sampler, _samplers())
     if p.objective == "flow" and p.schedule != "linear":
         raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
+    if p.objective == "ddpm" and p.time_sampling != "uniform":
+        raise ConfigError(f"prior.time_sampling {p.time_sampling!r} is for prior.objective 'flow'; ddpm samples its "
+                          f"indices uniformly")
     if p.objective == "ddpm" and p.schedule == "cosine" and p.clip_x0 <= 0:
         raise ConfigError("prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
                           "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode")

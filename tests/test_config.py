@@ -44,6 +44,7 @@ from fastdae.config import TrainConfig, apply_overrides, preset
     ("prior.sampler=eular", r"prior\.sampler.*did you mean 'euler'"),
     ("prior.schedule=cosine", r"prior\.schedule.*flow"),
     ("prior.clip_x0=-1", r"prior\.clip_x0 must be >= 0"),
+    ("prior.time_sampling=logit", r"prior\.time_sampling.*did you mean 'logit_normal'"),
     ("mode=dea", r"mode.*did you mean 'dae'"),
     ("stages=stage1,cahce", r"stages.*did you mean 'cache'"),
     ("precision=bf61", r"precision.*did you mean 'bf16'"),
@@ -61,6 +62,12 @@ def test_ddpm_with_the_cosine_schedule_needs_the_x0_clip():
         apply_overrides(preset("tiny"), ["prior.objective=ddpm", "prior.schedule=cosine"])
     assert apply_overrides(preset("tiny"), ["prior.objective=ddpm", "prior.schedule=cosine",
                                             "prior.clip_x0=4"]).prior.clip_x0 == 4.0
+
+
+def test_logit_normal_times_are_for_flow():
+    with pytest.raises(ValueError, match=r"prior\.time_sampling 'logit_normal' is for prior\.objective 'flow'"):
+        apply_overrides(preset("tiny"), ["prior.objective=ddpm", "prior.time_sampling=logit_normal"])
+    assert apply_overrides(preset("tiny"), ["prior.time_sampling=logit_normal"]).prior.time_sampling == "logit_normal"
 
 
 def test_every_preset_is_valid():

@@ -95,6 +95,29 @@ def test_loss_is_zero_mse_for_the_exact_prediction_and_vb_vanishes_at_the_true_v
     assert flow.loss(lambda x_t, t, y=None: noise - x0, x0, generator=gen()).item() < 1e-10
 
 
+@pytest.mark.parametrize("time_sampling, inner_share", [("uniform", 0.5), ("logit_normal", 0.7280)])
+def test_flow_training_times_follow_the_time_sampling(time_sampling, inner_share):
+    """The times the flow loss feeds the model: uniform on [0, 1], or sigmoid(N(0, 1)), whose share in
+    [0.25, 0.75] is P(|n| < log 3) = 0.728; the path at those times is x_t = (1 - t) x0 + t eps."""
+    d = make_diffusion("flow", time_sampling=time_sampling)
+    x0 = torch.randn(20000, 1, 1, 1)
+    seen = {}
+
+    def record(x_t, t, y=None):
+        seen["x_t"], seen["t"] = x_t, t / d.num_timesteps
+        return torch.zeros_like(x_t)
+
+    gen = torch.Generator().manual_seed(0)
+    d.loss(record, x0, generator=gen)
+    t = seen["t"].double()
+    assert 0 < t.min() and t.max() < 1
+    share = ((t > 0.25) & (t < 0.75)).double().mean().item()
+    assert abs(share - inner_share) < 0.015, share  # 4 standard errors of 20,000 draws
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=gen)  # drawn first, as in the loss
+    torch.testing.assert_close(seen["x_t"], ((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise).float())
+
+
 def test_loss_shapes_and_errors():
     d = make_diffusion()
     x0 = torch.randn(2, 4, 8, 8)
@@ -106,6 +129,10 @@ def test_loss_shapes_and_errors():
         make_diffusion("edm")
     with pytest.raises(ValueError, match="schedule must be 'linear'"):
         make_diffusion("flow", "cosine")
+    with pytest.raises(ValueError, match="time_sampling must be one of"):
+        make_diffusion("flow", time_sampling="beta")
+    with pytest.raises(ValueError, match="is for the flow objective"):
+        make_diffusion("ddpm", time_sampling="logit_normal")
     with pytest.raises(ValueError, match="sampler must be one of"):
         d.sample(lambda x, t, y=None: x, (1, 4, 2, 2), sampler="heun")
     with pytest.raises(ValueError, match="needs class labels"):

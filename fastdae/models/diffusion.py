@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 Objective = Literal["ddpm", "flow"]
 Schedule = Literal["linear", "cosine"]
+TimeSampling = Literal["uniform", "logit_normal"]
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("ddim", "ddpm", "euler")
 CLEAN = -1  # ddpm time index of the data itself (alpha = 1, sigma = 0)
 
@@ -103,8 +105,10 @@ def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | 
 class Diffusion:
     """Training loss and samplers of one objective; build with make_diffusion()."""
 
-    def __init__(self, objective: Objective, schedule: Schedule, num_timesteps: int) -> None:
+    def __init__(self, objective: Objective, schedule: Schedule, num_timesteps: int,
+                 time_sampling: TimeSampling = "uniform") -> None:
         self.objective, self.schedule, self.num_timesteps = objective, schedule, num_timesteps
+        self.time_sampling = time_sampling
         if objective == "ddpm":
             betas = linear_betas(num_timesteps) if schedule == "linear" else cosine_betas(num_timesteps)
             # alpha_bar with the clean state prepended, so time index t sits at t + 1 (CLEAN = -1 at 0)
@@ -159,7 +163,9 @@ class Diffusion:
             raise ValueError(f"Diffusion.loss: x0 must be (B, C, h, w) latents, got {tuple(x0.shape)}")
         B, C = x0.shape[:2]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        if self.objective == "flow":
+        if self.objective == "flow" and self.time_sampling == "logit_normal":  # SD3: t = sigmoid(N(0, 1))
+            t = torch.sigmoid(torch.randn(B, generator=generator, device=x0.device, dtype=torch.float64))
+        elif self.objective == "flow":
             t = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float64)
         else:
             t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
@@ -262,11 +268,15 @@ class Diffusion:
         return x
 
 
-def make_diffusion(objective: Objective = "ddpm", schedule: Schedule = "linear", num_timesteps: int = 1000) -> Diffusion:
+def make_diffusion(objective: Objective = "ddpm", schedule: Schedule = "linear", num_timesteps: int = 1000,
+                   time_sampling: TimeSampling = "uniform") -> Diffusion:
     """The prior's diffusion: objective "ddpm" (eps prediction) or "flow" (rectified flow, velocity).
 
     schedule ("linear" | "cosine") sets DDPM's betas; the flow path is fixed (only "linear" fits it).
-    num_timesteps: DDPM's chain length; for flow the scale of the timestep fed to the network."""
+    num_timesteps: DDPM's chain length; for flow the scale of the timestep fed to the network.
+    time_sampling: the training times of flow, "uniform" on [0, 1] or "logit_normal" (t = sigmoid(n),
+    n ~ N(0, 1): Esser et al. 2024, SD3), which trains the middle of the path, where a sample's layout
+    is decided, more often than its ends; ddpm samples its indices uniformly."""
     if objective not in ("ddpm", "flow"):
         raise ValueError(f"make_diffusion: objective must be 'ddpm' or 'flow', got {objective!r}")
     if schedule not in ("linear", "cosine"):
@@ -275,4 +285,9 @@ def make_diffusion(objective: Objective = "ddpm", schedule: Schedule = "linear",
         raise ValueError("make_diffusion: the flow objective has one (linear) path; schedule must be 'linear'")
     if num_timesteps < 1:
         raise ValueError(f"make_diffusion: num_timesteps must be >= 1, got {num_timesteps}")
-    return Diffusion(objective, schedule, num_timesteps)
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"make_diffusion: time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+    if objective == "ddpm" and time_sampling != "uniform":
+        raise ValueError("make_diffusion: time_sampling 'logit_normal' is for the flow objective; ddpm samples its "
+                         "indices uniformly")
+    return Diffusion(objective, schedule, num_timesteps, time_sampling)

@@ -39,7 +39,7 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + 2)
     model = build_dit(r).to(device)
     model_train = wrap_ddp(model, r.dist, device, p.compile)
-    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps)
+    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)
     upd = Updater(model.parameters(), p, total_steps=p.steps, fp16=r.fp16, device=device, betas=BETAS)
     state = State({"dit": model}, {"dit": upd})
     ema = ema_or_none(model, p.ema_decay)
