@@ -149,6 +149,17 @@ def test_a_folder_holding_another_run_is_refused_unless_overwrite(tmp_path):
     assert len(read_log(stage / "log.csv")) == 2
 
 
+def test_a_runs_own_config_does_not_carry_overwrite(tmp_path):
+    """Trained with overwrite, the run's config.yaml records overwrite false: the file given back with
+    resume (to continue the run, or to a copy of its stages) resumes instead of clearing the folder."""
+    fastdae.train(tiny(tmp_path, *STAGE1, "overwrite=true"))
+    saved = TrainConfig.load(tmp_path / "config.yaml")
+    assert saved.overwrite is False and saved.seed == 0
+    before = tree(tmp_path / "stage1")
+    fastdae.train(apply_overrides(saved, ["resume=true"]))
+    assert tree(tmp_path / "stage1") == before  # finished: skipped, not cleared and trained again
+
+
 def test_training_a_stage_again_starts_from_a_clean_stage_folder(tmp_path):
     fastdae.train(tiny(tmp_path, *STAGE1, "stage1.steps=6"))
     fastdae.train(tiny(tmp_path, *STAGE1))  # the same run, stage 1 trained again from scratch for 2 steps

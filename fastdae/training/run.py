@@ -302,8 +302,10 @@ class Run(RunFolder):
             self._check_resumable(stage)
         self._check_upstream_on_resume()
         self._check_batches()
+        # overwrite acts once, in this call: a config.yaml that kept it would clear the run (or the
+        # out_dir of anyone who reuses the file) when trained again, e.g. with --config it --resume
         self._on_main(lambda: (root.mkdir(parents=True, exist_ok=True), files.write_bytes(
-            self.config_file, cfg.to_yaml().encode())))
+            self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode())))
 
     def _check_resumable(self, stage: str) -> None:
         rec = self.recorded(stage)
