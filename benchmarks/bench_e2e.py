@@ -28,10 +28,11 @@ The ratio is common-way / fastdae total wall time, per round and its median. A w
 at quick size comes first (imports, loading the C++ ops): one-time process costs are not measured.
 CPU: both members run with one intra-op thread (CPU_THREADS: why there).
 
-The recipe is the README's main job (preset "default": 32 px shapes, AE ch 16 f=4 VQ-128, DiT-T/2,
-batch 16/16/32) scaled down 16x in steps and dataset size, so every stage sees as many epochs as in
+The recipe is preset "vq" (the README's main job until 2026-12-02, when the default took a KL
+bottleneck: 32 px shapes, AE ch 16 f=4 VQ-128, DiT-T/2, batch 16/16/32; the common way's quantizer
+needs the VQ) scaled down 16x in steps and dataset size, so every stage sees as many epochs as in
 the main job (stage 2: 1.6, prior: 3.9), with LPIPS on (random VGG16 init: there are no weights here,
-and a random trunk costs what a trained one does). Its default preset has no LPIPS weights and runs
+and a random trunk costs what a trained one does). The preset has no LPIPS weights and runs
 without it. GPU: the same recipe (not measured: no GPU was available).
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ EVAL_IMAGES, EVAL_BATCH = 256, 64  # fastdae's end-of-stage reconstruction eval:
 
 
 def recipe(out_dir: str | Path, quick: bool = QUICK) -> dict[str, Any]:
-    """The config dict both members run: the default preset / 16 in steps and data (see the module
+    """The config dict both members run: the vq preset / 16 in steps and data (see the module
     docstring); quick: the tiny preset at 2 steps a stage (tests)."""
     if quick:
         disc = {"ndf": 8, "n_layers": 1, "start": 1}
@@ -84,7 +85,7 @@ def recipe(out_dir: str | Path, quick: bool = QUICK) -> dict[str, Any]:
     else:
         disc = {"ndf": 16, "n_layers": 2, "start": 12}  # the preset's start 200, / 16
         steps = {"stage1": 25, "stage2": 25, "prior": 31}  # the preset's 400 / 400 / 500, / 16
-        base, data = "default", {"num_samples": 256}  # 4096 / 16
+        base, data = "vq", {"num_samples": 256}  # 4096 / 16
     once = {name: {"steps": n, "log_every": n, "ckpt_every": n} for name, n in steps.items()}  # one checkpoint, at the end
     lpips = {"lpips_random_init": True, "lpips_weight": 1.0, "disc": disc}
     return TrainConfig.from_dict({

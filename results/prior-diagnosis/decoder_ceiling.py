@@ -12,6 +12,6 @@ dec = r.build_decoder(); load_weights(r.decoder_file(r.final_decoder_stage), dec
 f = cache.gather(np.arange(1024))
 print({k: tuple(v.shape) for k, v in f.items()})
 with torch.no_grad():
-    z = bott.latent({"indices": f["indices"].long()})
+    z = bott.latent({k: v for k, v in f.items() if k != "label"}, sample=False)  # VQ codes, or the KL mean (sixth pass)
     x = dec(z).clamp(-1, 1)
 print("real latents decoded:", M.sample_validity(judge.classifier, x, f["label"].long()))
