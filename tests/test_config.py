@@ -81,11 +81,6 @@ def test_every_preset_is_valid():
     TrainConfig()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    return {k2: v2 for k, v in d.items()
-            for k2, v2 in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
-
-
 @pytest.mark.parametrize("study, overrides", [
     ("study-shapes", ["prior.time_sampling=uniform", "prior.steps=4000"]),
     ("study-textures", ["data.name=textures", "prior.time_sampling=uniform", "prior.steps=4000"]),
@@ -97,9 +92,11 @@ def test_the_vq_preset_reruns_the_committed_studies(study, overrides):
     """The README's study commands (--preset vq + these pins) resolve to the config each study ran
     with (report.json), but for out_dir and keys added since, which the recorded config lacks and which
     must be at their defaults; `default` itself no longer does (a KL bottleneck since 2026-12-02)."""
-    recorded = _flat(json.loads((ROOT / "results" / study / "report.json").read_text())["config"])
-    now = _flat(apply_overrides(preset("vq"), overrides + ["progress=false"]).to_dict())
-    added = _flat(TrainConfig().to_dict())
+    from fastdae.training.identity import flatten
+
+    recorded = flatten(json.loads((ROOT / "results" / study / "report.json").read_text())["config"])
+    now = flatten(apply_overrides(preset("vq"), overrides + ["progress=false"]).to_dict())
+    added = flatten(TrainConfig().to_dict())
     diff = {k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k)} - {"out_dir"}
     assert all(k not in recorded and now[k] == added[k] for k in diff), sorted(diff)
     assert preset("default").autoencoder.bottleneck == "kl" and recorded["autoencoder.bottleneck"] == "vq"
