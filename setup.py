@@ -1,6 +1,7 @@
 """Packaging. Plain `pip install .` installs pure Python; the C++ ops then build lazily on first
 use (fastdae/_ext.py). Set FASTDAE_BUILD_EXT=1 (with --no-build-isolation, torch installed) to
 build them ahead of time into fastdae._C."""
+
 import os
 import shutil
 from pathlib import Path

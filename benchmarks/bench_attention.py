@@ -14,6 +14,7 @@ CPU: fp32, B = 1, H = 4, N in {256, 1024}, D in {64, 72}; fastdae's "auto" is SD
 fallback), so the CPU groups show why: the reference against SDPA's backends, not the Triton kernel.
 Members a device or build does not support (e.g. cuDNN for some head dims) are skipped with the reason.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,9 +23,9 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HAS_CUDA, peak_extra_memory, two_x_rule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import HAS_CUDA, peak_extra_memory, two_x_rule
 from fastdae.kernels.attention import attention, attention_ref
 
 SDPA_BACKENDS = {
@@ -40,17 +41,28 @@ if HAS_CUDA:
     FAST = ["fastdae", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "xformers"]
     GROUPS = [
         # FlexAttention compiles per shape (tens of seconds each): measured at DiT-XL's N=1024, D=72 only
-        *((p, "contiguous", N, D, torch.bfloat16, [m for m in MEMBERS if m != "flex" or (N, D) == (1024, 72)])
-          for p in ("fwd", "fwd_bwd") for N in (1024, 4096) for D in (64, 72, 128)),
+        *(
+            (p, "contiguous", N, D, torch.bfloat16, [m for m in MEMBERS if m != "flex" or (N, D) == (1024, 72)])
+            for p in ("fwd", "fwd_bwd")
+            for N in (1024, 4096)
+            for D in (64, 72, 128)
+        ),
         *((p, "fused-qkv", 1024, D, torch.bfloat16, FAST) for p in ("fwd", "fwd_bwd") for D in (72, 128)),
-        *((p, "contiguous", 1024, D, torch.float32, ["fastdae", "fastdae-triton", "sdpa-efficient", "sdpa-math"])
-          for p in ("fwd", "fwd_bwd") for D in (64, 72)),
+        *(
+            (p, "contiguous", 1024, D, torch.float32, ["fastdae", "fastdae-triton", "sdpa-efficient", "sdpa-math"])
+            for p in ("fwd", "fwd_bwd")
+            for D in (64, 72)
+        ),
     ]
 else:
     HEADS, TOKENS = 4, 1024
     MEMBERS = ["fastdae", "reference", *SDPA_BACKENDS, "xformers"]
-    GROUPS = [(p, "contiguous", N, D, torch.float32, MEMBERS) for p in ("fwd", "fwd_bwd") for N in (256, 1024)
-              for D in (64, 72)]
+    GROUPS = [
+        (p, "contiguous", N, D, torch.float32, MEMBERS)
+        for p in ("fwd", "fwd_bwd")
+        for N in (256, 1024)
+        for D in (64, 72)
+    ]
 CASES = [(p, layout, N, D, dtype, m) for p, layout, N, D, dtype, members in GROUPS for m in members]
 
 
@@ -119,6 +131,7 @@ def test_attention(benchmark, timed, bench_device, case):
         accuracy = two_x_rule(fn(q, k, v), attention_ref(q.double(), k.double(), v.double()), attention_ref(q, k, v))
     peak = peak_extra_memory(step, bench_device)
     flops = 4 * B * HEADS * N * N * D * (3.5 if pass_ == "fwd_bwd" else 1.0)
-    seconds = timed(step, member=member, layout=layout, dtype=dtype_name, B=B, H=HEADS, N=N, D=D,
-                    peak_extra_bytes=peak, **accuracy)
+    seconds = timed(
+        step, member=member, layout=layout, dtype=dtype_name, B=B, H=HEADS, N=N, D=D, peak_extra_bytes=peak, **accuracy
+    )
     benchmark.extra_info["tflops"] = flops / seconds / 1e12

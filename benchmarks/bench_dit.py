@@ -9,14 +9,15 @@ GPU: bf16 autocast; DiT-B/2 on 4x32x32 latents (256 tokens, head dim 64) and an 
 CPU: DiT-T/2 on 4x8x8 latents, one intra-op thread (a tiny model on a shared CPU: extra threads
 only add contention noise); fastdae's "auto" is SDPA there (its CPU fallback).
 """
+
 from __future__ import annotations
 
 import contextlib
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA
+
 from fastdae.models.diffusion import make_diffusion
 from fastdae.models.dit import DiT, DiT_models
 
@@ -24,7 +25,12 @@ from fastdae.models.dit import DiT, DiT_models
 if HAS_CUDA:
     CASES = [
         ("DiT-B2", lambda **kw: DiT_models["DiT-B/2"](**kw), (4, 32, 32), 64),
-        ("DiT-XLwidth-d6", lambda **kw: DiT(patch_size=2, hidden_size=1152, depth=6, num_heads=16, **kw), (4, 32, 32), 64),
+        (
+            "DiT-XLwidth-d6",
+            lambda **kw: DiT(patch_size=2, hidden_size=1152, depth=6, num_heads=16, **kw),
+            (4, 32, 32),
+            64,
+        ),
     ]
 else:
     CASES = [("DiT-T2", lambda **kw: DiT_models["DiT-T/2"](**kw), (4, 8, 8), 16)]
@@ -62,6 +68,13 @@ def test_dit_train_step(benchmark, timed, bench_device, name, factory, latent, b
         opt.step()
 
     step()  # warm-up: Triton compile + autotune
-    seconds = timed(step, member=member, model=name, intra_op_threads=torch.get_num_threads(), batch=batch,
-                    latent=list(latent), params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    seconds = timed(
+        step,
+        member=member,
+        model=name,
+        intra_op_threads=torch.get_num_threads(),
+        batch=batch,
+        latent=list(latent),
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     benchmark.extra_info["latents_per_s"] = batch / seconds

@@ -35,6 +35,7 @@ the main job (stage 2: 1.6, prior: 3.9), with LPIPS on (random VGG16 init: there
 and a random trunk costs what a trained one does). The preset has no LPIPS weights and runs
 without it. GPU: the same recipe (not measured: no GPU was available).
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,10 +51,9 @@ from typing import Any
 
 import pytest
 import torch
+from bench_lpips import public_lpips_head  # benchmarks/bench_lpips.py (pytest puts its folder on sys.path)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-
-from bench_lpips import public_lpips_head  # benchmarks/bench_lpips.py (pytest puts its folder on sys.path)
 
 import fastdae
 from fastdae.config import TrainConfig, preset
@@ -86,12 +86,22 @@ def recipe(out_dir: str | Path, quick: bool = QUICK) -> dict[str, Any]:
         disc = {"ndf": 16, "n_layers": 2, "start": 12}  # the preset's start 200, / 16
         steps = {"stage1": 25, "stage2": 25, "prior": 31}  # the preset's 400 / 400 / 500, / 16
         base, data = "vq", {"num_samples": 256}  # 4096 / 16
-    once = {name: {"steps": n, "log_every": n, "ckpt_every": n} for name, n in steps.items()}  # one checkpoint, at the end
+    once = {
+        name: {"steps": n, "log_every": n, "ckpt_every": n} for name, n in steps.items()
+    }  # one checkpoint, at the end
     lpips = {"lpips_random_init": True, "lpips_weight": 1.0, "disc": disc}
-    return TrainConfig.from_dict({
-        "out_dir": str(out_dir), "stages": list(STAGES), "progress": False, "data": data,
-        "stage1": {**once["stage1"], **lpips}, "stage2": {**once["stage2"], **lpips}, "prior": once["prior"],
-    }, base=preset(base)).to_dict()
+    return TrainConfig.from_dict(
+        {
+            "out_dir": str(out_dir),
+            "stages": list(STAGES),
+            "progress": False,
+            "data": data,
+            "stage1": {**once["stage1"], **lpips},
+            "stage2": {**once["stage2"], **lpips},
+            "prior": once["prior"],
+        },
+        base=preset(base),
+    ).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +171,11 @@ def endless(loader: DataLoader) -> Iterator[Any]:
 
 def image_loader(dataset: Any, batch: int, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Shuffled (images (B, 3, H, W), labels (B,)) batches forever (the dataset renders a batch at once)."""
-    return endless(DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                              persistent_workers=workers > 0))
+    return endless(
+        DataLoader(
+            dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
+        )
+    )
 
 
 def timed_loop(steps: int, batches: Iterator[Any], step: Callable[[Any, int], Tensor]) -> tuple[float, float]:
@@ -200,8 +213,11 @@ class AEUpdate:
         return loss.detach()
 
     def state(self) -> dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "d_opt": self.d_opt.state_dict(),
-                "discriminator": self.crit.discriminator.state_dict()}
+        return {
+            "opt": self.opt.state_dict(),
+            "d_opt": self.d_opt.state_dict(),
+            "discriminator": self.crit.discriminator.state_dict(),
+        }
 
 
 @torch.no_grad()
@@ -250,8 +266,15 @@ def run_common_way(config: dict[str, Any]) -> dict[str, Any]:
     for m in (encoder, quantizer):
         m.eval().requires_grad_(False)
     final["stage1_psnr"] = reconstruct_psnr(dataset, lambda x: ema1.module(quantizer(encoder(x))[0]), device)
-    torch.save({"encoder": encoder.state_dict(), "quantizer": quantizer.state_dict(), "decoder": ema1.module.state_dict(),
-                **update1.state()}, out / "stage1.pt")
+    torch.save(
+        {
+            "encoder": encoder.state_dict(),
+            "quantizer": quantizer.state_dict(),
+            "decoder": ema1.module.state_dict(),
+            **update1.state(),
+        },
+        out / "stage1.pt",
+    )
     wall["stage1"] = time.perf_counter() - t
 
     def encode(x: Tensor) -> Tensor:
@@ -282,9 +305,17 @@ def run_common_way(config: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     p = cfg.prior
     torch.manual_seed(cfg.seed + 2)
-    dit = DiT_models[p.model](input_size=cfg.data.size // ae.downsample, in_channels=ae.z_channels,
-                              num_classes=dataset.num_classes if p.class_cond else 0, learn_sigma=False,
-                              attn_impl="ref").to(device).train()
+    dit = (
+        DiT_models[p.model](
+            input_size=cfg.data.size // ae.downsample,
+            in_channels=ae.z_channels,
+            num_classes=dataset.num_classes if p.class_cond else 0,
+            learn_sigma=False,
+            attn_impl="ref",
+        )
+        .to(device)
+        .train()
+    )
     diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps)
     opt = torch.optim.Adam(dit.parameters(), lr=p.lr, betas=(0.9, 0.999))
     ema = EMA(dit, p.ema_decay)
@@ -312,10 +343,15 @@ def run_fastdae(config: dict[str, Any]) -> dict[str, Any]:
     """One public fastdae.train call; the per-stage split from the Result's metrics."""
     result = fastdae.train(config)
     stages = result.metrics["stages"]
-    return {"wall": {s: stages[s]["wall_s"] for s in STAGES},
-            "loop": {s: stages[s]["time_s"] for s in ("stage1", "stage2", "prior")},
-            "final": {"stage1_psnr": stages["stage1"]["eval"]["psnr"], "stage2_psnr": stages["stage2"]["eval"]["psnr"],
-                      **{s: stages[s]["final"]["loss"] for s in ("stage1", "stage2", "prior")}}}
+    return {
+        "wall": {s: stages[s]["wall_s"] for s in STAGES},
+        "loop": {s: stages[s]["time_s"] for s in ("stage1", "stage2", "prior")},
+        "final": {
+            "stage1_psnr": stages["stage1"]["eval"]["psnr"],
+            "stage2_psnr": stages["stage2"]["eval"]["psnr"],
+            **{s: stages[s]["final"]["loss"] for s in ("stage1", "stage2", "prior")},
+        },
+    }
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"fastdae": run_fastdae, "common-way": run_common_way}
@@ -338,9 +374,14 @@ def flat_info(variant: str, split: dict[str, Any], config: dict[str, Any]) -> di
     info |= {f"{s}_loop_ms_per_step": 1e3 * v / steps[s] for s, v in split["loop"].items()}
     info |= {f"final_{k}": v for k, v in split["final"].items()}
     info |= {f"{s}_steps": n for s, n in steps.items()}
-    info |= {"stage1_batch": config["stage1"]["batch_size"], "stage2_batch": config["stage2"]["batch_size"],
-             "prior_batch": config["prior"]["batch_size"], "image_size": config["data"]["size"],
-             "num_samples": config["data"]["num_samples"], "dit": config["prior"]["model"]}
+    info |= {
+        "stage1_batch": config["stage1"]["batch_size"],
+        "stage2_batch": config["stage2"]["batch_size"],
+        "prior_batch": config["prior"]["batch_size"],
+        "image_size": config["data"]["size"],
+        "num_samples": config["data"]["num_samples"],
+        "dit": config["prior"]["model"],
+    }
     return info
 
 
@@ -382,8 +423,13 @@ def test_e2e_recipe(benchmark, record, warmed, tmp_path, round_, variant):
     totals = _TOTALS.setdefault(round_, {})
     totals[variant] = split["total"]
     ratio = {"round_ratio_common_over_fastdae": totals["common-way"] / totals["fastdae"]} if len(totals) == 2 else {}
-    record(round=round_, load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0],
-           **flat_info(variant, split, config), **ratio)
+    record(
+        round=round_,
+        load_avg_1min_before=load_before,
+        load_avg_1min_after=os.getloadavg()[0],
+        **flat_info(variant, split, config),
+        **ratio,
+    )
     assert set(split["wall"]) == {*STAGES, "other"} and all(v >= 0 for v in split["wall"].values())
     assert all(math.isfinite(v) for v in split["final"].values()), split["final"]
 
@@ -474,38 +520,61 @@ def report(path: Path) -> str:
     runs = [b["extra_info"] for b in data["benchmarks"] if b["name"].startswith("test_e2e_recipe")]
     by = {v: sorted((r for r in runs if r["variant"] == v), key=lambda r: r["round"]) for v in VARIANTS}
     ratios = [c["total_s"] / f["total_s"] for f, c in zip(by["fastdae"], by["common-way"])]
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if all(isinstance(r.get(k), float) for r in rs)}
-           for v, rs in by.items()}  # (the round's ratio is on its second member only)
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if all(isinstance(r.get(k), float) for r in rs)}
+        for v, rs in by.items()
+    }  # (the round's ratio is on its second member only)
     first = runs[0]
     loads = [r[k] for r in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
-    title = (f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
-             f"intra-op threads: {first['threads']})")
-    sizes = (f"Recipe: {first['image_size']} px shapes, {first['num_samples']} images; stage 1 {first['stage1_steps']} "
-             f"steps x {first['stage1_batch']}, cache, stage 2 {first['stage2_steps']} x {first['stage2_batch']}, prior "
-             f"({first['dit']}) {first['prior_steps']} x {first['prior_batch']}; {len(ratios)} interleaved rounds.")
-    load = (f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
-            f"(machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}).")
-    headline = (f"**Wall-clock ratio common-way / fastdae: {statistics.median(ratios):.2f}x** (median over rounds; "
-                f"per round: {', '.join(f'{x:.2f}x' for x in ratios)}).")
-    lines = [title, "", sizes, load, "", headline, "",
-             "| stage | fastdae (s) | common way (s) | ratio | fastdae ms/step | common ms/step |", "|---|---|---|---|---|---|"]
+    title = (
+        f"# End-to-end recipe: fastdae vs the common way ({first['device']}, torch {first['torch']}, "
+        f"intra-op threads: {first['threads']})"
+    )
+    sizes = (
+        f"Recipe: {first['image_size']} px shapes, {first['num_samples']} images; stage 1 {first['stage1_steps']} "
+        f"steps x {first['stage1_batch']}, cache, stage 2 {first['stage2_steps']} x {first['stage2_batch']}, prior "
+        f"({first['dit']}) {first['prior_steps']} x {first['prior_batch']}; {len(ratios)} interleaved rounds."
+    )
+    load = (
+        f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
+        f"(machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')})."
+    )
+    headline = (
+        f"**Wall-clock ratio common-way / fastdae: {statistics.median(ratios):.2f}x** (median over rounds; "
+        f"per round: {', '.join(f'{x:.2f}x' for x in ratios)})."
+    )
+    lines = [
+        title,
+        "",
+        sizes,
+        load,
+        "",
+        headline,
+        "",
+        "| stage | fastdae (s) | common way (s) | ratio | fastdae ms/step | common ms/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in (*STAGES, "other", "total"):
         f, c = med["fastdae"][f"{s}_s"], med["common-way"][f"{s}_s"]
         ms = [m.get(f"{s}_loop_ms_per_step") for m in (med["fastdae"], med["common-way"])]
         ms_text = " | ".join(f"{x:.0f}" if x is not None else "" for x in ms)
         ratio = f"{c / f:.2f}x" if c > 0 else "(no cache)"
         lines.append(f"| {s} | {f:.2f} | {c:.2f} | {ratio} | {ms_text} |")
-    notes = ("Per-member medians over rounds (so the total row's ratio, of medians, can differ from the "
-             "headline, the median of per-round ratios); `other` is fastdae.train's setup outside the stages "
-             "(config, logging, summary) or the common way's run outside its stages. ms/step: the training "
-             "loop alone (no model build, eval or final save), per step.")
+    notes = (
+        "Per-member medians over rounds (so the total row's ratio, of medians, can differ from the "
+        "headline, the median of per-round ratios); `other` is fastdae.train's setup outside the stages "
+        "(config, logging, summary) or the common way's run outside its stages. ms/step: the training "
+        "loop alone (no model build, eval or final save), per step."
+    )
     lines += ["", notes, "", "| final | fastdae | common way |", "|---|---|---|"]
     for k in ("final_stage1_psnr", "final_stage2_psnr", "final_stage1", "final_stage2", "final_prior"):
         lines.append(f"| {k.removeprefix('final_')} | {med['fastdae'][k]:.3f} | {med['common-way'][k]:.3f} |")
     components = [b for b in data["benchmarks"] if b["name"].startswith("test_e2e_component")]
     lines += ["", "Components at the recipe's shapes (median of rounds, same run):", ""]
-    lines += [f"- {b['extra_info']['component']} (batch {b['extra_info']['batch']}): "
-              f"{1e3 * b['stats']['median']:.0f} ms" for b in components]
+    lines += [
+        f"- {b['extra_info']['component']} (batch {b['extra_info']['batch']}): {1e3 * b['stats']['median']:.0f} ms"
+        for b in components
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,14 +9,19 @@ GPU: 256x256 and 64x64 images, batch 16. CPU: smaller (so the file runs in a few
 extra_info: peak extra memory of one step (bytes) and, for the head, effective GB/s
 (forward reads both maps, backward reads both and writes both gradients: 6 passes).
 """
+
 from __future__ import annotations
 
 import functools
 
 import pytest
 import torch
+from conftest import (
+    HAS_CUDA,
+    peak_extra_memory,
+    two_x_rule,
+)  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 
-from conftest import HAS_CUDA, peak_extra_memory, two_x_rule  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LPIPS
 
@@ -79,8 +84,9 @@ def test_lpips_head_fwd_bwd(benchmark, timed, bench_device, img, batch, member, 
     step()  # warm-up: JIT build / Triton compile / torch.compile
     with torch.no_grad():  # the head's value vs float64, next to the eager reference in this dtype
         f0_64, f1_64 = [f.double() for f in f0], [f.double() for f in f1]
-        accuracy = two_x_rule(head(f0, f1, w), lpips_head_ref(f0_64, f1_64, [x.double() for x in w]),
-                              lpips_head_ref(f0, f1, w))
+        accuracy = two_x_rule(
+            head(f0, f1, w), lpips_head_ref(f0_64, f1_64, [x.double() for x in w]), lpips_head_ref(f0, f1, w)
+        )
     peak = peak_extra_memory(step, bench_device)
     seconds = timed(step, member=member, dtype=str(dtype), peak_extra_bytes=peak, **accuracy)
     map_bytes = sum(f.numel() * f.element_size() for f in f0)

@@ -18,6 +18,7 @@ Groups:
 GPU: a VQGAN-f8-like model (AE-S/8) at 128x128, batch 32. CPU: the default preset's model at 32x32,
 batch 16 (runs in a couple of minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -25,9 +26,9 @@ import time
 
 import pytest
 import torch
+from conftest import HAS_CUDA  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 from torch.utils.data import DataLoader
 
-from conftest import HAS_CUDA  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 from fastdae.cache import LatentCache
 from fastdae.data import ProceduralShapes, dataset_fingerprint
 from fastdae.models.autoencoder import Autoencoder, autoencoder_config, build_decoder
@@ -66,10 +67,27 @@ def setup(bench_device, tmp_path_factory):
         return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
 
     root = tmp_path_factory.mktemp("cache")
-    cache = LatentCache.build(root, dataset, encode, batch_size=256, shard_size=256, encoder_sha256="bench",
-                              dataset_fingerprint=dataset_fingerprint(dataset), progress=False)
-    return {"device": device, "encoder": encoder, "bottleneck": bottleneck, "decoder": decoder, "opt": opt,
-            "dataset": dataset, "cache": cache, "encode": encode, "root": root}
+    cache = LatentCache.build(
+        root,
+        dataset,
+        encode,
+        batch_size=256,
+        shard_size=256,
+        encoder_sha256="bench",
+        dataset_fingerprint=dataset_fingerprint(dataset),
+        progress=False,
+    )
+    return {
+        "device": device,
+        "encoder": encoder,
+        "bottleneck": bottleneck,
+        "decoder": decoder,
+        "opt": opt,
+        "dataset": dataset,
+        "cache": cache,
+        "encode": encode,
+        "root": root,
+    }
 
 
 def decoder_step(s, z: torch.Tensor, x: torch.Tensor) -> None:
@@ -128,8 +146,14 @@ def test_stage2_step(benchmark, record, setup, variant):
             t_full.append(timed(lambda: with_encoder(s, fields, x), s["device"]))
         enc, dec, full = (statistics.median(t) for t in (t_enc, t_dec, t_full))
         ideal, measured = (enc + dec) / dec, full / dec
-        extra |= {"t_enc_s": enc, "t_dec_s": dec, "t_encoder_every_step_s": full, "ideal_speedup": ideal,
-                  "measured_speedup": measured, "efficiency_vs_ideal": measured / ideal}
+        extra |= {
+            "t_enc_s": enc,
+            "t_dec_s": dec,
+            "t_encoder_every_step_s": full,
+            "ideal_speedup": ideal,
+            "measured_speedup": measured,
+            "efficiency_vs_ideal": measured / ideal,
+        }
     record(**extra)
     benchmark.group = f"stage2-step-{SIZE}px-B{BATCH}"
     benchmark.pedantic(lambda: (step(s, fields, x), sync(s["device"])), rounds=TIMING_ROUNDS, warmup_rounds=1)
@@ -165,8 +189,16 @@ def test_cache_write(benchmark, record, setup, tmp_path):
 
     def build() -> None:
         root = tmp_path / f"c{next(runs)}"
-        LatentCache.build(root, s["dataset"], s["encode"], batch_size=256, shard_size=256, encoder_sha256="bench",
-                          dataset_fingerprint="bench", progress=False)
+        LatentCache.build(
+            root,
+            s["dataset"],
+            s["encode"],
+            batch_size=256,
+            shard_size=256,
+            encoder_sha256="bench",
+            dataset_fingerprint="bench",
+            progress=False,
+        )
 
     benchmark.group = f"cache-write-{SIZE}px"
     benchmark.pedantic(build, rounds=2, warmup_rounds=0)
@@ -207,7 +239,11 @@ def test_optimizer_step(benchmark, record, bench_device, kernel):
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **OPTIMIZER_KERNELS[kernel])
-    record(kernel=kernel, model=name, params=sum(p.numel() for p in model.parameters()),
-           tensors=len(list(model.parameters())))
+    record(
+        kernel=kernel,
+        model=name,
+        params=sum(p.numel() for p in model.parameters()),
+        tensors=len(list(model.parameters())),
+    )
     benchmark.group = f"optimizer-step-{name}"
     benchmark.pedantic(lambda: (opt.step(), sync(bench_device)), rounds=100, warmup_rounds=5)

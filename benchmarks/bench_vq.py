@@ -17,14 +17,15 @@ largest excess distance of a chosen code over the minimum, relative to ||x||^2 +
 FAISS searches a prebuilt index (its add() is outside the timed call: its best case), with as many
 OpenMP threads as torch uses.
 """
+
 from __future__ import annotations
 
 import importlib
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA, peak_extra_memory  # benchmarks/conftest.py (pytest puts its folder on sys.path)
+
 from fastdae.kernels.vq import vector_quantize, vq_nearest
 
 try:
@@ -68,8 +69,9 @@ def _vqp_module(K: int, D: int, device: torch.device, train: bool):
     if VectorQuantize is None:
         pytest.skip("vector-quantize-pytorch is not installed")
     # learnable codebook (gradient-trained, like the other members), commitment weight beta
-    vq = VectorQuantize(dim=D, codebook_size=K, commitment_weight=BETA, ema_update=False,
-                        learnable_codebook=True, rotation_trick=False).to(device)
+    vq = VectorQuantize(
+        dim=D, codebook_size=K, commitment_weight=BETA, ema_update=False, learnable_codebook=True, rotation_trick=False
+    ).to(device)
     return vq.train(train)
 
 
@@ -130,8 +132,10 @@ def _accuracy(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> dic
     full = torch.cdist(x64, c64).square()  # (rows, K)
     chosen = full.gather(1, idx[:ACC_ROWS].to(z.device, torch.int64)[:, None])[:, 0]
     scale = x64.square().sum(1) + c64.square().sum(1).max()
-    return dict(argmin_agree=(idx[:ACC_ROWS].to(z.device) == full.argmin(1)).double().mean().item(),
-                max_rel_gap=((chosen - full.min(1).values) / scale).max().item())
+    return dict(
+        argmin_agree=(idx[:ACC_ROWS].to(z.device) == full.argmin(1)).double().mean().item(),
+        max_rel_gap=((chosen - full.min(1).values) / scale).max().item(),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -174,8 +178,14 @@ def test_cpu_sgemm_peak(benchmark, record):
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     benchmark(torch.mm, a, b)
-    record(member="torch.mm", M=n, N=n, K=n, tflops=2 * n**3 / benchmark.stats.stats.median / 1e12,
-           tflops_best=2 * n**3 / benchmark.stats.stats.min / 1e12)
+    record(
+        member="torch.mm",
+        M=n,
+        N=n,
+        K=n,
+        tflops=2 * n**3 / benchmark.stats.stats.median / 1e12,
+        tflops_best=2 * n**3 / benchmark.stats.stats.min / 1e12,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

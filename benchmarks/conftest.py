@@ -8,11 +8,12 @@ Performance claims are ratios between members of one pytest-benchmark group, mea
 FASTDAE_BENCH_DEVICE=cuda makes the files parametrize their GPU cases without a GPU: for
 `pytest --collect-only` (gpu_check.sh --dry-run), never for running them.
 """
+
 from __future__ import annotations
 
 import os
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -105,8 +106,11 @@ def two_x_rule(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, floo
     torch in the same dtype (`plain`); passes when it is at most 2x that plus a small floor."""
     err = (out.double() - ref64).abs().max().item()
     plain_err = (plain.double() - ref64).abs().max().item()
-    return {"max_err_vs_fp64": err, "plain_torch_err_vs_fp64": plain_err,
-            "within_2x_rule": bool(err <= 2 * plain_err + floor)}
+    return {
+        "max_err_vs_fp64": err,
+        "plain_torch_err_vs_fp64": plain_err,
+        "within_2x_rule": bool(err <= 2 * plain_err + floor),
+    }
 
 
 @pytest.fixture(scope="session")

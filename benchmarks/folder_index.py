@@ -9,6 +9,7 @@ process's peak RSS, torch's import included), once under tracemalloc for the pea
 after "cold" has written it; the tree's directories are dated a minute back so it is cacheable. `--old REV` also times the ImageFolder of a git
 revision (it read every file's header at construction) on the same tree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,12 +80,17 @@ def measure(mode: str, tree: Path, path: Path, env: dict) -> dict:
     """Seconds from an untraced run, then peak heap from a tracemalloc'd run of the same step ("old"
     runs once, traced: its minutes of header reads dwarf the tracing overhead)."""
     rows = []
-    for trace in (("trace",) if mode == "old" else ("time", "trace")):
+    for trace in ("trace",) if mode == "old" else ("time", "trace"):
         if mode == "cold":  # each cold run starts without a cached index
             for f in Path(env["FASTDAE_INDEX_DIR"]).glob("*.npz"):
                 f.unlink()
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, str(tree), trace], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path), mode, str(tree), trace],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {**rows[0], "peak_heap_bytes": rows[-1]["peak_heap_bytes"]}
 
@@ -103,35 +109,56 @@ def main() -> None:
     print(f"tree: {args.files} files in {time.perf_counter() - t0:.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FASTDAE_INDEX_DIR": tmp, "OMP_NUM_THREADS": "1"}
-        rows = [measure("cold", args.tree, REPO, env), measure("warm", args.tree, REPO, env),
-                measure("fingerprint", args.tree, REPO, env)]
+        rows = [
+            measure("cold", args.tree, REPO, env),
+            measure("warm", args.tree, REPO, env),
+            measure("fingerprint", args.tree, REPO, env),
+        ]
         if args.old:
             (Path(tmp) / "old_data.py").write_text(
-                subprocess.run(["git", "show", f"{args.old}:fastdae/data.py"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout)
+                subprocess.run(
+                    ["git", "show", f"{args.old}:fastdae/data.py"], cwd=REPO, capture_output=True, text=True, check=True
+                ).stdout
+            )
             rows.append(measure("old", args.tree, Path(tmp), env))
     for r in rows:
         print(json.dumps(r))
     if args.out:
-        info = {"load_average_1min": os.getloadavg()[0], "device": args.device, "machine": platform.processor() or platform.machine(),
-                "python": platform.python_version(), "cpus": os.cpu_count(), "files": args.files,
-                "old_revision": args.old, "rows": rows}
+        info = {
+            "load_average_1min": os.getloadavg()[0],
+            "device": args.device,
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "files": args.files,
+            "old_revision": args.old,
+            "rows": rows,
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"{args.device}-folder-index"
         stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-        lines = [f"# ImageFolder index: {args.files:,} files in {CLASSES} class folders ({args.device})", "",
-                 "Written by `python benchmarks/folder_index.py`; each row a fresh process; warm OS file caches "
-                 "(the tree was just listed); a shared machine, 1-minute load average "
-                 f"{info['load_average_1min']:.1f} at the end, so seconds are noisy.", "",
-                 "| step | seconds | peak Python heap (MB) | peak RSS (MB) | index arrays (bytes/file) |",
-                 "|---|---|---|---|---|"]
-        names = {"cold": "build (no cached index)", "warm": "construct (cached index)",
-                 "fingerprint": "dataset_fingerprint (stat per file + 8 probes)",
-                 "old": f"old ImageFolder ({args.old}: header read per file)"}
+        lines = [
+            f"# ImageFolder index: {args.files:,} files in {CLASSES} class folders ({args.device})",
+            "",
+            "Written by `python benchmarks/folder_index.py`; each row a fresh process; warm OS file caches "
+            "(the tree was just listed); a shared machine, 1-minute load average "
+            f"{info['load_average_1min']:.1f} at the end, so seconds are noisy.",
+            "",
+            "| step | seconds | peak Python heap (MB) | peak RSS (MB) | index arrays (bytes/file) |",
+            "|---|---|---|---|---|",
+        ]
+        names = {
+            "cold": "build (no cached index)",
+            "warm": "construct (cached index)",
+            "fingerprint": "dataset_fingerprint (stat per file + 8 probes)",
+            "old": f"old ImageFolder ({args.old}: header read per file)",
+        }
         for r in rows:
             per = f"{r['index_bytes'] / r['files']:.1f}" if r["index_bytes"] else "-"
-            lines.append(f"| {names[r['mode']]} | {r['seconds']:.2f} | {r['peak_heap_bytes'] / 1e6:.1f} | "
-                         f"{r['max_rss_bytes'] / 1e6:.0f} | {per} |")
+            lines.append(
+                f"| {names[r['mode']]} | {r['seconds']:.2f} | {r['peak_heap_bytes'] / 1e6:.1f} | "
+                f"{r['max_rss_bytes'] / 1e6:.0f} | {per} |"
+            )
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -11,6 +11,7 @@ to each speed (attention and LPIPS: error vs float64 against plain torch's in th
 rule; VQ: whatever bench_vq.py records). The header records GPU name, clocks, power, allow_tf32 and
 versions (NVML through nvidia-ml-py). Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_FILES = ["benchmarks/bench_attention.py", "benchmarks/bench_vq.py", "benchmarks/bench_lpips.py",
-               "benchmarks/bench_dit.py"]
+BENCH_FILES = [
+    "benchmarks/bench_attention.py",
+    "benchmarks/bench_vq.py",
+    "benchmarks/bench_lpips.py",
+    "benchmarks/bench_dit.py",
+]
 GPU_TESTS = ["tests"]
 # Every group the GPU run must have: (file, a substring every matching test id has), one per group
 # family; the dry run fails when one matches no collected test.
@@ -63,8 +68,13 @@ def collect(gpu_plan: bool = True) -> tuple[list[str], list[str]]:
     """(benchmark test ids, GPU-marked test ids) as pytest collects them."""
 
     def ids(args: list[str]) -> list[str]:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                              cwd=ROOT, env=_env(gpu_plan), capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+            cwd=ROOT,
+            env=_env(gpu_plan),
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode not in (0, 5):  # 5: nothing collected
             raise RuntimeError(f"collection failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return [line for line in proc.stdout.splitlines() if "::" in line]
@@ -95,17 +105,39 @@ def markdown(data: dict, tests_rc: int, elapsed: float) -> str:
     (fastdae's competitor: SDPA flash for attention, else the reference), accuracy columns."""
     benches = data["benchmarks"]
     info = benches[0]["extra_info"] if benches else {}
-    keys = ("device", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "power_limit_w",
-            "temperature_c", "allow_tf32_matmul", "allow_tf32_cudnn", "driver", "cuda", "torch", "triton")
-    lines = ["# GPU check", "", f"GPU-marked tests: {'passed' if tests_rc == 0 else f'FAILED (pytest exit {tests_rc})'}; "
-             f"total wall time {elapsed / 60:.1f} min.", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-             "| " + " | ".join(str(info.get(k, "-")) for k in keys) + " |", "",
-             "Times: CUDA-event medians from triton.testing.do_bench (L2 flushed, warm-up and autotune excluded).", ""]
+    keys = (
+        "device",
+        "sm_clock_mhz",
+        "sm_clock_max_mhz",
+        "mem_clock_mhz",
+        "power_w",
+        "power_limit_w",
+        "temperature_c",
+        "allow_tf32_matmul",
+        "allow_tf32_cudnn",
+        "driver",
+        "cuda",
+        "torch",
+        "triton",
+    )
+    lines = [
+        "# GPU check",
+        "",
+        f"GPU-marked tests: {'passed' if tests_rc == 0 else f'FAILED (pytest exit {tests_rc})'}; "
+        f"total wall time {elapsed / 60:.1f} min.",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+        "| " + " | ".join(str(info.get(k, "-")) for k in keys) + " |",
+        "",
+        "Times: CUDA-event medians from triton.testing.do_bench (L2 flushed, warm-up and autotune excluded).",
+        "",
+    ]
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in benches:
         groups[b["group"]].append(b)
     for group, members in sorted(groups.items()):
+
         def ms(b: dict) -> float:
             return b["extra_info"].get("cuda_median_ms", b["stats"]["median"] * 1e3)
 
@@ -117,8 +149,10 @@ def markdown(data: dict, tests_rc: int, elapsed: float) -> str:
             e = b["extra_info"]
             acc = []
             if "max_err_vs_fp64" in e:
-                acc.append(f"err {e['max_err_vs_fp64']:.2e} (plain {e['plain_torch_err_vs_fp64']:.2e}, "
-                           f"2x rule {'ok' if e['within_2x_rule'] else 'FAIL'})")
+                acc.append(
+                    f"err {e['max_err_vs_fp64']:.2e} (plain {e['plain_torch_err_vs_fp64']:.2e}, "
+                    f"2x rule {'ok' if e['within_2x_rule'] else 'FAIL'})"
+                )
             for k in ("argmin_agreement", "dist_rel_err_vs_fp64"):
                 if k in e:
                     acc.append(f"{k} {e[k]:.3g}")
@@ -136,15 +170,30 @@ def run(out_dir: Path, budget_s: int) -> int:
         return 2
     start = time.time()
     env = _env(gpu_plan=False)
-    tests = subprocess.run([sys.executable, "-m", "pytest", *GPU_TESTS, "-m", "gpu", "-q", "-p", "no:cacheprovider"],
-                           cwd=ROOT, env=env)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", *GPU_TESTS, "-m", "gpu", "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=env
+    )
     stem = f"{_slug(torch.cuda.get_device_name())}-{datetime.date.today().isoformat()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"{stem}.json"
-    bench = subprocess.run([sys.executable, "-m", "pytest", *BENCH_FILES, "--benchmark-only", "-q", "-p",
-                            "no:cacheprovider", f"--benchmark-json={raw}", "--benchmark-min-rounds=3",
-                            "--benchmark-max-time=0.05", "--benchmark-warmup=off"],
-                           cwd=ROOT, env=env)
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *BENCH_FILES,
+            "--benchmark-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--benchmark-json={raw}",
+            "--benchmark-min-rounds=3",
+            "--benchmark-max-time=0.05",
+            "--benchmark-warmup=off",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     elapsed = time.time() - start
     data = json.loads(raw.read_text())
     (out_dir / f"{stem}.md").write_text(markdown(data, tests.returncode, elapsed))
@@ -158,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="collect every group (no GPU needed) and exit")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--budget-s", type=int, default=8 * 60, help="warn when the whole check takes longer (results are kept)")
+    parser.add_argument(
+        "--budget-s", type=int, default=8 * 60, help="warn when the whole check takes longer (results are kept)"
+    )
     args = parser.parse_args(argv)
     return dry_run() if args.dry_run else run(Path(args.out), args.budget_s)
 

@@ -1,8 +1,9 @@
-"""The static kernel report from the benchmarks folder: same as `python -m fastdae.kernels.report`.
+"""The static kernel report from the benchmarks folder: same as `python -m fastdae.kernel_report`.
 
-    PYTHONPATH=. python benchmarks/kernel_report.py [--targets sm90,sm80] [--ci] [--unshipped]
+PYTHONPATH=. python benchmarks/kernel_report.py [--targets sm90,sm80] [--ci] [--unshipped]
 """
-from fastdae.kernels.report import main
+
+from fastdae.kernel_report import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

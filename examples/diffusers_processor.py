@@ -6,6 +6,7 @@
 Builds a tiny randomly initialised UNet2DConditionModel (self- and cross-attention; nothing is
 downloaded), swaps every processor for FastDAEAttnProcessor and checks the output is unchanged.
 """
+
 import importlib.util
 import sys
 
@@ -22,9 +23,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
     ).eval()
     latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)  # (B, C, h, w) latents, (B, tokens, dim) context
 

@@ -5,6 +5,7 @@
 The loader rebuilds the module from config.json alone (fastdae.models.autoencoder) and checks every
 tensor's name and shape before loading.
 """
+
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +28,10 @@ def main(out: Path) -> None:
     z = torch.randn(2, 4, 8, 8)  # (B, z_channels, h, w) latents
     with torch.no_grad():
         diff = (loaded(z) - decoder(z)).abs().max().item()
-    print(f"loaded {type(loaded).__name__} with {sum(p.numel() for p in loaded.parameters())} parameters; "
-          f"max |output difference| {diff:.1e}")
+    print(
+        f"loaded {type(loaded).__name__} with {sum(p.numel() for p in loaded.parameters())} parameters; "
+        f"max |output difference| {diff:.1e}"
+    )
     assert diff == 0.0
     print("ok: the loaded decoder reproduces the saved one exactly")
 

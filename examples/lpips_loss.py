@@ -11,6 +11,7 @@
 This example uses pnet_rand=True (a random trunk, as lpips' own flag) so that it runs anywhere;
 the numbers are then not perceptual.
 """
+
 import torch
 from torch import nn
 

@@ -7,6 +7,7 @@ fused `qkv` Linear, `proj` and `num_heads`). `patch_attention` finds those modul
 replaces each with `fastdae.nn.Attention` holding the same parameter tensors, and the model's
 outputs and gradients stay the same.
 """
+
 import copy
 
 import torch

@@ -7,6 +7,7 @@ Public API (resolved lazily, so `import fastdae` stays cheap and never touches T
   modules    fastdae.nn.{VectorQuantizer, Attention, LPIPS}
   packages   nn, models, metrics, integrations
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,20 @@ _EXPORTS: dict[str, str] = {
     "sample": "fastdae.sampling",
     "fid": "fastdae.fid_score",
 }
-_SUBMODULES = ("nn", "models", "metrics", "integrations", "kernels", "config", "data", "cache", "training",
-               "evaluation", "sampling", "fid_score")
+_SUBMODULES = (
+    "nn",
+    "models",
+    "metrics",
+    "integrations",
+    "kernels",
+    "config",
+    "data",
+    "cache",
+    "training",
+    "evaluation",
+    "sampling",
+    "fid_score",
+)
 
 __all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
 

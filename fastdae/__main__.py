@@ -1,4 +1,5 @@
 """`python -m fastdae ...`: see fastdae.cli."""
+
 import sys
 
 from fastdae.cli import main

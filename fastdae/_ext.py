@@ -10,6 +10,7 @@ Order of attempts, once per process:
 FASTDAE_NO_EXT=1 skips 1 and 2. FASTDAE_EXT_DIR overrides the cache root (default
 ~/.cache/fastdae/ext). Each csrc file builds alone so one broken op never disables the others.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FASTDAE_EXT_DIR", Path.home() / ".cache" / "fastdae" / "ext"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_prebuilt() -> bool:
     libs = sorted(_PKG.glob("_C*.so"))
     if not libs:
@@ -51,7 +52,7 @@ def _load_prebuilt() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_source(stem: str) -> bool:
     """JIT-build csrc/<stem>.cpp (cached) and load it; False with one warning on failure."""
     src = _source_dir() / f"{stem}.cpp"

@@ -12,6 +12,7 @@ COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config th
 is printed as one line without a traceback, and the command exits with status 2; so are the errors
 of `sample` and `fid` (a missing or stale run, bad input files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--out", help="run directory (config out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue each stage from its last checkpoint (README: resume)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue each stage from its last checkpoint (README: resume)"
+    )
     p.add_argument("--overwrite", action="store_true", help="clear an out_dir that holds another run first")
 
 
@@ -112,8 +115,12 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
         ev = EvalConfig(**(yaml.safe_load(Path(args.eval).read_text()) or {})) if args.eval else EvalConfig()
     except (OSError, yaml.YAMLError, ValueError, TypeError) as e:
         raise ConfigError(f"--eval {args.eval}: {e}") from None
-    argv = [a for n in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval")
-            if (v := getattr(args, n)) is not None for a in (f"--{n}", str(v))]
+    argv = [
+        a
+        for n in ("config", "preset", "arms", "seeds", "out", "ablate", "values", "eval")
+        if (v := getattr(args, n)) is not None
+        for a in (f"--{n}", str(v))
+    ]
     command = "python -m fastdae compare " + " ".join(shlex.quote(a) for a in [*argv, *extra])
     if args.ablate:
         if not args.values:
@@ -136,8 +143,9 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.npz", help="ADM-layout .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels")
     p.add_argument("--png-dir", help="also write every sample as <index>.png here")
     p.add_argument("--batch-size", type=int, default=64, help="samples per DiT batch (per rank)")
-    p.add_argument("--cfg-scale", type=float,
-                   help="classifier-free guidance scale (default: the run's prior.cfg_scale)")
+    p.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (default: the run's prior.cfg_scale)"
+    )
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's prior.sample_steps)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's prior.sampler")
     p.add_argument("--labels", default="balanced", help="class labels: balanced (cycled) or random")
@@ -151,8 +159,19 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         return _usage_error("sample", f"unrecognized arguments {extra}")
     try:
-        out = sample(args.run, args.num_samples, args.out, args.png_dir, args.batch_size, args.cfg_scale, args.seed,
-                     args.labels, args.steps, args.sampler, args.device)
+        out = sample(
+            args.run,
+            args.num_samples,
+            args.out,
+            args.png_dir,
+            args.batch_size,
+            args.cfg_scale,
+            args.seed,
+            args.labels,
+            args.steps,
+            args.sampler,
+            args.device,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _usage_error("sample", e)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -164,8 +183,9 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
 def _fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("real", help="folder of images, .npz with arr_0 (N, H, W, 3) uint8, or .npz with mu and sigma")
     p.add_argument("fake", help="same kinds as REAL")
-    p.add_argument("--inception",
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)")
+    p.add_argument(
+        "--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local; nothing is downloaded)"
+    )
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--stats-cache", help="folder caching each image source's statistics")
     p.add_argument("--device", default="auto")
@@ -178,8 +198,16 @@ def _fid(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         return _usage_error("fid", f"unrecognized arguments {extra}")
     try:
-        value = fid(args.real, args.fake, args.inception, args.batch_size, args.stats_cache, args.device,
-                    args.num_workers, progress=True)
+        value = fid(
+            args.real,
+            args.fake,
+            args.inception,
+            args.batch_size,
+            args.stats_cache,
+            args.device,
+            args.num_workers,
+            progress=True,
+        )
     except (ValueError, FileNotFoundError) as e:
         return _usage_error("fid", e)
     print(f"FID: {value:.4f}")
@@ -188,12 +216,21 @@ def _fid(args: argparse.Namespace, extra: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "train": ("run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train),
-    "compare": ("train and evaluate the joint / dae / control arms (or ablate the weak decoder), write a report",
-                _compare_arguments, _compare),
-    "sample": ("generate N samples of a finished run as an ADM-evaluator .npz (resumable, torchrun-ready)",
-               _sample_arguments, _sample),
-    "fid": ("Fréchet Inception distance between two image folders / .npz files (local Inception weights)",
-            _fid_arguments, _fid),
+    "compare": (
+        "train and evaluate the joint / dae / control arms (or ablate the weak decoder), write a report",
+        _compare_arguments,
+        _compare,
+    ),
+    "sample": (
+        "generate N samples of a finished run as an ADM-evaluator .npz (resumable, torchrun-ready)",
+        _sample_arguments,
+        _sample,
+    ),
+    "fid": (
+        "Fréchet Inception distance between two image folders / .npz files (local Inception weights)",
+        _fid_arguments,
+        _fid,
+    ),
 }
 
 

@@ -12,6 +12,7 @@ Every value is validated when the config is built (`validate`): ranges, names (w
 for near misses) and the cross-field rules (image size vs the autoencoder's downsampling and the
 DiT's patch size). A `ConfigError` names the dotted key, what it must be and what it got.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -335,17 +336,27 @@ def _samplers() -> tuple[str, ...]:
 
 
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
-CHOICES: dict[str, Any] = {"mode": MODES, "precision": PRECISIONS, "autoencoder.bottleneck": BOTTLENECKS,
-                           "data.name": DATASETS, "data.crop": CROPS, "prior.objective": OBJECTIVES,
-                           "prior.schedule": SCHEDULES, "prior.time_sampling": TIME_SAMPLINGS, "stage1.posterior": POSTERIORS,
-                           **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
-                           **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")}}
+CHOICES: dict[str, Any] = {
+    "mode": MODES,
+    "precision": PRECISIONS,
+    "autoencoder.bottleneck": BOTTLENECKS,
+    "data.name": DATASETS,
+    "data.crop": CROPS,
+    "prior.objective": OBJECTIVES,
+    "prior.schedule": SCHEDULES,
+    "prior.time_sampling": TIME_SAMPLINGS,
+    "stage1.posterior": POSTERIORS,
+    **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
+    **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")},
+}
 
 # (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((f"{{ae}}.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every")),
-    *((f"prior.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every",
-                                                          "num_timesteps", "sample_steps", "num_samples")),
+    *(
+        (f"prior.{k}", lambda v: v >= 1, ">= 1")
+        for k in ("steps", "batch_size", "log_every", "ckpt_every", "num_timesteps", "sample_steps", "num_samples")
+    ),
     *((f"{p}.lr", lambda v: v > 0, "> 0") for p in ("{ae}", "{ae}.disc", "prior")),
     *((f"{p}.warmup_steps", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
     *((f"{p}.weight_decay", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
@@ -376,46 +387,59 @@ def validate(cfg: TrainConfig) -> None:
         check_choice(key, get_key(cfg, key), allowed)
     for stage in cfg.stages:
         if stage not in STAGES:
-            raise ConfigError(f"stages: unknown stage {stage!r}{did_you_mean(stage, STAGES)}; known, in run order: "
-                              f"{list(STAGES)}")
+            raise ConfigError(
+                f"stages: unknown stage {stage!r}{did_you_mean(stage, STAGES)}; known, in run order: {list(STAGES)}"
+            )
     if cfg.stages != sorted(cfg.stages, key=STAGES.index) or len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"stages must be distinct and in run order {list(STAGES)}, got {cfg.stages}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if cfg.precision == "fp16" and cfg.device == "cpu":
-        raise ConfigError("precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device, got device='cpu'; "
-                          "use 'fp32' or 'bf16' on CPU")
+        raise ConfigError(
+            "precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device, got device='cpu'; "
+            "use 'fp32' or 'bf16' on CPU"
+        )
     for pattern, ok, what in _RANGES:
-        for key in ([pattern.format(ae=s) for s in ("stage1", "stage2")] if "{ae}" in pattern else [pattern]):
+        for key in [pattern.format(ae=s) for s in ("stage1", "stage2")] if "{ae}" in pattern else [pattern]:
             value = get_key(cfg, key)
             if not ok(value):
                 raise ConfigError(f"{key} must be {what}, got {value!r}")
     for stage in ("stage1", "stage2", "prior"):
         s = getattr(cfg, stage)
         if s.batch_size % s.grad_accum:
-            raise ConfigError(f"{stage}.batch_size={s.batch_size} must be divisible by {stage}.grad_accum="
-                              f"{s.grad_accum} (batch_size is the images per optimizer step, in grad_accum equal "
-                              f"micro-batches)")
+            raise ConfigError(
+                f"{stage}.batch_size={s.batch_size} must be divisible by {stage}.grad_accum="
+                f"{s.grad_accum} (batch_size is the images per optimizer step, in grad_accum equal "
+                f"micro-batches)"
+            )
     p = cfg.prior
     check_choice("prior.model", p.model, _dit_models())
     check_choice("prior.sampler", p.sampler, _samplers())
     if p.objective == "flow" and p.schedule != "linear":
         raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
     if p.objective == "ddpm" and p.time_sampling != "uniform":
-        raise ConfigError(f"prior.time_sampling {p.time_sampling!r} is for prior.objective 'flow'; ddpm samples its "
-                          f"indices uniformly")
+        raise ConfigError(
+            f"prior.time_sampling {p.time_sampling!r} is for prior.objective 'flow'; ddpm samples its indices uniformly"
+        )
     if p.objective == "ddpm" and p.schedule == "cosine" and p.clip_x0 <= 0:
-        raise ConfigError("prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
-                          "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode")
+        raise ConfigError(
+            "prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
+            "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode"
+        )
     if p.cfg_scale != 1.0 and not p.class_cond:
         raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
     if cfg.stage1.encoder is None:
-        _check_latent_grid(cfg, cfg.autoencoder.downsample, "the autoencoder's downsampling factor {down} "
-                                                            "(2 ** (len(autoencoder.ch_mult) - 1))")
+        _check_latent_grid(
+            cfg,
+            cfg.autoencoder.downsample,
+            "the autoencoder's downsampling factor {down} (2 ** (len(autoencoder.ch_mult) - 1))",
+        )
         return
     if "stage1" in cfg.stages or cfg.mode != "dae":
-        raise ConfigError(f"stage1.encoder={cfg.stage1.encoder!r} is a pretrained stage 1: stages must not list "
-                          f"'stage1' and mode must be 'dae', got stages={cfg.stages}, mode={cfg.mode!r}")
+        raise ConfigError(
+            f"stage1.encoder={cfg.stage1.encoder!r} is a pretrained stage 1: stages must not list "
+            f"'stage1' and mode must be 'dae', got stages={cfg.stages}, mode={cfg.mode!r}"
+        )
 
 
 def _check_latent_grid(cfg: TrainConfig, down: int, what: str) -> None:
@@ -425,8 +449,10 @@ def _check_latent_grid(cfg: TrainConfig, down: int, what: str) -> None:
     p = cfg.prior
     patch = _dit_models()[p.model].keywords["patch_size"]
     if (cfg.data.size // down) % patch:
-        raise ConfigError(f"data.size={cfg.data.size} gives {cfg.data.size // down}x{cfg.data.size // down} latents, "
-                          f"not divisible by prior.model {p.model!r}'s patch size {patch}")
+        raise ConfigError(
+            f"data.size={cfg.data.size} gives {cfg.data.size // down}x{cfg.data.size // down} latents, "
+            f"not divisible by prior.model {p.model!r}'s patch size {patch}"
+        )
 
 
 def check_environment(cfg: TrainConfig) -> None:
@@ -440,12 +466,19 @@ def check_environment(cfg: TrainConfig) -> None:
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device and torch sees none; "
-                          "use 'fp32' or 'bf16' on CPU")
-    for key, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        raise ConfigError(
+            "precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device and torch sees none; "
+            "use 'fp32' or 'bf16' on CPU"
+        )
+    for key, module, package in (
+        ("tensorboard", "torch.utils.tensorboard", "tensorboard"),
+        ("wandb", "wandb", "wandb"),
+    ):
         if getattr(cfg, key) and not _importable(module):
-            raise ConfigError(f"{key}=true needs the {package} package, which is not installed (pip install {package}), "
-                              f"or set {key}=false")
+            raise ConfigError(
+                f"{key}=true needs the {package} package, which is not installed (pip install {package}), "
+                f"or set {key}=false"
+            )
     files = {"data.root": cfg.data.root if cfg.data.name != "shapes" else None}
     for stage in ("stage1", "stage2"):
         for name in ("lpips_trunk", "lpips_lin"):
@@ -481,25 +514,38 @@ def _vq() -> TrainConfig:
     # GAN off: at this budget it raised stage 1's L1 at step 400 (0.18 -> 0.21) and made each step 1.5-3.5x slower
     # (results/prior-diagnosis); set weight 0.8 to turn it on for longer runs
     disc = dict(ndf=16, n_layers=2, start=200, weight=0.0)
-    return TrainConfig.from_dict({
-        "out_dir": "runs/vq",
-        "data": {"name": "shapes", "size": 32, "num_samples": 4096},
-        "autoencoder": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
-        "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.3},  # README: the ablation
-        "stage1": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
-        "stage2": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
-        "cache": {"batch_size": 256, "shard_size": 2048},
-        # lr 2e-3 x 4000 steps and guidance 6: at 3e-4 x 500 steps, cfg 1 the DiT had not begun to use the
-        # label (samples at chance class accuracy); validity of 512 samples of one run after 3000 / 4000 / 5000
-        # steps: 0.76 / 0.82 / 0.90 (results/prior-diagnosis). 256 samples: the judged rates have a standard error
-        # of about 0.025 (0.05 with 64). The judge's classifier: 300 steps (~10 s). Logit-normal training
-        # times instead of uniform ones: validity 0.805 -> 0.863 (seed 0), 0.785 -> 0.883 (seed 1), 0.914 -> 0.934
-        # (seed 2) at 4000 steps, FD-feat 10.6 -> 5.1 on average; at 3000 logit-normal steps validity 0.84-0.87
-        # on four runs, and the whole job fits 3 minutes again (results/prior-diagnosis, fifth pass)
-        "prior": {"model": "DiT-T/2", "time_sampling": "logit_normal", "steps": 3000, "batch_size": 32, "lr": 2e-3,
-                  "warmup_steps": 100, "cfg_scale": 6.0, "sample_steps": 25, "num_samples": 256,
-                  "judge_steps": 300, "log_every": 50, "ckpt_every": 1000},
-    })
+    return TrainConfig.from_dict(
+        {
+            "out_dir": "runs/vq",
+            "data": {"name": "shapes", "size": 32, "num_samples": 4096},
+            "autoencoder": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
+            "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.3},  # README: the ablation
+            "stage1": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
+            "stage2": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
+            "cache": {"batch_size": 256, "shard_size": 2048},
+            # lr 2e-3 x 4000 steps and guidance 6: at 3e-4 x 500 steps, cfg 1 the DiT had not begun to use the
+            # label (samples at chance class accuracy); validity of 512 samples of one run after 3000 / 4000 / 5000
+            # steps: 0.76 / 0.82 / 0.90 (results/prior-diagnosis). 256 samples: the judged rates have a standard error
+            # of about 0.025 (0.05 with 64). The judge's classifier: 300 steps (~10 s). Logit-normal training
+            # times instead of uniform ones: validity 0.805 -> 0.863 (seed 0), 0.785 -> 0.883 (seed 1), 0.914 -> 0.934
+            # (seed 2) at 4000 steps, FD-feat 10.6 -> 5.1 on average; at 3000 logit-normal steps validity 0.84-0.87
+            # on four runs, and the whole job fits 3 minutes again (results/prior-diagnosis, fifth pass)
+            "prior": {
+                "model": "DiT-T/2",
+                "time_sampling": "logit_normal",
+                "steps": 3000,
+                "batch_size": 32,
+                "lr": 2e-3,
+                "warmup_steps": 100,
+                "cfg_scale": 6.0,
+                "sample_steps": 25,
+                "num_samples": 256,
+                "judge_steps": 300,
+                "log_every": 50,
+                "ckpt_every": 1000,
+            },
+        }
+    )
 
 
 def _default() -> TrainConfig:
@@ -510,30 +556,43 @@ def _default() -> TrainConfig:
     # 2: a DiT on continuous latents) and reached validity 0.79-0.87 on four runs. The prior then takes batch 64
     # for 1700 steps at lr 3e-3 (sqrt-scaled), the same time as 32 x 3000: validity 0.789 -> 0.828 on one
     # autoencoder's latents. Fused Adam: 0.6 ms instead of 2.2 ms an update
-    return TrainConfig.from_dict({
-        "out_dir": "runs/default",
-        "autoencoder": {"bottleneck": "kl", "linear_skip": True},
-        "stage1": {"chroma_weight": 0.5},
-        "stage2": {"chroma_weight": 0.5},
-        "prior": {"batch_size": 64, "steps": 1700, "lr": 3e-3, "fused": True},
-    }, base=_vq())
+    return TrainConfig.from_dict(
+        {
+            "out_dir": "runs/default",
+            "autoencoder": {"bottleneck": "kl", "linear_skip": True},
+            "stage1": {"chroma_weight": 0.5},
+            "stage2": {"chroma_weight": 0.5},
+            "prior": {"batch_size": 64, "steps": 1700, "lr": 3e-3, "fused": True},
+        },
+        base=_vq(),
+    )
 
 
 def _tiny() -> TrainConfig:
     """Seconds on a CPU: for tests."""
     disc = dict(ndf=8, n_layers=1, start=1)
-    return TrainConfig.from_dict({
-        "out_dir": "runs/tiny",
-        "data": {"name": "shapes", "size": 16, "num_samples": 64},
-        "autoencoder": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 16},
-        "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.1},
-        "stage1": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
-        "stage2": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
-        "cache": {"batch_size": 32, "shard_size": 32},
-        "prior": {"model": "DiT-T/2", "steps": 3, "batch_size": 8, "sample_steps": 2, "num_samples": 4,
-                  "judge_steps": 0, "log_every": 1, "ckpt_every": 2},
-        "progress": False,
-    })
+    return TrainConfig.from_dict(
+        {
+            "out_dir": "runs/tiny",
+            "data": {"name": "shapes", "size": 16, "num_samples": 64},
+            "autoencoder": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 16},
+            "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.1},
+            "stage1": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
+            "stage2": {"steps": 3, "batch_size": 8, "disc": disc, "log_every": 1, "ckpt_every": 2},
+            "cache": {"batch_size": 32, "shard_size": 32},
+            "prior": {
+                "model": "DiT-T/2",
+                "steps": 3,
+                "batch_size": 8,
+                "sample_steps": 2,
+                "num_samples": 4,
+                "judge_steps": 0,
+                "log_every": 1,
+                "ckpt_every": 2,
+            },
+            "progress": False,
+        }
+    )
 
 
 PRESETS = {"default": _default, "vq": _vq, "tiny": _tiny}

@@ -15,6 +15,7 @@ textures: 5; a folder: its class subfolders, 1 without; an array: 1 + its larges
     ds = build_dataset(DataConfig(name="array", root="faces.npz", size=64))
     train, heldout = split_dataset(ds, cfg)     # disjoint; together every item (procedural: see split_dataset)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,8 +85,13 @@ class DataConfig:
 
     def holdout_count(self, n: int) -> int:
         """Items held out of a dataset of n items (procedural: n = num_samples; see split_dataset)."""
-        h = self.holdout if self.holdout is not None else PROCEDURAL_HOLDOUT if self.name in PROCEDURAL else \
-            HOLDOUT_FRACTION
+        h = (
+            self.holdout
+            if self.holdout is not None
+            else PROCEDURAL_HOLDOUT
+            if self.name in PROCEDURAL
+            else HOLDOUT_FRACTION
+        )
         return round(h * n) if h < 1 else int(h)
 
 
@@ -143,8 +149,9 @@ class ProceduralDataset(Dataset):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if size < self.MIN_SIZE:
-            raise ValueError(f"size must be >= {self.MIN_SIZE} pixels for {type(self).__name__} to be recognisable, "
-                             f"got {size}")
+            raise ValueError(
+                f"size must be >= {self.MIN_SIZE} pixels for {type(self).__name__} to be recognisable, got {size}"
+            )
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         self.num_samples, self.size, self.seed, self.offset = int(num_samples), int(size), int(seed), int(offset)
@@ -235,8 +242,17 @@ class ProceduralShapes(ProceduralDataset):
         cy = radius + slots[..., 2] * (s - 2 * radius)
         color = 0.45 + 0.55 * slots[..., 4:7]  # (B, S, 3)
         active = np.arange(self.max_shapes)[None, :] < count[:, None]  # (B, S)
-        return {"label": kind[:, 0], "bg": bg, "count": count, "kind": kind, "cx": cx, "cy": cy, "radius": radius,
-                "color": color, "active": active}
+        return {
+            "label": kind[:, 0],
+            "bg": bg,
+            "count": count,
+            "kind": kind,
+            "cx": cx,
+            "cy": cy,
+            "radius": radius,
+            "color": color,
+            "active": active,
+        }
 
     def _render(self, p: dict[str, np.ndarray]) -> np.ndarray:
         """Parameters of B items -> uint8 (B, H, W, 3)."""
@@ -264,9 +280,13 @@ class ProceduralShapes(ProceduralDataset):
         """Ground truth of item i (see the class docstring for the format)."""
         p = self._batch_params([i])
         shapes = [
-            {"type": self.classes[int(p["kind"][0, s])], "label": int(p["kind"][0, s]),
-             "center": (float(p["cx"][0, s]), float(p["cy"][0, s])), "radius": float(p["radius"][0, s]),
-             "color": tuple(float(c) for c in p["color"][0, s])}
+            {
+                "type": self.classes[int(p["kind"][0, s])],
+                "label": int(p["kind"][0, s]),
+                "center": (float(p["cx"][0, s]), float(p["cy"][0, s])),
+                "radius": float(p["radius"][0, s]),
+                "color": tuple(float(c) for c in p["color"][0, s]),
+            }
             for s in range(int(p["count"][0]))
         ]
         return {"label": shapes[0]["label"], "background": tuple(float(c) for c in p["bg"][0]), "shapes": shapes}
@@ -311,8 +331,14 @@ class ProceduralTextures(ProceduralDataset):
         light, dark = 0.45 + 0.55 * u[:, 6:9], 0.3 * u[:, 9:12]  # (B, 3) each
         swap = (u[:, 5] < 0.5)[:, None, None]
         colors = np.where(swap, np.stack([dark, light], 1), np.stack([light, dark], 1))  # (B, 2, 3)
-        return {"label": kind, "period": period, "angle": np.pi * u[:, 2], "cx": self.size * u[:, 3],
-                "cy": self.size * u[:, 4], "colors": colors}
+        return {
+            "label": kind,
+            "period": period,
+            "angle": np.pi * u[:, 2],
+            "cx": self.size * u[:, 3],
+            "cy": self.size * u[:, 4],
+            "colors": colors,
+        }
 
     def _render(self, p: dict[str, np.ndarray]) -> np.ndarray:
         """Parameters of B items -> uint8 (B, H, W, 3)."""
@@ -326,8 +352,15 @@ class ProceduralTextures(ProceduralDataset):
         ku, kv = k * u, k * v
         su, sv = np.sin(ku), np.sin(kv)
         checks = np.sign(su * sv) * np.minimum(np.abs(su), np.abs(sv))
-        g = np.stack([su, checks, np.cos(ku) + np.cos(kv) - 0.5, np.sin(k * np.sqrt(u * u + v * v)),
-                      np.sin(ku + self.WAVE_BEND * np.sin(0.5 * kv))])  # (5, B, H, W)
+        g = np.stack(
+            [
+                su,
+                checks,
+                np.cos(ku) + np.cos(kv) - 0.5,
+                np.sin(k * np.sqrt(u * u + v * v)),
+                np.sin(ku + self.WAVE_BEND * np.sin(0.5 * kv)),
+            ]
+        )  # (5, B, H, W)
         g = np.take_along_axis(g, p["label"][None, :, None, None], axis=0)[0]  # (B, H, W)
         # near an edge g ~ k * (distance in px) (its slope is about k for every kind), so g / k is
         # a signed distance there: one pixel of anti-aliasing, as the shapes have
@@ -339,9 +372,14 @@ class ProceduralTextures(ProceduralDataset):
         """Ground truth of item i (see the class docstring for the format)."""
         p = self._batch_params([i])
         label = int(p["label"][0])
-        return {"label": label, "type": self.classes[label], "period": float(p["period"][0]),
-                "angle": float(p["angle"][0]), "center": (float(p["cx"][0]), float(p["cy"][0])),
-                "colors": tuple(tuple(float(c) for c in p["colors"][0, j]) for j in (0, 1))}
+        return {
+            "label": label,
+            "type": self.classes[label],
+            "period": float(p["period"][0]),
+            "angle": float(p["angle"][0]),
+            "center": (float(p["cx"][0]), float(p["cy"][0])),
+            "colors": tuple(tuple(float(c) for c in p["colors"][0, j]) for j in (0, 1)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +414,7 @@ class FolderIndex:
         return len(self.labels)
 
     def name(self, i: int) -> str:
-        return self.names[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+        return self.names[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
 
     @classmethod
     def scan(cls, root: Path) -> FolderIndex:
@@ -407,8 +445,10 @@ class FolderIndex:
                 else:  # a class folder's subtree is walked in one piece, so its files are contiguous
                     top = rel.split("/", 1)[0]
                     if top_file is not None:
-                        raise ValueError(f"image folder {root} mixes images at the top level ({top_file}) with "
-                                         f"class subfolders ({top}/); use one layout")
+                        raise ValueError(
+                            f"image folder {root} mixes images at the top level ({top_file}) with "
+                            f"class subfolders ({top}/); use one layout"
+                        )
                     if not classes or classes[-1] != top:
                         classes.append(top)
                 names += path.encode()
@@ -417,8 +457,14 @@ class FolderIndex:
             stack.extend(reversed(subdirs))
         if not labels:
             raise ValueError(f"image folder {root} contains no {'/'.join(IMAGE_SUFFIXES)} files")
-        return cls(np.frombuffer(bytes(names), dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64),
-                   np.frombuffer(labels, dtype=np.int32), classes, dirs, np.asarray(mtimes, dtype=np.int64))
+        return cls(
+            np.frombuffer(bytes(names), dtype=np.uint8),
+            np.frombuffer(offsets, dtype=np.int64),
+            np.frombuffer(labels, dtype=np.int32),
+            classes,
+            dirs,
+            np.asarray(mtimes, dtype=np.int64),
+        )
 
     def is_current(self, root: Path) -> bool:
         """True while every walked directory keeps its mtime: adding, removing or renaming an entry
@@ -433,9 +479,17 @@ class FolderIndex:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:  # np.savez would add .npz to a name without it
-                np.savez(f, names=self.names, offsets=self.offsets, labels=self.labels, dir_mtimes=self.dir_mtimes,
-                         meta=np.frombuffer(json.dumps({"version": INDEX_VERSION, "classes": self.classes,
-                                                        "dirs": self.dirs}).encode(), dtype=np.uint8))
+                np.savez(
+                    f,
+                    names=self.names,
+                    offsets=self.offsets,
+                    labels=self.labels,
+                    dir_mtimes=self.dir_mtimes,
+                    meta=np.frombuffer(
+                        json.dumps({"version": INDEX_VERSION, "classes": self.classes, "dirs": self.dirs}).encode(),
+                        dtype=np.uint8,
+                    ),
+                )
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old index or the new one
         finally:
             tmp.unlink(missing_ok=True)  # after a failed write (e.g. a full disk); gone after os.replace
@@ -486,8 +540,15 @@ class ImageFolder(Dataset):
     Unreadable or too small files raise a ValueError naming the file when they are loaded.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int, resize: bool = True, crop: str = "center",
-                 flip: bool = False, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int,
+        resize: bool = True,
+        crop: str = "center",
+        flip: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
@@ -514,13 +575,20 @@ class ImageFolder(Dataset):
         h = hashlib.sha256()
         blob, root = self.index.names.tobytes(), os.fsencode(self.root.resolve())
         for start in range(0, len(self), STAT_CHUNK):  # bytes paths and chunked offsets: ~10 us per file
-            offsets = self.index.offsets[start:start + STAT_CHUNK + 1].tolist()
+            offsets = self.index.offsets[start : start + STAT_CHUNK + 1].tolist()
             for a, b in zip(offsets[:-1], offsets[1:]):
                 name = blob[a:b]
                 st = os.stat(root + b"/" + name)
                 h.update(b"%s\0%d\0%d\0%d\0%d\n" % (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-        return {"classes": self.classes, "size": self.size, "resize": self.resize, "crop": self.crop,
-                "flip": self.flip, "files": h.hexdigest(), "version": 2}
+        return {
+            "classes": self.classes,
+            "size": self.size,
+            "resize": self.resize,
+            "crop": self.crop,
+            "flip": self.flip,
+            "files": h.hexdigest(),
+            "version": 2,
+        }
 
     def _window(self, w: int, h: int) -> tuple[int, int]:
         """Top-left corner (left, top) of the size x size window in a w x h image."""
@@ -541,8 +609,10 @@ class ImageFolder(Dataset):
             scale = s / min(im.width, im.height)
             im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
         if min(im.width, im.height) < s:
-            raise ValueError(f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "
-                             f"pass resize=True (DataConfig.resize) to resize it")
+            raise ValueError(
+                f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "
+                f"pass resize=True (DataConfig.resize) to resize it"
+            )
         left, top = self._window(im.width, im.height)
         if (im.width, im.height) != (s, s):
             im = im.crop((left, top, left + s, top + s))
@@ -561,8 +631,9 @@ class ArrayDataset(Dataset):
     (N, 3, H, W) CHW already in [-1, 1] (checked). `labels` (N,) integers >= 0 override the file's;
     without any, every label is 0. `num_classes` is 1 + the largest label."""
 
-    def __init__(self, path_or_array: str | os.PathLike | np.ndarray | Tensor,
-                 labels: np.ndarray | Tensor | None = None) -> None:
+    def __init__(
+        self, path_or_array: str | os.PathLike | np.ndarray | Tensor, labels: np.ndarray | Tensor | None = None
+    ) -> None:
         source = "array"
         file_labels = None
         if isinstance(path_or_array, Tensor):
@@ -609,7 +680,9 @@ class ArrayDataset(Dataset):
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - FLOAT_RANGE_SLACK or hi > 1 + FLOAT_RANGE_SLACK:
                 raise ValueError(f"{source}: float images must lie in [-1, 1], found range [{lo}, {hi}]")
         else:
-            raise TypeError(f"{source}: images must be uint8 (N, H, W, 3) or float (N, 3, H, W), got dtype {images.dtype}")
+            raise TypeError(
+                f"{source}: images must be uint8 (N, H, W, 3) or float (N, 3, H, W), got dtype {images.dtype}"
+            )
         return images
 
     @staticmethod
@@ -617,7 +690,9 @@ class ArrayDataset(Dataset):
         if labels is None:
             return np.zeros(n, dtype=np.int64)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{source}: labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+            raise ValueError(
+                f"{source}: labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}"
+            )
         if labels.min() < 0:
             raise ValueError(f"{source}: labels must be >= 0 (class indices), found {labels.min()}")
         return labels.astype(np.int64)
@@ -628,14 +703,19 @@ class ArrayDataset(Dataset):
     def identity(self) -> dict[str, Any]:
         """Source name, shape, dtype and the sha256 of every element's bytes (hashed in row blocks of
         about HASH_BLOCK_BYTES, so a memory-mapped .npy is read once and never held whole)."""
-        return {"source": self.source, "shape": list(self.images.shape), "dtype": str(self.images.dtype),
-                "sha256": self._content_sha256(), "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest()}
+        return {
+            "source": self.source,
+            "shape": list(self.images.shape),
+            "dtype": str(self.images.dtype),
+            "sha256": self._content_sha256(),
+            "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
+        }
 
     def _content_sha256(self) -> str:
         h = hashlib.sha256()
         rows = max(1, HASH_BLOCK_BYTES // max(1, self.images[0].nbytes))
         for start in range(0, len(self.images), rows):
-            h.update(np.ascontiguousarray(self.images[start:start + rows]).data)  # a view when already contiguous
+            h.update(np.ascontiguousarray(self.images[start : start + rows]).data)  # a view when already contiguous
         return h.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
@@ -691,8 +771,12 @@ class DatasetSplit(Dataset):
         return len(self.indices)
 
     def identity(self) -> dict[str, Any]:
-        return {"base": getattr(self.base, "identity", dict)(), "part": self.part, "version": 1,
-                "indices_sha256": hashlib.sha256(self.indices.tobytes()).hexdigest()}
+        return {
+            "base": getattr(self.base, "identity", dict)(),
+            "part": self.part,
+            "version": 1,
+            "indices_sha256": hashlib.sha256(self.indices.tobytes()).hexdigest(),
+        }
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.base[int(self.indices[i])]
@@ -714,8 +798,10 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
         return ds, ds.part(len(ds), len(ds) + h)
     n, h = len(ds), cfg.holdout_count(len(ds))
     if h >= n:
-        raise ValueError(f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
-                         f"none to train on; lower it")
+        raise ValueError(
+            f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
+            f"none to train on; lower it"
+        )
     order = stratified_order(ds.labels, cfg.seed)
     return DatasetSplit(ds, np.sort(order[h:]), "train"), DatasetSplit(ds, order[:h], "heldout")
 
@@ -730,8 +816,11 @@ def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:
     n = len(ds)
     ident = getattr(ds, "identity", dict)()
     h = hashlib.sha256()
-    h.update(json.dumps({"class": f"{type(ds).__module__}.{type(ds).__qualname__}", "len": n, "identity": ident},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"class": f"{type(ds).__module__}.{type(ds).__qualname__}", "len": n, "identity": ident}, sort_keys=True
+        ).encode()
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for i in sorted({int(k) for k in np.linspace(0, n - 1, num=min(num_probes, n))}):

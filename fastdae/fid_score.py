@@ -19,6 +19,7 @@ pytorch-fid's layout, so the file can itself be passed as a side), keyed by a fi
 source (each file's relative path, size and mtime; no content is read), the Inception file's
 sha256 and this module's preprocessing version. A changed file or other weights miss the cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,11 @@ STATS_VERSION = 1  # part of the cache key: bump when the preprocessing changes
 
 
 def _no_weights_error() -> ValueError:
-    return ValueError("fid: computing Inception features needs local weights: pass inception=PATH (--inception PATH) "
-                      "to pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors of it); "
-                      "fastdae downloads nothing")
+    return ValueError(
+        "fid: computing Inception features needs local weights: pass inception=PATH (--inception PATH) "
+        "to pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors of it); "
+        "fastdae downloads nothing"
+    )
 
 
 def _stats_file(path: Path) -> GaussianStats | None:
@@ -95,8 +98,9 @@ def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> I
     """Decoded images in batches; num_workers None: one decoding process per CPU core, at most 8."""
     if num_workers is None:
         num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_FolderImages(_image_files(folder)), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        _FolderImages(_image_files(folder)), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+    )
     yield from loader
 
 
@@ -112,8 +116,10 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
                 raise ValueError(f"{path}: arr_0.npy has .npy format version {version}; 1.0 or 2.0 expected")
             shape, fortran, dtype = read_header[version](f)
             if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-                raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (the ADM layout), got "
-                                 f"{dtype} {shape}{' Fortran order' if fortran else ''}")
+                raise ValueError(
+                    f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (the ADM layout), got "
+                    f"{dtype} {shape}{' Fortran order' if fortran else ''}"
+                )
             per_image = shape[1] * shape[2] * 3
             for start in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - start)
@@ -156,13 +162,15 @@ class _Inception:
         return self._net(batch.to(self.device)).float().cpu()  # (B, 2048)
 
 
-def _image_stats(path: Path, net: _Inception, batch_size: int, num_workers: int | None,
-                 progress: bool) -> GaussianStats:
+def _image_stats(
+    path: Path, net: _Inception, batch_size: int, num_workers: int | None, progress: bool
+) -> GaussianStats:
     from tqdm import tqdm
 
     batches = _folder_batches(path, batch_size, num_workers) if path.is_dir() else _npz_batches(path, batch_size)
-    feats = [net.features(_net_input(b)) for b in tqdm(batches, desc=f"fid {path.name}", unit="batch",
-                                                         disable=not progress)]
+    feats = [
+        net.features(_net_input(b)) for b in tqdm(batches, desc=f"fid {path.name}", unit="batch", disable=not progress)
+    ]
     return gaussian_stats(torch.cat(feats))  # (N, 2048) -> mu (2048,), sigma (2048, 2048)
 
 
@@ -173,17 +181,30 @@ def _save_stats(path: Path, stats: GaussianStats) -> None:
     os.replace(tmp, path)
 
 
-def statistics(source: str | os.PathLike, inception: str | os.PathLike | None = None, batch_size: int = 50,
-               stats_cache: str | os.PathLike | None = None, device: str = "auto", num_workers: int | None = None,
-               progress: bool = False) -> GaussianStats:
+def statistics(
+    source: str | os.PathLike,
+    inception: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    stats_cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> GaussianStats:
     """(mu (2048,), sigma (2048, 2048)) float64 Inception statistics of one source (see the module
     docstring); with stats_cache, read from / written to the cache."""
-    return _statistics(Path(source), _Inception(inception, _device(device)), batch_size, stats_cache, num_workers,
-                       progress)
+    return _statistics(
+        Path(source), _Inception(inception, _device(device)), batch_size, stats_cache, num_workers, progress
+    )
 
 
-def _statistics(path: Path, net: _Inception, batch_size: int, stats_cache: str | os.PathLike | None,
-                num_workers: int | None, progress: bool) -> GaussianStats:
+def _statistics(
+    path: Path,
+    net: _Inception,
+    batch_size: int,
+    stats_cache: str | os.PathLike | None,
+    num_workers: int | None,
+    progress: bool,
+) -> GaussianStats:
     if not path.exists():
         raise FileNotFoundError(f"fid: {path} does not exist")
     if path.is_file():
@@ -194,8 +215,9 @@ def _statistics(path: Path, net: _Inception, batch_size: int, stats_cache: str |
             return stats
     cached = None
     if stats_cache is not None:
-        key = hashlib.sha256(json.dumps({"version": STATS_VERSION, "inception": net.sha256,
-                                         "source": fingerprint(path)}).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps({"version": STATS_VERSION, "inception": net.sha256, "source": fingerprint(path)}).encode()
+        ).hexdigest()
         cached = Path(stats_cache) / f"{key}.npz"
         if cached.is_file():
             return _stats_file(cached)
@@ -210,9 +232,16 @@ def _device(device: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def fid(real: str | os.PathLike, fake: str | os.PathLike, inception: str | os.PathLike | None = None,
-        batch_size: int = 50, stats_cache: str | os.PathLike | None = None, device: str = "auto",
-        num_workers: int | None = None, progress: bool = False) -> float:
+def fid(
+    real: str | os.PathLike,
+    fake: str | os.PathLike,
+    inception: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    stats_cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> float:
     """Fréchet Inception distance between `real` and `fake` (folders, image .npz or statistics .npz):
     fastdae.metrics.frechet_distance of their Inception statistics. Symmetric in its two sides."""
     net = _Inception(inception, _device(device))  # one network for both sides

@@ -1,6 +1,7 @@
 """Small file helpers shared by the trainer, the latent cache and the exports: atomic writes (temp
 name in the same folder, fsync, rename; the temp is removed on any failure, ENOSPC included),
 sha256 of files, and this process's torch.distributed rank."""
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ Images are (B, 3, H, W) in [-1, 1]; decoders are callables latents (B, C, h, w) 
     width, family = minimal_capacity(make_decoder, z, images, widths, target_error, steps)
     penalised_distance(family, z, images, extractor, lam)    # D(P_z, P_x) of PAPER.md §1
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,9 @@ VALIDITY_THRESHOLD = 0.9
 
 def _check_pair(x: Tensor, y: Tensor, name: str) -> None:
     if x.dim() != 4 or x.shape != y.shape:
-        raise ValueError(f"{name}: x and y must be (B, C, H, W) of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"{name}: x and y must be (B, C, H, W) of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 @contextmanager
@@ -142,8 +145,10 @@ def frechet_distance(a: Tensor | GaussianStats, b: Tensor | GaussianStats) -> fl
     mu_a, s_a, mu_b, s_b = (t.double() for t in (mu_a, s_a, mu_b, s_b))
     d = mu_a.shape[0]
     if mu_b.shape != (d,) or s_a.shape != (d, d) or s_b.shape != (d, d):
-        raise ValueError(f"frechet_distance: means must be (D,) and covariances (D, D) with one D, got "
-                         f"{tuple(mu_a.shape)}, {tuple(s_a.shape)}, {tuple(mu_b.shape)}, {tuple(s_b.shape)}")
+        raise ValueError(
+            f"frechet_distance: means must be (D,) and covariances (D, D) with one D, got "
+            f"{tuple(mu_a.shape)}, {tuple(s_a.shape)}, {tuple(mu_b.shape)}, {tuple(s_b.shape)}"
+        )
     root_a = _psd_sqrt(s_a)
     cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a)  # eigenvalues of S_a^1/2 S_b S_a^1/2 (PSD)
     tr_sqrt = cross.clamp(min=0).sqrt().sum()
@@ -170,11 +175,16 @@ def frechet_name(extractor: FeatureExtractor, reconstruction: bool = False) -> s
     return "r" + name if reconstruction else name
 
 
-def frechet_score(extractor: FeatureExtractor, images_a: Tensor | GaussianStats, images_b: Tensor | GaussianStats,
-                  batch_size: int = 128) -> float:
+def frechet_score(
+    extractor: FeatureExtractor,
+    images_a: Tensor | GaussianStats,
+    images_b: Tensor | GaussianStats,
+    batch_size: int = 128,
+) -> float:
     """Fréchet distance between two image sets in the extractor's feature space (see frechet_name).
     Either side may be precomputed `gaussian_stats` (e.g. of the real images, reused across arms).
     Generated vs real samples: FID / FD-feat; reconstructions vs their originals: rFID / rFD-feat."""
+
     def stats(x: Tensor | GaussianStats) -> GaussianStats:
         return x if isinstance(x, tuple) else gaussian_stats(extract_features(extractor, x, batch_size))
 
@@ -185,8 +195,13 @@ def frechet_score(extractor: FeatureExtractor, images_a: Tensor | GaussianStats,
 # Samples of the procedural dataset
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_validity(classifier: nn.Module, samples: Tensor, labels: Tensor | None = None,
-                    threshold: float = VALIDITY_THRESHOLD, batch_size: int = 256) -> dict[str, float | None]:
+def sample_validity(
+    classifier: nn.Module,
+    samples: Tensor,
+    labels: Tensor | None = None,
+    threshold: float = VALIDITY_THRESHOLD,
+    batch_size: int = 256,
+) -> dict[str, float | None]:
     """Judge generated images with a classifier trained on real data (fastdae.models.classifier).
 
     validity: the fraction of samples the classifier assigns to some class with softmax probability
@@ -209,8 +224,9 @@ def sample_validity(classifier: nn.Module, samples: Tensor, labels: Tensor | Non
 # ---------------------------------------------------------------------------------------------
 # Decoder complexity probes (PAPER.md §1: C(g)), on scale-normalised latents
 # ---------------------------------------------------------------------------------------------
-def scale_normalize(decoder: Decoder, latents: Tensor, mean: Tensor | None = None,
-                    std: Tensor | None = None) -> tuple[Decoder, Tensor]:
+def scale_normalize(
+    decoder: Decoder, latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None
+) -> tuple[Decoder, Tensor]:
     """Per-channel standardised latents z' = (z - mean_c) / std_c and the decoder z' -> D(z' std + mean).
 
     Rescaling a latent space rescales every Lipschitz or Jacobian norm of its decoder, so probes are
@@ -237,8 +253,15 @@ def _flat_norm(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def lipschitz_lower_bound(decoder: Decoder, latents: Tensor, pairs: int = 64, interpolate: bool = True,
-                          steps: int = 8, batch_size: int = 64, seed: int = 0) -> float:
+def lipschitz_lower_bound(
+    decoder: Decoder,
+    latents: Tensor,
+    pairs: int = 64,
+    interpolate: bool = True,
+    steps: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
     """Empirical Lipschitz lower bound max ||D(z1) - D(z2)|| / ||z1 - z2|| (Euclidean norms).
 
     `pairs` random pairs (i != j) of real latents; with `interpolate`, each pair's segment is cut
@@ -262,8 +285,9 @@ def lipschitz_lower_bound(decoder: Decoder, latents: Tensor, pairs: int = 64, in
     return ratio.max().item()
 
 
-def jacobian_spectral_norm(decoder: Decoder, latents: Tensor, iters: int = 20, batch_size: int = 64,
-                           seed: int = 0) -> float:
+def jacobian_spectral_norm(
+    decoder: Decoder, latents: Tensor, iters: int = 20, batch_size: int = 64, seed: int = 0
+) -> float:
     """Mean over latents of the largest singular value of the decoder's Jacobian at each latent.
 
     Power iteration on J^T J per latent: v <- J^T (J v) / ||.||, with J v by forward mode
@@ -290,8 +314,9 @@ def jacobian_spectral_norm(decoder: Decoder, latents: Tensor, iters: int = 20, b
     return torch.cat(sigmas).mean().item()
 
 
-def jacobian_frobenius_hutchinson(decoder: Decoder, latents: Tensor, samples: int = 16, batch_size: int = 64,
-                                  seed: int = 0) -> tuple[float, float]:
+def jacobian_frobenius_hutchinson(
+    decoder: Decoder, latents: Tensor, samples: int = 16, batch_size: int = 64, seed: int = 0
+) -> tuple[float, float]:
     """Hutchinson estimate of the Jacobian's squared Frobenius norm: ||J||_F^2 = tr(J^T J) = E_v ||J v||^2
     for Rademacher v (entries +-1) in latent space, `samples` jvp's per latent (exact for every v
     when J's columns are orthogonal). Returns (mean over latents of the ||J||_F^2 estimates,
@@ -330,12 +355,21 @@ class FittedDecoder:
         return {"width": self.width, "params": self.params, "error": self.error}
 
 
-def fit_decoder(decoder: nn.Module, latents: Tensor, images: Tensor, steps: int, batch_size: int = 64,
-                lr: float = 1e-3, seed: int = 0) -> float:
+def fit_decoder(
+    decoder: nn.Module,
+    latents: Tensor,
+    images: Tensor,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
     """Train `decoder` from frozen latents (N, C, h, w) to images (N, 3, H, W) with Adam on the MSE for
     `steps` seeded minibatches; return the final MSE over all N pairs (eval mode, [-1, 1] units)."""
     if latents.shape[0] != images.shape[0]:
-        raise ValueError(f"fit_decoder: latents and images must have the same N, got {latents.shape[0]}, {images.shape[0]}")
+        raise ValueError(
+            f"fit_decoder: latents and images must have the same N, got {latents.shape[0]}, {images.shape[0]}"
+        )
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     decoder.train()
@@ -347,14 +381,24 @@ def fit_decoder(decoder: nn.Module, latents: Tensor, images: Tensor, steps: int,
         opt.step()
     decoder.eval()
     with torch.no_grad():
-        err = sum(F.mse_loss(decoder(z).double(), x.double(), reduction="sum").item()
-                  for z, x in zip(latents.split(batch_size), images.split(batch_size)))
+        err = sum(
+            F.mse_loss(decoder(z).double(), x.double(), reduction="sum").item()
+            for z, x in zip(latents.split(batch_size), images.split(batch_size))
+        )
     return err / images.numel()
 
 
-def minimal_capacity(make_decoder: Callable[[int], nn.Module], latents: Tensor, images: Tensor,
-                     widths: Sequence[int], target_error: float, steps: int, batch_size: int = 64,
-                     lr: float = 1e-3, seed: int = 0) -> tuple[int | None, list[FittedDecoder]]:
+def minimal_capacity(
+    make_decoder: Callable[[int], nn.Module],
+    latents: Tensor,
+    images: Tensor,
+    widths: Sequence[int],
+    target_error: float,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[int | None, list[FittedDecoder]]:
     """The "minimal capacity" probe: the smallest width w in `widths` whose decoder make_decoder(w),
     trained from the frozen (scale-normalised) latents for the fixed budget of `steps` (fit_decoder),
     reaches reconstruction MSE <= `target_error`; None if none does. Every width is fitted (same
@@ -388,9 +432,17 @@ def decoder_complexity(decoder: Decoder, latents: Tensor, measure: str = "spectr
     raise ValueError(f"decoder_complexity: measure must be one of {COMPLEXITIES}, got {measure!r}")
 
 
-def penalised_distance(family: Sequence[FittedDecoder], latents: Tensor, images: Tensor,
-                       extractor: FeatureExtractor, lam: float, complexity: str = "spectral",
-                       probe_latents: int = 64, batch_size: int = 128, seed: int = 0) -> dict:
+def penalised_distance(
+    family: Sequence[FittedDecoder],
+    latents: Tensor,
+    images: Tensor,
+    extractor: FeatureExtractor,
+    lam: float,
+    complexity: str = "spectral",
+    probe_latents: int = 64,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict:
     """Estimate of the penalised latent/data distance of PAPER.md §1,
 
         D(P_z, P_x) = inf_g { d_F(g# P_z, P_x) + lam * C(g) },
@@ -418,5 +470,11 @@ def penalised_distance(family: Sequence[FittedDecoder], latents: Tensor, images:
         c = decoder_complexity(member.decoder, probe, complexity, seed)
         terms.append({**member.summary(), "d_F": d, "C": c, "score": d + lam * c})
     best = min(terms, key=lambda t: t["score"])
-    return {"value": best["score"], "width": best["width"], "lam": lam, "complexity": complexity,
-            "d_F": frechet_name(extractor), "terms": terms}
+    return {
+        "value": best["score"],
+        "width": best["width"],
+        "lam": lam,
+        "complexity": complexity,
+        "d_F": frechet_name(extractor),
+        "terms": terms,
+    }

@@ -21,6 +21,7 @@ The run folder is read through fastdae.training's Run (its layout and identity c
 prior or final decoder is missing or stale is refused) and decoded with the trainer's own Sampler,
 the one the samples stage draws its grid with.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,13 @@ def open_run(run_dir: str | os.PathLike, device: str = "auto") -> Run:
     return r
 
 
-def load_sampler(run_dir: str | os.PathLike, device: torch.device | str = "auto", steps: int | None = None,
-                 sampler: str | None = None, cfg_scale: float | None = None) -> Sampler:
+def load_sampler(
+    run_dir: str | os.PathLike,
+    device: torch.device | str = "auto",
+    steps: int | None = None,
+    sampler: str | None = None,
+    cfg_scale: float | None = None,
+) -> Sampler:
     """The Sampler of the finished run in `run_dir` (open_run's checks; fastdae.training.samples.build_sampler):
     what the trainer's samples stage decodes with. steps, sampler, cfg_scale default to the run's prior config."""
     return build_sampler(open_run(run_dir, str(device)), steps, sampler, cfg_scale)
@@ -129,8 +135,9 @@ def _write_pngs(images: np.ndarray, start: int, png_dir: Path, digits: int) -> N
 # ---------------------------------------------------------------------------------------------
 # The ADM-layout npz, streamed from the shards
 # ---------------------------------------------------------------------------------------------
-def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                      chunks: Iterator[np.ndarray]) -> None:
+def _write_npy_member(
+    zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]
+) -> None:
     """One `name`.npy member (C order), its data written chunk by chunk: what np.savez writes for
     the whole array at once, without holding it. Header version 1.0 (2.0 if it does not fit)."""
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
@@ -149,8 +156,10 @@ def _merge(parts: Path, out: Path, num_samples: int, png_dir: Path | None, digit
     cursor = 0
     for start, stop in done:
         if start != cursor:
-            raise RuntimeError(f"fastdae sample: shards in {parts} do not tile [0, {num_samples}): "
-                               f"{'overlap' if start < cursor else 'gap'} at {min(start, cursor)}")
+            raise RuntimeError(
+                f"fastdae sample: shards in {parts} do not tile [0, {num_samples}): "
+                f"{'overlap' if start < cursor else 'gap'} at {min(start, cursor)}"
+            )
         cursor = stop
     if cursor != num_samples:
         raise RuntimeError(f"fastdae sample: shards in {parts} end at {cursor}, expected {num_samples}")
@@ -166,8 +175,10 @@ def _merge(parts: Path, out: Path, num_samples: int, png_dir: Path | None, digit
                 _write_pngs(data, start, png_dir, digits)
             yield data
 
-    with files.atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
-                                                         allowZip64=True) as zf:
+    with (
+        files.atomic_path(out) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         _write_npy_member(zf, "arr_0", (num_samples, *image_shape), np.dtype(np.uint8), field("images"))
         if has_labels:
             _write_npy_member(zf, "arr_1", (num_samples,), np.dtype(np.int64), field("labels"))
@@ -182,10 +193,20 @@ def _same_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> 
 # ---------------------------------------------------------------------------------------------
 # The public function
 # ---------------------------------------------------------------------------------------------
-def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.PathLike = "samples.npz",
-           png_dir: str | os.PathLike | None = None, batch_size: int = 64, cfg_scale: float | None = None,
-           seed: int = 0, labels: str = "balanced", steps: int | None = None, sampler: str | None = None,
-           device: str = "auto", progress: bool = True) -> Path:
+def sample(
+    run: str | os.PathLike,
+    num_samples: int = 50_000,
+    out: str | os.PathLike = "samples.npz",
+    png_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    labels: str = "balanced",
+    steps: int | None = None,
+    sampler: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
     """Generate `num_samples` images from the run folder `run` into `out` (see the module docstring);
     returns `out`. cfg_scale, steps, sampler default to the run's prior config; labels "balanced" or
     "random" (class-conditional DiTs). Under torchrun every rank calls this with the same arguments."""
@@ -205,14 +226,18 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
     if out.is_file():
         previous = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         if not _same_settings(previous.get("settings"), settings):
-            raise FileExistsError(f"sample: {out} holds samples of other settings (or was not written by fastdae "
-                                  f"sample: no {sidecar.name}); remove it or pick another --out")
+            raise FileExistsError(
+                f"sample: {out} holds samples of other settings (or was not written by fastdae "
+                f"sample: no {sidecar.name}); remove it or pick another --out"
+            )
         return out  # already complete
     parts = out.with_name(out.name + PARTS_SUFFIX)
     settings_file = parts / SETTINGS_FILE
     if settings_file.is_file() and not _same_settings(json.loads(settings_file.read_text()), settings):
-        raise FileExistsError(f"sample: {parts} holds partial samples of other settings ({settings_file}); "
-                              f"remove it or pick another --out")
+        raise FileExistsError(
+            f"sample: {parts} holds partial samples of other settings ({settings_file}); "
+            f"remove it or pick another --out"
+        )
     done = _done_ranges(parts) if parts.is_dir() else []
     todo = _todo_chunks(num_samples, done, batch_size)
     d.barrier()  # every rank has listed the shards before any rank writes one
@@ -226,10 +251,15 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
         png_dir.mkdir(parents=True, exist_ok=True)
 
     this_run = sum(b - a for a, b in todo)
-    bar = tqdm(total=num_samples, initial=num_samples - this_run, unit="img", desc="sample",
-               disable=not (progress and d.is_main))
+    bar = tqdm(
+        total=num_samples,
+        initial=num_samples - this_run,
+        unit="img",
+        desc="sample",
+        disable=not (progress and d.is_main),
+    )
     t0 = time.perf_counter()
-    for start, stop in todo[d.rank::d.world_size]:
+    for start, stop in todo[d.rank :: d.world_size]:
         y = all_labels[start:stop] if all_labels is not None else None
         images = s.generate(stop - start, y, [sample_generator(seed, i, dev) for i in range(start, stop)]).numpy()
         if png_dir is not None:
@@ -242,9 +272,17 @@ def sample(run: str | os.PathLike, num_samples: int = 50_000, out: str | os.Path
     elapsed = time.perf_counter() - t0
     if d.is_main:
         _merge(parts, out, num_samples, png_dir, digits)
-        files.write_json(sidecar, {"settings": settings, "time_s": elapsed, "samples_this_run": this_run,
-                                  "samples_per_s": this_run / elapsed if this_run else None,
-                                  "world_size": d.world_size, "device": str(dev)})
+        files.write_json(
+            sidecar,
+            {
+                "settings": settings,
+                "time_s": elapsed,
+                "samples_this_run": this_run,
+                "samples_per_s": this_run / elapsed if this_run else None,
+                "world_size": d.world_size,
+                "device": str(dev),
+            },
+        )
         shutil.rmtree(parts)
     d.barrier()
     return out

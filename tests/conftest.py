@@ -1,5 +1,6 @@
 """Test setup. Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1), which
 must be set before any module decorated with @triton.jit is imported: that is why it is here."""
+
 import os
 
 import pytest

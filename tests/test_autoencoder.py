@@ -1,4 +1,5 @@
 """Autoencoder, bottlenecks, weak decoder and PatchGAN pieces (fastdae/models/autoencoder.py, discriminator.py)."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,11 +10,18 @@ from torch import nn
 
 from fastdae.models import autoencoder as ae_mod
 from fastdae.models.autoencoder import (
-    AE_SIZES, Autoencoder, AutoencoderConfig, Decoder, Encoder, KLBottleneck, WeakDecoderConfig,
-    autoencoder_config, build_decoder, build_encoder,
+    AE_SIZES,
+    Autoencoder,
+    AutoencoderConfig,
+    Decoder,
+    Encoder,
+    KLBottleneck,
+    WeakDecoderConfig,
+    autoencoder_config,
+    build_decoder,
+    build_encoder,
 )
 from fastdae.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +45,14 @@ def test_kl_term_matches_closed_form():
     mean, logvar = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).clamp(-2, 2)
     _, kl = KLBottleneck()(torch.cat([mean, logvar], 1))
     # KL(N(m, s^2) || N(0, 1)) = 0.5 (m^2 + s^2 - 1 - log s^2), summed per sample, mean over batch
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
-                                            torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1).mean()
+    ref = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+        )
+        .flatten(1)
+        .sum(1)
+        .mean()
+    )
     torch.testing.assert_close(kl, ref)
     fields, stats = KLBottleneck().encode_fields(torch.cat([mean, logvar], 1))
     torch.testing.assert_close(KLBottleneck().latent(fields, sample=False), mean)
@@ -191,8 +205,9 @@ def test_group_norm_never_degenerates_to_instance_norm():
     weak = preset("default").weak_decoder
     modules = [ae_mod.build_encoder(ae), ae_mod.build_decoder(ae), ae_mod.build_decoder(ae, weak)]
     norms = [m for net in modules for m in net.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(n.num_channels // n.num_groups >= 4 for n in norms), \
-        sorted({(n.num_channels, n.num_groups) for n in norms})
+    assert norms and all(n.num_channels // n.num_groups >= 4 for n in norms), sorted(
+        {(n.num_channels, n.num_groups) for n in norms}
+    )
     assert ae_mod._norm(128).num_groups == 32 and ae_mod._norm(512).num_groups == 32
 
 
@@ -208,14 +223,15 @@ def test_chroma_term_weighs_colour_errors_only():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 5, 7, generator=gen, dtype=torch.float64) * 2 - 1
     assert chroma_l1(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # a grey shift: no colour error
-    red_green = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1) / 2 ** 0.5
+    red_green = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1) / 2**0.5
     assert chroma_l1(x, x - 0.2 * red_green).item() == pytest.approx(0.2 / 2)  # |0.2| on one of 2 axes
     x_hat = x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * 0.1
     d = x - x_hat
-    want = torch.stack([(d[:, 0] - d[:, 1]) / 2 ** 0.5, (d[:, 0] + d[:, 1] - 2 * d[:, 2]) / 6 ** 0.5]).abs().mean()
+    want = torch.stack([(d[:, 0] - d[:, 1]) / 2**0.5, (d[:, 0] + d[:, 1] - 2 * d[:, 2]) / 6**0.5]).abs().mean()
     torch.testing.assert_close(chroma_l1(x, x_hat), want)
-    plain, weighted = (AutoencoderLoss(AEStageConfig(lpips_weight=0.0, chroma_weight=w), torch.device("cpu"))
-                       for w in (0.0, 3.0))
+    plain, weighted = (
+        AutoencoderLoss(AEStageConfig(lpips_weight=0.0, chroma_weight=w), torch.device("cpu")) for w in (0.0, 3.0)
+    )
     loss0, terms0 = plain.generator_loss(x, x_hat, 0.0, step=0, last_layer=torch.zeros(1))
     loss3, terms3 = weighted.generator_loss(x, x_hat, 0.0, step=0, last_layer=torch.zeros(1))
     assert "chroma" not in terms0 and terms3["chroma"].item() == pytest.approx(want.item())

@@ -1,5 +1,6 @@
 """LatentCache: round trips (VQ-like and KL-like fields, flip copies), integer downcasting, resume of
 an interrupted build, corruption detection, DDP shards on CPU, and the batched prefetching loader."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,14 @@ def encode_index(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor
 
 
 def build(root, dataset, encode=encode_index, **kw) -> LatentCache:
-    kw = {"batch_size": 8, "shard_size": 16, "encoder_sha256": "enc", "dataset_fingerprint": "data",
-          "progress": False, **kw}
+    kw = {
+        "batch_size": 8,
+        "shard_size": 16,
+        "encoder_sha256": "enc",
+        "dataset_fingerprint": "data",
+        "progress": False,
+        **kw,
+    }
     return LatentCache.build(root, dataset, encode, **kw)
 
 
@@ -92,7 +99,11 @@ def test_round_trip_vq(tmp_path):
     cache = build(tmp_path, ds, encode_vq, dataset_fingerprint=dataset_fingerprint(ds))
     images, labels = ds.images(np.arange(40))
     fields, latents = encode_vq(images)
-    assert len(cache) == 40 and [(s["start"], s["stop"]) for s in cache.manifest["shards"]] == [(0, 16), (16, 32), (32, 40)]
+    assert len(cache) == 40 and [(s["start"], s["stop"]) for s in cache.manifest["shards"]] == [
+        (0, 16),
+        (16, 32),
+        (32, 40),
+    ]
     stored = cache.manifest["fields"]["indices"]["dtype"]
     assert stored == _smallest_int_dtype(int(fields["indices"].min()), int(fields["indices"].max())).name
     assert cache.fields["indices"] == (getattr(torch, stored), (4, 4)) and cache.fields["label"][1] == ()
@@ -153,8 +164,14 @@ def test_strided_fields_are_stored_in_logical_order(tmp_path):
 
 
 def test_integer_downcast_and_float_storage():
-    cases = {(0, 255): np.uint8, (-1, 5): np.int8, (0, 300): np.int16, (0, 40000): np.uint16,
-             (-1, 40000): np.int32, (0, 2**40): np.int64}
+    cases = {
+        (0, 255): np.uint8,
+        (-1, 5): np.int8,
+        (0, 300): np.int16,
+        (0, 40000): np.uint16,
+        (-1, 40000): np.int32,
+        (0, 2**40): np.int64,
+    }
     for (lo, hi), dtype in cases.items():
         a = _stored("f", torch.tensor([lo, hi], dtype=torch.int64))
         assert a.dtype == dtype and a.tolist() == [lo, hi]
@@ -203,8 +220,10 @@ def test_interrupted_build_resumes(tmp_path):
     assert not (root / "manifest.json").exists()
     with pytest.raises(CacheError, match="manifest.json does not exist"):
         LatentCache(root)
-    assert sorted(p.name for p in root.glob("shard-*.safetensors")) == ["shard-r000-00000.safetensors",
-                                                                         "shard-r000-00001.safetensors"]
+    assert sorted(p.name for p in root.glob("shard-*.safetensors")) == [
+        "shard-r000-00000.safetensors",
+        "shard-r000-00001.safetensors",
+    ]
     # debris of a harder kill: a temp file mid-write and a shard renamed but without its sidecar
     (root / ".shard-r000-00002.safetensors.tmp999").write_bytes(b"half")
     (root / "shard-r000-00002.safetensors").write_bytes((root / "shard-r000-00000.safetensors").read_bytes())
@@ -307,12 +326,21 @@ def _edit(manifest: dict, edit: str, root: Path) -> object:
     return m
 
 
-@pytest.mark.parametrize("edit,match", [
-    ("list", "a JSON object"), ("no shards", "'shards'"), ("shards not a list", "'shards'"),
-    ("bad dtype", "dtype"), ("bad shape", "shape"), ("absolute file", "shard file name"),
-    ("file outside", "shard file name"), ("foreign name", "shard file name"), ("string count", "'count'"),
-    ("stats length", "channel_std"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ("list", "a JSON object"),
+        ("no shards", "'shards'"),
+        ("shards not a list", "'shards'"),
+        ("bad dtype", "dtype"),
+        ("bad shape", "shape"),
+        ("absolute file", "shard file name"),
+        ("file outside", "shard file name"),
+        ("foreign name", "shard file name"),
+        ("string count", "'count'"),
+        ("stats length", "channel_std"),
+    ],
+)
 def test_every_manifest_schema_problem_is_a_cache_error_naming_the_file(tmp_path, edit, match):
     build(tmp_path / "c", IndexImages(40))
     path = tmp_path / "c" / "manifest.json"
@@ -347,8 +375,9 @@ def test_a_shard_truncated_while_mapped_is_a_cache_error_not_a_bus_error(tmp_pat
 
     build(tmp_path, IndexImages(4000), encode=encode_kl, shard_size=4000, batch_size=500)  # one 800 KB shard
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", TRUNCATE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
     assert "CacheError:" in proc.stdout and "truncated" in proc.stdout
 
@@ -390,7 +419,7 @@ def _epoch(loader) -> list[list[int]]:
     epoch, start, bs = loader.epoch, loader.start_batch, loader.batch_size
     batches = [batch["value"].tolist() for batch in loader]
     order = loader.indices(epoch).tolist()
-    assert batches == [sorted(order[k * bs:(k + 1) * bs]) for k in range(start, len(loader))]
+    assert batches == [sorted(order[k * bs : (k + 1) * bs]) for k in range(start, len(loader))]
     return batches
 
 
@@ -459,7 +488,7 @@ def test_paired_loading(tmp_path):
     order = loader.indices(0)
     assert sorted(order) == list(range(24))
     for b, (batch_fields, batch_images) in enumerate(loader):
-        idx = np.sort(order[b * 6:(b + 1) * 6])
+        idx = np.sort(order[b * 6 : (b + 1) * 6])
         assert torch.equal(batch_images, images[idx])
         assert torch.equal(batch_fields["mean"], fields["mean"][idx].half().float())
     paired = PairedDataset(cache, ds)

@@ -1,4 +1,5 @@
 """fastdae.evaluation end to end at a tiny budget: the three arms through the CLI, resume, the ablation."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,34 @@ from fastdae.evaluation import METRICS, EvalConfig
 from fastdae.evaluation.report import capacity_curves as _capacity_curves
 from fastdae.evaluation.report import summarize as _summarize
 
-TINY_EVAL = dict(eval_images=32, classifier_images=256, classifier_steps=20, lipschitz_pairs=4, probe_latents=4,
-                 capacity_images=16, capacity_widths=[4, 8], capacity_steps=3)
+TINY_EVAL = dict(
+    eval_images=32,
+    classifier_images=256,
+    classifier_steps=20,
+    lipschitz_pairs=4,
+    probe_latents=4,
+    capacity_images=16,
+    capacity_widths=[4, 8],
+    capacity_steps=3,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_summarize_mean_std_and_missing():
-    runs = {"a": [{"psnr": 10.0, "min_width": None}, {"psnr": 14.0, "min_width": None}],
-            "b": [{"psnr": 12.0, "min_width": 8}, {"min_width": None}]}
+    runs = {
+        "a": [{"psnr": 10.0, "min_width": None}, {"psnr": 14.0, "min_width": None}],
+        "b": [{"psnr": 12.0, "min_width": 8}, {"min_width": None}],
+    }
     s = _summarize(runs)
     # sample std; 95% interval mean +- t_{0.975, 1} std / sqrt(2) = 12 +- 12.706205 * 2
-    assert s["a"]["psnr"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5 * 2), "n": 2,
-                              "ci95": pytest.approx([12 - 25.41241, 12 + 25.41241])}
+    assert s["a"]["psnr"] == {
+        "mean": 12.0,
+        "std": pytest.approx(2**0.5 * 2),
+        "n": 2,
+        "ci95": pytest.approx([12 - 25.41241, 12 + 25.41241]),
+    }
     assert s["a"]["min_width"] == {"n": 0}
     assert s["b"]["psnr"] == {"mean": 12.0, "std": 0.0, "n": 1, "ci95": None} and s["b"]["min_width"]["mean"] == 8
     assert "ssim" not in s["a"]
@@ -36,32 +51,58 @@ def test_verdict_states_wins_losses_probes_and_learning():
     from fastdae.evaluation.report import markdown, pairwise_tests
 
     # dae: clearly better FD-feat and Lipschitz bound than joint, clearly worse PSNR; control as dae on PSNR
-    runs = {"joint": [{"psnr": 21.0 + e, "fd_feat": 20.0 + e, "lipschitz": 5.0 + e, "class_accuracy": 0.9 + e / 10}
-                      for e in (0.0, 0.1, -0.1)],
-            "dae": [{"psnr": 20.0 + e, "fd_feat": 10.0 + e, "lipschitz": 3.0 + e, "class_accuracy": 0.7 + e / 10}
-                    for e in (0.0, 0.1, -0.1)],
-            "control": [{"psnr": 20.0 + e, "fd_feat": 10.2 + e, "lipschitz": 3.1 + 2 * e, "class_accuracy": 0.7}
-                        for e in (0.0, 0.1, -0.1)]}
-    report = {"title": "t", "seeds": 3, "device": "cpu", "torch": "x", "summary": _summarize(runs),
-              "tests": pairwise_tests(runs), "reference": {"num_classes": 4, "class_accuracy_real": 1.0}}
+    runs = {
+        "joint": [
+            {"psnr": 21.0 + e, "fd_feat": 20.0 + e, "lipschitz": 5.0 + e, "class_accuracy": 0.9 + e / 10}
+            for e in (0.0, 0.1, -0.1)
+        ],
+        "dae": [
+            {"psnr": 20.0 + e, "fd_feat": 10.0 + e, "lipschitz": 3.0 + e, "class_accuracy": 0.7 + e / 10}
+            for e in (0.0, 0.1, -0.1)
+        ],
+        "control": [
+            {"psnr": 20.0 + e, "fd_feat": 10.2 + e, "lipschitz": 3.1 + 2 * e, "class_accuracy": 0.7}
+            for e in (0.0, 0.1, -0.1)
+        ],
+    }
+    report = {
+        "title": "t",
+        "seeds": 3,
+        "device": "cpu",
+        "torch": "x",
+        "summary": _summarize(runs),
+        "tests": pairwise_tests(runs),
+        "reference": {"num_classes": 4, "class_accuracy_real": 1.0},
+    }
     md = markdown(report)
-    assert ("- **DAE vs joint**: DAE is significantly better on FD-feat (samples), Lipschitz lower bound; joint on "
-            "PSNR (dB), class accuracy; no significant difference on the other 0 of 4 metrics. Complexity probes (the "
-            "paper predicts DAE's decoder is the simpler): DAE's mean is lower on 1 of 1 (Lipschitz lower bound).") in md
-    assert ("- **DAE vs control**: DAE is significantly better on no metric; control on no metric; no significant "
-            "difference on the other 4 of 4 metrics.") in md
-    assert ("Class accuracy of samples: joint 0.90, dae 0.70, control 0.70 (chance 0.25, real images 1); at or above "
-            "0.8: joint.") in md
+    assert (
+        "- **DAE vs joint**: DAE is significantly better on FD-feat (samples), Lipschitz lower bound; joint on "
+        "PSNR (dB), class accuracy; no significant difference on the other 0 of 4 metrics. Complexity probes (the "
+        "paper predicts DAE's decoder is the simpler): DAE's mean is lower on 1 of 1 (Lipschitz lower bound)."
+    ) in md
+    assert (
+        "- **DAE vs control**: DAE is significantly better on no metric; control on no metric; no significant "
+        "difference on the other 4 of 4 metrics."
+    ) in md
+    assert (
+        "Class accuracy of samples: joint 0.90, dae 0.70, control 0.70 (chance 0.25, real images 1); at or above "
+        "0.8: joint."
+    ) in md
     runs["joint"] = [{**r, "class_accuracy": 0.5} for r in runs["joint"]]
     report.update(summary=_summarize(runs), tests=pairwise_tests(runs))
-    assert "no arm reaches 0.8: the generation metrics compare priors that learned the classes only partly" in \
-        markdown(report)
+    assert "no arm reaches 0.8: the generation metrics compare priors that learned the classes only partly" in markdown(
+        report
+    )
 
 
 def test_capacity_curves_in_psnr():
     # MSE 0.04 on the [-1, 1] range (4 = range^2) is 20 dB, 0.004 is 30 dB
-    runs = {"a": [{"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},
-                  {"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]}]}
+    runs = {
+        "a": [
+            {"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},
+            {"capacity_curve": [{"width": 4, "error": 0.04}, {"width": 8, "error": 0.004}]},
+        ]
+    }
     c = _capacity_curves(runs)
     assert c["a"]["4"] == {"mean": pytest.approx(20.0), "std": 0.0, "n": 2, "ci95": pytest.approx([20.0, 20.0])}
     assert c["a"]["8"]["mean"] == pytest.approx(30.0)
@@ -71,8 +112,21 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     eval_file = tmp_path / "eval.yaml"
     eval_file.write_text(yaml.safe_dump(TINY_EVAL))
     out = tmp_path / "cmp"
-    argv = ["compare", "--preset", "tiny", "--arms", "joint,dae,control", "--seeds", "1", "--out", str(out),
-            "--eval", str(eval_file), "--prior.num_samples", "8"]
+    argv = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--arms",
+        "joint,dae,control",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--eval",
+        str(eval_file),
+        "--prior.num_samples",
+        "8",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["summary"]) == ["joint", "dae", "control"]
@@ -81,8 +135,19 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
     for arm in ("joint", "dae", "control"):
         (run,) = report["runs"][arm]
         assert run["num_samples"] == 8
-        for key in ("psnr", "ssim", "rfd_feat", "fd_feat", "validity", "class_accuracy", "prior_loss", "lipschitz",
-                    "jac_spectral", "jac_frobenius", "penalised_distance"):
+        for key in (
+            "psnr",
+            "ssim",
+            "rfd_feat",
+            "fd_feat",
+            "validity",
+            "class_accuracy",
+            "prior_loss",
+            "lipschitz",
+            "jac_spectral",
+            "jac_frobenius",
+            "penalised_distance",
+        ):
             assert isinstance(run[key], float), (arm, key)
         assert [c["width"] for c in run["capacity_curve"]] == [4, 8]
         assert (out / "runs" / f"{arm}-s0" / "eval.json").is_file()
@@ -122,8 +187,15 @@ def test_compare_cli_end_to_end_and_resume(tmp_path):
 def test_ablation_picks_a_value(tmp_path):
     from fastdae.config import preset
 
-    report = compare.ablation(preset("tiny"), "dropout", [0.0, 0.3], seeds=1, out_dir=tmp_path / "abl",
-                              eval_config=EvalConfig(**TINY_EVAL), select="psnr")
+    report = compare.ablation(
+        preset("tiny"),
+        "dropout",
+        [0.0, 0.3],
+        seeds=1,
+        out_dir=tmp_path / "abl",
+        eval_config=EvalConfig(**TINY_EVAL),
+        select="psnr",
+    )
     assert list(report["summary"]) == ["dropout=0.0", "dropout=0.3"]
     psnr = {v: s["psnr"]["mean"] for v, s in report["summary"].items()}
     assert report["best"] == {"variant": max(psnr, key=psnr.get), "select": "psnr", "mean": max(psnr.values())}
@@ -152,9 +224,21 @@ def test_report_charts_with_and_without_matplotlib(tmp_path, monkeypatch, matplo
         monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     else:
         pytest.importorskip("matplotlib")
-    report = {"title": "t", "command": None, "seeds": 2, "device": "cpu", "torch": "x", "reference": {},
-              "eval": {}, "capacity": {}, "sample_grids": {},
-              "summary": {"a": {"psnr": {"mean": 20.0, "std": 1.0, "n": 2}}, "b": {"psnr": {"mean": 22.0, "std": 0.5, "n": 2}}}}
+    report = {
+        "title": "t",
+        "command": None,
+        "seeds": 2,
+        "device": "cpu",
+        "torch": "x",
+        "reference": {},
+        "eval": {},
+        "capacity": {},
+        "sample_grids": {},
+        "summary": {
+            "a": {"psnr": {"mean": 20.0, "std": 1.0, "n": 2}},
+            "b": {"psnr": {"mean": 22.0, "std": 0.5, "n": 2}},
+        },
+    }
     write_report(report, tmp_path)
     md = (tmp_path / "report.md").read_text()
     if matplotlib:
@@ -201,8 +285,13 @@ def test_compare_judges_only_heldout_items(tmp_path, monkeypatch, kind):
     ds = build_dataset(cfg.data)
     train, heldout = split_dataset(ds, cfg.data)
     assert ds.num_classes == classes and (len(train), len(heldout)) == (30, 20)
-    assert report["split"] == {"train_items": 30, "heldout_items": 20, "eval_images": 8, "floor_images": 4,
-                               "classifier_images": 8}
+    assert report["split"] == {
+        "train_items": 30,
+        "heldout_items": 20,
+        "eval_images": 8,
+        "floor_images": 4,
+        "classifier_images": 8,
+    }
     assert "20 held out" in (out / "report.md").read_text()
     (run,) = report["runs"]["dae"]
     assert isinstance(run["psnr"], float) and isinstance(run["class_accuracy"], float)
@@ -240,8 +329,23 @@ def test_compare_on_textures_with_two_seeds_tests_the_arms(tmp_path):
     eval_file = tmp_path / "eval.yaml"
     eval_file.write_text(yaml.safe_dump(TINY_EVAL))
     out = tmp_path / "tex"
-    argv = ["compare", "--preset", "tiny", "--arms", "dae,joint", "--seeds", "2", "--out", str(out), "--eval",
-            str(eval_file), "--data.name", "textures", "--prior.num_samples", "8"]
+    argv = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--arms",
+        "dae,joint",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--eval",
+        str(eval_file),
+        "--data.name",
+        "textures",
+        "--prior.num_samples",
+        "8",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["data"]["name"] == "textures" and report["split"]["heldout_items"] == 16384

@@ -1,5 +1,6 @@
 """Datasets: procedural (shapes, textures) determinism, balance and ground truth; folder and array loading
 with every error; the train / held-out split."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,15 @@ import torch
 from PIL import Image
 
 from fastdae import data
-from fastdae.data import (ArrayDataset, DataConfig, ImageFolder, ProceduralShapes, ProceduralTextures,
-                          build_dataset, dataset_fingerprint)
+from fastdae.data import (
+    ArrayDataset,
+    DataConfig,
+    ImageFolder,
+    ProceduralShapes,
+    ProceduralTextures,
+    build_dataset,
+    dataset_fingerprint,
+)
 
 PROCEDURAL = [ProceduralShapes, ProceduralTextures]
 
@@ -80,9 +88,13 @@ def _texture_field(d: dict, size: int) -> tuple[np.ndarray, float]:
     u, v = dx * c + dy * s, dy * c - dx * s
     k = 2 * np.pi / d["period"]
     su, sv = np.sin(k * u), np.sin(k * v)
-    g = {"stripes": su, "checks": np.sign(su * sv) * np.minimum(abs(su), abs(sv)),
-         "dots": np.cos(k * u) + np.cos(k * v) - 0.5, "rings": np.sin(k * np.hypot(u, v)),
-         "waves": np.sin(k * u + 1.5 * np.sin(k * v / 2))}[d["type"]]
+    g = {
+        "stripes": su,
+        "checks": np.sign(su * sv) * np.minimum(abs(su), abs(sv)),
+        "dots": np.cos(k * u) + np.cos(k * v) - 0.5,
+        "rings": np.sin(k * np.hypot(u, v)),
+        "waves": np.sin(k * u + 1.5 * np.sin(k * v / 2)),
+    }[d["type"]]
     return g, k
 
 
@@ -193,7 +205,7 @@ def test_image_folder_any_aspect_ratio_crops_and_flip(tmp_path):
     assert torch.equal(ds[0][0], x[:, :, 6:14])
     rand = ImageFolder(tmp_path, size=8, crop="random")
     crops = [rand[0][0] for _ in range(40)]
-    windows = {next(o for o in range(13) if torch.equal(c, x[:, :, o:o + 8])) for c in crops}
+    windows = {next(o for o in range(13) if torch.equal(c, x[:, :, o : o + 8])) for c in crops}
     assert len(windows) > 3  # random offsets in 0..12
     flip = ImageFolder(tmp_path, size=8, flip=True)
     draws = [flip[0][0] for _ in range(40)]
@@ -378,8 +390,10 @@ def test_build_dataset(tmp_path):
 def _labelled(counts: list[int]) -> ArrayDataset:
     labels = np.repeat(np.arange(len(counts)), counts)
     images = np.random.default_rng(0).permutation(len(labels)).astype(np.uint8)  # item i's pixels: a tag
-    return ArrayDataset(np.broadcast_to(images[:, None, None, None], (len(labels), 8, 8, 3)).copy(),
-                        labels=np.random.default_rng(1).permutation(labels))
+    return ArrayDataset(
+        np.broadcast_to(images[:, None, None, None], (len(labels), 8, 8, 3)).copy(),
+        labels=np.random.default_rng(1).permutation(labels),
+    )
 
 
 @pytest.mark.parametrize("holdout,expected", [(0.2, 40), (17, 17), (None, 20)])

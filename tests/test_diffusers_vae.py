@@ -2,6 +2,7 @@
 AutoencoderKL / VQModel saved to a temp folder is the frozen stage 1; its latents (directly and through
 LatentCache) decode with our DiffusersDecoder exactly as the exported folder's `from_pretrained(...).decode`
 decodes them. Nothing is downloaded."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ from fastdae.integrations.diffusers_vae import (
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 
-TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=4)
+TINY = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+)
 ATOL = 1e-5  # two float32 runs of the same decoder weights on the same input, different module objects
 
 
@@ -59,8 +66,11 @@ def assert_decoders_differ(ours: DiffusersDecoder, vae: torch.nn.Module) -> None
     assert not torch.equal(ours.decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
 
-KL_VARIANTS = {"default": {}, "no_quant_convs": dict(use_quant_conv=False, use_post_quant_conv=False),
-               "no_mid_attention": dict(mid_block_add_attention=False)}
+KL_VARIANTS = {
+    "default": {},
+    "no_quant_convs": dict(use_quant_conv=False, use_post_quant_conv=False),
+    "no_mid_attention": dict(mid_block_add_attention=False),
+}
 
 
 @pytest.mark.parametrize("variant", KL_VARIANTS)
@@ -114,8 +124,11 @@ def test_kl_posterior_sample_matches_diffusers_draw(tmp_path):
     torch.testing.assert_close(stage1.latent(fields, sample=False), posterior.mean, rtol=0, atol=ATOL)
 
 
-VQ_VARIANTS = {"default": {}, "embed_dim_3": dict(vq_embed_dim=3),
-               "spatial_norm": dict(norm_type="spatial", block_out_channels=(32, 32))}  # SpatialNorm: 32 groups
+VQ_VARIANTS = {
+    "default": {},
+    "embed_dim_3": dict(vq_embed_dim=3),
+    "spatial_norm": dict(norm_type="spatial", block_out_channels=(32, 32)),
+}  # SpatialNorm: 32 groups
 
 
 @pytest.mark.parametrize("variant", VQ_VARIANTS)
@@ -162,8 +175,16 @@ def test_latent_cache_round_trip(tmp_path, kind):
     stage1 = load_stage1(tmp_path / "src")
     x = images(6)
     dataset = ArrayDataset(x.numpy(), labels=np.arange(6))
-    cache = LatentCache.build(tmp_path / "cache", dataset, stage1.encode_fields, batch_size=4, shard_size=4,
-                              encoder_sha256=stage1.sha256, dataset_fingerprint="six-images", progress=False)
+    cache = LatentCache.build(
+        tmp_path / "cache",
+        dataset,
+        stage1.encode_fields,
+        batch_size=4,
+        shard_size=4,
+        encoder_sha256=stage1.sha256,
+        dataset_fingerprint="six-images",
+        progress=False,
+    )
     cache = LatentCache(tmp_path / "cache")  # reopened: every shard's sha256 verified
     cache.check(encoder_sha256=load_stage1(tmp_path / "src").sha256)
     assert len(cache) == 6 and cache.channel_mean.shape == (stage1.latent_channels,)
@@ -248,9 +269,11 @@ def test_errors(tmp_path):
 
 def test_import_loads_no_diffusers_or_taming():
     """diffusers / taming are imported when a model is loaded, not when fastdae.integrations names resolve."""
-    code = ("import sys, fastdae.integrations as I; I.load_stage1, I.DiffusersDecoder, I.export_diffusers;"
-            "I.load_taming_stage1, I.TamingDecoder, I.export_taming; import fastdae.integrations.pretrained;"
-            "bad = [m for m in ('diffusers', 'taming') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, fastdae.integrations as I; I.load_stage1, I.DiffusersDecoder, I.export_diffusers;"
+        "I.load_taming_stage1, I.TamingDecoder, I.export_taming; import fastdae.integrations.pretrained;"
+        "bad = [m for m in ('diffusers', 'taming') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -264,8 +287,10 @@ def test_train_with_diffusers_stage1(tmp_path, kind, monkeypatch):
     from fastdae.training.checkpoint import load_weights
 
     vae = (save_kl if kind == "kl" else save_vq)(tmp_path / "src")
-    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples",
-                                           f"stage1.encoder={tmp_path / 'src'}"])
+    cfg = apply_overrides(
+        preset("tiny"),
+        [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples", f"stage1.encoder={tmp_path / 'src'}"],
+    )
     from fastdae.training import stage2
 
     def stage2_without_encoder(r, run=stage2.run):  # the stages after the cache free the encoder's weights

@@ -1,4 +1,5 @@
 """Diffusion: schedules, the loss, and every sampler against the exact denoiser of Gaussian data."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from fastdae.models.diffusion import CLEAN, Diffusion, LatentScaler, cosine_betas, linear_betas, make_diffusion
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,11 @@ def gaussian_oracle(diffusion: Diffusion, mu: float, std: float):
     returned as the objective's prediction (eps for ddpm, v = eps - x0 for flow)."""
 
     def model(x_t, model_time, y=None):
-        t = model_time.double() / diffusion.num_timesteps if diffusion.objective == "flow" else model_time.round().long()
+        t = (
+            model_time.double() / diffusion.num_timesteps
+            if diffusion.objective == "flow"
+            else model_time.round().long()
+        )
         a, s = (z.view(-1, 1, 1, 1).float() for z in diffusion.alpha_sigma(t))
         x0 = mu + a * std**2 / (a**2 * std**2 + s**2) * (x_t - a * mu)
         eps = (x_t - a * x0) / s
@@ -42,14 +46,25 @@ def gaussian_oracle(diffusion: Diffusion, mu: float, std: float):
 
 @pytest.mark.parametrize(
     "objective, schedule, sampler, steps",
-    [("ddpm", "linear", "ddim", 200), ("ddpm", "cosine", "ddim", 200), ("ddpm", "linear", "ddpm", 1000),
-     ("ddpm", "cosine", "euler", 200), ("flow", "linear", "euler", 200), ("flow", "linear", "ddpm", 1000)],
+    [
+        ("ddpm", "linear", "ddim", 200),
+        ("ddpm", "cosine", "ddim", 200),
+        ("ddpm", "linear", "ddpm", 1000),
+        ("ddpm", "cosine", "euler", 200),
+        ("flow", "linear", "euler", 200),
+        ("flow", "linear", "ddpm", 1000),
+    ],
 )
 def test_samplers_recover_gaussian_data(objective, schedule, sampler, steps):
     diffusion = make_diffusion(objective, schedule)
     mu, std = 0.5, 0.7
-    samples = diffusion.sample(gaussian_oracle(diffusion, mu, std), (2000, 2, 2, 2), steps=steps, sampler=sampler,
-                               generator=torch.Generator().manual_seed(0))
+    samples = diffusion.sample(
+        gaussian_oracle(diffusion, mu, std),
+        (2000, 2, 2, 2),
+        steps=steps,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+    )
     # 16000 values: sampling error ~0.5%; the rest is the samplers' discretisation error (-> 0 with steps)
     assert samples.mean().item() == pytest.approx(mu, abs=0.02)
     assert samples.std().item() == pytest.approx(std, rel=0.02)

@@ -1,4 +1,5 @@
 """DiT: shapes, the size registry, adaLN-Zero at init, guidance, and a tiny model overfitting latents."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 
 from fastdae.models.diffusion import make_diffusion
 from fastdae.models.dit import DiT, DiT_models, sincos_2d
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,9 @@ def test_forward_shapes(name, latent, num_classes, learn_sigma):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, millions", [("DiT-S/2", 33.0), ("DiT-B/2", 130.5), ("DiT-L/2", 458.1), ("DiT-XL/2", 675.1)])
+@pytest.mark.parametrize(
+    "name, millions", [("DiT-S/2", 33.0), ("DiT-B/2", 130.5), ("DiT-L/2", 458.1), ("DiT-XL/2", 675.1)]
+)
 def test_registry_matches_dit_paper_sizes(name, millions):
     """Parameter counts of DiT (Peebles & Xie, Table 1) at 32x32x4 latents, 1000 classes, learned sigma."""
     with torch.device("meta"):
@@ -124,13 +126,16 @@ def test_tiny_dit_overfits_a_handful_of_latents(objective):
     assert losses[-1] < losses[0] / 10, losses[::10]
 
 
-@pytest.mark.parametrize("objective, sampler", [("ddpm", "ddim"), ("ddpm", "ddpm"), ("flow", "euler"), ("flow", "ddpm")])
+@pytest.mark.parametrize(
+    "objective, sampler", [("ddpm", "ddim"), ("ddpm", "ddpm"), ("flow", "euler"), ("flow", "ddpm")]
+)
 def test_sampling_shapes_finite_and_cfg_one_is_unguided(objective, sampler):
     model = randomize(tiny(num_classes=3, learn_sigma=True)).eval()
     diffusion = make_diffusion(objective)
     y = torch.tensor([0, 1, 2])
-    run = lambda cfg: diffusion.sample(model, (3, 4, 8, 8), y=y, steps=4, sampler=sampler, cfg_scale=cfg,
-                                       generator=torch.Generator().manual_seed(1))
+    run = lambda cfg: diffusion.sample(
+        model, (3, 4, 8, 8), y=y, steps=4, sampler=sampler, cfg_scale=cfg, generator=torch.Generator().manual_seed(1)
+    )
     out = run(1.0)
     assert out.shape == (3, 4, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, run(1.0), rtol=0, atol=0)  # the generator makes it reproducible
@@ -148,8 +153,15 @@ def test_trained_dit_samples_the_pattern_of_the_asked_class(objective, sampler):
     model, patterns = _train_on_patterns(diffusion, steps=300)
     y = torch.arange(32) % 4
     for cfg_scale in (1.0, 3.0):
-        x = diffusion.sample(model, (32, 4, 4, 4), y=y, steps=20, sampler=sampler, cfg_scale=cfg_scale,
-                             generator=torch.Generator().manual_seed(1))
+        x = diffusion.sample(
+            model,
+            (32, 4, 4, 4),
+            y=y,
+            steps=20,
+            sampler=sampler,
+            cfg_scale=cfg_scale,
+            generator=torch.Generator().manual_seed(1),
+        )
         hits, rms = _pattern_fit(x, y, patterns)
         assert hits.all(), (cfg_scale, hits)
         # near the pattern (N(0, 1) entries), not merely on its side; guidance overshoots a little
@@ -163,8 +175,18 @@ def test_ddpm_cosine_samples_need_the_x0_clip():
     diffusion = make_diffusion("ddpm", "cosine")
     model, patterns = _train_on_patterns(diffusion, steps=1500)
     y = torch.arange(32) % 4
-    runs = {clip: diffusion.sample(model, (32, 4, 4, 4), y=y, steps=20, sampler="ddpm", clip_x0=clip,
-                                   generator=torch.Generator().manual_seed(1)) for clip in (None, 4.0)}
+    runs = {
+        clip: diffusion.sample(
+            model,
+            (32, 4, 4, 4),
+            y=y,
+            steps=20,
+            sampler="ddpm",
+            clip_x0=clip,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for clip in (None, 4.0)
+    }
     assert _pattern_fit(runs[None], y, patterns)[1] > 100  # exploded
     hits, rms = _pattern_fit(runs[4.0], y, patterns)
     assert hits.all() and rms < 0.35, (hits, rms)

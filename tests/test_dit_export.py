@@ -1,4 +1,5 @@
 """fastdae.integrations.save_dit / load_dit: the DiT prior as model.safetensors + config.json."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,14 @@ def trained_like(dit: DiT) -> DiT:
     return dit.eval()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(model="DiT-T/2", num_classes=5, learn_sigma=False),
-    dict(model="DiT-T/4", num_classes=0, learn_sigma=True),   # unconditional, variance channels
-    dict(model="DiT-T/1", num_classes=3, learn_sigma=False, mlp_ratio=2.0, class_dropout_prob=0.25),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(model="DiT-T/2", num_classes=5, learn_sigma=False),
+        dict(model="DiT-T/4", num_classes=0, learn_sigma=True),  # unconditional, variance channels
+        dict(model="DiT-T/1", num_classes=3, learn_sigma=False, mlp_ratio=2.0, class_dropout_prob=0.25),
+    ],
+)
 def test_round_trip_gives_the_same_model(tmp_path, kwargs):
     kwargs = dict(kwargs)
     dit = trained_like(DiT_models[kwargs.pop("model")](input_size=8, in_channels=4, **kwargs))
@@ -51,8 +55,10 @@ def test_diffusion_and_latent_stats_travel_with_it(tmp_path):
     assert (d.objective, d.schedule, d.num_timesteps) == ("ddpm", "cosine", 100)
     assert torch.equal(prior.scaler.mean, scaler.mean) and torch.equal(prior.scaler.std, scaler.std)
     y = torch.tensor([0, 1])
-    samples = [p.diffusion.sample(p.dit, (2, 2, 4, 4), y=y, steps=3, generator=torch.Generator().manual_seed(0))
-               for p in (prior, type(prior)(dit, make_diffusion("ddpm", "cosine", 100), scaler))]
+    samples = [
+        p.diffusion.sample(p.dit, (2, 2, 4, 4), y=y, steps=3, generator=torch.Generator().manual_seed(0))
+        for p in (prior, type(prior)(dit, make_diffusion("ddpm", "cosine", 100), scaler))
+    ]
     torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)
 
 

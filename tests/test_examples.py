@@ -4,6 +4,7 @@ Each example checks its own claim (same outputs, codes or gradients as the code 
 asserts and ends by printing a line starting with "ok"; one whose optional third-party package is
 missing prints "skipped: ..." and exits 0, which is reported here as a skip with that reason.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ def test_examples_exist():
 def test_example_runs(script: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # a user's environment: CPU tensors take the C++ / torch paths
-    proc = subprocess.run([sys.executable, str(script)], cwd=script.parents[1], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=script.parents[1], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if last.startswith("skipped:"):

@@ -1,5 +1,6 @@
 """fastdae.integrations.export: save_pretrained / load_pretrained round trips and their errors.
 (That loading never imports fastdae.training is checked in test_integrations.py, in one subprocess.)"""
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,10 @@ def test_missing_files(tmp_path):
 
 def test_save_rejects_wrong_config_or_module(tmp_path):
     cfg = tiny_config()
-    expected = (r"save_pretrained\(Decoder\): tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), "
-                r"but the config implies \(32, 4, 3, 3\)")
+    expected = (
+        r"save_pretrained\(Decoder\): tensor 'conv_in.weight' has shape \(16, 4, 3, 3\), "
+        r"but the config implies \(32, 4, 3, 3\)"
+    )
     with pytest.raises(ValueError, match=expected):
         save_pretrained(build_decoder(cfg), tmp_path / "out", tiny_config(ch=16))
     assert not (tmp_path / "out").exists(), "nothing is written when the module does not fit its config"
@@ -154,11 +157,18 @@ def test_load_builds_on_the_meta_device_before_checking(tmp_path, monkeypatch):
     assert not any(t.is_meta for t in loaded.state_dict().values())
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("ch", "8", r"'ch'.*int"), ("ch", 8.5, r"'ch'.*int"), ("ch_mult", [1.5, 2], r"'ch_mult'.*int"),
-    ("ch_mult", "12", r"'ch_mult'.*list"), ("attn", "yes", r"'attn'.*bool"), ("kl_weight", "small", r"'kl_weight'.*float"),
-    ("ch", True, r"'ch'.*int"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("ch", "8", r"'ch'.*int"),
+        ("ch", 8.5, r"'ch'.*int"),
+        ("ch_mult", [1.5, 2], r"'ch_mult'.*int"),
+        ("ch_mult", "12", r"'ch_mult'.*list"),
+        ("attn", "yes", r"'attn'.*bool"),
+        ("kl_weight", "small", r"'kl_weight'.*float"),
+        ("ch", True, r"'ch'.*int"),
+    ],
+)
 def test_load_checks_the_types_of_config_fields(tmp_path, field, value, match):
     cfg = tiny_config()
     save_pretrained(build_decoder(cfg), tmp_path, cfg)

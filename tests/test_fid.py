@@ -1,6 +1,7 @@
 """fastdae.fid / `python -m fastdae fid`: folders, ADM .npz and pytorch-fid statistics files as sides,
 the statistics cache, and the refusal to run without local weights. The Inception network is
 FIDInceptionV3 with random (Kaiming) weights saved in pytorch-fid's key layout: nothing downloaded."""
+
 from __future__ import annotations
 
 import os

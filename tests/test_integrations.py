@@ -1,5 +1,6 @@
 """fastdae.integrations: patch_attention (timm/DiT-style modules) and the diffusers processor, each
 checked against the unpatched model's outputs and every gradient (inputs and parameters)."""
+
 from __future__ import annotations
 
 import copy
@@ -11,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from utils import assert_close_to_ref, rel_err
 
 from fastdae.integrations import FastDAEAttnProcessor, patch_attention
 from fastdae.nn import Attention
-from utils import assert_close_to_ref, rel_err
 
 TOL = 1e-5  # float32 relative error: the patched path and the original run the same math in fp32
 
@@ -83,12 +84,19 @@ def test_integrations_import_no_third_party_and_no_trainer(tmp_path):
 class TimmAttention(nn.Module):
     """timm >= 1.0 vision_transformer.Attention, written out (same attribute names and forward)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -282,9 +290,16 @@ def diffusers():
 def tiny_unet(diffusers) -> nn.Module:
     """UNet2DConditionModel with self- and cross-attention (query 16/4 tokens, context 5 tokens), ~0.2M params."""
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=24,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=24,
     ).eval()
 
 
@@ -306,8 +321,14 @@ def test_diffusers_processor_unet_cross_attention(diffusers):
 def test_diffusers_processor_dit(diffusers):
     """DiTTransformer2DModel has no set_attn_processor: set each Attention's processor."""
     ref = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
     ).eval()
     model = copy.deepcopy(ref)
     patched = [m.set_processor(FastDAEAttnProcessor()) for m in model.modules() if hasattr(m, "set_processor")]

@@ -8,6 +8,7 @@ builds), and scipy.ndimage.zoom is never called. Everything else runs as the pac
 ScalingLayer, normalize_tensor, NetLinLayer with dropout, spatial_average, upsample, retPerLayer,
 versions 0.1 and 0.0, the baseline (lpips=False), and loading its bundled lin weights.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,13 +21,15 @@ import torch
 from fastdae.nn import LPIPS
 from fastdae.nn.lpips import VGG16Trunk
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("lpips") is None,
-                                reason="lpips not installed (pip install --no-deps lpips==0.1.4)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("lpips") is None, reason="lpips not installed (pip install --no-deps lpips==0.1.4)"
+)
 
 
 @pytest.fixture(scope="module")
 def lpips_pkg():
     """The real lpips package, imported with torchvision's vgg16 and scipy's zoom stood in."""
+
     def vgg16(pretrained: bool = False, **_):
         assert not pretrained, "the tests never ask lpips for downloaded weights"
         return VGG16Trunk()  # .features: torchvision's vgg16().features[:30]
@@ -83,14 +86,18 @@ def run(model, x0, x1, **kw):
     return out, a.grad, b.grad
 
 
-@pytest.mark.parametrize("kw, fwd", [
-    ({}, {}),
-    ({}, {"normalize": True}),
-    ({"spatial": True}, {}),
-    ({"version": "0.0"}, {}),
-    ({"lpips": False}, {}),
-    ({"lpips": False, "spatial": True}, {"normalize": True}),
-], ids=["default", "normalize", "spatial", "v0.0", "baseline", "baseline-spatial"])
+@pytest.mark.parametrize(
+    "kw, fwd",
+    [
+        ({}, {}),
+        ({}, {"normalize": True}),
+        ({"spatial": True}, {}),
+        ({"version": "0.0"}, {}),
+        ({"lpips": False}, {}),
+        ({"lpips": False, "spatial": True}, {"normalize": True}),
+    ],
+    ids=["default", "normalize", "spatial", "v0.0", "baseline", "baseline-spatial"],
+)
 def test_matches_lpips(lpips_pkg, tmp_path, kw, fwd):
     theirs, ours = pair(lpips_pkg, tmp_path, **kw)
     assert not theirs.training and not ours.training  # eval_mode=True
@@ -159,8 +166,9 @@ def test_loads_an_lpips_state_dict(lpips_pkg, tmp_path):
     """lpips' (and taming's LPIPS') full state dict, e.g. inside a VQGAN checkpoint, loads by key mapping."""
     theirs, _ = pair(lpips_pkg, tmp_path)
     ours = LPIPS(random_init=True)
-    ours.load_lpips_state_dict({f"loss.perceptual_loss.{k}": v for k, v in theirs.state_dict().items()},
-                               prefix="loss.perceptual_loss.")
+    ours.load_lpips_state_dict(
+        {f"loss.perceptual_loss.{k}": v for k, v in theirs.state_dict().items()}, prefix="loss.perceptual_loss."
+    )
     x0, x1 = images()
     torch.testing.assert_close(ours(x0, x1), theirs(x0, x1), rtol=1e-5, atol=1e-7)
     no_dropout = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, use_dropout=False, verbose=False)  # lin{l}.model.0

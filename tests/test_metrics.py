@@ -1,4 +1,5 @@
 """fastdae.metrics, models.inception, models.classifier: against closed forms and hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,7 @@ def test_ssim_single_window_by_hand(size):
     x = torch.rand(1, 1, size, size, generator=gen, dtype=torch.float64) * 2 - 1
     y = 0.7 * x + 0.2 * torch.rand(1, 1, size, size, generator=gen, dtype=torch.float64)
     k = np.arange(size) - (size - 1) / 2
-    g = np.exp(-k**2 / (2 * 1.5**2))
+    g = np.exp(-(k**2) / (2 * 1.5**2))
     w = np.outer(g, g) / g.sum() ** 2
     xn, yn = x[0, 0].numpy(), y[0, 0].numpy()
     mx, my = (w * xn).sum(), (w * yn).sum()
@@ -206,7 +207,9 @@ def test_scale_normalize_removes_latent_scale():
     dec_a, z_a = metrics.scale_normalize(_linear_decoder(w), z)
     dec_b, z_b = metrics.scale_normalize(_linear_decoder(w / 10), z * 10)
     assert torch.allclose(z_a, z_b) and torch.allclose(z_a.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64))
-    assert metrics.jacobian_spectral_norm(dec_a, z_a) == pytest.approx(metrics.jacobian_spectral_norm(dec_b, z_b), rel=1e-9)
+    assert metrics.jacobian_spectral_norm(dec_a, z_a) == pytest.approx(
+        metrics.jacobian_spectral_norm(dec_b, z_b), rel=1e-9
+    )
     assert torch.allclose(dec_a(z_a), _linear_decoder(w)(z))
 
 
@@ -241,8 +244,9 @@ def _bottleneck(width: int) -> nn.Module:
 
 def test_minimal_capacity_finds_the_rank():
     z, x = _toy_capacity_problem()
-    width, family = metrics.minimal_capacity(_bottleneck, z, x, widths=[1, 2, 3, 4, 6], target_error=1e-3,
-                                             steps=400, lr=1e-2)
+    width, family = metrics.minimal_capacity(
+        _bottleneck, z, x, widths=[1, 2, 3, 4, 6], target_error=1e-3, steps=400, lr=1e-2
+    )
     errors = [f.error for f in family]
     assert width == 4, errors
     assert errors[0] > errors[1] > errors[2] > 1e-2 and errors[3] < 1e-3 and errors[4] < 1e-3

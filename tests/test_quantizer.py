@@ -1,5 +1,6 @@
 """nn.VectorQuantizer: layouts, embed, gradients, EMA with Laplace smoothing, dead-code restarts,
 k-means init, usage statistics (also under a one-process torch.distributed group), validation."""
+
 from __future__ import annotations
 
 import pytest
@@ -144,8 +145,7 @@ def test_usage_stats_all_reduced_in_a_process_group(tmp_path):
     """One-process gloo group: the all_reduce/broadcast paths run and stats stay consistent."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
     try:
-        vq = VectorQuantizer(4, 3, ema=True, kmeans_init=True, dead_code_threshold=0.1, usage_window=2,
-                             impl="ref")
+        vq = VectorQuantizer(4, 3, ema=True, kmeans_init=True, dead_code_threshold=0.1, usage_window=2, impl="ref")
         for _ in range(4):
             vq(clustered_tokens())
         stats = vq.usage_stats()

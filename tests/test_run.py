@@ -1,6 +1,7 @@
 """The run folder never holds something other than it says (issue 12): resume checks each stage's
 identity (config keys it depends on, dataset fingerprint, upstream weights), steps may grow on resume,
 a folder holding another run is refused without overwrite, and a full disk leaves no debris."""
+
 from __future__ import annotations
 
 import errno
@@ -10,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from utils import read_log, tiny
 
 import fastdae
 from fastdae.config import TrainConfig, apply_overrides
-from utils import read_log, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STAGE1 = ["stages=stage1", "stage1.steps=2", "stage1.ckpt_every=2", "stage1.log_every=1"]
-
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -26,8 +26,14 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 # ---- finding 1: resume with another config ------------------------------------------------------
-@pytest.mark.parametrize("changed,key", [("seed=1", "seed"), ("autoencoder.bottleneck=kl", "autoencoder.bottleneck"),
-                                         ("stage1.grad_clip=0.5", "stage1.grad_clip")])
+@pytest.mark.parametrize(
+    "changed,key",
+    [
+        ("seed=1", "seed"),
+        ("autoencoder.bottleneck=kl", "autoencoder.bottleneck"),
+        ("stage1.grad_clip=0.5", "stage1.grad_clip"),
+    ],
+)
 def test_resume_refuses_another_config_and_names_the_key(tmp_path, changed, key):
     cfg = tiny(tmp_path, *STAGE1)
     fastdae.train(cfg)

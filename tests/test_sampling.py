@@ -1,5 +1,6 @@
 """fastdae.sample / `python -m fastdae sample`: 1,000 samples of a tiny run as an ADM-evaluator .npz,
 per-sample seeding, exact resume after an interruption, settings checks, and torchrun sharding."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,14 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_thousand_samples_as_an_adm_npz(run_dir, tmp_path):
-    out = fastdae.sample(run_dir, num_samples=1000, out=tmp_path / "samples.npz", png_dir=tmp_path / "png",
-                         batch_size=250, progress=False)
+    out = fastdae.sample(
+        run_dir,
+        num_samples=1000,
+        out=tmp_path / "samples.npz",
+        png_dir=tmp_path / "png",
+        batch_size=250,
+        progress=False,
+    )
     # what guided-diffusion's evaluator does: open arr_0.npy in the zip, read a 1.0/2.0 header, stream C-order uint8
     with zipfile.ZipFile(out) as zf:
         assert sorted(zf.namelist()) == ["arr_0.npy", "arr_1.npy"]
@@ -76,8 +83,9 @@ def test_thousand_samples_as_an_adm_npz(run_dir, tmp_path):
 @pytest.fixture(scope="module")
 def kl_joint_run(tmp_path_factory) -> Path:
     """The other branches: KL latents (no code snapping) and mode "joint" (stage 1's decoder is final)."""
-    return tiny_run(tmp_path_factory, "kl_joint", "autoencoder.bottleneck=kl", "mode=joint", "stage1.steps=2",
-                    "stage2.steps=1")
+    return tiny_run(
+        tmp_path_factory, "kl_joint", "autoencoder.bottleneck=kl", "mode=joint", "stage1.steps=2", "stage2.steps=1"
+    )
 
 
 @pytest.mark.parametrize("run", ["run_dir", "kl_joint_run"])
@@ -121,7 +129,9 @@ def test_an_interrupted_run_resumes_bitwise(run_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fastdae.sample(run_dir, 20, out, batch_size=4, progress=False)
     assert sorted(p.name for p in (tmp_path / "resumed.npz.parts").glob("*.npz")) == [
-        "00000000-00000004.npz", "00000004-00000008.npz"]
+        "00000000-00000004.npz",
+        "00000004-00000008.npz",
+    ]
     assert not out.exists()
     monkeypatch.setattr(sampling.Sampler, "generate", generate)
     resumed = read_npz(fastdae.sample(run_dir, 20, out, batch_size=4, progress=False))
@@ -179,8 +189,28 @@ def test_only_the_gaps_are_generated():
 
 def test_cli_sample(run_dir, tmp_path, capsys):
     out = tmp_path / "cli.npz"
-    assert main(["sample", "--run", str(run_dir), "--num-samples", "6", "--out", str(out), "--batch-size", "3",
-                 "--labels", "random", "--seed", "2", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run_dir),
+                "--num-samples",
+                "6",
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--labels",
+                "random",
+                "--seed",
+                "2",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     images, labels = read_npz(out)
     assert images.shape == (6, 16, 16, 3)
@@ -210,9 +240,22 @@ def test_torchrun_shards_match_one_process(run_dir, tmp_path):
     single = read_npz(fastdae.sample(run_dir, 22, tmp_path / "single.npz", batch_size=4, progress=False))
     (tmp_path / "script.py").write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "script.py"), str(run_dir), str(tmp_path / "ddp.npz")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(tmp_path / "script.py"),
+            str(run_dir),
+            str(tmp_path / "ddp.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = read_npz(tmp_path / "ddp.npz")
     assert all(np.array_equal(x, y) for x, y in zip(single, ddp))  # same batches, wherever they ran
@@ -227,8 +270,10 @@ def test_a_runs_prior_exports_with_what_sampling_needs(run_dir, tmp_path):
     prior = load_dit(save_dit(s.dit, tmp_path / "dit", s.diffusion, s.scaler))
     y = torch.arange(4) % s.num_classes
     h = s.dit.input_size
-    latents = [p.diffusion.sample(p.dit, (4, 4, h, h), y=y, steps=2, generator=torch.Generator().manual_seed(0))
-               for p in (prior, s)]
+    latents = [
+        p.diffusion.sample(p.dit, (4, 4, h, h), y=y, steps=2, generator=torch.Generator().manual_seed(0))
+        for p in (prior, s)
+    ]
     assert torch.equal(prior.scaler.denormalize(latents[0]), s.scaler.denormalize(latents[1]))
 
 

@@ -1,5 +1,6 @@
 """fastdae.evaluation.stats and the report's significance section: hand-computed cases, and scipy.stats
 (the reference implementation) where it is installed."""
+
 from __future__ import annotations
 
 import math
@@ -68,12 +69,15 @@ def test_t_matches_scipy(dof):
         assert t_sf(t, dof) == pytest.approx(stats.t.sf(t, dof), rel=1e-10, abs=1e-300)
 
 
-@pytest.mark.parametrize("a, b", [
-    ([41.2, 44.0, 39.5], [60.1, 58.3, 63.0, 59.9]),  # clearly apart, unequal n
-    ([0.27, 0.29, 0.26], [0.28, 0.25, 0.3]),  # overlapping: p near 1
-    ([1e3, 1.1e3, 0.9e3, 1.05e3, 0.97e3], [1.2e3, 0.6e3, 1.5e3]),  # very unequal variances
-    ([3.0, 3.0, 3.1], [2.9, 3.3]),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([41.2, 44.0, 39.5], [60.1, 58.3, 63.0, 59.9]),  # clearly apart, unequal n
+        ([0.27, 0.29, 0.26], [0.28, 0.25, 0.3]),  # overlapping: p near 1
+        ([1e3, 1.1e3, 0.9e3, 1.05e3, 0.97e3], [1.2e3, 0.6e3, 1.5e3]),  # very unequal variances
+        ([3.0, 3.0, 3.1], [2.9, 3.3]),
+    ],
+)
 def test_welch_matches_scipy(a, b):
     stats = pytest.importorskip("scipy.stats")
     ref = stats.ttest_ind(a, b, equal_var=False)
@@ -91,12 +95,13 @@ def _runs():
     # fd_feat (lower is better): dae clearly lowest; psnr (higher is better): joint clearly highest;
     # ssim: the arms overlap; min_width: None everywhere (not measured, no test)
     return {
-        "joint": [{"fd_feat": 60.0 + d, "psnr": 25.0 + d, "ssim": 0.8 + d / 100, "min_width": None}
-                  for d in (-1, 0, 1)],
-        "dae": [{"fd_feat": 40.0 + d, "psnr": 20.0 + d, "ssim": 0.8 - d / 100, "min_width": None}
-                for d in (-1, 0, 1)],
-        "control": [{"fd_feat": 58.0 + d, "psnr": 21.0 + d, "ssim": 0.8 + d / 50, "min_width": None}
-                    for d in (-1, 0, 1)],
+        "joint": [
+            {"fd_feat": 60.0 + d, "psnr": 25.0 + d, "ssim": 0.8 + d / 100, "min_width": None} for d in (-1, 0, 1)
+        ],
+        "dae": [{"fd_feat": 40.0 + d, "psnr": 20.0 + d, "ssim": 0.8 - d / 100, "min_width": None} for d in (-1, 0, 1)],
+        "control": [
+            {"fd_feat": 58.0 + d, "psnr": 21.0 + d, "ssim": 0.8 + d / 50, "min_width": None} for d in (-1, 0, 1)
+        ],
     }
 
 
@@ -121,7 +126,8 @@ def test_significance_sentences():
     assert 0 < lo < 20 < hi
     assert significance_sentence(tests["dae", "joint", "psnr"]).startswith("joint beats DAE on PSNR (dB) by 5 ")
     assert significance_sentence(tests["dae", "joint", "ssim"]).startswith(
-        "No significant difference between DAE and joint on SSIM (p >= 0.05)")
+        "No significant difference between DAE and joint on SSIM (p >= 0.05)"
+    )
     one_seed = pairwise_tests({"dae": [{"psnr": 1.0}], "joint": [{"psnr": 2.0}]})
     assert "not testable" in significance_sentence(one_seed[0])
 
@@ -130,8 +136,18 @@ def test_markdown_has_intervals_and_a_sentence_per_test():
     from fastdae.evaluation.report import summarize
 
     runs = _runs()
-    report = {"title": "t", "command": None, "seeds": 3, "device": "cpu", "torch": "x", "reference": {}, "eval": {},
-              "capacity": {}, "summary": summarize(runs), "tests": pairwise_tests(runs)}
+    report = {
+        "title": "t",
+        "command": None,
+        "seeds": 3,
+        "device": "cpu",
+        "torch": "x",
+        "reference": {},
+        "eval": {},
+        "capacity": {},
+        "summary": summarize(runs),
+        "tests": pairwise_tests(runs),
+    }
     md = markdown(report)
     half = t_ppf(0.975, 2) / math.sqrt(3)
     assert f"| FD-feat (samples) | ↓ | 60 ± 1 [{60 - half:.4g}, {60 + half:.4g}] |" in md

@@ -1,6 +1,7 @@
 """fastdae.integrations.taming against the real taming-transformers (installed --no-deps in [dev]):
 VectorQuantizer2's outputs, loss, gradients and state dict under both loss conventions, remap,
 sane_index_shape, get_codebook_entry, and patch_vq inside taming's own VQModel.encode/decode."""
+
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-quantize = pytest.importorskip("taming.modules.vqvae.quantize", reason="pip install --no-deps taming-transformers-rom1504")
+quantize = pytest.importorskip(
+    "taming.modules.vqvae.quantize", reason="pip install --no-deps taming-transformers-rom1504"
+)
 from taming.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 
 from fastdae.integrations.taming import VectorQuantizer2, patch_vq  # noqa: E402
@@ -72,7 +75,7 @@ def test_state_dict_round_trip_both_ways():
     assert torch.equal(fresh.embedding.weight, theirs.embedding.weight)
     # the init is taming's: U(-1/n_e, 1/n_e)
     w = VectorQuantizer2(N_E, E_DIM, 0.25).embedding.weight
-    assert w.abs().max() <= 1 / N_E and w.std() > 0.5 / N_E / 3 ** 0.5
+    assert w.abs().max() <= 1 / N_E and w.std() > 0.5 / N_E / 3**0.5
 
 
 def test_sane_index_shape_and_get_codebook_entry():
@@ -85,8 +88,9 @@ def test_sane_index_shape_and_get_codebook_entry():
     back_o = ours.get_codebook_entry(idx_o.reshape(-1), shape)
     assert torch.equal(back_o, theirs.get_codebook_entry(idx_t.reshape(-1), shape))
     torch.testing.assert_close(back_o, zq_o, rtol=0, atol=0)
-    assert torch.equal(ours.get_codebook_entry(idx_o.reshape(-1), None),
-                       theirs.get_codebook_entry(idx_t.reshape(-1), None))
+    assert torch.equal(
+        ours.get_codebook_entry(idx_o.reshape(-1), None), theirs.get_codebook_entry(idx_t.reshape(-1), None)
+    )
 
 
 @pytest.mark.parametrize("unknown_index", ["extra", 3, "random"])
@@ -103,8 +107,9 @@ def test_remap_matches_taming(tmp_path, unknown_index):
     _, _, (_, _, idx_o) = ours(z)
     assert idx_o.shape == idx_t.shape == (50, 1)
     full = ours.embedding.weight  # codebook indices of the tokens tell knowns from unknowns
-    known = torch.isin(torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, E_DIM), full).argmin(1),
-                       torch.as_tensor(used)).view(-1, 1)
+    known = torch.isin(
+        torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, E_DIM), full).argmin(1), torch.as_tensor(used)
+    ).view(-1, 1)
     assert known.any() and (~known).any()
     if unknown_index == "random":  # taming draws on the CPU generator, fastdae on z's device
         assert torch.equal(idx_o[known], idx_t[known]) and int(idx_o.max()) < ours.re_embed
@@ -146,8 +151,18 @@ def taming_vqmodel_methods() -> dict:
 
 
 def tiny_vqmodel() -> nn.Module:
-    dd = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
-              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    dd = dict(
+        double_z=False,
+        z_channels=8,
+        resolution=16,
+        in_channels=3,
+        out_ch=3,
+        ch=32,
+        ch_mult=[1, 1],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     VQModel = type("VQModel", (nn.Module,), taming_vqmodel_methods())
     model = VQModel()
     model.encoder, model.decoder = Encoder(**dd), Decoder(**dd)
@@ -183,8 +198,12 @@ def test_patch_vq_inside_taming_vqmodel():
 
 def test_patch_vq_shares_the_codebook_and_keeps_settings(tmp_path):
     np.save(tmp_path / "used.npy", np.arange(0, N_E, 2))
-    model = nn.Sequential(nn.Identity(), quantize.VectorQuantizer2(N_E, E_DIM, 0.5, remap=str(tmp_path / "used.npy"),
-                                                                   unknown_index="extra", legacy=False)).eval()
+    model = nn.Sequential(
+        nn.Identity(),
+        quantize.VectorQuantizer2(
+            N_E, E_DIM, 0.5, remap=str(tmp_path / "used.npy"), unknown_index="extra", legacy=False
+        ),
+    ).eval()
     weight = model[1].embedding.weight
     (tmp_path / "used.npy").unlink()  # the checkpoint outlives the remap file: patching must not read it
     patch_vq(model)

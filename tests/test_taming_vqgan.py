@@ -1,6 +1,7 @@
 """fastdae.integrations.taming_vqgan against taming-transformers' own modules: a small random VQGAN
 checkpoint + YAML (as taming's training writes them) is the frozen stage 1; its codes equal taming's
 VectorQuantizer2's, and the exported checkpoint, loaded into taming's Decoder, decodes like our decoder."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,23 @@ from torch import nn
 
 from fastdae.integrations.taming_vqgan import TamingDecoder, export_taming, load_taming_stage1, read_taming_config
 
-quantize = pytest.importorskip("taming.modules.vqvae.quantize",
-                               reason="pip install --no-deps taming-transformers-rom1504")
+quantize = pytest.importorskip(
+    "taming.modules.vqvae.quantize", reason="pip install --no-deps taming-transformers-rom1504"
+)
 from taming.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 
-DD = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],  # GroupNorm(32)
-          num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+DD = dict(
+    double_z=False,
+    z_channels=8,
+    resolution=16,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 1],  # GroupNorm(32)
+    num_res_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.0,
+)
 K, D = 32, 4
 ATOL = 1e-5
 
@@ -32,8 +44,15 @@ def save_vqgan(folder, **params) -> nn.ModuleDict:
     """taming's VQModel parts with random weights (codes on the encoder's outputs, as after training),
     saved as last.ckpt (Lightning layout, with a loss.* entry) + config.yaml."""
     torch.manual_seed(0)
-    m = nn.ModuleDict({"encoder": Encoder(**DD), "decoder": Decoder(**DD), "quant_conv": nn.Conv2d(8, D, 1),
-                       "post_quant_conv": nn.Conv2d(D, 8, 1), "quantize": quantize.VectorQuantizer2(K, D, beta=0.25)})
+    m = nn.ModuleDict(
+        {
+            "encoder": Encoder(**DD),
+            "decoder": Decoder(**DD),
+            "quant_conv": nn.Conv2d(8, D, 1),
+            "post_quant_conv": nn.Conv2d(D, 8, 1),
+            "quantize": quantize.VectorQuantizer2(K, D, beta=0.25),
+        }
+    )
     with torch.no_grad():
         h = m["quant_conv"](m["encoder"](images(8, seed=1)))
         flat = h.permute(0, 2, 3, 1).reshape(-1, D)
@@ -42,10 +61,19 @@ def save_vqgan(folder, **params) -> nn.ModuleDict:
     state["loss.logvar"] = torch.zeros(())
     folder.mkdir()
     torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, folder / "last.ckpt")
-    config = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel",
-                        "params": {"embed_dim": D, "n_embed": K, "ddconfig": DD,
-                                   "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"},
-                                   **params}}}
+    config = {
+        "model": {
+            "base_learning_rate": 4.5e-6,
+            "target": "taming.models.vqgan.VQModel",
+            "params": {
+                "embed_dim": D,
+                "n_embed": K,
+                "ddconfig": DD,
+                "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"},
+                **params,
+            },
+        }
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return m.eval()
 
@@ -80,8 +108,9 @@ def test_encode_decode_export(tmp_path):
 
 def test_decoder_from_source_weights(tmp_path):
     m = save_vqgan(tmp_path / "vqgan")
-    decoder = TamingDecoder.from_source(tmp_path / "vqgan" / "last.ckpt", tmp_path / "vqgan" / "config.yaml",
-                                        init="source").eval()
+    decoder = TamingDecoder.from_source(
+        tmp_path / "vqgan" / "last.ckpt", tmp_path / "vqgan" / "config.yaml", init="source"
+    ).eval()
     z = torch.randn(2, D, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(decoder(z), m["decoder"](m["post_quant_conv"](z)), rtol=0, atol=ATOL)
@@ -91,9 +120,16 @@ def test_rejects_what_it_does_not_support(tmp_path):
     save_vqgan(tmp_path / "remap", remap="used.npy")
     with pytest.raises(ValueError, match="without remap"):
         read_taming_config(tmp_path / "remap" / "config.yaml")
-    (tmp_path / "gumbel.yaml").write_text(yaml.safe_dump(
-        {"model": {"target": "taming.models.vqgan.GumbelVQ",
-                   "params": {"ddconfig": DD, "n_embed": K, "embed_dim": D}}}))
+    (tmp_path / "gumbel.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "target": "taming.models.vqgan.GumbelVQ",
+                    "params": {"ddconfig": DD, "n_embed": K, "embed_dim": D},
+                }
+            }
+        )
+    )
     with pytest.raises(ValueError, match="GumbelVQ"):
         read_taming_config(tmp_path / "gumbel.yaml")
 
@@ -109,8 +145,10 @@ def test_pretrained_folder_layouts(tmp_path):
     (logs / "configs").mkdir()
     (tmp_path / "flat" / "last.ckpt").rename(logs / "checkpoints" / "last.ckpt")
     (tmp_path / "flat" / "config.yaml").rename(logs / "configs" / "2021-01-01T00-00-00-project.yaml")
-    assert taming_files(logs) == (logs / "checkpoints" / "last.ckpt",
-                                  logs / "configs" / "2021-01-01T00-00-00-project.yaml")
+    assert taming_files(logs) == (
+        logs / "checkpoints" / "last.ckpt",
+        logs / "configs" / "2021-01-01T00-00-00-project.yaml",
+    )
     with pytest.raises(FileNotFoundError, match="neither a diffusers model folder"):
         source_kind(tmp_path / "flat")  # emptied
 
@@ -124,8 +162,10 @@ def test_train_with_taming_stage1(tmp_path):
     from fastdae.training.checkpoint import load_weights
 
     save_vqgan(tmp_path / "vqgan")
-    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples",
-                                           f"stage1.encoder={tmp_path / 'vqgan'}"])
+    cfg = apply_overrides(
+        preset("tiny"),
+        [f"out_dir={tmp_path / 'run'}", "stages=cache,stage2,prior,samples", f"stage1.encoder={tmp_path / 'vqgan'}"],
+    )
     result = fastdae.train(cfg)
     stages = result.metrics["stages"]
     assert sorted(stages["cache"]["fields"]) == ["indices", "label"] and result.sample_grid.is_file()

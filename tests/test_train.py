@@ -1,4 +1,5 @@
 """fastdae.train end to end at a tiny budget, config round trips, stage isolation, resume, NaN guard, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from utils import read_log, tiny
 
 import fastdae
 from fastdae.config import STAGES, TrainConfig, apply_overrides, load_config, preset
 from fastdae.models.autoencoder import Encoder
 from fastdae.training import distributed
 from fastdae.training.optim import NonFiniteLossError
-from utils import read_log, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,19 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(TrainConfig(), ["stage2.steps=2000", "stage1.lr=1e-3", "autoencoder.ch_mult=1,2,4",
-                                          "progress=false", "data.root=none", "stage1.disc.weight=0",
-                                          "stage1.lpips_trunk=/w/vgg.pth", "stages=[stage1, cache]"])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "stage2.steps=2000",
+            "stage1.lr=1e-3",
+            "autoencoder.ch_mult=1,2,4",
+            "progress=false",
+            "data.root=none",
+            "stage1.disc.weight=0",
+            "stage1.lpips_trunk=/w/vgg.pth",
+            "stages=[stage1, cache]",
+        ],
+    )
     assert cfg.stage2.steps == 2000 and isinstance(cfg.stage2.steps, int)
     assert cfg.stage1.lr == 1e-3 and cfg.autoencoder.ch_mult == [1, 2, 4] and cfg.progress is False
     assert cfg.data.root is None and cfg.stage1.disc.weight == 0.0 and cfg.stage1.lpips_trunk == "/w/vgg.pth"
@@ -59,16 +69,19 @@ def test_overrides_are_typed():
     assert apply_overrides(TrainConfig(), ['stages=["stage1", "cache"]']).stages == ["stage1", "cache"]  # JSON list
 
 
-@pytest.mark.parametrize("override,error,match", [
-    ("stage2.stepz=3", ValueError, "unknown config key 'stage2.stepz'"),
-    ("stage2.steps=3.5", ValueError, "expects int"),
-    ("progress=maybe", ValueError, "expects a bool"),
-    ("mode=both", ValueError, "mode must be one of"),
-    ("stages=prior,stage1", ValueError, "run order"),
-    ("stages=stage3", ValueError, "unknown stage"),
-    ("stage2=3", TypeError, "must be a mapping"),
-    ("nokey", ValueError, "key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override,error,match",
+    [
+        ("stage2.stepz=3", ValueError, "unknown config key 'stage2.stepz'"),
+        ("stage2.steps=3.5", ValueError, "expects int"),
+        ("progress=maybe", ValueError, "expects a bool"),
+        ("mode=both", ValueError, "mode must be one of"),
+        ("stages=prior,stage1", ValueError, "run order"),
+        ("stages=stage3", ValueError, "unknown stage"),
+        ("stage2=3", TypeError, "must be a mapping"),
+        ("nokey", ValueError, "key.sub=value"),
+    ],
+)
 def test_bad_overrides_are_rejected(override, error, match):
     with pytest.raises(error, match=match):
         apply_overrides(TrainConfig(), [override])
@@ -110,8 +123,9 @@ def check_run(result: fastdae.Result, cfg: TrainConfig) -> dict:
     return stages
 
 
-@pytest.mark.parametrize("mode,bottleneck", [("dae", "kl"), ("joint", "vq"), ("joint", "kl"),
-                                             ("control", "vq"), ("control", "kl")])
+@pytest.mark.parametrize(
+    "mode,bottleneck", [("dae", "kl"), ("joint", "vq"), ("joint", "kl"), ("control", "vq"), ("control", "kl")]
+)
 def test_end_to_end(tmp_path, mode, bottleneck):
     cfg = tiny(tmp_path, f"mode={mode}", f"autoencoder.bottleneck={bottleneck}")
     stages = check_run(fastdae.train(cfg), cfg)
@@ -135,8 +149,10 @@ def test_later_stages_never_build_the_encoder(dae_vq_run, monkeypatch, tmp_path)
 
     monkeypatch.setattr(Encoder, "__init__", refuse)
     shutil.copytree(dae_vq_run.run_dir, tmp_path / "run")
-    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
-                          ["stages=stage2,prior,samples", f"out_dir={tmp_path / 'run'}"])
+    cfg = apply_overrides(
+        TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
+        ["stages=stage2,prior,samples", f"out_dir={tmp_path / 'run'}"],
+    )
     result = fastdae.train(cfg)
     assert result.metrics["stages"]["stage2"]["steps_this_run"] == cfg.stage2.steps
     with pytest.raises(AssertionError, match="encoder was constructed"):  # the patch does bite
@@ -164,8 +180,10 @@ def test_samples_are_judged_in_the_summary(dae_vq_run, tmp_path):
     import shutil
 
     shutil.copytree(dae_vq_run.run_dir, tmp_path / "run")
-    cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
-                          ["stages=samples", "prior.judge_steps=20", f"out_dir={tmp_path / 'run'}"])
+    cfg = apply_overrides(
+        TrainConfig.load(dae_vq_run.run_dir / "config.yaml"),
+        ["stages=samples", "prior.judge_steps=20", f"out_dir={tmp_path / 'run'}"],
+    )
     samples = fastdae.train(cfg).metrics["stages"]["samples"]
     assert 0 <= samples["class_accuracy"] <= 1 and 0 <= samples["validity"] <= 1 and samples["fd_feat"] >= 0
     judge = samples["judge"]
@@ -203,8 +221,15 @@ KILL_SCRIPT = textwrap.dedent("""
     train(TrainConfig.load(sys.argv[1]))
 """)
 
-RESUME_OVERRIDES = ["stages=stage1", "mode=dae", "autoencoder.bottleneck=kl", "stage1.steps=6",
-                    "stage1.ckpt_every=2", "stage1.log_every=1", "weak_decoder.dropout=0.2"]
+RESUME_OVERRIDES = [
+    "stages=stage1",
+    "mode=dae",
+    "autoencoder.bottleneck=kl",
+    "stage1.steps=6",
+    "stage1.ckpt_every=2",
+    "stage1.log_every=1",
+    "weak_decoder.dropout=0.2",
+]
 
 
 def test_sigkill_and_resume_reproduce_the_loss_curve(tmp_path):
@@ -235,8 +260,15 @@ def test_interrupted_stage2_and_prior_resume_exactly(dae_vq_run, tmp_path, monke
     """Stage 2 and the prior read the cache loader: resumed runs must see the same batches."""
     import shutil
 
-    overrides = ["stages=stage2,prior", "stage2.steps=5", "prior.steps=5", "stage2.ckpt_every=2", "prior.ckpt_every=2",
-                 "stage2.log_every=1", "prior.log_every=1"]
+    overrides = [
+        "stages=stage2,prior",
+        "stage2.steps=5",
+        "prior.steps=5",
+        "stage2.ckpt_every=2",
+        "prior.ckpt_every=2",
+        "stage2.log_every=1",
+        "prior.log_every=1",
+    ]
     runs = {}
     for name in ("straight", "interrupted"):
         runs[name] = tmp_path / name

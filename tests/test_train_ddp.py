@@ -1,4 +1,5 @@
 """Every stage under torchrun: 2 CPU processes with the gloo backend."""
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,28 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_all_stages_under_torchrun_gloo(tmp_path):
-    cfg = apply_overrides(preset("tiny"), [f"out_dir={tmp_path / 'run'}", "stage1.steps=2", "stage2.steps=2",
-                                           "prior.steps=2", "cache.shard_size=16"])
+    cfg = apply_overrides(
+        preset("tiny"),
+        [f"out_dir={tmp_path / 'run'}", "stage1.steps=2", "stage2.steps=2", "prior.steps=2", "cache.shard_size=16"],
+    )
     cfg.save(tmp_path / "cfg.yaml")
     (tmp_path / "script.py").write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(tmp_path / "script.py"),
+            str(tmp_path / "cfg.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1]

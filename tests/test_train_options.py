@@ -2,6 +2,7 @@
 constant/cosine LR with warm-up, fp16 + GradScaler, compile, TensorBoard images, optional W&B.
 Each one changes what it should, is validated up front, is in the identity where it changes what is
 trained, and resumes exactly."""
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from utils import read_log, tiny
 
 import fastdae
 from fastdae.config import ConfigError, apply_overrides, check_environment, preset
 from fastdae.training import distributed
 from fastdae.training.identity import config_identity
 from fastdae.training.optim import Updater, lr_factor
-from utils import read_log, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PLAIN = ["stages=stage1", "stage1.steps=3", "stage1.disc.start=1000", "weak_decoder.dropout=0.0"]
 
 
-
-def assert_same_curves(want: list[dict[str, str]], got: list[dict[str, str]], keys: tuple[str, ...],
-                       rel: float = 1e-5) -> None:
+def assert_same_curves(
+    want: list[dict[str, str]], got: list[dict[str, str]], keys: tuple[str, ...], rel: float = 1e-5
+) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(want, got):
         for key in keys:
@@ -41,14 +42,22 @@ def assert_same_curves(want: list[dict[str, str]], got: list[dict[str, str]], ke
 
 
 # ---- validation and identity ------------------------------------------------------------------
-@pytest.mark.parametrize("override,key", [
-    ("stage1.optimizer=sgd", "stage1.optimizer"), ("prior.optimizer=lion", "prior.optimizer"),
-    ("stage2.lr_schedule=linear", "stage2.lr_schedule"), ("prior.lr_schedule=step", "prior.lr_schedule"),
-    ("stage1.weight_decay=-0.1", "stage1.weight_decay"), ("prior.weight_decay=-1", "prior.weight_decay"),
-    ("stage2.grad_accum=0", "stage2.grad_accum"), ("prior.grad_accum=-2", "prior.grad_accum"),
-    ("stage1.grad_accum=3", "stage1.grad_accum"),  # batch 8 does not split into 3 equal micro-batches
-    ("precision=fp8", "precision"), ("stage1.compile=maybe", "stage1.compile"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("stage1.optimizer=sgd", "stage1.optimizer"),
+        ("prior.optimizer=lion", "prior.optimizer"),
+        ("stage2.lr_schedule=linear", "stage2.lr_schedule"),
+        ("prior.lr_schedule=step", "prior.lr_schedule"),
+        ("stage1.weight_decay=-0.1", "stage1.weight_decay"),
+        ("prior.weight_decay=-1", "prior.weight_decay"),
+        ("stage2.grad_accum=0", "stage2.grad_accum"),
+        ("prior.grad_accum=-2", "prior.grad_accum"),
+        ("stage1.grad_accum=3", "stage1.grad_accum"),  # batch 8 does not split into 3 equal micro-batches
+        ("precision=fp8", "precision"),
+        ("stage1.compile=maybe", "stage1.compile"),
+    ],
+)
 def test_invalid_options_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         apply_overrides(preset("tiny"), [override])
@@ -99,13 +108,15 @@ def test_cosine_schedule_with_warmup_values():
     want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
     got = [lr_factor(s, warmup_steps=2, schedule="cosine", total_steps=6) for s in range(6)]
     assert got == pytest.approx(want)
-    assert [lr_factor(s, warmup_steps=2, schedule="constant", total_steps=6) for s in range(6)] == \
-        pytest.approx([0.5, 1, 1, 1, 1, 1])
+    assert [lr_factor(s, warmup_steps=2, schedule="constant", total_steps=6) for s in range(6)] == pytest.approx(
+        [0.5, 1, 1, 1, 1, 1]
+    )
 
 
 def test_cosine_lr_in_a_run(tmp_path):
-    fastdae.train(tiny(tmp_path, *PLAIN, "stage1.steps=6", "stage1.lr=1e-3", "stage1.warmup_steps=2",
-                       "stage1.lr_schedule=cosine"))
+    fastdae.train(
+        tiny(tmp_path, *PLAIN, "stage1.steps=6", "stage1.lr=1e-3", "stage1.warmup_steps=2", "stage1.lr_schedule=cosine")
+    )
     lrs = [float(r["lr"]) for r in read_log(tmp_path / "stage1" / "log.csv")]
     want = [1e-3 * lr_factor(s, warmup_steps=2, schedule="cosine", total_steps=6) for s in range(6)]
     assert lrs == pytest.approx(want, rel=1e-5)
@@ -122,8 +133,7 @@ def _updater(*overrides: str, fp16: bool = False) -> tuple[torch.Tensor, Updater
 def test_adamw_decay_is_decoupled(optimizer):
     """A zero-gradient loss: AdamW only shrinks the weights, p *= 1 - lr wd; Adam's L2 term goes
     through the normalised update instead (first step: p -= lr, whatever wd is)."""
-    p, upd = _updater(f"stage1.optimizer={optimizer}", "stage1.weight_decay=0.5", "stage1.lr=0.1",
-                      "stage1.grad_clip=0")
+    p, upd = _updater(f"stage1.optimizer={optimizer}", "stage1.weight_decay=0.5", "stage1.lr=0.1", "stage1.grad_clip=0")
     upd.backward((0.0 * p).sum())
     upd.step()
     want = 1 - 0.1 * 0.5 if optimizer == "adamw" else 1 - 0.1
@@ -167,8 +177,16 @@ def test_fused_option_uses_the_fused_kernel_and_follows_the_loop_closely(optimiz
     torch.manual_seed(0)
     models = [Autoencoder(cfg.autoencoder, build_decoder(cfg.autoencoder)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    upds = [Updater(m.parameters(), apply_overrides(cfg, [f"stage1.fused={f}"]).stage1, total_steps=3, fp16=False,
-                    device=torch.device("cpu")) for m, f in zip(models, (False, True))]
+    upds = [
+        Updater(
+            m.parameters(),
+            apply_overrides(cfg, [f"stage1.fused={f}"]).stage1,
+            total_steps=3,
+            fp16=False,
+            device=torch.device("cpu"),
+        )
+        for m, f in zip(models, (False, True))
+    ]
     assert not upds[0].opt.defaults["fused"] and upds[1].opt.defaults["fused"]
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -220,8 +238,13 @@ def test_grad_accumulation_gives_the_whole_batch_gradient():
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     grads = []
     for k in (1, 2):
-        upd = Updater(ae.parameters(), apply_overrides(cfg, [f"stage1.grad_accum={k}"]).stage1, total_steps=1,
-                      fp16=False, device=torch.device("cpu"))
+        upd = Updater(
+            ae.parameters(),
+            apply_overrides(cfg, [f"stage1.grad_accum={k}"]).stage1,
+            total_steps=1,
+            fp16=False,
+            device=torch.device("cpu"),
+        )
         for xm in upd.micro_batches(x):
             x_hat, aux = ae(xm)
             upd.backward((x_hat - xm).abs().mean() + aux)
@@ -239,13 +262,28 @@ def test_grad_accumulation_under_torchrun_matches_one_process(tmp_path):
     one = fastdae.train(tiny(tmp_path / "one", *PLAIN, "stage1.batch_size=8"))
     cfg = tiny(tmp_path / "ddp", *PLAIN, "stage1.batch_size=8", "stage1.grad_accum=2")
     cfg.save(tmp_path / "cfg.yaml")
-    script = "import sys, torch; torch.set_num_threads(1); from fastdae.config import TrainConfig; " \
-             "from fastdae.training import train; train(TrainConfig.load(sys.argv[1]))"
+    script = (
+        "import sys, torch; torch.set_num_threads(1); from fastdae.config import TrainConfig; "
+        "from fastdae.training import train; train(TrainConfig.load(sys.argv[1]))"
+    )
     (tmp_path / "script.py").write_text(script)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml")],
-                          check=False, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(tmp_path / "script.py"),
+            str(tmp_path / "cfg.yaml"),
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = (read_log(r / "stage1" / "log.csv") for r in (one.run_dir, tmp_path / "ddp"))
     assert_same_curves(want, got, ("grad_norm",), rel=1e-4)  # rank 0 logs its own loss; the norm is global
@@ -259,9 +297,18 @@ def test_grad_accumulation_under_torchrun_matches_one_process(tmp_path):
 def test_resume_with_the_options_is_exact(tmp_path, monkeypatch):
     """Accumulation, AdamW, cosine + warm-up, GAN on (its updater too): interrupted at step 3, resumed
     from the step-2 checkpoint, the loss curve and weights equal a straight run's."""
-    opts = ["stages=stage1", "stage1.steps=5", "stage1.log_every=1", "stage1.ckpt_every=2", "stage1.grad_accum=2",
-            "stage1.optimizer=adamw", "stage1.weight_decay=0.05", "stage1.lr_schedule=cosine",
-            "stage1.warmup_steps=2", "weak_decoder.dropout=0.2"]
+    opts = [
+        "stages=stage1",
+        "stage1.steps=5",
+        "stage1.log_every=1",
+        "stage1.ckpt_every=2",
+        "stage1.grad_accum=2",
+        "stage1.optimizer=adamw",
+        "stage1.weight_decay=0.05",
+        "stage1.lr_schedule=cosine",
+        "stage1.warmup_steps=2",
+        "weak_decoder.dropout=0.2",
+    ]
     straight = fastdae.train(tiny(tmp_path / "straight", *opts))
     cfg = tiny(tmp_path / "interrupted", *opts, "resume=true")
     seed_step = distributed.seed_step
@@ -279,7 +326,9 @@ def test_resume_with_the_options_is_exact(tmp_path, monkeypatch):
     want, got = (read_log(r / "stage1" / "log.csv") for r in (straight.run_dir, tmp_path / "interrupted"))
     assert_same_curves(want, got, ("loss", "l1", "aux", "d_loss", "lr", "grad_norm"))
     assert "d_loss" in want[-1]
-    w1, w2 = (load_file(str(r / "stage1" / "encoder.safetensors")) for r in (straight.run_dir, tmp_path / "interrupted"))
+    w1, w2 = (
+        load_file(str(r / "stage1" / "encoder.safetensors")) for r in (straight.run_dir, tmp_path / "interrupted")
+    )
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6)
     state = torch.load(tmp_path / "interrupted" / "stage1" / "ckpt-00000004" / "state.pt", weights_only=True)
@@ -323,14 +372,23 @@ def test_every_stage_with_the_options(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (the [dev] extra installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    opts = ["stage2.grad_accum=2", "stage2.optimizer=adamw", "stage2.weight_decay=0.01", "prior.grad_accum=4",
-            "prior.lr_schedule=cosine", "prior.warmup_steps=1", "prior.optimizer=adamw", "tensorboard=true"]
+    opts = [
+        "stage2.grad_accum=2",
+        "stage2.optimizer=adamw",
+        "stage2.weight_decay=0.01",
+        "prior.grad_accum=4",
+        "prior.lr_schedule=cosine",
+        "prior.warmup_steps=1",
+        "prior.optimizer=adamw",
+        "tensorboard=true",
+    ]
     result = fastdae.train(tiny(tmp_path, *opts))
     assert set(result.metrics["stages"]) == {"stage1", "cache", "stage2", "prior", "samples"}
     prior_lrs = [float(r["lr"]) for r in read_log(tmp_path / "prior" / "log.csv")]
     lr = preset("tiny").prior.lr
-    assert prior_lrs == pytest.approx([lr * lr_factor(s, warmup_steps=1, schedule="cosine", total_steps=3)
-                                       for s in range(3)])
+    assert prior_lrs == pytest.approx(
+        [lr * lr_factor(s, warmup_steps=1, schedule="cosine", total_steps=3) for s in range(3)]
+    )
     events = EventAccumulator(str(tmp_path / "samples" / "tb"), size_guidance={"images": 0}).Reload()
     assert events.Tags()["images"] == ["samples/samples"]
 
@@ -347,8 +405,9 @@ def test_wandb_stub_receives_scalars_and_images(tmp_path, monkeypatch):
         calls["init"].append(kwargs)
         return Run()
 
-    stub = types.SimpleNamespace(init=init, log=lambda d: calls["log"].append(d),
-                                 Image=lambda array: ("image", array.shape))
+    stub = types.SimpleNamespace(
+        init=init, log=lambda d: calls["log"].append(d), Image=lambda array: ("image", array.shape)
+    )
     monkeypatch.setitem(sys.modules, "wandb", stub)
     fastdae.train(tiny(tmp_path, *PLAIN, "wandb=true"))
     (kwargs,) = calls["init"]
@@ -363,8 +422,14 @@ def test_wandb_stub_receives_scalars_and_images(tmp_path, monkeypatch):
 # ---- fp16 on a GPU ------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_fp16_with_grad_scaler_trains_and_resumes_on_cuda(tmp_path):
-    opts = ["stages=stage1", "device=cuda", "precision=fp16", "stage1.steps=4", "stage1.ckpt_every=2",
-            "stage1.grad_accum=2"]
+    opts = [
+        "stages=stage1",
+        "device=cuda",
+        "precision=fp16",
+        "stage1.steps=4",
+        "stage1.ckpt_every=2",
+        "stage1.grad_accum=2",
+    ]
     straight = fastdae.train(tiny(tmp_path / "straight", *opts))
     rows = read_log(straight.run_dir / "stage1" / "log.csv")
     assert all(math.isfinite(float(r["loss"])) for r in rows)
@@ -373,5 +438,6 @@ def test_fp16_with_grad_scaler_trains_and_resumes_on_cuda(tmp_path):
     cfg = tiny(tmp_path / "resumed", *opts, "stage1.steps=2")
     fastdae.train(cfg)
     fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
-    assert_same_curves(rows, read_log(tmp_path / "resumed" / "stage1" / "log.csv"), ("loss", "l1", "grad_norm"),
-                       rel=1e-3)
+    assert_same_curves(
+        rows, read_log(tmp_path / "resumed" / "stage1" / "log.csv"), ("loss", "l1", "grad_norm"), rel=1e-3
+    )

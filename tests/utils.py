@@ -1,6 +1,7 @@
 """Shared test helpers: numerics for kernel tests (flash-attention's rule: a kernel's error against a
 float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor), and
 the tiny trainer config and log reader of the training tests."""
+
 from __future__ import annotations
 
 import csv

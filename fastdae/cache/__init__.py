@@ -20,6 +20,7 @@ Fields: what `encode` returns, plus "label". Integer fields are stored in the sm
 dtype that holds each shard's values (the manifest gives the promoted dtype over all shards);
 float fields are stored as float16. Reads return int64 and float32 tensors.
 """
+
 from fastdae.cache.format import CacheError
 from fastdae.cache.loader import CacheLoader, PairedDataset
 from fastdae.cache.reader import LatentCache

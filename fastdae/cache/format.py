@@ -13,6 +13,7 @@ Shard file names must match the writer's pattern: a manifest never makes the rea
 Index space: with n dataset items, item i < n is dataset[i]; with flip=True, items n..2n-1 are the
 horizontally flipped copies of 0..n-1 (their images were flipped before encoding).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,18 @@ LABEL = "label"
 STORED_FLOAT = np.dtype(np.float16)
 # smallest first; np.result_type of two of them is again one of them
 INT_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64))
-SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
-                      "U32": np.uint32, "I64": np.int64, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+SAFETENSORS_DTYPES = {
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "I64": np.int64,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+}
 FIELD_DTYPES = {d.name for d in INT_DTYPES} | {STORED_FLOAT.name}  # what a manifest field may be stored as
 TORCH_READ = {"u": torch.int64, "i": torch.int64, "f": torch.float32}  # what reads return, by stored dtype kind
 SHARD_PATTERN = re.compile(r"shard-r\d{3}-\d{5}\.safetensors")
@@ -58,8 +69,11 @@ def _is_int(v: Any, lo: int = 0) -> bool:
 
 
 def _is_number_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                      and np.isfinite(x) for x in v)
+    return (
+        isinstance(v, list)
+        and len(v) > 0
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+    )
 
 
 # top-level key -> (test, what it must be)
@@ -76,10 +90,14 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "channel_std": (_is_number_list, "a list of finite numbers"),
 }
 _SHARD_SCHEMA: dict[str, tuple[Any, str]] = {
-    "file": (lambda v: isinstance(v, str) and SHARD_PATTERN.fullmatch(v) is not None,
-             "a shard file name in the cache folder (shard-rNNN-NNNNN.safetensors)"),
-    "start": (_is_int, "an integer >= 0"), "stop": (_is_int, "an integer >= 0"),
-    "bytes": (_is_int, "an integer >= 0"), "sha256": (lambda v: isinstance(v, str), "a string"),
+    "file": (
+        lambda v: isinstance(v, str) and SHARD_PATTERN.fullmatch(v) is not None,
+        "a shard file name in the cache folder (shard-rNNN-NNNNN.safetensors)",
+    ),
+    "start": (_is_int, "an integer >= 0"),
+    "stop": (_is_int, "an integer >= 0"),
+    "bytes": (_is_int, "an integer >= 0"),
+    "sha256": (lambda v: isinstance(v, str), "a string"),
 }
 
 
@@ -92,28 +110,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise CacheError(f"{path}: expected a JSON object, got {type(m).__name__}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format version {m.get('format_version')!r}, this fastdae reads {FORMAT_VERSION}; "
-                         f"rebuild the cache")
+        raise CacheError(
+            f"{path}: format version {m.get('format_version')!r}, this fastdae reads {FORMAT_VERSION}; "
+            f"rebuild the cache"
+        )
     if m.get("checksum") != checksum(m):
         raise CacheError(f"{path}: its checksum does not match its content (edited or corrupted); rebuild the cache")
     for key, (ok, what) in _SCHEMA.items():
         if key not in m or not ok(m[key]):
             raise CacheError(f"{path}: {key!r} must be {what}, got {m.get(key, '(absent)')!r}")
     if len(m["channel_mean"]) != len(m["channel_std"]):
-        raise CacheError(f"{path}: channel_mean has {len(m['channel_mean'])} channels, channel_std "
-                         f"{len(m['channel_std'])}")
+        raise CacheError(
+            f"{path}: channel_mean has {len(m['channel_mean'])} channels, channel_std {len(m['channel_std'])}"
+        )
     for name, spec in m["fields"].items():
         if not isinstance(spec, dict) or spec.get("dtype") not in FIELD_DTYPES:
-            raise CacheError(f"{path}: field {name!r} dtype must be one of {sorted(FIELD_DTYPES)}, got "
-                             f"{spec.get('dtype') if isinstance(spec, dict) else spec!r}")
+            raise CacheError(
+                f"{path}: field {name!r} dtype must be one of {sorted(FIELD_DTYPES)}, got "
+                f"{spec.get('dtype') if isinstance(spec, dict) else spec!r}"
+            )
         shape = spec.get("shape")
         if not (isinstance(shape, list) and all(_is_int(d) for d in shape)):
             raise CacheError(f"{path}: field {name!r} shape must be a list of sizes, got {shape!r}")
     for i, shard in enumerate(m["shards"]):
         for key, (ok, what) in _SHARD_SCHEMA.items():
             if not isinstance(shard, dict) or not ok(shard.get(key)):
-                raise CacheError(f"{path}: shards[{i}] {key!r} must be {what}, got "
-                                 f"{shard.get(key, '(absent)') if isinstance(shard, dict) else shard!r}")
+                raise CacheError(
+                    f"{path}: shards[{i}] {key!r} must be {what}, got "
+                    f"{shard.get(key, '(absent)') if isinstance(shard, dict) else shard!r}"
+                )
     return m
 
 

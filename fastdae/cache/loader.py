@@ -1,5 +1,6 @@
 """Loading batches from a latent cache: CacheLoader (prefetching, step-indexed order, DDP sharding)
 and PairedDataset (latents with their images, for a torch DataLoader)."""
+
 from __future__ import annotations
 
 import itertools
@@ -43,12 +44,26 @@ class CacheLoader:
     torch), so the training step does not wait. `pin_memory=True` pins batches (CUDA builds) for non_blocking host-to-device copies.
     """
 
-    def __init__(self, cache: LatentCache, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, num_workers: int = 0, epoch_offset: int = 0,
-                 image_dataset: Dataset | None = None, prefetch: int = 8, pin_memory: bool = False,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cache: LatentCache,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        epoch_offset: int = 0,
+        image_dataset: Dataset | None = None,
+        prefetch: int = 8,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if batch_size < 1 or prefetch < 1 or num_workers < 0:
-            raise ValueError(f"need batch_size >= 1, prefetch >= 1, num_workers >= 0; got {batch_size}, {prefetch}, {num_workers}")
+            raise ValueError(
+                f"need batch_size >= 1, prefetch >= 1, num_workers >= 0; got {batch_size}, {prefetch}, {num_workers}"
+            )
         if image_dataset is not None:
             _check_paired(cache, image_dataset)
         dist_rank, dist_world = files.dist_rank_world()
@@ -56,7 +71,13 @@ class CacheLoader:
         self.world_size = dist_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = cache, batch_size, shuffle, seed, drop_last
+        self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = (
+            cache,
+            batch_size,
+            shuffle,
+            seed,
+            drop_last,
+        )
         self.num_threads, self.prefetch = max(1, num_workers), prefetch
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA build and device
         self.images = FlipView(image_dataset, cache.manifest["flip"]) if image_dataset is not None else None
@@ -82,7 +103,7 @@ class CacheLoader:
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         total = self.per_rank * w
         order = order[:total] if total <= n else np.concatenate([order, order[: total - n]])
-        return order[self.rank::w]
+        return order[self.rank :: w]
 
     def _load(self, idx: np.ndarray) -> Any:
         idx = np.sort(idx)  # order within a batch does not matter to training; ascending gathers fastest
@@ -103,7 +124,7 @@ class CacheLoader:
 
         def refill() -> None:
             for b in itertools.islice(todo, self.prefetch - len(ahead)):
-                ahead.append(pool.submit(self._load, idx[b * bs:(b + 1) * bs]))
+                ahead.append(pool.submit(self._load, idx[b * bs : (b + 1) * bs]))
 
         try:
             refill()
@@ -122,8 +143,10 @@ class CacheLoader:
 def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
     want = len(image_dataset) * (2 if cache.manifest["flip"] else 1)
     if want != len(cache):
-        raise ValueError(f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "
-                         f"{len(cache)} items (flip={cache.manifest['flip']})")
+        raise ValueError(
+            f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "
+            f"{len(cache)} items (flip={cache.manifest['flip']})"
+        )
 
 
 class PairedDataset(Dataset):
@@ -139,4 +162,3 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, Tensor], Tensor]:
         return self.cache[i], self.images[i][0]
-

@@ -1,5 +1,6 @@
 """Reading a latent cache: the manifest (checked by format.read_manifest), shards memory-mapped after
 their size and sha256 are verified, and `gather` of any batch of items straight from the maps."""
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,20 @@ class _Shard:
             raise CacheError(f"cache shard {self.path} is missing")
         size = self.path.stat().st_size
         if size != self.record["bytes"]:
-            raise CacheError(f"cache shard {self.path} is {size} bytes, the manifest says {self.record['bytes']} "
-                             f"(truncated or overwritten); rebuild the cache")
+            raise CacheError(
+                f"cache shard {self.path} is {size} bytes, the manifest says {self.record['bytes']} "
+                f"(truncated or overwritten); rebuild the cache"
+            )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The mapped fields, after checking that the file still has all its bytes."""
         arrays = self._arrays if self._arrays is not None else self.open()
         size = os.fstat(self._file.fileno()).st_size
         if size < self.record["bytes"]:
-            raise CacheError(f"cache shard {self.path} was truncated to {size} bytes while in use (the manifest says "
-                             f"{self.record['bytes']}); rebuild the cache")
+            raise CacheError(
+                f"cache shard {self.path} was truncated to {size} bytes while in use (the manifest says "
+                f"{self.record['bytes']}); rebuild the cache"
+            )
         return arrays
 
     def open(self) -> dict[str, np.ndarray]:
@@ -63,7 +68,7 @@ class _Shard:
         raw = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             (header_len,) = struct.unpack_from("<Q", raw, 0)
-            header = json.loads(raw[8:8 + header_len])
+            header = json.loads(raw[8 : 8 + header_len])
         except (struct.error, ValueError) as e:
             raise CacheError(f"cache shard {self.path} has no valid safetensors header: {e}") from e
         base, n, arrays = 8 + header_len, self.stop - self.start, {}
@@ -71,15 +76,22 @@ class _Shard:
             entry = header.get(name)
             stored = np.dtype(SAFETENSORS_DTYPES.get(entry["dtype"], np.void)) if entry else None
             shape = (n, *spec["shape"])
-            if entry is None or tuple(entry["shape"]) != shape or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe"):
-                raise CacheError(f"cache shard {self.path}: field {name!r} is {entry and (entry['dtype'], entry['shape'])}, "
-                                 f"the manifest says {spec['dtype']} {list(shape)}")
+            if (
+                entry is None
+                or tuple(entry["shape"]) != shape
+                or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe")
+            ):
+                raise CacheError(
+                    f"cache shard {self.path}: field {name!r} is {entry and (entry['dtype'], entry['shape'])}, "
+                    f"the manifest says {spec['dtype']} {list(shape)}"
+                )
             lo, hi = entry["data_offsets"]
             if not 0 <= lo <= hi <= len(raw) - base:
                 raise CacheError(f"cache shard {self.path}: field {name!r} lies outside the file")
             # plain ndarrays over the map (np.memmap's subclass hooks cost more than the copy itself)
-            arrays[name] = np.frombuffer(raw, dtype=stored.newbyteorder("<"), count=(hi - lo) // stored.itemsize,
-                                         offset=base + lo).reshape(shape)
+            arrays[name] = np.frombuffer(
+                raw, dtype=stored.newbyteorder("<"), count=(hi - lo) // stored.itemsize, offset=base + lo
+            ).reshape(shape)
         return arrays
 
     def __getstate__(self) -> dict[str, Any]:
@@ -105,8 +117,10 @@ class LatentCache:
         self.root = Path(root)
         path = self.root / MANIFEST
         if not path.is_file():
-            raise CacheError(f"no latent cache at {self.root}: {path} does not exist (build it first, "
-                             f"or an interrupted build has not finished)")
+            raise CacheError(
+                f"no latent cache at {self.root}: {path} does not exist (build it first, "
+                f"or an interrupted build has not finished)"
+            )
         self.manifest: dict[str, Any] = read_manifest(path)
         m = self.manifest
         self.fields: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -146,7 +160,9 @@ class LatentCache:
         """Raise CacheError if the cache was built from another encoder checkpoint or dataset."""
         for key, want in (("encoder_sha256", encoder_sha256), ("dataset_fingerprint", dataset_fingerprint)):
             if want is not None and self.manifest[key] != want:
-                raise CacheError(f"latent cache {self.root} has {key} {self.manifest[key]}, expected {want}; rebuild it")
+                raise CacheError(
+                    f"latent cache {self.root} has {key} {self.manifest[key]}, expected {want}; rebuild it"
+                )
 
     def gather(self, indices: np.ndarray | list[int]) -> dict[str, Tensor]:
         """Fields of a batch of items, gathered straight from the memory maps: name -> (B, *shape).
@@ -158,8 +174,10 @@ class LatentCache:
         order = np.argsort(idx, kind="stable")
         ascending = bool((order == np.arange(len(idx))).all())
         sidx = idx if ascending else idx[order]
-        out = {name: np.empty((len(idx), *spec["shape"]), dtype=spec["dtype"])
-               for name, spec in self.manifest["fields"].items()}
+        out = {
+            name: np.empty((len(idx), *spec["shape"]), dtype=spec["dtype"])
+            for name, spec in self.manifest["fields"].items()
+        }
         shard_of = np.searchsorted(self._starts, sidx, side="right") - 1  # (B,) non-decreasing
         cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(idx)]
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -183,20 +201,52 @@ class LatentCache:
             raise IndexError(f"cache index {i} out of range [0, {len(self)})")
         return {name: t[0] for name, t in self.gather([i % len(self)]).items()}
 
-    def loader(self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-               num_workers: int = 0, epoch_offset: int = 0, **kwargs: Any) -> Any:
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        epoch_offset: int = 0,
+        **kwargs: Any,
+    ) -> Any:
         """Batches of fields (see CacheLoader)."""
         from fastdae.cache.loader import CacheLoader
 
-        return CacheLoader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                           num_workers=num_workers, epoch_offset=epoch_offset, **kwargs)
+        return CacheLoader(
+            self,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            epoch_offset=epoch_offset,
+            **kwargs,
+        )
 
-    def paired_loader(self, image_dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                      drop_last: bool = True, num_workers: int = 0, epoch_offset: int = 0, **kwargs: Any) -> Any:
+    def paired_loader(
+        self,
+        image_dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        epoch_offset: int = 0,
+        **kwargs: Any,
+    ) -> Any:
         """Batches of (fields, images) with the same indices, for stage 2 (see CacheLoader)."""
         from fastdae.cache.loader import CacheLoader
 
-        return CacheLoader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, num_workers=num_workers,
-                           epoch_offset=epoch_offset, image_dataset=image_dataset, **kwargs)
-
-
+        return CacheLoader(
+            self,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            epoch_offset=epoch_offset,
+            image_dataset=image_dataset,
+            **kwargs,
+        )

@@ -1,6 +1,7 @@
 """Writing a latent cache: one pass of the frozen encoder over the dataset (`build`), shards written
 atomically with sidecars so an interrupted build resumes, per-channel statistics merged exactly,
 and the manifest written last (with its checksum) by rank 0."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fastdae import files
-from fastdae.cache.format import (FORMAT_VERSION, INT_DTYPES, LABEL, MANIFEST, SHARD_PATTERN, STORED_FLOAT, FlipView,
-                                  checksum, no_collate, shard_name)
+from fastdae.cache.format import (
+    FORMAT_VERSION,
+    INT_DTYPES,
+    LABEL,
+    MANIFEST,
+    SHARD_PATTERN,
+    STORED_FLOAT,
+    FlipView,
+    checksum,
+    no_collate,
+    shard_name,
+)
 
 EncodeFn = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
 
@@ -40,8 +51,6 @@ def _stored(name: str, t: Tensor) -> np.ndarray:
         dtype = _smallest_int_dtype(int(a.min()), int(a.max())) if a.size else np.uint8
         return np.ascontiguousarray(a, dtype=dtype)
     raise TypeError(f"field {name!r} must be an integer or floating tensor, got {t.dtype}")
-
-
 
 
 class _Moments:
@@ -81,24 +90,36 @@ class _Moments:
         return cls(int(d["n"]), np.array(d["mean"], dtype=np.float64), np.array(d["m2"], dtype=np.float64))
 
 
-
 def _check_encoded(out: Any, batch: int) -> tuple[dict[str, Tensor], Tensor]:
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], dict) and isinstance(out[1], Tensor)):
         raise TypeError("encode must return (fields: dict[str, Tensor], stats_latent: Tensor)")
     fields, latent = out
     if LABEL in fields:
-        raise ValueError(f"encode must not return a field named {LABEL!r}: the cache stores the dataset's labels under it")
+        raise ValueError(
+            f"encode must not return a field named {LABEL!r}: the cache stores the dataset's labels under it"
+        )
     for name, t in fields.items():
         if not isinstance(t, Tensor) or t.ndim < 1 or t.shape[0] != batch:
-            raise ValueError(f"encode field {name!r} must be a tensor (B={batch}, ...), got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
+            raise ValueError(
+                f"encode field {name!r} must be a tensor (B={batch}, ...), got {getattr(t, 'shape', type(t).__name__)}"
+            )
     if latent.ndim != 4 or latent.shape[0] != batch or not latent.dtype.is_floating_point:
-        raise ValueError(f"stats_latent must be a float tensor (B={batch}, C, h, w), got {latent.dtype} {tuple(latent.shape)}")
+        raise ValueError(
+            f"stats_latent must be a float tensor (B={batch}, C, h, w), got {latent.dtype} {tuple(latent.shape)}"
+        )
     return {name: t.detach().cpu() for name, t in fields.items()}, latent.detach().cpu()
 
 
-def _write_shard(root: Path, rank: int, k: int, start: int, stop: int, parts: dict[str, list[Tensor]],
-                 moments: _Moments, identity: dict[str, Any]) -> dict[str, Any]:
+def _write_shard(
+    root: Path,
+    rank: int,
+    k: int,
+    start: int,
+    stop: int,
+    parts: dict[str, list[Tensor]],
+    moments: _Moments,
+    identity: dict[str, Any],
+) -> dict[str, Any]:
     """Write shard k (items start..stop) and its sidecar; return the sidecar record."""
     from safetensors.numpy import save
 
@@ -110,14 +131,21 @@ def _write_shard(root: Path, rank: int, k: int, start: int, stop: int, parts: di
         arrays[name] = _stored(name, torch.cat(ts))
     # one metadata key: safetensors writes a metadata map in hash order, and shard bytes (hence their
     # sha256) must not depend on the process that wrote them
-    data = save(arrays, metadata={"fastdae": json.dumps({"format_version": FORMAT_VERSION, "start": start, "stop": stop})})
+    data = save(
+        arrays, metadata={"fastdae": json.dumps({"format_version": FORMAT_VERSION, "start": start, "stop": stop})}
+    )
     name = shard_name(rank, k)
     files.write_bytes(root / name, data)
     record = {
-        "shard": k, "file": name, "start": start, "stop": stop, "bytes": len(data),
+        "shard": k,
+        "file": name,
+        "start": start,
+        "stop": stop,
+        "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "fields": {f: {"dtype": a.dtype.name, "shape": list(a.shape[1:])} for f, a in arrays.items()},
-        "moments": moments.to_dict(), "identity": identity,
+        "moments": moments.to_dict(),
+        "identity": identity,
     }
     # the sidecar is written after the shard: a shard without one (killed in between) is re-encoded
     files.write_bytes(root / f"{name}.json", json.dumps(record).encode())
@@ -133,9 +161,15 @@ def _reusable_shards(root: Path, identity: dict[str, Any], wanted: range) -> dic
         try:
             record = json.loads(sidecar.read_text())
             k, path = int(record["shard"]), root / record["file"]
-            ok = (SHARD_PATTERN.fullmatch(record["file"]) is not None and record["identity"] == identity
-                  and k in wanted and k not in found and path.is_file()
-                  and path.stat().st_size == record["bytes"] and files.sha256_file(path) == record["sha256"])
+            ok = (
+                SHARD_PATTERN.fullmatch(record["file"]) is not None
+                and record["identity"] == identity
+                and k in wanted
+                and k not in found
+                and path.is_file()
+                and path.stat().st_size == record["bytes"]
+                and files.sha256_file(path) == record["sha256"]
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign sidecar: the shard is encoded again
         if ok:
@@ -143,19 +177,24 @@ def _reusable_shards(root: Path, identity: dict[str, Any], wanted: range) -> dic
     return found
 
 
-def _merge_manifest(records: list[dict[str, Any]], identity: dict[str, Any], dataset_len: int,
-                    seconds: float, encoded: int, world: int) -> dict[str, Any]:
+def _merge_manifest(
+    records: list[dict[str, Any]], identity: dict[str, Any], dataset_len: int, seconds: float, encoded: int, world: int
+) -> dict[str, Any]:
     records = sorted(records, key=lambda r: r["shard"])
     fields: dict[str, dict[str, Any]] = {}
     for r in records:
         if set(r["fields"]) != set(records[0]["fields"]):
-            raise ValueError(f"encode returned fields {sorted(r['fields'])} for shard {r['shard']} but "
-                             f"{sorted(records[0]['fields'])} for shard {records[0]['shard']}")
+            raise ValueError(
+                f"encode returned fields {sorted(r['fields'])} for shard {r['shard']} but "
+                f"{sorted(records[0]['fields'])} for shard {records[0]['shard']}"
+            )
         for name, spec in r["fields"].items():
             prev = fields.setdefault(name, dict(spec))
             if prev["shape"] != spec["shape"]:
-                raise ValueError(f"field {name!r} has per-item shape {spec['shape']} in shard {r['shard']}, "
-                                 f"{prev['shape']} elsewhere")
+                raise ValueError(
+                    f"field {name!r} has per-item shape {spec['shape']} in shard {r['shard']}, "
+                    f"{prev['shape']} elsewhere"
+                )
             prev["dtype"] = np.result_type(np.dtype(prev["dtype"]), np.dtype(spec["dtype"])).name
     moments = _Moments()
     for r in records:  # shard order, whatever rank wrote it: same floats as a single-process build
@@ -174,24 +213,42 @@ def _merge_manifest(records: list[dict[str, Any]], identity: dict[str, Any], dat
         "channel_mean": moments.mean.tolist(),
         "channel_std": np.sqrt(moments.m2 / moments.n).tolist(),
         "channel_count": moments.n,
-        "build": {"seconds": seconds, "encoded": encoded, "latents_per_second": encoded / max(seconds, 1e-9),
-                  "reused_shards": sum(not r.get("encoded", False) for r in records), "world_size": world,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "build": {
+            "seconds": seconds,
+            "encoded": encoded,
+            "latents_per_second": encoded / max(seconds, 1e-9),
+            "reused_shards": sum(not r.get("encoded", False) for r in records),
+            "world_size": world,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
     }
-
 
 
 def _remove_unlisted(root: Path, listed: set[str]) -> None:
     """Delete shards (and sidecars, temp files) that the manifest does not list: leftovers of
     interrupted builds or of builds with another world size."""
-    for path in [*root.glob("shard-r*-*.safetensors*"), *root.glob(".shard-r*-*.tmp*"), *root.glob(f".{MANIFEST}.tmp*")]:
+    for path in [
+        *root.glob("shard-r*-*.safetensors*"),
+        *root.glob(".shard-r*-*.tmp*"),
+        *root.glob(f".{MANIFEST}.tmp*"),
+    ]:
         if path.name.removesuffix(".json") not in listed:
             path.unlink(missing_ok=True)
 
 
-def build(root: str | Path, dataset: Dataset, encode: EncodeFn, *, batch_size: int = 256, shard_size: int = 4096,
-          encoder_sha256: str, dataset_fingerprint: str, flip: bool = False, num_workers: int = 0,
-          progress: bool = True) -> None:
+def build(
+    root: str | Path,
+    dataset: Dataset,
+    encode: EncodeFn,
+    *,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    encoder_sha256: str,
+    dataset_fingerprint: str,
+    flip: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> None:
     """Encode every item of `dataset` (and flipped copies with flip=True) once and write the cache.
 
     `encode(images (B, 3, H, W) float) -> (fields, stats_latent)` is called under torch.no_grad;
@@ -213,8 +270,14 @@ def build(root: str | Path, dataset: Dataset, encode: EncodeFn, *, batch_size: i
     rank, world = files.dist_rank_world()
     view = FlipView(dataset, flip)
     count = len(view)
-    identity = {"format_version": FORMAT_VERSION, "encoder_sha256": encoder_sha256,
-                "dataset_fingerprint": dataset_fingerprint, "flip": bool(flip), "shard_size": shard_size, "count": count}
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "encoder_sha256": encoder_sha256,
+        "dataset_fingerprint": dataset_fingerprint,
+        "flip": bool(flip),
+        "shard_size": shard_size,
+        "count": count,
+    }
     num_shards = math.ceil(count / shard_size)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -225,15 +288,24 @@ def build(root: str | Path, dataset: Dataset, encode: EncodeFn, *, batch_size: i
     records = _reusable_shards(root, identity, mine)
     pending = [k for k in mine if k not in records]
     ranges = {k: (k * shard_size, min((k + 1) * shard_size, count)) for k in pending}
-    batches = [list(range(a, min(a + batch_size, stop))) for start, stop in ranges.values()
-               for a in range(start, stop, batch_size)]
-    loader = iter(DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate)
-                  if batches else ())
+    batches = [
+        list(range(a, min(a + batch_size, stop)))
+        for start, stop in ranges.values()
+        for a in range(start, stop, batch_size)
+    ]
+    loader = iter(
+        DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate) if batches else ()
+    )
 
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(stop - start for start, stop in ranges.values()), unit="latent", unit_scale=True,
-               desc=f"latent cache (rank {rank})" if world > 1 else "latent cache", disable=not progress or rank != 0)
+    bar = tqdm(
+        total=sum(stop - start for start, stop in ranges.values()),
+        unit="latent",
+        unit_scale=True,
+        desc=f"latent cache (rank {rank})" if world > 1 else "latent cache",
+        disable=not progress or rank != 0,
+    )
     with torch.no_grad(), bar:
         for k, (start, stop) in ranges.items():
             parts: dict[str, list[Tensor]] = {}

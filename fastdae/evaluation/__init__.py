@@ -8,11 +8,27 @@ One module per piece: judge.py (EvalConfig, the Judge every run is measured agai
 report.py (summaries over seeds, pairwise tests, report.md / report.json / charts), study.py
 (`compare`, `ablation`: train, evaluate, report).
 """
+
 from fastdae.evaluation.evaluate import evaluate_run
 from fastdae.evaluation.judge import EvalConfig, Judge, build_judge
 from fastdae.evaluation.report import METRICS, PAIRS, markdown, pairwise_tests, write_report
 from fastdae.evaluation.stats import mean_ci, welch
 from fastdae.evaluation.study import ARMS, KNOBS, ablation, compare
 
-__all__ = ["ARMS", "KNOBS", "METRICS", "PAIRS", "EvalConfig", "Judge", "ablation", "build_judge", "compare",
-           "evaluate_run", "markdown", "mean_ci", "pairwise_tests", "welch", "write_report"]
+__all__ = [
+    "ARMS",
+    "KNOBS",
+    "METRICS",
+    "PAIRS",
+    "EvalConfig",
+    "Judge",
+    "ablation",
+    "build_judge",
+    "compare",
+    "evaluate_run",
+    "markdown",
+    "mean_ci",
+    "pairwise_tests",
+    "welch",
+    "write_report",
+]

@@ -2,6 +2,7 @@
 images, the decoded DiT samples against the judge, decoder complexity on scale-normalised latents,
 and the minimal-capacity probe with the penalised distance. The run's files are found through
 fastdae.training.run.RunFolder (the one owner of the run layout)."""
+
 from __future__ import annotations
 
 import csv
@@ -42,7 +43,7 @@ def _final_prior_loss(run: RunFolder) -> float:
     """The DiT's final training loss: mean of the last 10% of logged steps (at least one row)."""
     with open(run.log_csv("prior")) as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    return float(np.mean(losses[-max(1, len(losses) // 10):]))
+    return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 
 
 def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str, Any]:
@@ -69,9 +70,11 @@ def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str
     for f in (judge.classifier, judge.inception):
         if f is not None:
             out[M.frechet_name(f, reconstruction=True).lower().replace("-", "_")] = M.frechet_score(
-                f, x_hat, judge.stats[M.frechet_name(f)], ev.batch_size)
+                f, x_hat, judge.stats[M.frechet_name(f)], ev.batch_size
+            )
             out[M.frechet_name(f).lower().replace("-", "_")] = M.frechet_score(
-                f, samples, judge.stats[M.frechet_name(f)], ev.batch_size)
+                f, samples, judge.stats[M.frechet_name(f)], ev.batch_size
+            )
     if judge.classifier is not None:
         out.update(M.sample_validity(judge.classifier, samples, labels, ev.validity_threshold))
     out["num_samples"] = len(samples)
@@ -79,24 +82,35 @@ def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str
     # decoder complexity on scale-normalised latents (the cache's per-channel statistics)
     cache = LatentCache(run.cache_dir, verify="lazy")
     dec_n, z_n = M.scale_normalize(decoder, z, cache.channel_mean, cache.channel_std)
-    probe = z_n[:ev.probe_latents]
+    probe = z_n[: ev.probe_latents]
     out["lipschitz"] = M.lipschitz_lower_bound(dec_n, z_n, pairs=ev.lipschitz_pairs, seed=run_cfg.seed)
     out["jac_spectral"] = M.jacobian_spectral_norm(dec_n, probe, seed=run_cfg.seed)
     out["jac_frobenius_sq"], out["jac_frobenius"] = M.jacobian_frobenius_hutchinson(dec_n, probe, seed=run_cfg.seed)
     # capacity and the penalised distance: decoders of each width fitted to frozen training latents
     x_train = training_images(run_cfg.data, ev.capacity_images)
-    _, z_train = M.scale_normalize(decoder, _encode(encoder, bottleneck, x_train, ev.batch_size),
-                                   cache.channel_mean, cache.channel_std)
+    _, z_train = M.scale_normalize(
+        decoder, _encode(encoder, bottleneck, x_train, ev.batch_size), cache.channel_mean, cache.channel_std
+    )
     target = M.DATA_RANGE**2 / 10 ** (ev.capacity_target_psnr / 10)  # PSNR -> MSE
 
     def make_decoder(width: int) -> nn.Module:
         return Decoder(width, ae.ch_mult, ae.num_res_blocks, ae.z_channels, ae.attn)
 
-    out["min_width"], family = M.minimal_capacity(make_decoder, z_train, x_train.to(device), ev.capacity_widths,
-                                                  target, ev.capacity_steps, seed=run_cfg.seed)
+    out["min_width"], family = M.minimal_capacity(
+        make_decoder, z_train, x_train.to(device), ev.capacity_widths, target, ev.capacity_steps, seed=run_cfg.seed
+    )
     out["capacity_curve"] = [f.summary() for f in family]
     if judge.classifier is not None:
-        pd = M.penalised_distance(family, z_train, x_train.to(device), judge.classifier, ev.lam, "spectral",
-                                  ev.probe_latents, ev.batch_size, run_cfg.seed)
+        pd = M.penalised_distance(
+            family,
+            z_train,
+            x_train.to(device),
+            judge.classifier,
+            ev.lam,
+            "spectral",
+            ev.probe_latents,
+            ev.batch_size,
+            run_cfg.seed,
+        )
         out["penalised_distance"], out["penalised_terms"] = pd["value"], pd
     return out

@@ -1,6 +1,7 @@
 """The judge every run of a study is measured against: held-out real images, the dataset classifier
 (FD-feat, validity), the optional FID Inception and LPIPS, reference values of real data; and
 `EvalConfig`, what is evaluated on which data."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from fastdae import files
 from fastdae import metrics as M
 from fastdae.cache.format import gather_images
 from fastdae.config import TrainConfig
-from fastdae.data import (DataConfig, DatasetSplit, ProceduralDataset, build_dataset, dataset_fingerprint,
-                          split_dataset)
+from fastdae.data import DataConfig, DatasetSplit, ProceduralDataset, build_dataset, dataset_fingerprint, split_dataset
 
 PARTS = ("eval", "floor", "classifier")  # the judge's runs of the held-out split, in this order
 
@@ -120,7 +120,7 @@ def _base_indices(heldout: Dataset, part: range) -> np.ndarray:
     procedural dataset)."""
     if isinstance(heldout, ProceduralDataset):
         return heldout.offset + np.arange(part.start, part.stop, dtype=np.int64)
-    return heldout.indices[part.start:part.stop]
+    return heldout.indices[part.start : part.stop]
 
 
 def _part(heldout: Dataset, part: range, name: str) -> Dataset:
@@ -130,8 +130,9 @@ def _part(heldout: Dataset, part: range, name: str) -> Dataset:
     return DatasetSplit(heldout.base, _base_indices(heldout, part), name)
 
 
-def _dataset_classifier(cfg: TrainConfig, ev: EvalConfig, part: Dataset, num_classes: int, out_dir: Path,
-                        log: Any) -> nn.Module:
+def _dataset_classifier(
+    cfg: TrainConfig, ev: EvalConfig, part: Dataset, num_classes: int, out_dir: Path, log: Any
+) -> nn.Module:
     """The study's classifier, trained on the held-out "classifier" part only: trained once, kept in
     out_dir/judge/ with what it was trained on, and reused by a later call with the same data and
     classifier settings (a resumed study)."""
@@ -139,8 +140,13 @@ def _dataset_classifier(cfg: TrainConfig, ev: EvalConfig, part: Dataset, num_cla
 
     from fastdae.models.classifier import ShapeClassifier, train_classifier
 
-    identity = {"data": asdict(cfg.data), "classifier_steps": ev.classifier_steps, "num_classes": num_classes,
-                "images": len(part), "fingerprint": dataset_fingerprint(part)}
+    identity = {
+        "data": asdict(cfg.data),
+        "classifier_steps": ev.classifier_steps,
+        "num_classes": num_classes,
+        "images": len(part),
+        "fingerprint": dataset_fingerprint(part),
+    }
     root = out_dir / "judge"
     weights, meta = root / "classifier.safetensors", root / "classifier.json"
     device = device_of(cfg)
@@ -167,20 +173,28 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = prin
     train, heldout = split_dataset(data, cfg.data)
     num_classes = int(data.num_classes)
     ranges = judge_parts(len(heldout), ev.eval_images, cfg.prior.num_samples, ev.classifier_images)
-    split = {"train_items": len(train), "heldout_items": len(heldout),
-             **{f"{k}_images": len(r) for k, r in ranges.items()}}
+    split = {
+        "train_items": len(train),
+        "heldout_items": len(heldout),
+        **{f"{k}_images": len(r) for k, r in ranges.items()},
+    }
     if len(ranges["eval"]) < 2:
-        raise ValueError(f"the held-out split has {len(heldout)} items, too few for the judge (it needs >= 2 "
-                         f"evaluation images); raise data.holdout")
+        raise ValueError(
+            f"the held-out split has {len(heldout)} items, too few for the judge (it needs >= 2 "
+            f"evaluation images); raise data.holdout"
+        )
     images, labels = gather_images(heldout, np.asarray(ranges["eval"]))  # (e, 3, H, W), (e,)
     reference: dict[str, Any] = {"eval_images": len(images), "num_classes": num_classes}
     classifier = None
     if num_classes >= 2:
-        classifier = _dataset_classifier(cfg, ev, _part(heldout, ranges["classifier"], "classifier"), num_classes,
-                                         out_dir, log)
+        classifier = _dataset_classifier(
+            cfg, ev, _part(heldout, ranges["classifier"], "classifier"), num_classes, out_dir, log
+        )
         reference["classifier_accuracy"] = classifier_accuracy(classifier, _TensorDataset(images, labels, num_classes))
-        log(f"judge: classifier accuracy {reference['classifier_accuracy']:.3f} on the {len(images)} held-out "
-            f"evaluation images (trained on the {len(ranges['classifier'])} held-out classifier images)")
+        log(
+            f"judge: classifier accuracy {reference['classifier_accuracy']:.3f} on the {len(images)} held-out "
+            f"evaluation images (trained on the {len(ranges['classifier'])} held-out classifier images)"
+        )
     inception = None
     if ev.inception:
         from fastdae.models.inception import FIDInceptionV3
@@ -192,8 +206,11 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = prin
         from fastdae.nn import LPIPS
 
         lpips = LPIPS(trunk_weights=trunk, lin_weights=lin).to(device)
-    stats = {M.frechet_name(f): M.gaussian_stats(M.extract_features(f, images, ev.batch_size))
-             for f in (classifier, inception) if f is not None}
+    stats = {
+        M.frechet_name(f): M.gaussian_stats(M.extract_features(f, images, ev.batch_size))
+        for f in (classifier, inception)
+        if f is not None
+    }
     if classifier is not None and len(ranges["floor"]) >= 2:
         # the floor a perfect generator would reach with as many samples as the runs draw
         floor, floor_labels = gather_images(heldout, np.asarray(ranges["floor"]))

@@ -3,6 +3,7 @@
 `significance_sentence`), the capacity curves, report.md / report.json, metrics.png (bars with ±std,
 drawn with matplotlib when installed: pip install 'fastdae[plots]') and samples.png (each variant's
 seed-0 sample grid side by side)."""
+
 from __future__ import annotations
 
 import json
@@ -101,13 +102,17 @@ def significance_sentence(test: dict[str, Any]) -> str:
     a, b = (ARM_NAMES.get(v, v) for v in (test["a"], test["b"]))
     seeds = f"n = {test['n_a']} vs {test['n_b']} seeds"
     if test["p"] is None:
-        return (f"{a} vs {b} on {label}: {a} - {b} = {_fmt(test['diff'])}, not testable ({seeds}; Welch's test "
-                f"needs >= 2 seeds per arm and some spread).")
+        return (
+            f"{a} vs {b} on {label}: {a} - {b} = {_fmt(test['diff'])}, not testable ({seeds}; Welch's test "
+            f"needs >= 2 seeds per arm and some spread)."
+        )
     stat = f"t = {test['t']:.3g}, dof = {test['dof']:.3g}, p = {test['p']:.2g}, {seeds}"
     if test["better"] is None:
         lo, hi = test["ci95"]
-        return (f"No significant difference between {a} and {b} on {label} (p >= {ALPHA:g}): {a} - {b} = "
-                f"{_fmt(test['diff'])} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}.")
+        return (
+            f"No significant difference between {a} and {b} on {label} (p >= {ALPHA:g}): {a} - {b} = "
+            f"{_fmt(test['diff'])} (95% CI {_fmt(lo)} to {_fmt(hi)}), {stat}."
+        )
     a_wins = test["better"] == test["a"]
     winner, loser = (a, b) if a_wins else (b, a)
     sign = direction if a_wins else -direction  # the winner's improvement = sign * (mean a - mean b) > 0
@@ -124,16 +129,25 @@ def _significance_lines(tests: list[dict[str, Any]]) -> list[str]:
     """The report's significance section: per arm pair, a tally and one sentence per metric."""
     if not tests:
         return []
-    lines = ["", f"## Significance: Welch's t-test over seeds (two-sided, α = {ALPHA:g})", "",
-             "Each sentence compares the arms' means over seeds; \"beats\" follows the metric's direction "
-             "(↑ / ↓ above) and needs p < α; the interval is that of the difference of means (Welch–"
-             "Satterthwaite dof). The test is unpaired: it makes no use of the arms sharing seed numbers."]
+    lines = [
+        "",
+        f"## Significance: Welch's t-test over seeds (two-sided, α = {ALPHA:g})",
+        "",
+        "Each sentence compares the arms' means over seeds; \"beats\" follows the metric's direction "
+        "(↑ / ↓ above) and needs p < α; the interval is that of the difference of means (Welch–"
+        "Satterthwaite dof). The test is unpaired: it makes no use of the arms sharing seed numbers.",
+    ]
     for a, b in dict.fromkeys((t["a"], t["b"]) for t in tests):
         pair = [t for t in tests if (t["a"], t["b"]) == (a, b)]
         wins_a, wins_b = (sum(t["better"] == v for t in pair) for v in (a, b))
         na, nb = (ARM_NAMES.get(v, v) for v in (a, b))
-        lines += ["", f"### {na} vs {nb}", "",
-                  f"{na} is significantly better on {wins_a}, {nb} on {wins_b}, of {len(pair)} metrics.", ""]
+        lines += [
+            "",
+            f"### {na} vs {nb}",
+            "",
+            f"{na} is significantly better on {wins_a}, {nb} on {wins_b}, of {len(pair)} metrics.",
+            "",
+        ]
         lines += [f"- {significance_sentence(t)}" for t in pair]
     return lines
 
@@ -152,23 +166,30 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         wins, losses = ([labels[t["metric"]] for t in pair if t["better"] == v] for v in ("dae", other))
         probes = [k for k in PROBES if summary["dae"].get(k, {}).get("n") and summary[other].get(k, {}).get("n")]
         lower = [labels[k] for k in probes if summary["dae"][k]["mean"] < summary[other][k]["mean"]]
-        lines += [f"- **DAE vs {other}**: DAE is significantly better on {', '.join(wins) or 'no metric'}; {other} "
-                  f"on {', '.join(losses) or 'no metric'}; no significant difference on the other "
-                  f"{len(pair) - len(wins) - len(losses)} of {len(pair)} metrics. Complexity probes (the paper "
-                  f"predicts DAE's decoder is the simpler): DAE's mean is lower on {len(lower)} of {len(probes)}"
-                  f"{' (' + ', '.join(lower) + ')' if lower else ''}."]
+        lines += [
+            f"- **DAE vs {other}**: DAE is significantly better on {', '.join(wins) or 'no metric'}; {other} "
+            f"on {', '.join(losses) or 'no metric'}; no significant difference on the other "
+            f"{len(pair) - len(wins) - len(losses)} of {len(pair)} metrics. Complexity probes (the paper "
+            f"predicts DAE's decoder is the simpler): DAE's mean is lower on {len(lower)} of {len(probes)}"
+            f"{' (' + ', '.join(lower) + ')' if lower else ''}."
+        ]
     accuracy = {v: s["class_accuracy"]["mean"] for v, s in summary.items() if s.get("class_accuracy", {}).get("n")}
     if accuracy:
         k = report["reference"].get("num_classes")
         chance = f"chance {1 / k:.2f}, " if k else ""
         real = report["reference"].get("class_accuracy_real")
         learned = [v for v, a in accuracy.items() if a >= LEARNED]
-        lines += [f"- **Did the priors learn the classes?** Class accuracy of samples: "
-                  + ", ".join(f"{v} {a:.2f}" for v, a in accuracy.items())
-                  + f" ({chance}real images {_fmt(real) if real is not None else 'n/a'}); "
-                  + (f"at or above {LEARNED:g}: {', '.join(learned)}." if learned else
-                     f"no arm reaches {LEARNED:g}: the generation metrics compare priors that learned the classes "
-                     f"only partly.")]
+        lines += [
+            "- **Did the priors learn the classes?** Class accuracy of samples: "
+            + ", ".join(f"{v} {a:.2f}" for v, a in accuracy.items())
+            + f" ({chance}real images {_fmt(real) if real is not None else 'n/a'}); "
+            + (
+                f"at or above {LEARNED:g}: {', '.join(learned)}."
+                if learned
+                else f"no arm reaches {LEARNED:g}: the generation metrics compare priors that learned the classes "
+                f"only partly."
+            )
+        ]
     return lines
 
 
@@ -177,9 +198,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# {report['title']}", ""]
     if report.get("command"):
         lines += ["Command:", "", f"    {report['command']}", ""]
-    lines += [f"{report['seeds']} seed(s) per variant, mean ± std [{LEVEL:.0%} confidence interval of the mean, "
-              f"Student t with n - 1 dof] (sample std over seeds; n = seeds counted when fewer). "
-              f"Device {report['device']}, torch {report['torch']}."]
+    lines += [
+        f"{report['seeds']} seed(s) per variant, mean ± std [{LEVEL:.0%} confidence interval of the mean, "
+        f"Student t with n - 1 dof] (sample std over seeds; n = seeds counted when fewer). "
+        f"Device {report['device']}, torch {report['torch']}."
+    ]
     lines += verdict_lines(report)
     lines += ["", "| metric | better | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for key, label, direction in METRICS:
@@ -196,31 +219,52 @@ def markdown(report: dict[str, Any]) -> str:
     widths = sorted({int(w) for c in capacity.values() for w in c})
     if widths:
         ev = report["eval"]
-        lines += ["", f"Minimal-capacity probe: PSNR (dB) of a fresh decoder of each width fitted to the frozen "
-                  f"latents ({ev['capacity_images']} training images, {ev['capacity_steps']} Adam steps); "
-                  f"\"minimal decoder width\" above is the first width reaching {ev['capacity_target_psnr']:g} dB.",
-                  "", "| width | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        lines += [
+            "",
+            f"Minimal-capacity probe: PSNR (dB) of a fresh decoder of each width fitted to the frozen "
+            f"latents ({ev['capacity_images']} training images, {ev['capacity_steps']} Adam steps); "
+            f'"minimal decoder width" above is the first width reaching {ev["capacity_target_psnr"]:g} dB.',
+            "",
+            "| width | " + " | ".join(variants) + " |",
+            "|---|" + "---|" * len(variants),
+        ]
         for w in widths:
-            cells = [f"{_fmt(c['mean'])} ± {_fmt(c['std'])}" if (c := capacity.get(v, {}).get(str(w))) else "—"
-                     for v in variants]
+            cells = [
+                f"{_fmt(c['mean'])} ± {_fmt(c['std'])}" if (c := capacity.get(v, {}).get(str(w))) else "—"
+                for v in variants
+            ]
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
     if "split" in report:
         sp = report["split"]
-        lines += ["", f"Data: {sp['train_items']} training items, {sp['heldout_items']} held out (never trained on; "
-                  f"data.holdout). The judge uses held-out items only: {sp['eval_images']} evaluation images "
-                  f"(reconstructions, real feature statistics, the classifier's accuracy), {sp['floor_images']} "
-                  f"for the real-data floor, and {sp['classifier_images']} the classifier trains on."]
+        lines += [
+            "",
+            f"Data: {sp['train_items']} training items, {sp['heldout_items']} held out (never trained on; "
+            f"data.holdout). The judge uses held-out items only: {sp['eval_images']} evaluation images "
+            f"(reconstructions, real feature statistics, the classifier's accuracy), {sp['floor_images']} "
+            f"for the real-data floor, and {sp['classifier_images']} the classifier trains on.",
+        ]
     ref = report["reference"]
-    lines += ["", "Reference (real held-out images): " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
-                                                             for k, v in ref.items())]
+    lines += [
+        "",
+        "Reference (real held-out images): "
+        + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}" for k, v in ref.items()),
+    ]
     if "best" in report:
         b = report["best"]
         lines += ["", f"Best by {b['select']}: **{b['variant']}** ({_fmt(b['mean'])})."]
-    lines += ["", "Metric definitions: fastdae/evaluation/judge.py (EvalConfig) and fastdae/metrics.py. FD-feat is a "
-              "Fréchet distance in the features of a classifier trained on the dataset, not FID. "
-              "\"none\": no run had a value (minimal width: no width reached the target error).",
-              "", "![metrics](metrics.png)" if report.get("metrics_png") == "drawn" else
-              f"metrics.png: {report.get('metrics_png')}", "", "![samples](samples.png)", ""]
+    lines += [
+        "",
+        "Metric definitions: fastdae/evaluation/judge.py (EvalConfig) and fastdae/metrics.py. FD-feat is a "
+        "Fréchet distance in the features of a classifier trained on the dataset, not FID. "
+        '"none": no run had a value (minimal width: no width reached the target error).',
+        "",
+        "![metrics](metrics.png)"
+        if report.get("metrics_png") == "drawn"
+        else f"metrics.png: {report.get('metrics_png')}",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -245,7 +289,7 @@ def _draw_metric_bars(report: dict[str, Any], path: Path) -> str:
         ax.set_xticks(range(len(variants)), [v[:14] for v in variants], rotation=20, fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

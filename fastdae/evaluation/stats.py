@@ -9,6 +9,7 @@ beta function, P(|T| > t) = I_x(dof/2, 1/2) with x = dof / (dof + t^2) (Abramowi
 invert it by bisection. Welch's dof are not integers, so the general (real a, b) form is needed.
 tests/test_stats.py checks every function against scipy.stats where scipy is installed.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, _MAX_TERMS + 1):
         # even term d_{2m}, then odd term d_{2m+1} of the fraction
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > _TINY else _TINY)
             c = 1.0 + num / c
@@ -114,8 +117,15 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict[
     if na == 0 or nb == 0:
         raise ValueError(f"welch needs values in both arms, got {na} and {nb}")
     diff = math.fsum(a) / na - math.fsum(b) / nb
-    out: dict[str, float | int | list[float] | None] = {"diff": diff, "ci95": None, "t": None, "dof": None,
-                                                        "p": None, "n_a": na, "n_b": nb}
+    out: dict[str, float | int | list[float] | None] = {
+        "diff": diff,
+        "ci95": None,
+        "t": None,
+        "dof": None,
+        "p": None,
+        "n_a": na,
+        "n_b": nb,
+    }
     if na < 2 or nb < 2:
         return out
     va, vb = _var(a) / na, _var(b) / nb

@@ -18,6 +18,7 @@ study continues where it stopped, and more seeds add runs; an eval.json is reuse
 config and the EvalConfig are the ones it was made with (a run folder trained with another config
 is refused, not mixed in). What is evaluated, on which data, is in `EvalConfig`.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,16 @@ ARMS = MODES  # ("dae", "joint", "control")
 KNOBS = ("width_mult", "num_res_blocks", "dropout")  # WeakDecoderConfig fields
 
 
-def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int, out_dir: Path, ev: EvalConfig,
-               title: str, command: str | None, log: Any) -> dict[str, Any]:
+def _run_study(
+    cfg: TrainConfig,
+    variants: dict[str, dict[str, Any]],
+    seeds: int,
+    out_dir: Path,
+    ev: EvalConfig,
+    title: str,
+    command: str | None,
+    log: Any,
+) -> dict[str, Any]:
     """Train and evaluate every variant (config overrides) for seeds 0..seeds-1; write the report."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -54,8 +63,9 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
         for name, overrides in variants.items():
             run_dir = out_dir / "runs" / f"{name}-s{s}"
             # the study's judge scores the samples: no per-run judge (prior.judge_steps 0)
-            run_cfg = apply_overrides(cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True,
-                                            "prior.judge_steps": 0})
+            run_cfg = apply_overrides(
+                cfg, {**overrides, "seed": s, "out_dir": str(run_dir), "resume": True, "prior.judge_steps": 0}
+            )
             eval_file = run_dir / "eval.json"
             identity = _eval_identity(run_cfg, ev)
             if s == 0:
@@ -74,10 +84,22 @@ def _run_study(cfg: TrainConfig, variants: dict[str, dict[str, Any]], seeds: int
             files.write_json(eval_file, result)
             log(f"{name} seed {s}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
             runs[name].append(result)
-    report = {"title": title, "command": command, "config": cfg.to_dict(), "eval": asdict(ev), "seeds": seeds,
-              "reference": judge.reference, "split": judge.split, "summary": summarize(runs),
-              "tests": pairwise_tests(runs), "capacity": capacity_curves(runs), "runs": runs, "sample_grids": grids,
-              "device": str(device_of(cfg)), "torch": torch.__version__}
+    report = {
+        "title": title,
+        "command": command,
+        "config": cfg.to_dict(),
+        "eval": asdict(ev),
+        "seeds": seeds,
+        "reference": judge.reference,
+        "split": judge.split,
+        "summary": summarize(runs),
+        "tests": pairwise_tests(runs),
+        "capacity": capacity_curves(runs),
+        "runs": runs,
+        "sample_grids": grids,
+        "device": str(device_of(cfg)),
+        "torch": torch.__version__,
+    }
     write_report(report, out_dir)
     return report
 
@@ -95,22 +117,44 @@ def _same_eval(earlier: dict[str, Any], identity: dict[str, Any]) -> bool:
     return rec is not None and rec["eval"] == identity["eval"] and not differences(rec["config"], identity["config"])
 
 
-def compare(config: TrainConfig | dict | str | Path, arms: Sequence[str] = ("joint", "dae", "control"), seeds: int = 3,
-            out_dir: str | Path = "results/compare", eval_config: EvalConfig | None = None, command: str | None = None,
-            log: Any = print) -> dict[str, Any]:
+def compare(
+    config: TrainConfig | dict | str | Path,
+    arms: Sequence[str] = ("joint", "dae", "control"),
+    seeds: int = 3,
+    out_dir: str | Path = "results/compare",
+    eval_config: EvalConfig | None = None,
+    command: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
     """PAPER.md §5: the arms at equal compute, `seeds` seeds each; returns the report dict (also
     written to out_dir as report.md / report.json / metrics.png / samples.png)."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {list(arms)}")
     cfg = load_config(config)
-    return _run_study(cfg, {a: {"mode": a} for a in arms}, seeds, Path(out_dir), eval_config or EvalConfig(),
-                      "DAE comparison (PAPER.md §5)", command, log)
+    return _run_study(
+        cfg,
+        {a: {"mode": a} for a in arms},
+        seeds,
+        Path(out_dir),
+        eval_config or EvalConfig(),
+        "DAE comparison (PAPER.md §5)",
+        command,
+        log,
+    )
 
 
-def ablation(config: TrainConfig | dict | str | Path, knob: str, values: Sequence[Any], seeds: int = 2,
-             out_dir: str | Path = "results/ablation", eval_config: EvalConfig | None = None, select: str = "fd_feat",
-             command: str | None = None, log: Any = print) -> dict[str, Any]:
+def ablation(
+    config: TrainConfig | dict | str | Path,
+    knob: str,
+    values: Sequence[Any],
+    seeds: int = 2,
+    out_dir: str | Path = "results/ablation",
+    eval_config: EvalConfig | None = None,
+    select: str = "fd_feat",
+    command: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
     """The weakening knob of the auxiliary decoder (weak_decoder.<knob> in KNOBS) over `values`, in
     mode dae; report["best"] is the value with the best mean `select` metric."""
     if knob not in KNOBS:
@@ -120,8 +164,16 @@ def ablation(config: TrainConfig | dict | str | Path, knob: str, values: Sequenc
         raise ValueError(f"select must be one of {sorted(directions)}, got {select!r}")
     cfg = load_config(config)
     variants = {f"{knob}={v}": {"mode": "dae", f"weak_decoder.{knob}": v} for v in values}
-    report = _run_study(cfg, variants, seeds, Path(out_dir), eval_config or EvalConfig(),
-                        f"Ablation of weak_decoder.{knob} (mode dae)", command, log)
+    report = _run_study(
+        cfg,
+        variants,
+        seeds,
+        Path(out_dir),
+        eval_config or EvalConfig(),
+        f"Ablation of weak_decoder.{knob} (mode dae)",
+        command,
+        log,
+    )
     scored = {name: s[select]["mean"] for name, s in report["summary"].items() if select in s}
     if scored:
         best = (max if directions[select] > 0 else min)(scored, key=scored.get)

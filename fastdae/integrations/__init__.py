@@ -20,6 +20,7 @@ libraries are imported only inside functions.
 
 Names resolve lazily, so importing this package loads no kernels.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ with a ValueError naming the module: parameters or submodules the timm layout do
 patched module accepts timm's `attn_mask=None` and raises on a real mask (fastdae.attention takes none).
 Forward hooks registered on the original modules are not carried over.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -17,6 +17,7 @@ Two differences from AttnProcessor2_0, both deliberate:
   * `attn.scale` is honoured (AttnProcessor2_0 ignores it and always uses head_dim**-0.5). The two
     agree for every model built with the default `scale_qk=True`.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -30,6 +30,7 @@ builds (`from_config`), so its construction is exactly what `from_pretrained` wi
 and decoder share the config in the diffusers layout, so the exported config is the source's and
 only the decoder-side weights change. diffusers is imported inside functions only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -134,9 +135,18 @@ class FrozenStage1(nn.Module):
       sha256                                       identity of everything the latents depend on
     """
 
-    def __init__(self, encoder: nn.Module, bottleneck: KLBottleneck | VQBottleneck, *, source_class: str,
-                 latent_channels: int, downsample: int, sha256: str, scaling_factor: float = 1.0,
-                 shift_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        bottleneck: KLBottleneck | VQBottleneck,
+        *,
+        source_class: str,
+        latent_channels: int,
+        downsample: int,
+        sha256: str,
+        scaling_factor: float = 1.0,
+        shift_factor: float | None = None,
+    ) -> None:
         super().__init__()
         self.encoder, self.bottleneck = encoder, bottleneck
         self.kind = "vq" if isinstance(bottleneck, VQBottleneck) else "kl"
@@ -185,10 +195,16 @@ class DiffusersStage1(FrozenStage1):
             codebook = vae.quantize.embedding.weight.detach().float()  # (K, D)
             bottleneck, channels = vq_bottleneck(codebook), codebook.shape[1]
         sha = encoder_sha256(name, {k: v for k, v in config.items() if not k.startswith("_")}, vae.state_dict())
-        super().__init__(DiffusersEncoder(vae), bottleneck, source_class=name, latent_channels=channels,
-                         downsample=2 ** (len(config["block_out_channels"]) - 1),  # x2 per block but the last
-                         sha256=sha, scaling_factor=float(config.get("scaling_factor", 1.0)),
-                         shift_factor=config.get("shift_factor"))
+        super().__init__(
+            DiffusersEncoder(vae),
+            bottleneck,
+            source_class=name,
+            latent_channels=channels,
+            downsample=2 ** (len(config["block_out_channels"]) - 1),  # x2 per block but the last
+            sha256=sha,
+            scaling_factor=float(config.get("scaling_factor", 1.0)),
+            shift_factor=config.get("shift_factor"),
+        )
 
 
 def encoder_sha256(source_class: str, config: dict[str, Any], state: dict[str, Tensor]) -> str:
@@ -203,8 +219,9 @@ def encoder_sha256(source_class: str, config: dict[str, Any], state: dict[str, T
     return h.hexdigest()
 
 
-def load_stage1(folder: str | os.PathLike, posterior: str = "mean",
-                device: str | torch.device = "cpu") -> DiffusersStage1:
+def load_stage1(
+    folder: str | os.PathLike, posterior: str = "mean", device: str | torch.device = "cpu"
+) -> DiffusersStage1:
     """The frozen stage 1 of the diffusers AutoencoderKL / VQModel in `folder`, on `device`, eval mode."""
     return DiffusersStage1(load_diffusers_vae(folder), posterior).to(device)
 
@@ -258,12 +275,17 @@ def export_diffusers(decoder: DiffusersDecoder, source: str | os.PathLike, out_d
     if not isinstance(decoder, DiffusersDecoder):
         raise TypeError(f"export_diffusers: decoder must be a DiffusersDecoder, got {type(decoder).__name__}")
     config = {k: v for k, v in read_config(source).items() if k != "_use_default_values"}
-    differ = sorted(k for k in config.keys() | decoder.config.keys()
-                    if not k.startswith("_") and _jsonable(config.get(k)) != _jsonable(decoder.config.get(k)))
+    differ = sorted(
+        k
+        for k in config.keys() | decoder.config.keys()
+        if not k.startswith("_") and _jsonable(config.get(k)) != _jsonable(decoder.config.get(k))
+    )
     if config["_class_name"] != decoder.config["_class_name"] or differ:
-        raise ValueError(f"export_diffusers: the decoder was built for another model than {source} "
-                         f"(class {decoder.config['_class_name']} vs {config['_class_name']}; "
-                         f"config keys differ: {differ})")
+        raise ValueError(
+            f"export_diffusers: the decoder was built for another model than {source} "
+            f"(class {decoder.config['_class_name']} vs {config['_class_name']}; "
+            f"config keys differ: {differ})"
+        )
     vae = load_diffusers_vae(source)
     for name in DECODER_SIDE:
         ours = getattr(decoder, name)

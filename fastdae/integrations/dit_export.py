@@ -11,6 +11,7 @@ per-channel latent statistics (LatentScaler) its latents are normalised by. Load
 on the meta device (no initialisation, no memory), checks every tensor of model.safetensors by
 name and shape, then assigns the file's tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,7 @@ import torch
 from safetensors import safe_open
 
 from fastdae import __version__
-from fastdae.integrations.export import (CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, _check_tensors,
-                                         write_pair)
+from fastdae.integrations.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, _check_tensors, write_pair
 from fastdae.models.diffusion import Diffusion, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 
@@ -54,8 +54,18 @@ class DiTSpec:
             raise ValueError("save_dit: a DiT with no blocks cannot be described by its constructor")
         block = dit.blocks[0]
         dropout = dit.y_embedder.dropout_prob if dit.y_embedder is not None else 0.0
-        return cls(dit.input_size, dit.patch_size, dit.in_channels, hidden, len(dit.blocks), block.attn.num_heads,
-                   block.mlp.fc1.out_features / hidden, dropout, dit.num_classes, dit.learn_sigma)
+        return cls(
+            dit.input_size,
+            dit.patch_size,
+            dit.in_channels,
+            hidden,
+            len(dit.blocks),
+            block.attn.num_heads,
+            block.mlp.fc1.out_features / hidden,
+            dropout,
+            dit.num_classes,
+            dit.learn_sigma,
+        )
 
     def build(self, attn_impl: str = "auto") -> DiT:
         return DiT(**dataclasses.asdict(self), attn_impl=attn_impl)
@@ -70,8 +80,9 @@ class PretrainedDiT:
     scaler: LatentScaler | None
 
 
-def save_dit(dit: DiT, path: str | os.PathLike, diffusion: Diffusion | None = None,
-             scaler: LatentScaler | None = None) -> Path:
+def save_dit(
+    dit: DiT, path: str | os.PathLike, diffusion: Diffusion | None = None, scaler: LatentScaler | None = None
+) -> Path:
     """Write `path`/model.safetensors and `path`/config.json; returns the directory.
 
     diffusion: the Diffusion the DiT was trained with (its objective, schedule, num_timesteps are
@@ -88,8 +99,13 @@ def save_dit(dit: DiT, path: str | os.PathLike, diffusion: Diffusion | None = No
         "fastdae_version": __version__,
         "kind": KIND,
         "dit": dataclasses.asdict(spec),
-        "diffusion": None if diffusion is None else {"objective": diffusion.objective, "schedule": diffusion.schedule,
-                                                     "num_timesteps": diffusion.num_timesteps},
+        "diffusion": None
+        if diffusion is None
+        else {
+            "objective": diffusion.objective,
+            "schedule": diffusion.schedule,
+            "num_timesteps": diffusion.num_timesteps,
+        },
         "latent_stats": None if scaler is None else {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()},
     }
     out = Path(path)
@@ -101,16 +117,18 @@ def read_dit_config(path: str | os.PathLike) -> dict[str, Any]:
     """`path`/config.json of a DiT export, validated (format, version, kind, DiT fields)."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"load_dit: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} "
-                                f"in {path})")
+        raise FileNotFoundError(
+            f"load_dit: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})"
+        )
     meta = json.loads(file.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{file}: not a fastdae export (expected format {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
     if meta.get("kind") != KIND:
-        raise ValueError(f"{file}: kind {meta.get('kind')!r} is not a DiT "
-                         f"(load it with fastdae.integrations.load_pretrained)")
+        raise ValueError(
+            f"{file}: kind {meta.get('kind')!r} is not a DiT (load it with fastdae.integrations.load_pretrained)"
+        )
     fields = {f.name for f in dataclasses.fields(DiTSpec)}
     spec = meta.get("dit")
     if not isinstance(spec, dict) or set(spec) != fields:

@@ -12,6 +12,7 @@ of model.safetensors against it by name, shape and kind (float / integer) and on
 materialises it with the file's tensors: a mismatch names the tensor, the shape config.json
 implies and the shape found in the file. fastdae.training is never imported.
 """
+
 from __future__ import annotations
 
 import dataclasses

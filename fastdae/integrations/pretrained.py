@@ -6,6 +6,7 @@
 
 Each function takes that folder; the trainer (fastdae.training.Run) calls only these.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,21 +24,25 @@ KINDS = ("diffusers", "taming")
 def taming_files(folder: str | os.PathLike) -> tuple[Path, Path] | None:
     """(checkpoint, YAML) of a taming VQGAN folder, or None when `folder` is not one."""
     root = Path(folder)
-    for ckpt, configs in ((root / taming_vqgan.CKPT_FILE, [root / taming_vqgan.CONFIG_FILE]),
-                          (root / "checkpoints" / "last.ckpt", sorted((root / "configs").glob("*-project.yaml")))):
+    for ckpt, configs in (
+        (root / taming_vqgan.CKPT_FILE, [root / taming_vqgan.CONFIG_FILE]),
+        (root / "checkpoints" / "last.ckpt", sorted((root / "configs").glob("*-project.yaml"))),
+    ):
         if ckpt.is_file() and len(configs) == 1 and configs[0].is_file():
             return ckpt, configs[0]
     return None
 
 
 def source_kind(folder: str | os.PathLike) -> str:
-    """"diffusers" or "taming"; FileNotFoundError naming both layouts when the folder is neither."""
+    """ "diffusers" or "taming"; FileNotFoundError naming both layouts when the folder is neither."""
     if (Path(folder) / diffusers_vae.CONFIG_FILE).is_file():
         return "diffusers"
     if taming_files(folder) is not None:
         return "taming"
-    raise FileNotFoundError(f"{folder} is neither a diffusers model folder (config.json) nor a taming VQGAN folder "
-                            f"(last.ckpt + config.yaml, or checkpoints/last.ckpt + configs/*-project.yaml)")
+    raise FileNotFoundError(
+        f"{folder} is neither a diffusers model folder (config.json) nor a taming VQGAN folder "
+        f"(last.ckpt + config.yaml, or checkpoints/last.ckpt + configs/*-project.yaml)"
+    )
 
 
 def latent_shape(folder: str | os.PathLike) -> tuple[int, int]:
@@ -48,8 +53,7 @@ def latent_shape(folder: str | os.PathLike) -> tuple[int, int]:
     return int(params["embed_dim"]), 2 ** (len(params["ddconfig"]["ch_mult"]) - 1)
 
 
-def load_stage1(folder: str | os.PathLike, posterior: str = "mean",
-                device: str | torch.device = "cpu") -> FrozenStage1:
+def load_stage1(folder: str | os.PathLike, posterior: str = "mean", device: str | torch.device = "cpu") -> FrozenStage1:
     """The frozen stage 1 in `folder` (posterior: KL only, "mean" or "sample")."""
     if source_kind(folder) == "diffusers":
         return diffusers_vae.load_stage1(folder, posterior, device)

@@ -16,6 +16,7 @@ ties and near-ties within fp32 rounding may pick another code (taming scores ||z
 fastdae ||e||^2 - 2 z.e); unknown_index="random" draws from torch's RNG on z's device, not on the
 CPU; legacy=True needs beta > 0 (see _loss); nothing is printed at construction.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,16 +38,25 @@ class VectorQuantizer2(nn.Module):
     remap: a .npy file of the used code indices (U,); forward then returns indices into it, unknown
     codes become `unknown_index` ("random": uniform in [0, re_embed), "extra": U, or an integer)."""
 
-    def __init__(self, n_e: int, e_dim: int, beta: float, remap: str | None = None,
-                 unknown_index: str | int = "random", sane_index_shape: bool = False, legacy: bool = True,
-                 impl: str = "auto") -> None:
+    def __init__(
+        self,
+        n_e: int,
+        e_dim: int,
+        beta: float,
+        remap: str | None = None,
+        unknown_index: str | int = "random",
+        sane_index_shape: bool = False,
+        legacy: bool = True,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         if n_e < 1 or e_dim < 1:
             raise ValueError(f"VectorQuantizer2: n_e and e_dim must be >= 1, got {n_e}, {e_dim}")
         if beta < 0 or (legacy and beta == 0):
             raise ValueError(
                 f"VectorQuantizer2: beta must be > 0 with legacy=True (>= 0 with legacy=False), got {beta}; with "
-                "legacy=True and beta=0 taming's loss would leave the codebook untrained")
+                "legacy=True and beta=0 taming's loss would leave the codebook untrained"
+            )
         self.n_e, self.e_dim, self.beta, self.legacy, self.impl = n_e, e_dim, beta, legacy, impl
         self.embedding = nn.Embedding(n_e, e_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
@@ -54,17 +64,25 @@ class VectorQuantizer2(nn.Module):
         self.re_embed = n_e
         if remap is not None:
             used = torch.as_tensor(np.load(remap))
-            if used.dim() != 1 or used.is_floating_point() or used.numel() == 0 or not (
-                    0 <= int(used.min()) and int(used.max()) < n_e):
-                raise ValueError(f"VectorQuantizer2: remap file {remap} must hold a non-empty 1-d array of code "
-                                 f"indices in [0, n_e={n_e})")
+            if (
+                used.dim() != 1
+                or used.is_floating_point()
+                or used.numel() == 0
+                or not (0 <= int(used.min()) and int(used.max()) < n_e)
+            ):
+                raise ValueError(
+                    f"VectorQuantizer2: remap file {remap} must hold a non-empty 1-d array of code "
+                    f"indices in [0, n_e={n_e})"
+                )
             self.register_buffer("used", used)
             self.re_embed = used.shape[0]
             self.unknown_index = unknown_index
             if unknown_index == "extra":  # one more index, U, stands for every unknown code
                 self.unknown_index, self.re_embed = self.re_embed, self.re_embed + 1
             elif unknown_index != "random" and not isinstance(unknown_index, int):
-                raise ValueError(f"VectorQuantizer2: unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}")
+                raise ValueError(
+                    f"VectorQuantizer2: unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}"
+                )
 
     def extra_repr(self) -> str:
         return f"n_e={self.n_e}, e_dim={self.e_dim}, beta={self.beta}, legacy={self.legacy}, remap={self.remap!r}"
@@ -104,13 +122,16 @@ class VectorQuantizer2(nn.Module):
         z_q, idx, loss = vector_quantize(tokens, codebook, 1.0 / self.beta, impl=self.impl)
         return z_q, idx, self.beta * loss
 
-    def forward(self, z: Tensor, temp: float | None = None, rescale_logits: bool = False,
-                return_logits: bool = False) -> tuple[Tensor, Tensor, tuple[None, None, Tensor]]:
+    def forward(
+        self, z: Tensor, temp: float | None = None, rescale_logits: bool = False, return_logits: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[None, None, Tensor]]:
         """z (B, e_dim, H, W) -> (z_q (B, e_dim, H, W), loss (), (None, None, indices)); the extra
         arguments exist for GumbelQuantize's interface and must keep their defaults, as in taming."""
         if not (temp is None or temp == 1.0) or rescale_logits or return_logits:
-            raise ValueError("VectorQuantizer2: temp, rescale_logits and return_logits exist only for "
-                             "GumbelQuantize's interface; leave them at their defaults")
+            raise ValueError(
+                "VectorQuantizer2: temp, rescale_logits and return_logits exist only for "
+                "GumbelQuantize's interface; leave them at their defaults"
+            )
         if z.dim() != 4 or z.shape[1] != self.e_dim:
             raise ValueError(f"VectorQuantizer2: z must be (B, e_dim={self.e_dim}, H, W), got {tuple(z.shape)}")
         tokens = z.permute(0, 2, 3, 1)  # (B, H, W, e_dim)
@@ -137,15 +158,20 @@ class VectorQuantizer2(nn.Module):
 def _is_taming_vq2(module: nn.Module) -> bool:
     """taming's VectorQuantizer2 (also imported as VectorQuantizer by taming's and latent-diffusion's
     VQModel), recognised by name and attributes so that taming need not be importable here."""
-    return (type(module).__name__ == "VectorQuantizer2" and not isinstance(module, VectorQuantizer2)
-            and isinstance(getattr(module, "embedding", None), nn.Embedding) and hasattr(module, "legacy"))
+    return (
+        type(module).__name__ == "VectorQuantizer2"
+        and not isinstance(module, VectorQuantizer2)
+        and isinstance(getattr(module, "embedding", None), nn.Embedding)
+        and hasattr(module, "legacy")
+    )
 
 
 def _from_taming(old: Any, impl: str) -> VectorQuantizer2:
     """A fastdae VectorQuantizer2 with old's settings, weights, `used` buffer and mode (the remap
     file is not read again: it may be gone since the checkpoint was made)."""
-    new = VectorQuantizer2(old.n_e, old.e_dim, old.beta, sane_index_shape=old.sane_index_shape,
-                           legacy=old.legacy, impl=impl)
+    new = VectorQuantizer2(
+        old.n_e, old.e_dim, old.beta, sane_index_shape=old.sane_index_shape, legacy=old.legacy, impl=impl
+    )
     new.embedding = old.embedding  # the same Parameter: optimisers holding it keep working
     if old.remap is not None:
         # unknown_index is already resolved by taming ("extra" -> U, with re_embed = U + 1)

@@ -13,6 +13,7 @@ Only VQModel checkpoints (target taming.models.vqgan.VQModel) without `remap`; t
 holds the source's state dict with the decoder side replaced, which taming's
 `VQModel(..., ckpt_path=...)` / `init_from_ckpt` loads. taming is imported inside functions only.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ def read_taming_config(config: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{config}: expected a taming VQGAN config with model.params.ddconfig, n_embed, embed_dim")
     target = model.get("target", "taming.models.vqgan.VQModel")
     if target != "taming.models.vqgan.VQModel" or params.get("remap") is not None:
-        raise ValueError(f"{config}: only taming.models.vqgan.VQModel without remap is supported, got {target!r}"
-                         f"{' with remap' if params.get('remap') is not None else ''}")
+        raise ValueError(
+            f"{config}: only taming.models.vqgan.VQModel without remap is supported, got {target!r}"
+            f"{' with remap' if params.get('remap') is not None else ''}"
+        )
     return params
 
 
@@ -55,7 +58,7 @@ def _state_dict(ckpt: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def _load_part(module: nn.Module, state: dict[str, Tensor], prefix: str, source: str) -> None:
-    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         module.load_state_dict(part, strict=True)
     except RuntimeError as e:
@@ -76,8 +79,9 @@ class TamingEncoder(nn.Module):
         return self.quant_conv(self.encoder(x))
 
 
-def load_taming_stage1(ckpt: str | os.PathLike, config: str | os.PathLike,
-                       device: str | torch.device = "cpu") -> FrozenStage1:
+def load_taming_stage1(
+    ckpt: str | os.PathLike, config: str | os.PathLike, device: str | torch.device = "cpu"
+) -> FrozenStage1:
     """The frozen stage 1 (encoder, quant_conv, codebook) of a taming VQGAN checkpoint + YAML."""
     params = read_taming_config(config)
     state = _state_dict(ckpt)
@@ -86,13 +90,18 @@ def load_taming_stage1(ckpt: str | os.PathLike, config: str | os.PathLike,
         _load_part(getattr(encoder, prefix[:-1]), state, prefix, str(ckpt))
     codebook = state["quantize.embedding.weight"].float()  # (K, D)
     if tuple(codebook.shape) != (params["n_embed"], params["embed_dim"]):
-        raise ValueError(f"{ckpt}: codebook is {tuple(codebook.shape)}, the YAML says ({params['n_embed']}, "
-                         f"{params['embed_dim']})")
+        raise ValueError(
+            f"{ckpt}: codebook is {tuple(codebook.shape)}, the YAML says ({params['n_embed']}, {params['embed_dim']})"
+        )
     arch = {"ddconfig": params["ddconfig"], "n_embed": params["n_embed"], "embed_dim": params["embed_dim"]}
-    stage1 = FrozenStage1(encoder, vq_bottleneck(codebook), source_class="taming.VQModel",
-                          latent_channels=params["embed_dim"],
-                          downsample=2 ** (len(params["ddconfig"]["ch_mult"]) - 1),
-                          sha256=encoder_sha256("taming.VQModel", arch, state))
+    stage1 = FrozenStage1(
+        encoder,
+        vq_bottleneck(codebook),
+        source_class="taming.VQModel",
+        latent_channels=params["embed_dim"],
+        downsample=2 ** (len(params["ddconfig"]["ch_mult"]) - 1),
+        sha256=encoder_sha256("taming.VQModel", arch, state),
+    )
     return stage1.to(device)
 
 
@@ -129,8 +138,9 @@ class TamingDecoder(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def export_taming(decoder: TamingDecoder, ckpt: str | os.PathLike, config: str | os.PathLike,
-                  out_dir: str | os.PathLike) -> Path:
+def export_taming(
+    decoder: TamingDecoder, ckpt: str | os.PathLike, config: str | os.PathLike, out_dir: str | os.PathLike
+) -> Path:
     """Write out_dir/last.ckpt ({"state_dict": the source's, with post_quant_conv.* and decoder.* from
     `decoder`}) and out_dir/config.yaml (the source YAML). Returns out_dir."""
     if not isinstance(decoder, TamingDecoder):

@@ -17,6 +17,7 @@ above the op (kernels/_dispatch.py: route): "ref" calls the reference itself; "a
 "triton" call the op after checking that the asked-for backend exists; "triton" on CPU tensors under
 TRITON_INTERPRET=1 (tests only) runs the launcher beside the op through `interpreted`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,14 +72,22 @@ def check_tensors(op: str, named: Mapping[str, Tensor], dtypes: tuple[torch.dtyp
         raise TypeError(f"{op}: {first} must have a dtype in {dtypes}, got {ref.dtype}")
     for name, t in rest:
         if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {name} must have {first}'s dtype {ref.dtype}, got {t.dtype} "
-                            f"(cast it with .to({ref.dtype}))")
+            raise TypeError(
+                f"{op}: {name} must have {first}'s dtype {ref.dtype}, got {t.dtype} (cast it with .to({ref.dtype}))"
+            )
         if t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {ref.device}")
 
 
-def define_op(schema: str, *, cuda: Callable, reference: Callable, fake: Callable,
-              backward: Callable | None = None, setup_context: Callable | None = None):
+def define_op(
+    schema: str,
+    *,
+    cuda: Callable,
+    reference: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+):
     """Define fastdae::<schema> once and register its CUDA (Triton), default (reference), fake and
     autograd kernels; the CPU kernel comes from csrc. Returns the op (an OpOverload)."""
     name = schema.split("(", 1)[0]
@@ -95,6 +104,9 @@ def interpreted(forward: Callable, setup_context: Callable, backward: Callable) 
     """forward (an op's Triton launcher) with the op's autograd formula, as a function, for CPU
     tensors under TRITON_INTERPRET=1: the op's CPU kernel is C++ or the reference, so the interpreter
     (tests only) runs beside the op instead of through it. Not traceable by torch.compile."""
-    fn = type("Interpreted", (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))
+    fn = type(
+        "Interpreted",
+        (torch.autograd.Function,),
+        dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward)),
+    )
     return fn.apply

@@ -6,6 +6,7 @@ auto: Triton for CUDA tensors, the C++ op for CPU tensors when it is built, else
 The Triton interpreter (TRITON_INTERPRET=1) lets impl="triton" run on CPU tensors: that is for
 tests, never a user's fast path.
 """
+
 from __future__ import annotations
 
 import os

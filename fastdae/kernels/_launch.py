@@ -1,7 +1,7 @@
 """Kernel launches as data: what a launcher runs is what the static kernel report compiles.
 
 Each launcher builds a `KernelLaunch` (kernel, runtime arguments, constexprs, candidate configs,
-grid) in one function and hands it to `launch`; `fastdae.kernels.report` calls the same functions
+grid) in one function and hands it to `launch`; `fastdae.kernel_report` calls the same functions
 with meta tensors and compiles every candidate for sm_90 / sm_80 without a GPU. So a block size,
 an alignment flag or a precision can only change in one place.
 
@@ -11,6 +11,7 @@ every load a 2-byte scalar. `align_elems` checks at launch what the kernels then
 `tl.multiple_of` (one `ALIGN` constexpr: 1 = no hint), so the hinted and unhinted kernels are one
 source.
 """
+
 from __future__ import annotations
 
 import functools

@@ -22,7 +22,7 @@ padded in memory, and the register width D0 + D1 never exceeds padding to a powe
 Inputs: any strides (e.g. q, k, v as views of one fused qkv projection); when every base is 16-byte
 aligned and every row/head/batch stride a multiple of 16 bytes (checked at launch: align_elems), the
 kernels say so with tl.multiple_of, which turns D = 72's 2-byte scalar loads into 128-bit cp.async
-(the static kernel report, fastdae/kernels/report.py). fp32/bf16/fp16, fp32 accumulation; fp32
+(the static kernel report, fastdae/kernel_report/). fp32/bf16/fp16, fp32 accumulation; fp32
 products use IEEE fp32 (no TF32), like torch's default matmul: on a GPU those run on CUDA cores and
 spill, so impl="auto" sends fp32 to SDPA. The output is a
 (B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
@@ -31,6 +31,7 @@ is free.
 File order: Triton kernels -> launch config -> launchers -> ops (reference and fake kernels, autograd) ->
 attention_ref -> attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,17 @@ def _hint(sb, sh, sn, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, n_rows, row_stride, d_stride,
-               D_START: tl.constexpr, D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+def _load_rows(
+    base,
+    rows,
+    n_rows,
+    row_stride,
+    d_stride,
+    D_START: tl.constexpr,
+    D_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
     """(len(rows), D_BLOCK) tile of columns D_START... of a (n_rows, HEAD_DIM) matrix; zeros outside it."""
     cols = D_START + tl.arange(0, D_BLOCK)
     ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * d_stride
@@ -85,8 +95,9 @@ def _load_rows(base, rows, n_rows, row_stride, d_stride,
 
 
 @triton.jit
-def _store_rows(base, tile, rows, n_rows, row_stride, d_stride,
-                D_START: tl.constexpr, D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _store_rows(
+    base, tile, rows, n_rows, row_stride, d_stride, D_START: tl.constexpr, D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr
+):
     cols = D_START + tl.arange(0, D_BLOCK)
     ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * d_stride
     mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
@@ -103,10 +114,30 @@ def _load_vec(base, rows, n_rows, MASK_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, N_KV,
-              skn, skd, svn, svd, qk_scale,
-              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_step(
+    acc0,
+    acc1,
+    m_i,
+    l_i,
+    q0,
+    q1,
+    k_base,
+    v_base,
+    start_n,
+    N_KV,
+    skn,
+    skd,
+    svn,
+    svd,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One K/V tile of the online softmax: rescale the running (acc, m, l) to the new row max."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
@@ -132,11 +163,39 @@ def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, N_KV,
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    H, N_Q, N_KV, qk_scale,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    H,
+    N_Q,
+    N_KV,
+    qk_scale,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -158,13 +217,55 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, N_KV,
-                                         skn, skd, svn, svd, qk_scale,
-                                         HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False, PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_step(
+            acc0,
+            acc1,
+            m_i,
+            l_i,
+            q0,
+            q1,
+            k_base,
+            v_base,
+            start_n,
+            N_KV,
+            skn,
+            skd,
+            svn,
+            svd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_N,
+            False,
+            PRECISION,
+        )
     if n_full < N_KV:
-        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, n_full, N_KV,
-                                         skn, skd, svn, svd, qk_scale,
-                                         HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True, PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_step(
+            acc0,
+            acc1,
+            m_i,
+            l_i,
+            q0,
+            q1,
+            k_base,
+            v_base,
+            n_full,
+            N_KV,
+            skn,
+            skd,
+            svn,
+            svd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
     o_base = o_ptr + b * sob + h * soh
     inv_l = 1.0 / l_i
     _store_rows(o_base, acc0 * inv_l[:, None], rows, N_Q, son, sod, 0, D0, HEAD_DIM)
@@ -177,9 +278,23 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_delta_kernel(
-    o_ptr, do_ptr, delta_ptr, H, N_Q,
-    sob, soh, son, sod, sdb, sdh, sdn, sdd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr,
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    H,
+    N_Q,
+    sob,
+    soh,
+    son,
+    sod,
+    sdb,
+    sdh,
+    sdn,
+    sdd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Delta_i = sum_d O_id dO_id (B, H, N) float32; BLOCK_D is a power of two >= HEAD_DIM (no dot here)."""
     sob, soh, son = _hint(sob, soh, son, ALIGN)
@@ -193,10 +308,34 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
-                   start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
-                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_step(
+    dk0,
+    dk1,
+    dv0,
+    dv1,
+    k0,
+    k1,
+    v0,
+    v1,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    start_m,
+    N_Q,
+    sqn,
+    sqd,
+    sdn,
+    sdd,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, MASK_M)  # (BLOCK_M, D0)
@@ -225,12 +364,51 @@ def _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, N_Q, N_KV, qk_scale, scale,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    H,
+    N_Q,
+    N_KV,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdn,
+    sdd,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -261,13 +439,63 @@ def _attention_bwd_dkdv_kernel(
     dv1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                            delta_base, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
-                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, False, PRECISION)
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
+            dk0,
+            dk1,
+            dv0,
+            dv1,
+            k0,
+            k1,
+            v0,
+            v1,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            start_m,
+            N_Q,
+            sqn,
+            sqd,
+            sdn,
+            sdd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_M,
+            False,
+            PRECISION,
+        )
     if m_full < N_Q:
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                            delta_base, m_full, N_Q, sqn, sqd, sdn, sdd, qk_scale,
-                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, True, PRECISION)
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
+            dk0,
+            dk1,
+            dv0,
+            dv1,
+            k0,
+            k1,
+            v0,
+            v1,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            m_full,
+            N_Q,
+            sqn,
+            sqd,
+            sdn,
+            sdd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_M,
+            True,
+            PRECISION,
+        )
     dk_base = dk_ptr + b * sdkb + h * sdkh
     dv_base = dv_ptr + b * sdvb + h * sdvh
     _store_rows(dk_base, dk0 * scale, cols, N_KV, sdkn, sdkd, 0, D0, HEAD_DIM)
@@ -278,10 +506,32 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N_KV,
-                 skn, skd, svn, svd, qk_scale,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_step(
+    dq0,
+    dq1,
+    q0,
+    q1,
+    do0,
+    do1,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    start_n,
+    N_KV,
+    skn,
+    skd,
+    svn,
+    svd,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
@@ -305,12 +555,46 @@ def _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, start_
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    H, N_Q, N_KV, qk_scale, scale,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    H,
+    N_Q,
+    N_KV,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdn,
+    sdd,
+    sdqb,
+    sdqh,
+    sdqn,
+    sdqd,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -337,11 +621,59 @@ def _attention_bwd_dq_kernel(
     dq1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, start_n, N_KV,
-                                skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False, PRECISION)
+        dq0, dq1 = _bwd_dq_step(
+            dq0,
+            dq1,
+            q0,
+            q1,
+            do0,
+            do1,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            start_n,
+            N_KV,
+            skn,
+            skd,
+            svn,
+            svd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_N,
+            False,
+            PRECISION,
+        )
     if n_full < N_KV:
-        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, n_full, N_KV,
-                                skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True, PRECISION)
+        dq0, dq1 = _bwd_dq_step(
+            dq0,
+            dq1,
+            q0,
+            q1,
+            do0,
+            do1,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            n_full,
+            N_KV,
+            skn,
+            skd,
+            svn,
+            svd,
+            qk_scale,
+            HEAD_DIM,
+            D0,
+            D1,
+            SPLIT,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
     dq_base = dq_ptr + b * sdqb + h * sdqh
     _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
     if SPLIT:
@@ -392,7 +724,10 @@ def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[Laun
 def _constexprs(head_dim: int, dtype: torch.dtype) -> dict:
     d0, d1 = head_chunks(head_dim)
     return dict(
-        HEAD_DIM=head_dim, D0=d0, D1=d1 or 16, SPLIT=d1 > 0,  # D1 = 16 sizes unused placeholders
+        HEAD_DIM=head_dim,
+        D0=d0,
+        D1=d1 or 16,
+        SPLIT=d1 > 0,  # D1 = 16 sizes unused placeholders
         PRECISION=_precision(dtype),
     )
 
@@ -413,14 +748,25 @@ def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: f
     return KernelLaunch(
         _attention_fwd_kernel,
         (q, k, v, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
-        dict(_constexprs(D, q.dtype), ALIGN=align_elems(q, k, v, o)), launch_configs("fwd", D, q.dtype),
-        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+        dict(_constexprs(D, q.dtype), ALIGN=align_elems(q, k, v, o)),
+        launch_configs("fwd", D, q.dtype),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
+        _TUNE_KEY,
     )
 
 
 def bwd_launches(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
-    dq: Tensor, dk: Tensor, dv: Tensor, scale: float,
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    scale: float,
 ) -> list[KernelLaunch]:
     """The three backward launches, in order: Delta pre-pass, dK/dV, dQ."""
     B, H, N, D = q.shape
@@ -429,7 +775,8 @@ def bwd_launches(
     inputs = (*strides(q), *strides(k), *strides(v), *strides(grad))
     return [
         KernelLaunch(
-            _attention_bwd_delta_kernel, (o, grad, delta, H, N, *strides(o), *strides(grad)),
+            _attention_bwd_delta_kernel,
+            (o, grad, delta, H, N, *strides(o), *strides(grad)),
             dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), ALIGN=align_elems(o, grad)),
             configs([(dict(BLOCK_M=_DELTA_BLOCK_M), 4, 3)]),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
@@ -437,14 +784,18 @@ def bwd_launches(
         KernelLaunch(
             _attention_bwd_dkdv_kernel,
             (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)), launch_configs("dkdv", D, q.dtype),
-            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B), _TUNE_KEY,
+            dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)),
+            launch_configs("dkdv", D, q.dtype),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
+            _TUNE_KEY,
         ),
         KernelLaunch(
             _attention_bwd_dq_kernel,
             (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *inputs, *strides(dq)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dq)), launch_configs("dq", D, q.dtype),
-            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B), _TUNE_KEY,
+            dict(consts, ALIGN=align_elems(q, k, v, grad, dq)),
+            launch_configs("dq", D, q.dtype),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
+            _TUNE_KEY,
         ),
     ]
 
@@ -535,13 +886,19 @@ def _interpreted_backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
 # of the scaled scores / ln 2
 _attention_fwd_op = define_op(
     "attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-    cuda=_fwd_triton, reference=_fwd_reference, fake=_fwd_fake, backward=_backward, setup_context=_setup_context,
+    cuda=_fwd_triton,
+    reference=_fwd_reference,
+    fake=_fwd_fake,
+    backward=_backward,
+    setup_context=_setup_context,
 )
 # (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
 _attention_bwd_op = define_op(
     "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
     " -> (Tensor, Tensor, Tensor)",
-    cuda=_bwd_triton, reference=_bwd_reference, fake=_bwd_fake,
+    cuda=_bwd_triton,
+    reference=_bwd_reference,
+    fake=_bwd_fake,
 )
 # impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas
 _attention_interpreted = interpreted(_fwd_triton, _setup_context, _interpreted_backward)
@@ -590,8 +947,10 @@ def _kernel_mismatch(q: Tensor) -> str | None:
     if q.dtype not in KERNEL_DTYPES:
         return f"impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'"
     if D % 8 or not 8 <= D <= MAX_HEAD_DIM:
-        return (f"impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
-                f"got D={D}; use impl='sdpa' or 'ref'")
+        return (
+            f"impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
+            f"got D={D}; use impl='sdpa' or 'ref'"
+        )
     if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
         return f"impl='triton' needs B, H <= {MAX_GRID_YZ}, got B={B}, H={H}"
     return None

@@ -19,6 +19,7 @@ written to a (B, tiles) buffer and summed in a fixed order, so results are deter
 
 File order: Triton kernels -> launchers -> ops (reference and fake kernels, autograd) -> lpips_head_ref -> lpips_head.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -63,10 +64,23 @@ def _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS: tl.constexpr):
 
 @triton.jit
 def _lpips_head_fwd_kernel(
-    f0_ptr, f1_ptr, w_ptr, part_ptr,
-    C, HW, part_stride_b, inv_hw,
-    s0b, s0c, s0p, s1b, s1c, s1p,
-    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    f0_ptr,
+    f1_ptr,
+    w_ptr,
+    part_ptr,
+    C,
+    HW,
+    part_stride_b,
+    inv_hw,
+    s0b,
+    s0c,
+    s0p,
+    s1b,
+    s1c,
+    s1p,
+    EPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -84,12 +98,32 @@ def _lpips_head_fwd_kernel(
 
 @triton.jit
 def _lpips_head_bwd_kernel(
-    f0_ptr, f1_ptr, w_ptr, grad_ptr, g0_ptr, g1_ptr,
-    C, HW, inv_hw,
-    s0b, s0c, s0p, s1b, s1c, s1p,
-    t0b, t0c, t0p, t1b, t1c, t1p,
-    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    NEED0: tl.constexpr, NEED1: tl.constexpr,
+    f0_ptr,
+    f1_ptr,
+    w_ptr,
+    grad_ptr,
+    g0_ptr,
+    g1_ptr,
+    C,
+    HW,
+    inv_hw,
+    s0b,
+    s0c,
+    s0p,
+    s1b,
+    s1c,
+    s1p,
+    t0b,
+    t0c,
+    t0p,
+    t1b,
+    t1c,
+    t1p,
+    EPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NEED0: tl.constexpr,
+    NEED1: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -147,21 +181,37 @@ def fwd_launch(f0: Tensor, f1: Tensor, w: Tensor, part: Tensor) -> KernelLaunch:
     return KernelLaunch(
         _lpips_head_fwd_kernel,
         (f0, f1, w, part, C, H * W, part.stride(0), 1.0 / (H * W), *_flat_stride_args(f0), *_flat_stride_args(f1)),
-        dict(EPS=EPS), configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
+        dict(EPS=EPS),
+        configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
         lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B),
     )
 
 
-def bwd_launch(grad: Tensor, f0: Tensor, f1: Tensor, w: Tensor, g0: Tensor, g1: Tensor,
-               need0: bool, need1: bool) -> KernelLaunch:
+def bwd_launch(
+    grad: Tensor, f0: Tensor, f1: Tensor, w: Tensor, g0: Tensor, g1: Tensor, need0: bool, need1: bool
+) -> KernelLaunch:
     """One layer's backward launch: gradients into g0, g1 (flat positions; an unneeded one aliases f)."""
     B, C, H, W = f0.shape
     block_c, block_p, warps = _launch_config(C, H * W)
     return KernelLaunch(
         _lpips_head_bwd_kernel,
-        (f0, f1, w, grad, g0, g1, C, H * W, 1.0 / (H * W),
-         *_flat_stride_args(f0), *_flat_stride_args(f1), *_flat_stride_args(g0), *_flat_stride_args(g1)),
-        dict(EPS=EPS, NEED0=need0, NEED1=need1), configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
+        (
+            f0,
+            f1,
+            w,
+            grad,
+            g0,
+            g1,
+            C,
+            H * W,
+            1.0 / (H * W),
+            *_flat_stride_args(f0),
+            *_flat_stride_args(f1),
+            *_flat_stride_args(g0),
+            *_flat_stride_args(g1),
+        ),
+        dict(EPS=EPS, NEED0=need0, NEED1=need1),
+        configs([(dict(BLOCK_C=block_c, BLOCK_P=block_p), warps, 3)]),
         lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B),
     )
 
@@ -172,8 +222,9 @@ def _flat_stride_args(t: Tensor) -> tuple[int, int, int]:
 
 def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
     B = feats0[0].shape[0]
-    tiles = [triton.cdiv(f.shape[2] * f.shape[3], _launch_config(f.shape[1], f.shape[2] * f.shape[3])[1])
-             for f in feats0]
+    tiles = [
+        triton.cdiv(f.shape[2] * f.shape[3], _launch_config(f.shape[1], f.shape[2] * f.shape[3])[1]) for f in feats0
+    ]
     part = torch.empty(B, sum(tiles), device=feats0[0].device, dtype=torch.float32)  # (B, tiles of all layers)
     col = 0
     with on_device(feats0[0]):
@@ -240,8 +291,10 @@ def _fwd_fake(feats0, feats1, weights):
 
 
 def _bwd_fake(grad, feats0, feats1, weights, need0, need1):
-    return ([torch.empty_like(f) for f in feats0] if need0 else [],
-            [torch.empty_like(f) for f in feats1] if need1 else [])
+    return (
+        [torch.empty_like(f) for f in feats0] if need0 else [],
+        [torch.empty_like(f) for f in feats1] if need1 else [],
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -285,13 +338,19 @@ def _interpreted_backward(ctx, grad: Tensor):
 # feats0, feats1 per layer (B, C, H, W), weights per layer (C,) float32 -> (B,) float32
 _lpips_head_op = define_op(
     "lpips_head(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor",
-    cuda=_fwd_triton, reference=_fwd_reference, fake=_fwd_fake, backward=_backward, setup_context=_setup_context,
+    cuda=_fwd_triton,
+    reference=_fwd_reference,
+    fake=_fwd_fake,
+    backward=_backward,
+    setup_context=_setup_context,
 )
 # grad (B,) -> (per-layer gradients of feats0 if need0 else [], of feats1 if need1 else [])
 _lpips_head_backward_op = define_op(
     "lpips_head_backward(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
     " -> (Tensor[], Tensor[])",
-    cuda=_bwd_triton, reference=_bwd_reference, fake=_bwd_fake,
+    cuda=_bwd_triton,
+    reference=_bwd_reference,
+    fake=_bwd_fake,
 )
 _lpips_head_interpreted = interpreted(_interpreted_forward, _interpreted_setup_context, _interpreted_backward)
 

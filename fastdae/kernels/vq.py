@@ -18,13 +18,14 @@ codebook in tiles, keeping a running minimum score per (row, tile lane) and the 
 (fmin + one select per score), reduced to the lowest index once at the end; dot products accumulate
 in fp32 for fp32/bf16/fp16 inputs (fp32 as three TF32 tensor-core products on a GPU, its x split once
 per program). Launch configs per (D, dtype) come from the static kernel report
-(fastdae/kernels/report.py); row strides that are multiples of 16 bytes get tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact
+(fastdae/kernel_report/); row strides that are multiples of 16 bytes get tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact
 distances in the same pass (the loss is a sum of those distances), so it is one kernel launch.
 The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
 written in torch (a fused kernel would not pay).
 
 File order: Triton kernel -> launchers -> ops (reference and fake kernels, autograd) -> *_ref -> public functions.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -81,9 +82,27 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
-               D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-               PRECISION: tl.constexpr, MASK_K: tl.constexpr):
+def _scan_tile(
+    best,
+    best_k0,
+    x_hi,
+    x_lo,
+    x_rows,
+    row_mask,
+    c_ptr,
+    csq_ptr,
+    k0,
+    K,
+    sxd,
+    sck,
+    scd,
+    D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASK_K: tl.constexpr,
+):
     """Codes k0 ... k0 + BLOCK_K into the running (BLOCK_N, BLOCK_K) minimum of ||c||^2 - 2 x.c per
     (row, lane) and the tile it came from: compare + 2 selects per score, no cross-lane reduction.
     MASK_K: the tail tile (codes past K load as zeros with ||c||^2 = inf, so they never win)."""
@@ -117,11 +136,29 @@ def _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, 
 
 @triton.jit
 def _vq_nearest_fwd_kernel(
-    x_ptr, c_ptr, csq_ptr, csq_sum_ptr, idx_ptr, dist_ptr, zq_ptr,
-    N, K,
-    sxn, sxd, sck, scd, szn, szd,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, WRITE_ZQ: tl.constexpr, ALIGN: tl.constexpr,
+    x_ptr,
+    c_ptr,
+    csq_ptr,
+    csq_sum_ptr,
+    idx_ptr,
+    dist_ptr,
+    zq_ptr,
+    N,
+    K,
+    sxn,
+    sxd,
+    sck,
+    scd,
+    szn,
+    szd,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WRITE_ZQ: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows.
         # Hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
@@ -142,11 +179,49 @@ def _vq_nearest_fwd_kernel(
     x_hi, x_lo = _split_tf32(x, PRECISION)
     k_full = (K // BLOCK_K) * BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):  # full tiles: no code masks
-        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k0, K, sxd, sck, scd,
-                                   D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, False)
+        best, best_k0 = _scan_tile(
+            best,
+            best_k0,
+            x_hi,
+            x_lo,
+            x_rows,
+            row_mask,
+            c_ptr,
+            csq_ptr,
+            k0,
+            K,
+            sxd,
+            sck,
+            scd,
+            D,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            PRECISION,
+            False,
+        )
     if k_full < K:
-        best, best_k0 = _scan_tile(best, best_k0, x_hi, x_lo, x_rows, row_mask, c_ptr, csq_ptr, k_full, K, sxd, sck,
-                                   scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, PRECISION, True)
+        best, best_k0 = _scan_tile(
+            best,
+            best_k0,
+            x_hi,
+            x_lo,
+            x_rows,
+            row_mask,
+            c_ptr,
+            csq_ptr,
+            k_full,
+            K,
+            sxd,
+            sck,
+            scd,
+            D,
+            BLOCK_K,
+            BLOCK_D,
+            D_CHUNKS,
+            PRECISION,
+            True,
+        )
     row_best = tl.min(best, axis=1)
     # lowest code index among the lanes holding the row minimum (lane 0 of tile 0 when all are inf)
     best_idx = tl.min(tl.where(best == row_best[:, None], best_k0.to(tl.int32) + lanes[None, :], K), axis=1)
@@ -322,14 +397,20 @@ def _vq_backward(ctx, grad_zq: Tensor | None, grad_idx, grad_loss: Tensor | None
 # opcheck's autograd test sums the outputs in order; vq_nearest returns them the other way round
 _vq_nearest_op = define_op(
     "vq_nearest(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
-    cuda=_nearest_cuda, reference=_nearest_reference,
-    fake=_nearest_fake, backward=_nearest_backward, setup_context=_nearest_setup_context,
+    cuda=_nearest_cuda,
+    reference=_nearest_reference,
+    fake=_nearest_fake,
+    backward=_nearest_backward,
+    setup_context=_nearest_setup_context,
 )
 # z (N, D), codebook (K, D) -> (z_q (N, D), idx (N,) int64, loss () float32)
 _vector_quantize_op = define_op(
     "vector_quantize(Tensor z, Tensor codebook, float beta) -> (Tensor, Tensor, Tensor)",
-    cuda=_vector_quantize_triton, reference=_vector_quantize_reference,
-    fake=_vector_quantize_fake, backward=_vq_backward, setup_context=_vq_setup_context,
+    cuda=_vector_quantize_triton,
+    reference=_vector_quantize_reference,
+    fake=_vector_quantize_fake,
+    backward=_vq_backward,
+    setup_context=_vq_setup_context,
 )
 # impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same autograd
 _nearest_interpreted = interpreted(_nearest_cuda, _nearest_setup_context, _nearest_backward)
@@ -374,16 +455,20 @@ def _validate(op: str, name: str, x: Tensor, codebook: Tensor, impl: str, shape:
         raise ValueError(f"{op}: {name} must be {shape}, got shape {tuple(x.shape)}")
     D = x.shape[-1]
     if codebook.dim() != 2 or codebook.shape[1] != D:
-        raise ValueError(f"{op}: codebook must be (K, D={D}) for {name} of shape {tuple(x.shape)}, "
-                         f"got {tuple(codebook.shape)}")
+        raise ValueError(
+            f"{op}: codebook must be (K, D={D}) for {name} of shape {tuple(x.shape)}, got {tuple(codebook.shape)}"
+        )
     if codebook.shape[0] == 0:
         raise ValueError(f"{op}: codebook is empty; expected (K >= 1, D={D})")
     # A sum is NaN/inf iff some element is, or finite values overflow fp32 (|c| ~ 1e19 already
     # overflows ||c||^2): one fused reduction. Only on CPU, where it costs no device sync; on CUDA the
     # kernel turns a non-finite codebook into NaN distances (and a NaN loss) instead of a host sync
     # per call. Skipped under torch.compile (it would break the graph).
-    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not bool(torch.isfinite(codebook.sum(dtype=torch.float32)))):
+    if (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not bool(torch.isfinite(codebook.sum(dtype=torch.float32)))
+    ):
         raise ValueError(f"{op}: codebook (K={codebook.shape[0]}, D={D}) has non-finite (or overflowing) values")
 
 

@@ -7,6 +7,7 @@ built from a weakened config (`WeakDecoderConfig`: width multiplier, residual bl
 Dropout2d after every residual block); `build_decoder` builds a decoder alone, so stage 2 never
 constructs (or loads) the encoder.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,10 @@ class AutoencoderConfig:
         if self.bottleneck not in BOTTLENECKS:
             raise ValueError(f"AutoencoderConfig.bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
         if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1 or self.z_channels < 1:
-            raise ValueError(f"AutoencoderConfig: ch, z_channels and every ch_mult entry must be >= 1, got "
-                             f"ch={self.ch}, z_channels={self.z_channels}, ch_mult={self.ch_mult}")
+            raise ValueError(
+                f"AutoencoderConfig: ch, z_channels and every ch_mult entry must be >= 1, got "
+                f"ch={self.ch}, z_channels={self.z_channels}, ch_mult={self.ch_mult}"
+            )
         if self.num_res_blocks < 1:
             raise ValueError(f"AutoencoderConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}")
 
@@ -173,8 +176,16 @@ class Decoder(nn.Module):
     where the deep path alone learns colour last (results/prior-diagnosis, third pass). It starts at
     zero: a fresh decoder computes what one without it does."""
 
-    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 attn: bool = False, dropout: float = 0.0, linear_skip: bool = False) -> None:
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        attn: bool = False,
+        dropout: float = 0.0,
+        linear_skip: bool = False,
+    ) -> None:
         super().__init__()
         width = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
@@ -283,8 +294,11 @@ def build_decoder(cfg: AutoencoderConfig, weak: WeakDecoderConfig | None = None)
     asked = cfg.ch * weak.width_mult
     ch = max(8, round(asked / 8) * 8)  # multiples of 8 keep GroupNorm and kernels happy
     if ch != asked:  # e.g. ch=16: width_mult 0.25 and 0.5 both give 8 channels, the same decoder
-        warnings.warn(f"weak decoder: width_mult={weak.width_mult} x ch={cfg.ch} = {asked:g} channels, "
-                      f"rounded to {ch} (a multiple of 8, at least 8)", stacklevel=2)
+        warnings.warn(
+            f"weak decoder: width_mult={weak.width_mult} x ch={cfg.ch} = {asked:g} channels, "
+            f"rounded to {ch} (a multiple of 8, at least 8)",
+            stacklevel=2,
+        )
     blocks = weak.num_res_blocks or cfg.num_res_blocks
     return Decoder(ch, cfg.ch_mult, blocks, cfg.z_channels, cfg.attn, weak.dropout, cfg.linear_skip)
 

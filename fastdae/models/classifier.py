@@ -5,6 +5,7 @@
     logits = clf(images)             # (B, num_classes), images (B, 3, H, W) in [-1, 1]
     feats = clf.features(images)     # (B, feature_dim) penultimate activations
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,10 @@ class ShapeClassifier(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, feature_dim: int = 128) -> None:
         super().__init__()
         if num_classes < 2 or width < 1 or feature_dim < 1:
-            raise ValueError(f"ShapeClassifier: num_classes >= 2, width >= 1, feature_dim >= 1 needed, got "
-                             f"{num_classes}, {width}, {feature_dim}")
+            raise ValueError(
+                f"ShapeClassifier: num_classes >= 2, width >= 1, feature_dim >= 1 needed, got "
+                f"{num_classes}, {width}, {feature_dim}"
+            )
         self.num_classes, self.feature_dim = num_classes, feature_dim
         widths = (width, 2 * width, 4 * width)
         layers: list[nn.Module] = []

@@ -22,6 +22,7 @@ For the flow objective extra channels are ignored.
 
 Latent scaling is the caller's job (per-channel statistics of the cache): see LatentScaler.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,14 +62,16 @@ class LatentScaler(nn.Module):
         super().__init__()
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.dim() != 1 or mean.shape != std.shape:
-            raise ValueError(f"LatentScaler: mean and std must both be (C,), got {tuple(mean.shape)}, {tuple(std.shape)}")
+            raise ValueError(
+                f"LatentScaler: mean and std must both be (C,), got {tuple(mean.shape)}, {tuple(std.shape)}"
+            )
         if not (std > 0).all():
             raise ValueError(f"LatentScaler: std must be > 0 in every channel, got {std.tolist()}")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     @classmethod
-    def from_data(cls, latents: Tensor, eps: float = 1e-6) -> "LatentScaler":
+    def from_data(cls, latents: Tensor, eps: float = 1e-6) -> LatentScaler:
         """Statistics over (B, h, w) of latents (B, C, h, w); std floored at eps (constant channels)."""
         x = latents.double()
         return cls(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp(min=eps))
@@ -105,8 +108,9 @@ def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | 
 class Diffusion:
     """Training loss and samplers of one objective; build with make_diffusion()."""
 
-    def __init__(self, objective: Objective, schedule: Schedule, num_timesteps: int,
-                 time_sampling: TimeSampling = "uniform") -> None:
+    def __init__(
+        self, objective: Objective, schedule: Schedule, num_timesteps: int, time_sampling: TimeSampling = "uniform"
+    ) -> None:
         self.objective, self.schedule, self.num_timesteps = objective, schedule, num_timesteps
         self.time_sampling = time_sampling
         if objective == "ddpm":
@@ -156,7 +160,9 @@ class Diffusion:
         return frac * step_var.log().float() + (1 - frac) * post_var.log().float()
 
     # ----- training --------------------------------------------------------------------------------
-    def loss(self, model: ModelFn, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self, model: ModelFn, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Scalar training loss on latents x0 (B, C, h, w): eps MSE (ddpm, + VB term with learned
         sigma) or velocity MSE (flow). generator seeds the timesteps and the noise."""
         if x0.dim() != 4:
@@ -268,8 +274,12 @@ class Diffusion:
         return x
 
 
-def make_diffusion(objective: Objective = "ddpm", schedule: Schedule = "linear", num_timesteps: int = 1000,
-                   time_sampling: TimeSampling = "uniform") -> Diffusion:
+def make_diffusion(
+    objective: Objective = "ddpm",
+    schedule: Schedule = "linear",
+    num_timesteps: int = 1000,
+    time_sampling: TimeSampling = "uniform",
+) -> Diffusion:
     """The prior's diffusion: objective "ddpm" (eps prediction) or "flow" (rectified flow, velocity).
 
     schedule ("linear" | "cosine") sets DDPM's betas; the flow path is fixed (only "linear" fits it).
@@ -288,6 +298,7 @@ def make_diffusion(objective: Objective = "ddpm", schedule: Schedule = "linear",
     if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"make_diffusion: time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
     if objective == "ddpm" and time_sampling != "uniform":
-        raise ValueError("make_diffusion: time_sampling 'logit_normal' is for the flow objective; ddpm samples its "
-                         "indices uniformly")
+        raise ValueError(
+            "make_diffusion: time_sampling 'logit_normal' is for the flow objective; ddpm samples its indices uniformly"
+        )
     return Diffusion(objective, schedule, num_timesteps, time_sampling)

@@ -6,6 +6,7 @@ adaptive generator weight of PAPER.md §3:
 
 Both terms are off before the warm-up step `start` (the generator learns to reconstruct first).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,11 @@ class NLayerDiscriminator(nn.Module):
         for i in range(1, n_layers + 1):
             out = ndf * min(2**i, 8)
             stride = 2 if i < n_layers else 1  # the last layer keeps the resolution (70x70 PatchGAN)
-            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
-                       nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.LeakyReLU(0.2),
+            ]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)

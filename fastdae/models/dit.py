@@ -15,6 +15,7 @@ Module and parameter names follow facebookresearch/DiT (x_embedder.proj, t_embed
 y_embedder.embedding_table, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2,
 adaLN_modulation.1}, final_layer.*, pos_embed), so its checkpoints load with load_state_dict.
 """
+
 from __future__ import annotations
 
 import functools
@@ -223,8 +224,10 @@ class DiT(nn.Module):
         if self.y_embedder is None and y is not None:
             raise ValueError("DiT: this model is unconditional (num_classes=0); pass y=None")
         if self.y_embedder is not None and (y is None or y.shape != (x.shape[0],) or y.is_floating_point()):
-            raise ValueError(f"DiT: y must be integer labels ({x.shape[0]},) in [0, {self.num_classes}], got "
-                             f"{None if y is None else (y.dtype, tuple(y.shape))}")
+            raise ValueError(
+                f"DiT: y must be integer labels ({x.shape[0]},) in [0, {self.num_classes}], got "
+                f"{None if y is None else (y.dtype, tuple(y.shape))}"
+            )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x (B, C, h, w), t (B,) timesteps (float or int), y (B,) labels or None -> (B, out_channels, h, w)."""

@@ -10,6 +10,7 @@ A, C and first E blocks exclude the zero padding from their mean (TensorFlow's c
 last E block pools its branch with a max instead of an average. Inputs are resized to 299x299
 (bilinear, align_corners=False) and the output is the 2048-d global average pool ("pool3").
 """
+
 from __future__ import annotations
 
 import os
@@ -202,7 +203,8 @@ class FIDInceptionV3(nn.Module):
             raise ValueError(
                 f"{path} is not an FID Inception-v3 state dict (pytorch-fid's pt_inception-2015-12-05 layout): "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+            )
         for key, value in own.items():
             if key in state and state[key].shape != value.shape:
                 raise ValueError(f"{path}: {key} must have shape {tuple(value.shape)}, got {tuple(state[key].shape)}")
@@ -216,7 +218,18 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)  # ... -> (B, 2048, 8, 8)
         return x.mean(dim=(2, 3))  # (B, 2048) pool3

@@ -9,6 +9,7 @@ C projects RGB onto the two opponent-colour axes orthogonal to grey (red-green, 
 term weighs colour errors up, which a small autoencoder otherwise learns last (results/prior-diagnosis:
 chroma is a 15x smaller share of the pixel variance than brightness); chroma_weight 0 is VQGAN's loss.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,13 @@ def build_lpips(cfg: Any, device: torch.device) -> nn.Module | None:
         return None
     from fastdae.nn import LPIPS
 
-    return LPIPS(trunk_weights=cfg.lpips_trunk, lin_weights=cfg.lpips_lin, random_init=cfg.lpips_random_init,
-                 use_dropout=False, check_range=False).to(device)
+    return LPIPS(
+        trunk_weights=cfg.lpips_trunk,
+        lin_weights=cfg.lpips_lin,
+        random_init=cfg.lpips_random_init,
+        use_dropout=False,
+        check_range=False,
+    ).to(device)
 
 
 class AutoencoderLoss(nn.Module):
@@ -54,14 +60,19 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lpips = build_lpips(cfg, device)
-        self.discriminator = NLayerDiscriminator(cfg.disc.ndf, cfg.disc.n_layers).to(device) if cfg.disc.weight > 0 else None
-        self.disc_train = wrap(self.discriminator) if wrap is not None and self.discriminator is not None else self.discriminator
+        self.discriminator = (
+            NLayerDiscriminator(cfg.disc.ndf, cfg.disc.n_layers).to(device) if cfg.disc.weight > 0 else None
+        )
+        self.disc_train = (
+            wrap(self.discriminator) if wrap is not None and self.discriminator is not None else self.discriminator
+        )
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.cfg.disc.start
 
-    def generator_loss(self, x: Tensor, x_hat: Tensor, aux: Tensor | float, step: int,
-                       last_layer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(
+        self, x: Tensor, x_hat: Tensor, aux: Tensor | float, step: int, last_layer: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, detached terms) for the generator (encoder/decoder) update; x, x_hat (B, 3, H, W)."""
         c = self.cfg
         rec = c.l1_weight * (x - x_hat).abs().mean()

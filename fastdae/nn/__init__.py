@@ -1,7 +1,8 @@
 """Drop-in nn.Modules over fastdae's ops, for use in any codebase.
 
-    from fastdae.nn import VectorQuantizer, Attention, LPIPS
+from fastdae.nn import VectorQuantizer, Attention, LPIPS
 """
+
 from __future__ import annotations
 
 import importlib

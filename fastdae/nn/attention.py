@@ -8,6 +8,7 @@ Parameters: `qkv` Linear(dim, 3 dim), optional `q_norm`/`k_norm` (qk_norm, per h
 Linear(dim, dim); `attn_drop`/`proj_drop` Dropout. The fused kernel has no dropout on attention
 probabilities: with attn_drop > 0 in training, the forward uses torch's SDPA with dropout_p instead.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

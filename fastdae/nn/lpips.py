@@ -11,6 +11,7 @@ weights come from a local lpips v0.1 file, or by default from the copy bundled i
 `lpips` package (`pip install --no-deps lpips==0.1.4`); that package is located, never imported
 (it imports torchvision).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -160,7 +161,8 @@ class LPIPS(nn.Module):
         if net not in NETS:
             raise NotImplementedError(
                 f"fastdae.nn.LPIPS implements net='vgg' (VGG16 trunk) only, got net={net!r}; use the lpips "
-                "package for 'alex' and 'squeeze'")
+                "package for 'alex' and 'squeeze'"
+            )
         if version not in VERSIONS:
             raise ValueError(f"LPIPS: version must be one of {VERSIONS}, got {version!r}")
         if model_path is not None and lin_weights is not None:
@@ -183,7 +185,8 @@ class LPIPS(nn.Module):
                 "LPIPS: trunk_weights is required (a local torchvision vgg16 state dict, e.g. "
                 "vgg16-397923af.pth as torchvision saves it under ~/.cache/torch/hub/checkpoints/, or a "
                 ".safetensors of it); fastdae downloads nothing. pnet_rand=True (or random_init=True) "
-                "gives an untrained trunk (tests only).")
+                "gives an untrained trunk (tests only)."
+            )
         self.trunk.requires_grad_(pnet_tune).eval()
         self.trunk.to(dtype=trunk_dtype, memory_format=self.memory_format)
 
@@ -196,15 +199,18 @@ class LPIPS(nn.Module):
             if bundled is None:
                 raise ValueError(
                     "LPIPS: no lin weights given (model_path) and the lpips package is not installed; pass a "
-                    f"local lpips v{version} vgg.pth or `pip install --no-deps lpips==0.1.4` for its bundled weights")
+                    f"local lpips v{version} vgg.pth or `pip install --no-deps lpips==0.1.4` for its bundled weights"
+                )
             lins = self._load_lins(bundled)
         else:
             lins = [torch.rand(c) for c in CHANNELS]
         for l, w in enumerate(lins):
             self.register_buffer(f"lin{l}", w)  # (C_l,) non-negative channel weights
         if verbose:
-            print(f"Setting up [{'LPIPS' if lpips else 'baseline'}] perceptual loss: trunk [vgg], v[{version}], "
-                  f"spatial [{'on' if spatial else 'off'}] (fastdae)")
+            print(
+                f"Setting up [{'LPIPS' if lpips else 'baseline'}] perceptual loss: trunk [vgg], v[{version}], "
+                f"spatial [{'on' if spatial else 'off'}] (fastdae)"
+            )
         self.train(not eval_mode)
 
     @staticmethod
@@ -227,20 +233,27 @@ class LPIPS(nn.Module):
         its layout), e.g. from a VQGAN checkpoint with prefix="loss.perceptual_loss.": trunk
         `net.slice{k}.{N}.*` -> `trunk.features.{N}.*`, lin `lin{l}.model.{0|1}.weight` (1, C, 1, 1)
         -> `lin{l}` (C,). Every trunk and lin entry must be there; scaling_layer entries are checked."""
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         ours = {}
         for key, value in state.items():
             parts = key.split(".")
             if parts[0] == "net" and len(parts) == 4 and parts[1].startswith("slice"):
                 ours[f"trunk.features.{parts[2]}.{parts[3]}"] = value
-            elif parts[0].startswith("lin") and parts[1:3] in (["model", "0"], ["model", "1"]) and parts[3:] == ["weight"]:
+            elif (
+                parts[0].startswith("lin")
+                and parts[1:3] in (["model", "0"], ["model", "1"])
+                and parts[3:] == ["weight"]
+            ):
                 ours[parts[0]] = value.reshape(-1)
-            elif parts[0] == "scaling_layer" and not torch.allclose(value.reshape(-1).float(), getattr(self, parts[1]).reshape(-1)):
+            elif parts[0] == "scaling_layer" and not torch.allclose(
+                value.reshape(-1).float(), getattr(self, parts[1]).reshape(-1)
+            ):
                 raise ValueError(f"load_lpips_state_dict: {prefix}{key} differs from lpips' constants")
         missing = sorted(self.state_dict().keys() - ours.keys() - {"shift", "scale"})
         if missing:
-            raise ValueError(f"load_lpips_state_dict: not an lpips vgg state dict under prefix {prefix!r}; "
-                             f"nothing for {missing[:4]}")
+            raise ValueError(
+                f"load_lpips_state_dict: not an lpips vgg state dict under prefix {prefix!r}; nothing for {missing[:4]}"
+            )
         self.load_state_dict({**self.state_dict(), **ours})
 
     def train(self, mode: bool = True) -> LPIPS:
@@ -264,7 +277,9 @@ class LPIPS(nn.Module):
                     f"LPIPS: {name} must be at least {MIN_SIZE}x{MIN_SIZE} (4 VGG pools), got {tuple(x.shape)}"
                 )
         if x0.shape != x1.shape:
-            raise ValueError(f"LPIPS: in0 and in1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+            raise ValueError(
+                f"LPIPS: in0 and in1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}"
+            )
         if self.check_range and not torch.compiler.is_compiling():  # a host sync: kept out of compiled graphs
             lo_ok, hi_ok = (0.0, 1.0) if normalize else (-1.0, 1.0)
             bounds = torch.stack([torch.stack(torch.aminmax(x.detach().float())) for x in (x0, x1)])  # (2, 2)
@@ -296,24 +311,35 @@ class LPIPS(nn.Module):
             u1 = f1.float() / (torch.linalg.vector_norm(f1.float(), dim=1, keepdim=True) + EPS)
             diff = F.dropout((u0 - u1).square(), 0.5, training=self.training and self.use_dropout)
             d = (w.view(1, -1, 1, 1) * diff).sum(dim=1, keepdim=True)  # (B, 1, H_l, W_l)
-            out.append(F.interpolate(d, size=out_hw, mode="bilinear", align_corners=False) if self.spatial
-                       else d.mean(dim=(2, 3), keepdim=True))
+            out.append(
+                F.interpolate(d, size=out_hw, mode="bilinear", align_corners=False)
+                if self.spatial
+                else d.mean(dim=(2, 3), keepdim=True)
+            )
         return out
 
-    def _distance(self, feats0: list[Tensor], feats1: list[Tensor], out_hw: tuple[int, int],
-                  per_layer: bool) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def _distance(
+        self, feats0: list[Tensor], feats1: list[Tensor], out_hw: tuple[int, int], per_layer: bool
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         if self.spatial or (self.training and self.use_dropout):
             layers = self._layer_maps(feats0, feats1, out_hw)
         elif per_layer:  # one fused call per layer
-            layers = [lpips_head([f0], [f1], [w], impl=self.impl).view(-1, 1, 1, 1)
-                      for f0, f1, w in zip(feats0, feats1, self.lin_weights)]
+            layers = [
+                lpips_head([f0], [f1], [w], impl=self.impl).view(-1, 1, 1, 1)
+                for f0, f1, w in zip(feats0, feats1, self.lin_weights)
+            ]
         else:
             return lpips_head(feats0, feats1, self.lin_weights, impl=self.impl).view(-1, 1, 1, 1)
         total = torch.stack(layers).sum(dim=0)
         return (total, layers) if per_layer else total
 
-    def forward(self, in0: Tensor, in1: Tensor, retPerLayer: bool = False,  # noqa: N803 (lpips' name)
-                normalize: bool | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self,
+        in0: Tensor,
+        in1: Tensor,
+        retPerLayer: bool = False,  # noqa: N803 (lpips' name)
+        normalize: bool | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """LPIPS distance (B, 1, 1, 1) float32 ((B, 1, H, W) with spatial=True); with retPerLayer the
         tuple (distance, [five per-layer terms of the same shape]). normalize: inputs in [0, 1] (default: the constructor's, False).
         Differentiable w.r.t. both inputs."""

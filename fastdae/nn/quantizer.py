@@ -20,6 +20,7 @@ Counts are summed over ranks with torch.distributed (when initialised) before an
 codebooks, usage and statistics stay identical across ranks; restart vectors come from rank 0.
 All updates are index_add/where over (K,) or (N,) tensors: no N x K one-hot, no host sync.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,10 @@ class VectorQuantizer(nn.Module):
         self._initted_seen = False  # host copy of `initted` once True, so steps need no sync
 
     def extra_repr(self) -> str:
-        return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, "
-                f"dead_code_threshold={self.dead_code_threshold}, kmeans_init={self.kmeans_init}")
+        return (
+            f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, "
+            f"dead_code_threshold={self.dead_code_threshold}, kmeans_init={self.kmeans_init}"
+        )
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, z: Tensor) -> VQOutput:

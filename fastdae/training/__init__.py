@@ -14,6 +14,7 @@ then summary.json gathers every stage's metrics.json. `Run` (run.py) owns the fo
 stage's identity before anything is resumed or reused (identity.py). Under torchrun every stage
 runs data-parallel.
 """
+
 from __future__ import annotations
 
 import contextlib

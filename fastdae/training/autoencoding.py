@@ -1,5 +1,6 @@
 """What stage 1 and stage 2 share: the autoencoder losses of PAPER.md §3 with their optimizers, the
 discriminator's update, and the reconstruction evaluation of the fixed evaluation set."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -22,13 +23,23 @@ def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Modu
     no warm-up; grad_accum, grad_clip and fp16 as the stage)."""
     crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device, s.compile))
     steps = run.total_steps(stage)[1]
-    state = State({name: generator}, {name: Updater(generator.parameters(), s, total_steps=steps, fp16=run.fp16,
-                                                    device=run.device)})
+    state = State(
+        {name: generator},
+        {name: Updater(generator.parameters(), s, total_steps=steps, fp16=run.fp16, device=run.device)},
+    )
     if crit.discriminator is not None:
         state.modules["discriminator"] = crit.discriminator
-        state.updaters["discriminator"] = Updater(crit.discriminator.parameters(), s, total_steps=steps,
-                                                  fp16=run.fp16, device=run.device, lr=s.disc.lr, optimizer="adam",
-                                                  schedule="constant", warmup_steps=0)
+        state.updaters["discriminator"] = Updater(
+            crit.discriminator.parameters(),
+            s,
+            total_steps=steps,
+            fp16=run.fp16,
+            device=run.device,
+            lr=s.disc.lr,
+            optimizer="adam",
+            schedule="constant",
+            warmup_steps=0,
+        )
     return crit, state
 
 
@@ -37,8 +48,15 @@ def learning_rates(s: Any, name: str) -> dict[str, float]:
     return {name: s.lr, "discriminator": s.disc.lr}
 
 
-def update_step(run: Run, crit: AutoencoderLoss, state: State, name: str, step: int, x: Tensor,
-                micro: list[tuple[dict[str, Tensor], Tensor]]) -> tuple[dict[str, Any], Tensor]:
+def update_step(
+    run: Run,
+    crit: AutoencoderLoss,
+    state: State,
+    name: str,
+    step: int,
+    x: Tensor,
+    micro: list[tuple[dict[str, Tensor], Tensor]],
+) -> tuple[dict[str, Any], Tensor]:
     """After the generator's micro-batches (their loss terms and x_hat): the generator's optimizer
     step, then the discriminator's when the GAN is on. Returns the step's log terms and x_hat
     (B, 3, H, W)."""
@@ -76,8 +94,9 @@ def evaluate(run: Run, stage: str, reconstruct: Callable[[list[int]], tuple[Tens
 
     trackers = Trackers(run, stage)
     try:
-        return reconstruction_eval(pairs(), run.stage_dir(stage) / "reconstructions.png", trackers,
-                                   run.total_steps(stage)[1])
+        return reconstruction_eval(
+            pairs(), run.stage_dir(stage) / "reconstructions.png", trackers, run.total_steps(stage)[1]
+        )
     finally:
         trackers.close()
 

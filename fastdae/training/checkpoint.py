@@ -8,6 +8,7 @@ atomically; a SIGKILL at any point leaves the previous checkpoint valid, and a f
 full) removes its temp folder. The new checkpoint and the one before it are kept. `latest` must
 name a ckpt-<step> folder inside the stage folder, else the run is refused.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,7 +44,7 @@ def load_weights(path: str | Path, module: nn.Module, prefix: str = "") -> None:
     """Load `prefix`-ed keys of a safetensors file into module (strict)."""
     state = load_file(str(path))
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     module.load_state_dict(state)
 
 
@@ -55,8 +56,10 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     name = pointer.read_text().strip()
     path = stage_dir / name
     if not CHECKPOINT.fullmatch(name) or not path.is_dir():
-        raise RunError(f"{pointer} names {name!r}, not a ckpt-<step> folder inside {stage_dir}; "
-                              f"the run folder was edited or another run wrote it (rerun with overwrite)")
+        raise RunError(
+            f"{pointer} names {name!r}, not a ckpt-<step> folder inside {stage_dir}; "
+            f"the run folder was edited or another run wrote it (rerun with overwrite)"
+        )
     return path
 
 
@@ -81,8 +84,16 @@ def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
             save_weights(tmp / f"{name}.safetensors", unwrap(module).state_dict())
         with files.atomic_path(tmp / "state.pt") as state_file:
             parts = {k: u.state_dict() for k, u in state.updaters.items()}
-            torch.save({"step": step, **{f"{part}s": {k: p[part] for k, p in parts.items()}
-                                         for part in ("optimizer", "scheduler", "scaler")}}, state_file)
+            torch.save(
+                {
+                    "step": step,
+                    **{
+                        f"{part}s": {k: p[part] for k, p in parts.items()}
+                        for part in ("optimizer", "scheduler", "scaler")
+                    },
+                },
+                state_file,
+            )
     files.write_bytes(stage_dir / LATEST, final.name.encode())
     older = sorted(p for p in stage_dir.glob("ckpt-*") if p != final)
     for old in older[:-1]:
@@ -105,8 +116,13 @@ def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:
         load_weights(path / f"{name}.safetensors", unwrap(module))
     saved = torch.load(path / "state.pt", weights_only=True)
     for k, u in state.updaters.items():
-        u.load_state_dict({"optimizer": saved["optimizers"][k], "scheduler": saved["schedulers"][k],
-                           "scaler": saved.get("scalers", {}).get(k, {})})  # no "scalers": saved before fp16 existed
+        u.load_state_dict(
+            {
+                "optimizer": saved["optimizers"][k],
+                "scheduler": saved["schedulers"][k],
+                "scaler": saved.get("scalers", {}).get(k, {}),
+            }
+        )  # no "scalers": saved before fp16 existed
     for k, lr in lrs.items():
         if k in state.updaters:
             state.updaters[k].set_lr(lr)

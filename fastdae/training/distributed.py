@@ -6,6 +6,7 @@ the start of every step from (seed, stage, step, rank) (`seed_step`), so dropout
 diffusion noise do not depend on how many steps ran in this process. Everything else that evolves
 (weights, optimizer and scheduler state, EMA, BatchNorm buffers) is in the checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,9 @@ def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = F
     torch.compile'd when `compile` (the stage's option). It shares `module`'s parameters; checkpoints
     and EMAs read `module`."""
     if d.world_size > 1:
-        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if not compile:
         return module
     # the GAN's adaptive weight differentiates the compiled graph twice (autograd.grad with
@@ -93,7 +95,9 @@ class StepBatchSampler(Sampler[list[int]]):
     epoch s // E (E = batches per epoch), epoch e is `np.random.default_rng([seed, e]).permutation(n)`
     and rank r takes every world_size-th index: the same convention as the latent cache's loader."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
         self.rank, self.world_size = rank, world_size
         self.per_epoch = (n // world_size) // batch_size
@@ -105,18 +109,26 @@ class StepBatchSampler(Sampler[list[int]]):
         while True:
             epoch, b = divmod(step, self.per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            mine = order[: self.per_epoch * self.batch_size * self.world_size][self.rank::self.world_size]
+            mine = order[: self.per_epoch * self.batch_size * self.world_size][self.rank :: self.world_size]
             for b in range(b, self.per_epoch):
-                yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
                 step += 1
 
 
-def image_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, d: Dist,
-                  num_workers: int, device: torch.device) -> Iterator[Any]:
+def image_batches(
+    dataset: Dataset, batch_size: int, seed: int, start_step: int, d: Dist, num_workers: int, device: torch.device
+) -> Iterator[Any]:
     """Endless (images, labels) batches of `batch_size` per rank from global step `start_step`."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, d.rank, d.world_size)
-    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                           pin_memory=device.type == "cuda", persistent_workers=num_workers > 0))
+    return iter(
+        DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+    )
 
 
 def cache_batches(loader: Any, start_step: int) -> Iterator[Any]:

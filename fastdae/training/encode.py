@@ -3,6 +3,7 @@
 A complete cache of the same encoder file (sha256), dataset fingerprint, flip and shard size is
 reused as is; an interrupted build keeps its finished shards (LatentCache.build).
 """
+
 from __future__ import annotations
 
 import time
@@ -39,9 +40,23 @@ def run(r: Run) -> dict[str, Any]:
         return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
 
     t0 = time.perf_counter()
-    cache = LatentCache.build(r.cache_dir, r.dataset, encode, batch_size=cfg.cache.batch_size,
-                              shard_size=cfg.cache.shard_size, encoder_sha256=sha, dataset_fingerprint=r.fingerprint,
-                              flip=cfg.cache.flip, num_workers=cfg.num_workers, progress=cfg.progress and r.dist.is_main)
+    cache = LatentCache.build(
+        r.cache_dir,
+        r.dataset,
+        encode,
+        batch_size=cfg.cache.batch_size,
+        shard_size=cfg.cache.shard_size,
+        encoder_sha256=sha,
+        dataset_fingerprint=r.fingerprint,
+        flip=cfg.cache.flip,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress and r.dist.is_main,
+    )
     elapsed = time.perf_counter() - t0
-    return {"reused": False, "count": len(cache), "fields": sorted(cache.fields), "time_s": elapsed,
-            "latents_per_s": len(cache) / elapsed}
+    return {
+        "reused": False,
+        "count": len(cache),
+        "fields": sorted(cache.fields),
+        "time_s": elapsed,
+        "latents_per_s": len(cache) / elapsed,
+    }

@@ -15,6 +15,7 @@ resumed or reused:
   The other loop options (optimizer, weight_decay, lr_schedule, warmup_steps, grad_accum, precision)
   change what is trained: they are identity keys.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -23,12 +24,17 @@ from typing import Any
 from fastdae.config import ConfigError, TrainConfig
 
 # keys that say how to run, not what is trained
-RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard",
-               "wandb")
+RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard", "wandb")
 # keys a resumed run may change (steps: see the module docstring; compile changes how, not what, is computed)
 SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "*.compile", "cache.batch_size")
-SAMPLING = ("prior.sampler", "prior.sample_steps", "prior.cfg_scale", "prior.clip_x0", "prior.num_samples",
-            "prior.judge_steps")
+SAMPLING = (
+    "prior.sampler",
+    "prior.sample_steps",
+    "prior.cfg_scale",
+    "prior.clip_x0",
+    "prior.num_samples",
+    "prior.judge_steps",
+)
 
 _SHARED = ("seed", "precision", "data.*", "autoencoder.*")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -68,8 +74,7 @@ def config_identity(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     return {k: own[k] for k in keys}
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any],
-                defaults: dict[str, Any] | None = None) -> list[str]:
+def differences(recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """'key: recorded -> current' for every key whose value differs (or exists on one side only). A key
     the record lacks is unchanged when the current value is its default: a key added since (e.g.
     stage1.chroma_weight), at the default that computes what the older code computed. `defaults`: those
@@ -85,5 +90,8 @@ def differences(recorded: dict[str, Any], current: dict[str, Any],
             return k in current and k in defaults and current[k] == defaults[k]
         return k in current and recorded[k] == current[k]
 
-    return [f"{k}: {show(recorded, k)} -> {show(current, k)}" for k in sorted(recorded.keys() | current.keys())
-            if not same(k)]
+    return [
+        f"{k}: {show(recorded, k)} -> {show(current, k)}"
+        for k in sorted(recorded.keys() | current.keys())
+        if not same(k)
+    ]

@@ -1,6 +1,7 @@
 """What a stage reports: log.csv (+ TensorBoard / W&B, progress bar) every log_every steps with
 images/s, the NaN/Inf guard at those steps (the only host syncs besides logging), and the PNG grids
 (also sent to TensorBoard / W&B, with the batch's reconstructions at every checkpoint step)."""
+
 from __future__ import annotations
 
 import csv
@@ -39,8 +40,9 @@ class CSVLog:
         self.rows: list[dict[str, Any]] = []
         if resume_step > 0 and path.is_file():
             with open(path, newline="") as f:
-                self.rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)
-                             if int(r["step"]) <= resume_step]
+                self.rows = [
+                    {k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f) if int(r["step"]) <= resume_step
+                ]
         self.columns = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
         self._rewrite()
 
@@ -65,8 +67,9 @@ class StepLog:
     data, `step(done, losses)` accumulates the NaN/Inf flag on the device and, at a log or checkpoint
     step (`due`), checks it and writes a row; `finish()` gives the stage's throughput metrics."""
 
-    def __init__(self, run: Run, stage: str, steps: int, start: int, log_every: int, ckpt_every: int,
-                 images_per_step: int) -> None:
+    def __init__(
+        self, run: Run, stage: str, steps: int, start: int, log_every: int, ckpt_every: int, images_per_step: int
+    ) -> None:
         from tqdm import tqdm
 
         self.run, self.stage, self.steps, self.start = run, stage, steps, start
@@ -106,8 +109,14 @@ class StepLog:
         rate = self.images * (done - self.step_log) / max(now - self.t_log, 1e-9)
         self.t_log, self.step_log = now, done
         if self.csv is not None:
-            self.csv.write({"step": done, **{k: f"{v:.6g}" for k, v in self.last.items()},
-                            "images_per_s": f"{rate:.1f}", "time_s": f"{now - self.t0:.2f}"})
+            self.csv.write(
+                {
+                    "step": done,
+                    **{k: f"{v:.6g}" for k, v in self.last.items()},
+                    "images_per_s": f"{rate:.1f}",
+                    "time_s": f"{now - self.t0:.2f}",
+                }
+            )
         self.trackers.scalars(self.last, done)
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", img_s=f"{rate:.0f}")
 
@@ -115,9 +124,14 @@ class StepLog:
         self.bar.close()
         self.trackers.close()
         elapsed, ran = time.perf_counter() - self.t0, self.steps - self.start
-        return {"steps": self.steps, "steps_this_run": ran, "time_s": elapsed,
-                "images_per_s": self.images * ran / elapsed if ran else None,
-                "loader_wait_fraction": self.wait / elapsed if ran else None, "final": self.last}
+        return {
+            "steps": self.steps,
+            "steps_this_run": ran,
+            "time_s": elapsed,
+            "images_per_s": self.images * ran / elapsed if ran else None,
+            "loader_wait_fraction": self.wait / elapsed if ran else None,
+            "final": self.last,
+        }
 
 
 class Trackers:
@@ -167,7 +181,7 @@ def grid_image(images: Tensor, nrow: int | None = None) -> Tensor:
     grid = torch.zeros(3, ncol * (H + 1) + 1, nrow * (W + 1) + 1, dtype=torch.uint8)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = x[i]
+        grid[:, 1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = x[i]
     return grid.permute(1, 2, 0)
 
 
@@ -186,8 +200,9 @@ def eval_chunks(n: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def reconstruction_eval(pairs: Iterable[tuple[Tensor, Tensor]], path: Path, trackers: Trackers,
-                        step: int) -> dict[str, float]:
+def reconstruction_eval(
+    pairs: Iterable[tuple[Tensor, Tensor]], path: Path, trackers: Trackers, step: int
+) -> dict[str, float]:
     """L1 and PSNR (images in [-1, 1], so PSNR = 10 log10(4 / MSE)) over (x, x_hat) batches; a PNG with
     GRID_PAIRS originals over their reconstructions (also to `trackers` as eval_reconstructions at `step`)."""
     l1 = se = count = 0.0

@@ -8,6 +8,7 @@ A step of a stage loop, whatever the options:
         upd.backward(loss)                               # (scaled) loss / grad_accum
     grad_norm = upd.step()                               # unscale -> clip -> step -> schedule
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,20 +64,42 @@ class Updater:
     A checkpoint holds all three states (`state_dict`); an optimizer step only ever happens at the
     end of a whole step, so checkpoints (between steps) never split an accumulation."""
 
-    def __init__(self, params: Iterable[Tensor], s: Any, *, total_steps: int, fp16: bool, device: torch.device,
-                 lr: float | None = None, betas: tuple[float, float] | list[float] | None = None,
-                 optimizer: str | None = None, schedule: str | None = None, warmup_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        s: Any,
+        *,
+        total_steps: int,
+        fp16: bool,
+        device: torch.device,
+        lr: float | None = None,
+        betas: tuple[float, float] | list[float] | None = None,
+        optimizer: str | None = None,
+        schedule: str | None = None,
+        warmup_steps: int | None = None,
+    ) -> None:
         """Keyword overrides (the discriminator: its own lr, Adam, constant, no warm-up) replace s's values."""
         self.params = list(params)
         self.grad_clip, self.grad_accum = s.grad_clip, s.grad_accum
         kind = optimizer or s.optimizer
         opt_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         weight_decay = s.weight_decay if optimizer is None else 0.0
-        self.opt = opt_cls(self.params, lr=lr or s.lr, betas=tuple(betas or s.betas), weight_decay=weight_decay,
-                           fused=True if s.fused else None)  # None: torch's default (loop on CPU, foreach on CUDA)
-        self.sched = Scheduler(self.opt, partial(lr_factor, warmup_steps=s.warmup_steps if warmup_steps is None
-                                                 else warmup_steps, schedule=schedule or s.lr_schedule,
-                                                 total_steps=total_steps))
+        self.opt = opt_cls(
+            self.params,
+            lr=lr or s.lr,
+            betas=tuple(betas or s.betas),
+            weight_decay=weight_decay,
+            fused=True if s.fused else None,
+        )  # None: torch's default (loop on CPU, foreach on CUDA)
+        self.sched = Scheduler(
+            self.opt,
+            partial(
+                lr_factor,
+                warmup_steps=s.warmup_steps if warmup_steps is None else warmup_steps,
+                schedule=schedule or s.lr_schedule,
+                total_steps=total_steps,
+            ),
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self._parts = 0
 
@@ -127,8 +150,11 @@ class Updater:
         return self.opt.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
@@ -174,4 +200,5 @@ def check_finite(nonfinite: Tensor, stage: str, step: int, d: Dist) -> None:
     if bool(flag):
         raise NonFiniteLossError(
             f"{stage}: the loss became NaN/Inf at or before step {step}; stopped without saving (the last good "
-            f"checkpoint is the stage folder's `latest`). Lower the learning rate or raise grad clipping, then resume.")
+            f"checkpoint is the stage folder's `latest`). Lower the learning rate or raise grad clipping, then resume."
+        )

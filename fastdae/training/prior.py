@@ -4,6 +4,7 @@ Latents are the KL posterior draws or the VQ codebook vectors of the cached indi
 channel by the cache's statistics (LatentScaler), so one DiT serves both bottlenecks (DESIGN.md).
 Writes prior/dit.safetensors (EMA weights when enabled).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,9 +27,12 @@ BETAS = (0.9, 0.999)  # DiT's AdamW betas
 def build_dit(r: Run) -> nn.Module:
     """The configured DiT over the run's latents, (channels, size / downsample) (validated in the config)."""
     cfg = r.cfg
-    return DiT_models[cfg.prior.model](input_size=cfg.data.size // r.downsample,
-                                       in_channels=r.latent_channels, num_classes=r.num_classes(),
-                                       learn_sigma=False)
+    return DiT_models[cfg.prior.model](
+        input_size=cfg.data.size // r.downsample,
+        in_channels=r.latent_channels,
+        num_classes=r.num_classes(),
+        learn_sigma=False,
+    )
 
 
 def run(r: Run) -> dict[str, Any]:

@@ -13,6 +13,7 @@
     run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
     run/judge/ (the classifier that scores the samples, prior.judge_steps)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -155,8 +156,9 @@ class Run(RunFolder):
 
     def require(self, path: Path, stage: str) -> Path:
         if not path.is_file():
-            raise MissingOutputError(f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in "
-                                     f"{self.root}")
+            raise MissingOutputError(
+                f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in {self.root}"
+            )
         return path
 
     def sha256(self, path: Path) -> str:
@@ -257,12 +259,15 @@ class Run(RunFolder):
         finished and neither what it read nor the config keys it depends on changed since."""
         rec = self.recorded(stage)
         if rec is None or not self._finished(stage):
-            raise MissingOutputError(f"{stage} has not finished in {self.root}: train it first "
-                                     f"(stages=['{stage}', ...])")
+            raise MissingOutputError(
+                f"{stage} has not finished in {self.root}: train it first (stages=['{stage}', ...])"
+            )
         changed = self.changed_inputs(stage, rec) + differences(rec["config"], config_identity(self.cfg, stage))
         if changed:
-            raise RunError(f"{stage} in {self.root} is stale, it was built from other inputs or config: "
-                           f"{'; '.join(changed)}. Train {stage} again (stages=['{stage}', ...]) first.")
+            raise RunError(
+                f"{stage} in {self.root} is stale, it was built from other inputs or config: "
+                f"{'; '.join(changed)}. Train {stage} again (stages=['{stage}', ...]) first."
+            )
 
     def recorded(self, stage: str) -> dict[str, Any] | None:
         path = self.identity_file(stage)
@@ -282,8 +287,10 @@ class Run(RunFolder):
         cfg, root = self.cfg, self.root
         if root.is_dir() and any(root.iterdir()):
             if not self.config_file.is_file():
-                raise RunError(f"out_dir {root} is not empty and is not a fastdae run (no config.yaml); it is never "
-                               f"cleared, not even with overwrite: choose another out_dir")
+                raise RunError(
+                    f"out_dir {root} is not empty and is not a fastdae run (no config.yaml); it is never "
+                    f"cleared, not even with overwrite: choose another out_dir"
+                )
             if cfg.overwrite:
                 self._on_main(lambda: [files.remove(p) for p in root.iterdir()])
         conflicts = []
@@ -291,36 +298,49 @@ class Run(RunFolder):
             if not self.stage_dir(stage).exists():
                 continue
             rec = self.recorded(stage)
-            diff = ["no identity.json (another run, or one of an older fastdae)"] if rec is None else \
-                differences(rec["config"], config_identity(cfg, stage))
+            diff = (
+                ["no identity.json (another run, or one of an older fastdae)"]
+                if rec is None
+                else differences(rec["config"], config_identity(cfg, stage))
+            )
             if diff and not (rec is not None and stage in DERIVED and stage in cfg.stages):  # those are redone
                 conflicts.append(f"{stage} was trained with " + "; ".join(diff))
         if conflicts:
-            raise RunError(f"out_dir {root} holds another run: {' | '.join(conflicts)}. Use overwrite "
-                           f"(--overwrite) to clear it, or another out_dir.")
+            raise RunError(
+                f"out_dir {root} holds another run: {' | '.join(conflicts)}. Use overwrite "
+                f"(--overwrite) to clear it, or another out_dir."
+            )
         for stage in cfg.stages if cfg.resume else ():
             self._check_resumable(stage)
         self._check_upstream_on_resume()
         self._check_batches()
         # overwrite acts once, in this call: a config.yaml that kept it would clear the run (or the
         # out_dir of anyone who reuses the file) when trained again, e.g. with --config it --resume
-        self._on_main(lambda: (root.mkdir(parents=True, exist_ok=True), files.write_bytes(
-            self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode())))
+        self._on_main(
+            lambda: (
+                root.mkdir(parents=True, exist_ok=True),
+                files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode()),
+            )
+        )
 
     def _check_resumable(self, stage: str) -> None:
         rec = self.recorded(stage)
         if rec is None or stage not in CHECKPOINTED:
             return
         if rec["inputs"]["dataset"] != self.fingerprint:
-            raise RunError(f"cannot resume {stage}: it was trained on another dataset (fingerprint "
-                           f"{rec['inputs']['dataset'][:12]}..., now {self.fingerprint[:12]}...): the images changed. "
-                           f"Train it again without resume, or use overwrite.")
+            raise RunError(
+                f"cannot resume {stage}: it was trained on another dataset (fingerprint "
+                f"{rec['inputs']['dataset'][:12]}..., now {self.fingerprint[:12]}...): the images changed. "
+                f"Train it again without resume, or use overwrite."
+            )
         ckpt = latest_checkpoint(self.stage_dir(stage))
         key, steps = self.total_steps(stage)
         if ckpt is not None and checkpoint_step(ckpt) > steps:
-            raise RunError(f"cannot resume {stage}: {key}={steps} is below its last checkpoint (step "
-                           f"{checkpoint_step(ckpt)}); raise it to >= {checkpoint_step(ckpt)}, or train the stage "
-                           f"again without resume")
+            raise RunError(
+                f"cannot resume {stage}: {key}={steps} is below its last checkpoint (step "
+                f"{checkpoint_step(ckpt)}); raise it to >= {checkpoint_step(ckpt)}, or train the stage "
+                f"again without resume"
+            )
 
     def _check_upstream_on_resume(self) -> None:
         """Stage 2 and the prior read stage 1's encoder (through the cache): resuming them in a call that
@@ -334,9 +354,11 @@ class Run(RunFolder):
             return  # stage 1 will be skipped: its encoder stays
         stale = [s for s in ("stage2", "prior") if s in cfg.stages and self.recorded(s) is not None]
         if stale:
-            raise RunError(f"cannot resume {' and '.join(stale)} in a call that trains stage1 (again or further): "
-                           f"they were trained on the encoder stage1 replaces. Resume stage1 alone (stages=stage1), "
-                           f"then train {', '.join(s for s in cfg.stages if s != 'stage1')} again without resume")
+            raise RunError(
+                f"cannot resume {' and '.join(stale)} in a call that trains stage1 (again or further): "
+                f"they were trained on the encoder stage1 replaces. Resume stage1 alone (stages=stage1), "
+                f"then train {', '.join(s for s in cfg.stages if s != 'stage1')} again without resume"
+            )
 
     def _check_batches(self) -> None:
         n, world = len(self.dataset), self.dist.world_size
@@ -347,11 +369,15 @@ class Run(RunFolder):
                 raise ConfigError(f"{key}={batch} must be divisible by the number of processes ({world})")
             accum = getattr(self.cfg, key.split(".")[0]).grad_accum
             if (batch // world) % accum:
-                raise ConfigError(f"{key}={batch} over {world} process(es) gives {batch // world} images per process, "
-                                  f"not divisible by {key.split('.')[0]}.grad_accum={accum} (equal micro-batches)")
+                raise ConfigError(
+                    f"{key}={batch} over {world} process(es) gives {batch // world} images per process, "
+                    f"not divisible by {key.split('.')[0]}.grad_accum={accum} (equal micro-batches)"
+                )
             if (items // world) // (batch // world) == 0:
-                raise ConfigError(f"{key}={batch} is more than the {items} items of the dataset"
-                                  f"{' with flipped copies' if items != n else ''} over {world} process(es)")
+                raise ConfigError(
+                    f"{key}={batch} is more than the {items} items of the dataset"
+                    f"{' with flipped copies' if items != n else ''} over {world} process(es)"
+                )
 
     def begin(self, stage: str) -> bool:
         """Before a stage: False when it finished earlier (resume, same identity); else prepares its
@@ -372,11 +398,14 @@ class Run(RunFolder):
                 self._on_main(lambda: self._resumable_stage_dir(stage))
                 return True
             if stage in CHECKPOINTED:
-                raise RunError(f"cannot resume {stage}: what it reads changed since it was trained "
-                               f"({'; '.join(changed)}). Train it again without resume, or use overwrite.")
+                raise RunError(
+                    f"cannot resume {stage}: what it reads changed since it was trained "
+                    f"({'; '.join(changed)}). Train it again without resume, or use overwrite."
+                )
         keep = stage == "cache"  # LatentCache.build reuses the shards of its own identity
-        self._on_main(lambda: self._fresh_stage_dir(stage, keep, {"config": config_identity(self.cfg, stage),
-                                                                  "inputs": inputs}))
+        self._on_main(
+            lambda: self._fresh_stage_dir(stage, keep, {"config": config_identity(self.cfg, stage), "inputs": inputs})
+        )
         return True
 
     def _finished(self, stage: str) -> bool:
@@ -423,14 +452,27 @@ class Run(RunFolder):
             else:
                 stages[stage] = json.loads(self.metrics_file(stage).read_text())
         cfg = self.cfg
-        summary = {"mode": cfg.mode, "bottleneck": cfg.autoencoder.bottleneck, "seed": cfg.seed, "stages": stages,
-                   "stale": stale, "wall_s": sum(m.get("wall_s", 0.0) for m in stages.values())}
+        summary = {
+            "mode": cfg.mode,
+            "bottleneck": cfg.autoencoder.bottleneck,
+            "seed": cfg.seed,
+            "stages": stages,
+            "stale": stale,
+            "wall_s": sum(m.get("wall_s", 0.0) for m in stages.values()),
+        }
         if self.dist.is_main:
             files.write_json(self.summary_file, summary)
-        weights = {"encoder": self.encoder_file, "stage1_decoder": self.decoder_file("stage1"),
-                   "stage2_decoder": self.decoder_file("stage2"), "dit": self.dit_file}
-        return Result(run_dir=self.root, metrics=summary,
-                      checkpoints={k: p for k, p in weights.items() if p.is_file()},
-                      cache=self.cache_dir if "cache" in stages else None,
-                      sample_grid=self.sample_grid if "samples" in stages else None,
-                      summary=self.summary_file if self.dist.is_main else None)
+        weights = {
+            "encoder": self.encoder_file,
+            "stage1_decoder": self.decoder_file("stage1"),
+            "stage2_decoder": self.decoder_file("stage2"),
+            "dit": self.dit_file,
+        }
+        return Result(
+            run_dir=self.root,
+            metrics=summary,
+            checkpoints={k: p for k, p in weights.items() if p.is_file()},
+            cache=self.cache_dir if "cache" in stages else None,
+            sample_grid=self.sample_grid if "samples" in stages else None,
+            summary=self.summary_file if self.dist.is_main else None,
+        )

@@ -8,6 +8,7 @@ summary.json states what the grid shows as numbers.
 `Sampler` (built from a Run by `build_sampler`) is the one decoding path from DiT noise to images:
 this stage draws its grid with it, and `fastdae.sample` its N samples at scale.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,9 +59,17 @@ class Sampler:
         B, C, h = n, self.dit.in_channels, self.dit.input_size
         y = labels.to(self.device) if labels is not None else None
         with autocast(self.device, self.precision):
-            z = self.diffusion.sample(self.dit, (B, C, h, h), y=y, steps=self.steps, sampler=self.sampler,
-                                      cfg_scale=self.cfg_scale, generator=generator, device=self.device,
-                                      clip_x0=self.clip_x0 or None)
+            z = self.diffusion.sample(
+                self.dit,
+                (B, C, h, h),
+                y=y,
+                steps=self.steps,
+                sampler=self.sampler,
+                cfg_scale=self.cfg_scale,
+                generator=generator,
+                device=self.device,
+                clip_x0=self.clip_x0 or None,
+            )
         z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
         if self.bottleneck is not None:
             from fastdae import vq_nearest
@@ -85,14 +94,18 @@ def to_uint8(images: Tensor) -> Tensor:
 SETTINGS_SINCE = {"clip_x0": PriorConfig.clip_x0}
 
 
-def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
-                  cfg_scale: float | None = None) -> Sampler:
+def build_sampler(
+    r: Run, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None
+) -> Sampler:
     """The run's DiT (prior/dit.safetensors, EMA weights when the run kept them), its final decoder,
     the cache's per-channel latent statistics (the cache checked against the encoder and dataset) and,
     for VQ, the frozen codebook. steps, sampler, cfg_scale default to the run's prior config."""
     cfg, p = r.cfg, r.cfg.prior
-    settings = {"steps": p.sample_steps if steps is None else steps, "sampler": sampler or p.sampler,
-                "cfg_scale": p.cfg_scale if cfg_scale is None else cfg_scale}
+    settings = {
+        "steps": p.sample_steps if steps is None else steps,
+        "sampler": sampler or p.sampler,
+        "cfg_scale": p.cfg_scale if cfg_scale is None else cfg_scale,
+    }
     if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:
         raise ValueError(f"sampler must be one of {SAMPLERS} and steps >= 1, got {settings}")
     dit_file = r.require(r.dit_file, "prior")
@@ -102,14 +115,29 @@ def build_sampler(r: Run, steps: int | None = None, sampler: str | None = None,
     load_weights(dit_file, dit)
     decoder = r.build_decoder()  # fastdae's, or one in stage1.encoder's architecture
     load_weights(decoder_file, decoder)
-    identity = {"run": str(r.root.resolve()), "dit_sha256": r.sha256(dit_file),
-                "decoder_sha256": r.sha256(decoder_file), "objective": p.objective, "schedule": p.schedule,
-                "num_timesteps": p.num_timesteps, "clip_x0": p.clip_x0, "precision": cfg.precision, **settings}
-    return Sampler(dit=dit.to(r.device).eval(), decoder=decoder.to(r.device).eval(),
-                   scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
-                   diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
-                   bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
-                   clip_x0=p.clip_x0, precision=cfg.precision, device=r.device, identity=identity, **settings)
+    identity = {
+        "run": str(r.root.resolve()),
+        "dit_sha256": r.sha256(dit_file),
+        "decoder_sha256": r.sha256(decoder_file),
+        "objective": p.objective,
+        "schedule": p.schedule,
+        "num_timesteps": p.num_timesteps,
+        "clip_x0": p.clip_x0,
+        "precision": cfg.precision,
+        **settings,
+    }
+    return Sampler(
+        dit=dit.to(r.device).eval(),
+        decoder=decoder.to(r.device).eval(),
+        scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
+        diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
+        bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
+        clip_x0=p.clip_x0,
+        precision=cfg.precision,
+        device=r.device,
+        identity=identity,
+        **settings,
+    )
 
 
 def run(r: Run) -> dict[str, Any]:
@@ -128,8 +156,13 @@ def run(r: Run) -> dict[str, Any]:
     trackers.close()
     save_weights(r.sample_images, {"images": images.cpu(), **({"labels": y} if y is not None else {})})
     decoder_file = r.decoder_file(r.final_decoder_stage).relative_to(r.root)
-    metrics = {"num_samples": n, "decoder": str(decoder_file), "grid": str(grid),
-               "time_s": elapsed, "samples_per_s": n / elapsed}
+    metrics = {
+        "num_samples": n,
+        "decoder": str(decoder_file),
+        "grid": str(grid),
+        "time_s": elapsed,
+        "samples_per_s": n / elapsed,
+    }
     if cfg.prior.judge_steps > 0 and y is not None and s.num_classes >= 2:
         metrics.update(judge_samples(r, images.cpu(), y))
     return metrics
@@ -148,8 +181,17 @@ def judge_samples(r: Run, images: Tensor, labels: Tensor) -> dict[str, Any]:
     judge = build_judge(r.cfg, ev, r.root, log.info)
     scores = M.sample_validity(judge.classifier, images, labels, ev.validity_threshold)
     scores["fd_feat"] = M.frechet_score(judge.classifier, images, judge.stats["FD-feat"], ev.batch_size)
-    log.info(f"samples: class accuracy {scores['class_accuracy']:.3f}, validity {scores['validity']:.3f} "
-             f"(judge; real held-out images: {judge.reference.get('class_accuracy_real', float('nan')):.3f}, "
-             f"{judge.reference.get('validity_real', float('nan')):.3f})")
-    return {**scores, "judge": {"validity_threshold": ev.validity_threshold, "classifier_steps": ev.classifier_steps,
-                                **judge.reference, **judge.split}}
+    log.info(
+        f"samples: class accuracy {scores['class_accuracy']:.3f}, validity {scores['validity']:.3f} "
+        f"(judge; real held-out images: {judge.reference.get('class_accuracy_real', float('nan')):.3f}, "
+        f"{judge.reference.get('validity_real', float('nan')):.3f})"
+    )
+    return {
+        **scores,
+        "judge": {
+            "validity_threshold": ev.validity_threshold,
+            "classifier_steps": ev.classifier_steps,
+            **judge.reference,
+            **judge.split,
+        },
+    }

@@ -6,6 +6,7 @@ mode "joint": the full decoder, stage1.steps + stage2.steps steps (equal compute
 Writes stage1/encoder.safetensors (encoder.* and bottleneck.* weights: what the cache step reads)
 and stage1/decoder.safetensors (the decoder, EMA weights when enabled).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,8 +67,13 @@ def run(r: Run) -> dict[str, Any]:
             return x, decoder(ae.bottleneck.latent(fields, sample=False))
 
         metrics["eval"] = evaluate(r, "stage1", reconstruct)
-        save_weights(r.encoder_file, {**{f"encoder.{k}": v for k, v in ae.encoder.state_dict().items()},
-                                      **{f"bottleneck.{k}": v for k, v in ae.bottleneck.state_dict().items()}})
+        save_weights(
+            r.encoder_file,
+            {
+                **{f"encoder.{k}": v for k, v in ae.encoder.state_dict().items()},
+                **{f"bottleneck.{k}": v for k, v in ae.bottleneck.state_dict().items()},
+            },
+        )
         save_weights(r.decoder_file("stage1"), decoder.state_dict())
     metrics["decoder"] = "weak" if weak is not None else "full"
     metrics["lpips"] = crit.lpips is not None

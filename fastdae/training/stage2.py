@@ -4,6 +4,7 @@ The encoder is never built or loaded: the batches are (cached fields, images) pa
 the frozen codebook lookup (VQ) or a fresh draw from the cached posterior (KL). Same losses as stage 1
 without the bottleneck term. Writes stage2/decoder.safetensors (EMA weights when enabled).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,9 @@ def run(r: Run) -> dict[str, Any]:
         state.modules["ema_decoder"] = ema
     start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
     upd = state.updaters["decoder"]
-    loader = cache.paired_loader(r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers),
-                                 pin_memory=device.type == "cuda")
+    loader = cache.paired_loader(
+        r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
+    )
     batches = cache_batches(loader, start)
     log = StepLog(r, "stage2", s.steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
     decoder.train()

@@ -1,15 +1,16 @@
 """LPIPS: the fused head (Triton, C++, reference) against a float64 reference, and the LPIPS module
 (weight files, equality with trunk + reference head, input validation)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from utils import DTYPES, assert_close_to_ref
 
 from fastdae import _ext
 from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LIN_KEY, LPIPS, SCALE, SHIFT, VGG16Trunk, bundled_lin_weights
-from utils import DTYPES, assert_close_to_ref
 
 HAS_CPP = _ext.available("lpips")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))
@@ -47,8 +48,10 @@ def head_with_grads(f0, f1, w, impl, dtype, layout="contiguous", upstream=None):
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return all(a.is_contiguous(memory_format=f) == b.is_contiguous(memory_format=f)
-               for f in (torch.contiguous_format, torch.channels_last))
+    return all(
+        a.is_contiguous(memory_format=f) == b.is_contiguous(memory_format=f)
+        for f in (torch.contiguous_format, torch.channels_last)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,14 +1,15 @@
 """VQ kernels: vq_nearest and vector_quantize (Triton under the interpreter, C++, reference) against
 float64, over named edge shapes and dtypes; every gradient; ties; errors; empty input; opcheck and
 torch.compile."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from utils import DTYPES, assert_close_to_ref
 
 from fastdae import _ext
 from fastdae.kernels.vq import VQOutput, vector_quantize, vector_quantize_ref, vq_nearest, vq_nearest_ref
-from utils import DTYPES, assert_close_to_ref
 
 HAS_CPP = _ext.available("vq")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))
@@ -62,8 +63,9 @@ def separated(N: int, K: int, D: int, dtype: torch.dtype, noise: float = 0.05):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")],
-                         ids=["N_tail", "K_tail", "D_odd", "D256"])
+@pytest.mark.parametrize(
+    "shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")], ids=["N_tail", "K_tail", "D_odd", "D256"]
+)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nearest_exact_on_separated_codes(impl, shape, dtype):
     x, codebook, truth = separated(*shape, dtype)
@@ -111,8 +113,9 @@ def quantize_with_grads(z, codebook, impl, dtype, upstream, beta=0.25):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("zshape, K", [((2, 5, 7, 13), 40), ((97, 32), 300), ((3, 200), 17)],
-                         ids=["maps_D13", "N_tail_K_tail", "D200"])
+@pytest.mark.parametrize(
+    "zshape, K", [((2, 5, 7, 13), 40), ((97, 32), 300), ((3, 200), 17)], ids=["maps_D13", "N_tail_K_tail", "D200"]
+)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vector_quantize_outputs_and_gradients(impl, zshape, K, dtype):
     D = zshape[-1]
@@ -221,8 +224,10 @@ def test_triton_launchers_match_the_fakes():
     from fastdae.kernels.vq import _nearest_cuda, _nearest_fake, _vector_quantize_fake, _vector_quantize_triton
 
     x, codebook = torch.randn(21, 6)[:, :5], torch.randn(10, 5)  # a strided x
-    for real, fake in ((_nearest_cuda(x, codebook), _nearest_fake(x, codebook)),
-                       (_vector_quantize_triton(x, codebook, 0.25), _vector_quantize_fake(x, codebook, 0.25))):
+    for real, fake in (
+        (_nearest_cuda(x, codebook), _nearest_fake(x, codebook)),
+        (_vector_quantize_triton(x, codebook, 0.25), _vector_quantize_fake(x, codebook, 0.25)),
+    ):
         for r, f in zip(real, fake):
             assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
 
@@ -256,8 +261,9 @@ def test_cpp_nearest_many_blocks(N, K, D, threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")],
-                         ids=["N_tail", "K_tail", "D_odd", "D256"])
+@pytest.mark.parametrize(
+    "shape", [SHAPES[k] for k in ("N_tail", "K_tail", "D_odd", "D256")], ids=["N_tail", "K_tail", "D_odd", "D256"]
+)
 def test_triton_3xtf32_split_is_exact_to_fp32(shape):
     """The GPU's fp32 path (x split into TF32 hi + lo once per program, the codebook tile once per
     tile, three TF32 products), run here by forcing PRECISION="3xtf32" in the interpreter."""

@@ -1,7 +1,7 @@
 """Static kernel report: every Triton kernel compiled for sm_90 / sm_80 on a machine with no GPU, at
 exactly the launch configs the launchers pick, and read as a GPU engineer would.
 
-    python -m fastdae.kernels.report [--targets sm90,sm80] [--out benchmarks/results] [--quick]
+    python -m fastdae.kernel_report [--targets sm90,sm80] [--out benchmarks/results] [--quick]
 
 For each kernel x shape x config x target it records (from ptxas -v and the SASS of the cubin):
 registers, spill bytes, shared memory, blocks per SM, tensor-core instructions (HGMMA = wgmma,
@@ -28,6 +28,7 @@ Compiling needs the real kernels, not the interpreter: run it without TRITON_INT
 test starts it in a subprocess). Results are cached per compiled kernel (source hash, signature,
 options, target) under ~/.cache/fastdae/kernel-report, so a rerun only compiles what changed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +78,25 @@ class Target:
 # H100 SXM: 132 SMs x 1.83 GHz; bf16 989 TFLOP/s, tf32 495, fp32 FMA 67; HBM3 3.35 TB/s (H200: 4.8).
 # A100 SXM: 108 SMs x 1.41 GHz; bf16 312, tf32 156, fp32 19.5; 2.04 TB/s; 164 KB shared per SM.
 TARGETS = {
-    "sm90": Target("sm90", 90, "H100/H200 SXM", 132, 1.83,
-                   {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "3xtf32": 494.7 / 3, "ieee": 66.9}, (3.35, 4.8)),
-    "sm80": Target("sm80", 80, "A100 SXM 80GB", 108, 1.41,
-                   {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "3xtf32": 52.0, "ieee": 19.5}, (2.04,),
-                   smem_per_sm=164 * 1024),
+    "sm90": Target(
+        "sm90",
+        90,
+        "H100/H200 SXM",
+        132,
+        1.83,
+        {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "3xtf32": 494.7 / 3, "ieee": 66.9},
+        (3.35, 4.8),
+    ),
+    "sm80": Target(
+        "sm80",
+        80,
+        "A100 SXM 80GB",
+        108,
+        1.41,
+        {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "3xtf32": 52.0, "ieee": 19.5},
+        (2.04,),
+        smem_per_sm=164 * 1024,
+    ),
 }
 
 
@@ -118,7 +133,7 @@ def attention_cases(quick: bool = False) -> list[Case]:
     for D in (64, 72, 128):
         for dtype in ("bf16", "fp32"):
             for layout in ("contiguous", "fused-qkv"):
-                for N in ((1024,) if quick else (1024, 4096)):
+                for N in (1024,) if quick else (1024, 4096):
                     dt = _dt(dtype)
                     if layout == "contiguous":
                         q, k, v = (torch.empty(B, H, N, D, dtype=dt, device="meta") for _ in range(3))
@@ -133,17 +148,53 @@ def attention_cases(quick: bool = False) -> list[Case]:
                     prec = A._precision(dt)
                     shipped = A.auto_uses_kernel(q)
                     shape = f"B{B} H{H} N{N} D{D} {layout}"
-                    fwd = A.fwd_launch(q, k, v, o, lse, D ** -0.5)
-                    delta, dkdv, dq = A.bwd_launches(grads[0], q, k, v, o, lse, lse, *grads[1:], D ** -0.5)
+                    fwd = A.fwd_launch(q, k, v, o, lse, D**-0.5)
+                    delta, dkdv, dq = A.bwd_launches(grads[0], q, k, v, o, lse, lse, *grads[1:], D**-0.5)
                     cases += [
-                        Case("attention_fwd", shape, dtype, fwd, 4 * bhnmd, 4 * io_bytes + 4 * B * H * N,
-                             lambda m, N=N: N // m["BLOCK_N"], _peak_key(dtype, prec), shipped),
-                        Case("attention_bwd_delta", shape, dtype, delta, 2 * B * H * N * D, 2 * io_bytes,
-                             lambda m: 1, _peak_key(dtype, prec), shipped),
-                        Case("attention_bwd_dkdv", shape, dtype, dkdv, 8 * bhnmd, 6 * io_bytes + 8 * B * H * N,
-                             lambda m, N=N: N // m["BLOCK_M"], _peak_key(dtype, prec), shipped),
-                        Case("attention_bwd_dq", shape, dtype, dq, 6 * bhnmd, 5 * io_bytes + 8 * B * H * N,
-                             lambda m, N=N: N // m["BLOCK_N"], _peak_key(dtype, prec), shipped),
+                        Case(
+                            "attention_fwd",
+                            shape,
+                            dtype,
+                            fwd,
+                            4 * bhnmd,
+                            4 * io_bytes + 4 * B * H * N,
+                            lambda m, N=N: N // m["BLOCK_N"],
+                            _peak_key(dtype, prec),
+                            shipped,
+                        ),
+                        Case(
+                            "attention_bwd_delta",
+                            shape,
+                            dtype,
+                            delta,
+                            2 * B * H * N * D,
+                            2 * io_bytes,
+                            lambda m: 1,
+                            _peak_key(dtype, prec),
+                            shipped,
+                        ),
+                        Case(
+                            "attention_bwd_dkdv",
+                            shape,
+                            dtype,
+                            dkdv,
+                            8 * bhnmd,
+                            6 * io_bytes + 8 * B * H * N,
+                            lambda m, N=N: N // m["BLOCK_M"],
+                            _peak_key(dtype, prec),
+                            shipped,
+                        ),
+                        Case(
+                            "attention_bwd_dq",
+                            shape,
+                            dtype,
+                            dq,
+                            6 * bhnmd,
+                            5 * io_bytes + 8 * B * H * N,
+                            lambda m, N=N: N // m["BLOCK_N"],
+                            _peak_key(dtype, prec),
+                            shipped,
+                        ),
                     ]
     return cases
 
@@ -157,7 +208,7 @@ def vq_cases(quick: bool = False) -> list[Case]:
     cases = []
     for D in (8, 32, 256):
         for dtype in ("bf16", "fp32"):
-            for K in ((16384,) if quick else (16384, 65536)):
+            for K in (16384,) if quick else (16384, 65536):
                 for write_zq in (False, True):
                     dt = _dt(dtype)
                     x = torch.empty(N, D, dtype=dt, device="meta")
@@ -170,9 +221,18 @@ def vq_cases(quick: bool = False) -> list[Case]:
                     el = x.element_size()
                     nbytes = (N * D + K * D + (N * D if write_zq else 0)) * el + K * 4 + N * 12
                     prec = plan.constexprs["PRECISION"]
-                    cases.append(Case("vector_quantize" if write_zq else "vq_nearest", f"N{N} K{K} D{D}", dtype,
-                                      plan, 2 * N * K * D, nbytes, lambda m, K=K: -(-K // m["BLOCK_K"]),
-                                      _peak_key(dtype, prec)))
+                    cases.append(
+                        Case(
+                            "vector_quantize" if write_zq else "vq_nearest",
+                            f"N{N} K{K} D{D}",
+                            dtype,
+                            plan,
+                            2 * N * K * D,
+                            nbytes,
+                            lambda m, K=K: -(-K // m["BLOCK_K"]),
+                            _peak_key(dtype, prec),
+                        )
+                    )
     return cases
 
 
@@ -196,10 +256,26 @@ def lpips_cases(quick: bool = False) -> list[Case]:
             n = B * C * S * S
             shape = f"B{B} C{C} {S}x{S}"
             cases += [
-                Case("lpips_fwd", shape, dtype, L.fwd_launch(f0, f1, w, part), 8 * n, 2 * n * f0.element_size(),
-                     lambda m: 1, "ieee"),
-                Case("lpips_bwd", shape, dtype, L.bwd_launch(grad, f0, f1, w, g0, g1, True, True), 20 * n,
-                     4 * n * f0.element_size(), lambda m: 1, "ieee"),
+                Case(
+                    "lpips_fwd",
+                    shape,
+                    dtype,
+                    L.fwd_launch(f0, f1, w, part),
+                    8 * n,
+                    2 * n * f0.element_size(),
+                    lambda m: 1,
+                    "ieee",
+                ),
+                Case(
+                    "lpips_bwd",
+                    shape,
+                    dtype,
+                    L.bwd_launch(grad, f0, f1, w, g0, g1, True, True),
+                    20 * n,
+                    4 * n * f0.element_size(),
+                    lambda m: 1,
+                    "ieee",
+                ),
             ]
     return cases
 
@@ -214,8 +290,11 @@ def ci_cases() -> list[Case]:
     DiT passes) and 128, one per head-width family, in the dtypes impl="auto" runs the kernel for,
     every kernel and config; one LPIPS layer each way."""
     vq = [c for c in vq_cases(quick=True) if c.family == "vector_quantize"]
-    attn = [c for c in attention_cases(quick=True)
-            if c.shape.endswith(("D64 contiguous", "D72 fused-qkv", "D128 contiguous")) and c.shipped]
+    attn = [
+        c
+        for c in attention_cases(quick=True)
+        if c.shape.endswith(("D64 contiguous", "D72 fused-qkv", "D128 contiguous")) and c.shipped
+    ]
     return vq + attn + lpips_cases(quick=True)[:2]
 
 
@@ -270,8 +349,16 @@ def _ptxas_log(ptx: str, arch: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(tmp) / "k.o")]
+        cmd = [
+            get_ptxas(arch).path,
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={sm_arch_from_capability(arch)}",
+            str(src),
+            "-o",
+            str(Path(tmp) / "k.o"),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
@@ -317,7 +404,7 @@ def _read_sass(sass: str) -> dict:
             loops.append((labels[m.group(1)], j + 1))
 
     def mma_count(span) -> int:
-        return sum(1 for t in instrs[span[0]:span[1]] if t.startswith(("HGMMA", "HMMA")))
+        return sum(1 for t in instrs[span[0] : span[1]] if t.startswith(("HGMMA", "HMMA")))
 
     main = max(loops, key=lambda s: (mma_count(s), s[1] - s[0])) if loops else (0, len(instrs))
     return dict(instrs=instrs, main=main, has_loop=bool(loops))
@@ -374,13 +461,16 @@ def compile_static(plan: KernelLaunch, cfg: LaunchConfig, target: Target) -> Sta
     log = io.StringIO()
     with contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Triton 3.9's FP-fusion default notice
-        kernel = triton.compile(src, target=GPUTarget("cuda", target.arch, 32),
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", target.arch, 32),
+            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        )
     text = log.getvalue()
     if "registers" not in text:  # a Triton cache hit prints no log
         text = _ptxas_log(kernel.asm["ptx"], target.arch)
 
-    entry = text[text.find(f"entry function '{plan.name}'"):]  # the kernel's own properties
+    entry = text[text.find(f"entry function '{plan.name}'") :]  # the kernel's own properties
 
     def grab(pattern: str) -> int:
         m = re.search(pattern, entry)
@@ -395,11 +485,18 @@ def compile_static(plan: KernelLaunch, cfg: LaunchConfig, target: Target) -> Sta
             mma[op] = mma.get(op, 0) + 1
     has_dot = "tt.dot" in kernel.asm["ttgir"] or "warp_group_dot" in kernel.asm["ttgir"]
     static = Static(
-        regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
-        spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"),
-        shared=int(kernel.metadata.shared), mma=mma, dot=_dot_kind(mma, instrs, has_dot),
-        loop_loads=_count_loads(instrs[lo:hi]), all_loads=_count_loads(instrs),
-        loop_instrs=hi - lo, total_instrs=len(instrs), has_loop=sass["has_loop"],
+        regs=grab(r"Used (\d+) registers"),
+        spill_stores=grab(r"(\d+) bytes spill stores"),
+        spill_loads=grab(r"(\d+) bytes spill loads"),
+        stack=grab(r"(\d+) bytes stack frame"),
+        shared=int(kernel.metadata.shared),
+        mma=mma,
+        dot=_dot_kind(mma, instrs, has_dot),
+        loop_loads=_count_loads(instrs[lo:hi]),
+        all_loads=_count_loads(instrs),
+        loop_instrs=hi - lo,
+        total_instrs=len(instrs),
+        has_loop=sass["has_loop"],
     )
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(asdict(static)))
@@ -407,7 +504,7 @@ def compile_static(plan: KernelLaunch, cfg: LaunchConfig, target: Target) -> Sta
 
 
 # ---------------------------------------------------------------------------------------------
-# The rules every shipped config must meet (the CI test, tests/test_kernel_report.py)
+# The rules every shipped config must meet (the CI test, tests/kernel_report/test_report.py)
 # ---------------------------------------------------------------------------------------------
 WIDE_LOADS = ("b128", "ldgsts_b128", "tma")
 
@@ -481,8 +578,9 @@ def estimate(case: Case, static: Static, cfg: LaunchConfig, target: Target, hbm_
     waves = math.ceil(programs / slots)
     quant = waves * slots / programs
     est = max(max(tensor, issue) * quant, memory)
-    return Estimate(bps, programs, waves, tensor * 1e6, issue * 1e6, memory * 1e6, est * 1e6, roofline * 1e6,
-                    est / roofline)
+    return Estimate(
+        bps, programs, waves, tensor * 1e6, issue * 1e6, memory * 1e6, est * 1e6, roofline * 1e6, est / roofline
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,15 +614,18 @@ def _compile_job(job: tuple[int, int, str]) -> Static:
 _WORKER_CASES: list[Case] = []
 
 
-def run(cases: list[Case], targets: list[Target], jobs: int = 1,
-        log: Callable[[str], None] = lambda s: None) -> list[Row]:
+def run(
+    cases: list[Case], targets: list[Target], jobs: int = 1, log: Callable[[str], None] = lambda s: None
+) -> list[Row]:
     """Compile every config of every case for every target (in `jobs` forked processes) and model it."""
     if triton_interpret():
         raise RuntimeError("the kernel report compiles real kernels: unset TRITON_INTERPRET")
     # a kernel impl="auto" does not launch is compiled at its default config only (for the record)
     cases = [c if c.shipped else replace(c, launch=replace(c.launch, configs=c.launch.configs[:1])) for c in cases]
     todo = [(ci, fi, t.name) for t in targets for ci, c in enumerate(cases) for fi in range(len(c.launch.configs))]
-    keys = {job: _source(cases[job[0]].launch, cases[job[0]].launch.configs[job[1]], TARGETS[job[2]])[1] for job in todo}
+    keys = {
+        job: _source(cases[job[0]].launch, cases[job[0]].launch.configs[job[1]], TARGETS[job[2]])[1] for job in todo
+    }
     unique = list({key: job for job, key in keys.items()}.values())  # N often does not change the kernel
     log(f"{len(todo)} kernel configs, {len(unique)} distinct compiles")
     _WORKER_CASES[:] = cases
@@ -541,8 +642,17 @@ def run(cases: list[Case], targets: list[Target], jobs: int = 1,
         for ci, case in enumerate(cases):
             for i, cfg in enumerate(case.launch.configs):
                 static = statics[(ci, i, target.name)]
-                row = Row(case.family, case.launch.name, case.shape, case.dtype, target.name, _config_str(cfg),
-                          i == 0, case.shipped, static)
+                row = Row(
+                    case.family,
+                    case.launch.name,
+                    case.shape,
+                    case.dtype,
+                    target.name,
+                    _config_str(cfg),
+                    i == 0,
+                    case.shipped,
+                    static,
+                )
                 for bw in target.hbm_tbs:
                     row.estimates[f"{bw}TB/s"] = estimate(case, static, cfg, target, bw)
                 rows.append(row)
@@ -563,14 +673,14 @@ def markdown(rows: list[Row], title: str) -> str:
         f"# {title}",
         "",
         "**Estimated, not measured**: compiled on a CPU (no GPU) with Triton's bundled ptxas; figures",
-        "from ptxas -v and the SASS; times from the simple model in `fastdae/kernels/report.py`",
+        "from ptxas -v and the SASS; times from the simple model in `fastdae/kernel_report/`",
         "(GPU: not measured). Loads: main-loop global loads by kind (b128 = 128-bit LDG, ldgsts_* =",
         "cp.async, tma = TMA; b16/b32 = scalar); 'wide' = 128-bit + cp.async.128 + TMA out of all",
         "main-loop loads (the whole kernel when it has no loop).",
         "",
-        f"Rules (tests/test_kernel_report.py): {len(shipped) - len(broken)} of the {len(shipped)} kernel x shape x config",
-        "rows that impl=\"auto\" launches pass. Rows marked `(not auto)` are reachable only with an explicit",
-        "impl=\"triton\" (fp32 attention: auto runs SDPA) and are listed for the record.",
+        f"Rules (tests/kernel_report/test_report.py): {len(shipped) - len(broken)} of the {len(shipped)} kernel x shape x config",
+        'rows that impl="auto" launches pass. Rows marked `(not auto)` are reachable only with an explicit',
+        'impl="triton" (fp32 attention: auto runs SDPA) and are listed for the record.',
     ]
     seen = set()
     for r, v in broken:
@@ -595,9 +705,12 @@ def markdown(rows: list[Row], title: str) -> str:
             f"| {s.spill_stores} | {s.shared / 1024:.0f} | {e.blocks_per_sm} | {s.dot} | {loads} "
             f"| {_vector_share(s.loop_loads)} | {s.loop_instrs} | {est} | {e.roofline_us:.0f} | {ratio} |"
         )
-    lines += ["", "`*` = the default config (first candidate); on CUDA the launcher autotunes over all listed.",
-              "est/roofline at the first listed HBM bandwidth (H100 3.35 TB/s for sm90, A100 2.04 TB/s for sm80);",
-              "the JSON has H200 (4.8 TB/s) too."]
+    lines += [
+        "",
+        "`*` = the default config (first candidate); on CUDA the launcher autotunes over all listed.",
+        "est/roofline at the first listed HBM bandwidth (H100 3.35 TB/s for sm90, A100 2.04 TB/s for sm80);",
+        "the JSON has H200 (4.8 TB/s) too.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -607,8 +720,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
     parser.add_argument("--quick", action="store_true", help="one N / K per shape family and two LPIPS layers")
     parser.add_argument("--ci", action="store_true", help="the CI test's set: one shape per config family")
-    parser.add_argument("--unshipped", action="store_true",
-                        help="also kernels impl='auto' does not launch (fp32 attention), at their default config")
+    parser.add_argument(
+        "--unshipped",
+        action="store_true",
+        help="also kernels impl='auto' does not launch (fp32 attention), at their default config",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--families", default="", help="comma-separated prefixes (vq,attention,lpips); default all")
     args = parser.parse_args(argv)
@@ -618,7 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c.shipped]
     if args.families:
         prefixes = tuple(p.strip() for p in args.families.split(","))
-        cases = [c for c in cases if c.family.startswith(prefixes) or (c.family.startswith("vector") and "vq" in prefixes)]
+        cases = [
+            c for c in cases if c.family.startswith(prefixes) or (c.family.startswith("vector") and "vq" in prefixes)
+        ]
     rows = run(cases, targets, jobs=args.jobs, log=lambda s: print(s, file=sys.stderr))
     date = datetime.date.today().isoformat()
     stem = f"kernel-report-{'-'.join(t.name for t in targets)}-{date}"
@@ -626,10 +744,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import triton
 
-    meta = dict(date=date, triton=triton.__version__, torch=torch.__version__, measured=False,
-                note="estimated, not measured: compiled without a GPU", targets=[asdict(t) for t in targets])
+    meta = dict(
+        date=date,
+        triton=triton.__version__,
+        torch=torch.__version__,
+        measured=False,
+        note="estimated, not measured: compiled without a GPU",
+        targets=[asdict(t) for t in targets],
+    )
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows, f"Static kernel report ({', '.join(t.name for t in targets)}, {date})"))
+    (out / f"{stem}.md").write_text(
+        markdown(rows, f"Static kernel report ({', '.join(t.name for t in targets)}, {date})")
+    )
     print(out / f"{stem}.md")
     return 0
 

@@ -3,6 +3,7 @@ vq_nearest, vector_quantize, attention and lpips_head (kernels/_common.py), on t
 kernels (CUDA: Triton; CPU: C++ where it builds) and on the CPU's reference kernels without the C++
 extension, and a tiny model built from fastdae's drop-in modules whose compiled (fullgraph=True)
 outputs and gradients match eager."""
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+from utils import rel_err
 
 from fastdae import _ext
 from fastdae.kernels.attention import _attention_bwd_op, _attention_fwd_op
 from fastdae.kernels.lpips import _lpips_head_backward_op, _lpips_head_op, lpips_head
 from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 from fastdae.nn import Attention, VectorQuantizer
-from utils import rel_err
 
 HAS_CPP = {"lpips": _ext.available("lpips"), "vq": _ext.available("vq")}
 TOL = {"cpu": 1e-5, "cuda": 1e-4}  # float32 relative error; compiled graphs may fuse and reorder float ops

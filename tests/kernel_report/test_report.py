@@ -2,6 +2,7 @@
 sm_90 must have no spills, no 8/16-bit scalar global loads (and mostly 128-bit / cp.async / TMA
 ones) in its main loop, and tensor-core dots for bf16/fp16. Also the pieces the report stands on:
 the SASS reader, the load classifier and the launchers' alignment check."""
+
 from __future__ import annotations
 
 import json
@@ -13,21 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdae.kernel_report.report import _load_kind, _read_sass, violations
 from fastdae.kernels._launch import align_elems, strides
-from fastdae.kernels.report import _load_kind, _read_sass, violations
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ci_rows(tmp_path_factory) -> list[dict]:
-    """Rows of `python -m fastdae.kernels.report --ci` for sm_90, compiled in a subprocess: the
+    """Rows of `python -m fastdae.kernel_report --ci` for sm_90, compiled in a subprocess: the
     report needs the real kernels, and this process runs them interpreted (TRITON_INTERPRET=1)."""
     out = tmp_path_factory.mktemp("kernel-report")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    subprocess.run([sys.executable, "-m", "fastdae.kernels.report", "--ci", "--targets", "sm90", "--out", str(out)],
-                   check=True, env=env, cwd=ROOT, timeout=1200)
+    subprocess.run(
+        [sys.executable, "-m", "fastdae.kernel_report", "--ci", "--targets", "sm90", "--out", str(out)],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1200,
+    )
     (path,) = out.glob("kernel-report-sm90-*.json")
     return json.loads(path.read_text())["rows"]
 
@@ -51,8 +57,11 @@ def test_ci_set_covers_every_config_family(ci_rows):
 
 
 def test_every_shipped_config_meets_the_rules(ci_rows):
-    broken = [f"{r['family']} {r['shape']} {r['dtype']} [{r['config']}]: {'; '.join(v)}"
-              for r in ci_rows if r["shipped"] and (v := violations(r["static"], r["dtype"]))]
+    broken = [
+        f"{r['family']} {r['shape']} {r['dtype']} [{r['config']}]: {'; '.join(v)}"
+        for r in ci_rows
+        if r["shipped"] and (v := violations(r["static"], r["dtype"]))
+    ]
     assert not broken, "\n".join(broken)
 
 
@@ -70,8 +79,13 @@ def test_auto_routes_only_kernel_friendly_attention_to_triton():
 
 
 def test_violations_flag_each_rule():
-    clean = dict(spill_stores=0, spill_loads=0, loop_loads={"ldgsts_b128": 4, "b32": 1},
-                 mma={"HGMMA.64x64x16.F32.BF16": 8}, dot="HGMMA.F32.BF16")
+    clean = dict(
+        spill_stores=0,
+        spill_loads=0,
+        loop_loads={"ldgsts_b128": 4, "b32": 1},
+        mma={"HGMMA.64x64x16.F32.BF16": 8},
+        dot="HGMMA.F32.BF16",
+    )
     assert violations(clean, "bf16") == []
     assert "spills" in violations({**clean, "spill_stores": 8}, "bf16")[0]
     assert "scalar" in violations({**clean, "loop_loads": {"b128": 4, "b16": 2}}, "bf16")[0]
@@ -84,27 +98,42 @@ def test_violations_flag_each_rule():
 
 
 def test_sass_reader_finds_the_main_loop():
-    sass = "\n".join([
-        "Function:k",
-        "--:-:-:-:1\tLDG.E.U16 R2, desc[UR4][R2.64];",
-        "LBB0:",
-        "--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];",
-        "--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24;",
-        "--:-:-:-:1\t@P0 BRA LBB0;",
-        "LBB1:",
-        "--:-:-:-:1\tBRA LBB1;",  # the trap self-loop after EXIT is not a loop
-    ])
+    sass = "\n".join(
+        [
+            "Function:k",
+            "--:-:-:-:1\tLDG.E.U16 R2, desc[UR4][R2.64];",
+            "LBB0:",
+            "--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];",
+            "--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24;",
+            "--:-:-:-:1\t@P0 BRA LBB0;",
+            "LBB1:",
+            "--:-:-:-:1\tBRA LBB1;",  # the trap self-loop after EXIT is not a loop
+        ]
+    )
     info = _read_sass(sass)
     lo, hi = info["main"]
     assert info["has_loop"] and info["instrs"][lo:hi] == [
-        "LDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64]", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "BRA LBB0"]
+        "LDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64]",
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24",
+        "BRA LBB0",
+    ]
 
 
-@pytest.mark.parametrize("opcode, kind", [
-    ("LDG.E.U16", "b16"), ("LDG.E", "b32"), ("LDG.E.64.CONSTANT", "b64"), ("LDG.E.128", "b128"),
-    ("LDGSTS.E.BYPASS.LTC128B.128", "ldgsts_b128"), ("LDGSTS.E", "ldgsts_b32"), ("UTMALDG.2D", "tma"),
-    ("LDS.128", None), ("LDGDEPBAR", None), ("STG.E.128", None),
-])
+@pytest.mark.parametrize(
+    "opcode, kind",
+    [
+        ("LDG.E.U16", "b16"),
+        ("LDG.E", "b32"),
+        ("LDG.E.64.CONSTANT", "b64"),
+        ("LDG.E.128", "b128"),
+        ("LDGSTS.E.BYPASS.LTC128B.128", "ldgsts_b128"),
+        ("LDGSTS.E", "ldgsts_b32"),
+        ("UTMALDG.2D", "tma"),
+        ("LDS.128", None),
+        ("LDGDEPBAR", None),
+        ("STG.E.128", None),
+    ],
+)
 def test_load_kinds(opcode, kind):
     assert _load_kind(opcode) == kind
 

@@ -1,5 +1,6 @@
 """Fused attention: the Triton kernel (interpreted on CPU) against a float64 reference for the output
 and dq, dk, dv; the custom ops under opcheck; argument errors; the nn.Attention module."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import assert_close_to_ref, rel_err
 
 from fastdae.kernels.attention import (
     _attention_bwd_op,
@@ -19,8 +21,6 @@ from fastdae.kernels.attention import (
     head_chunks,
 )
 from fastdae.nn.attention import Attention
-from utils import assert_close_to_ref, rel_err
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +147,9 @@ def test_cpu_backends_agree():
     torch.testing.assert_close(attention(q, k, v, impl="sdpa"), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("D, expected", [(8, (16, 0)), (16, (16, 0)), (40, (32, 16)), (72, (64, 16)), (96, (64, 32)), (128, (128, 0))])
+@pytest.mark.parametrize(
+    "D, expected", [(8, (16, 0)), (16, (16, 0)), (40, (32, 16)), (72, (64, 16)), (96, (64, 32)), (128, (128, 0))]
+)
 def test_head_chunks(D, expected):
     assert head_chunks(D) == expected
 
@@ -204,8 +206,11 @@ def test_xformers_missing_is_a_clear_error():
 # ------------------------------------------------------------------------------------------------
 def timm_state(dim: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
     """A state dict in timm's Attention format."""
-    state = {"qkv.weight": torch.randn(3 * dim, dim) / math.sqrt(dim), "proj.weight": torch.randn(dim, dim) / math.sqrt(dim),
-             "proj.bias": torch.randn(dim)}
+    state = {
+        "qkv.weight": torch.randn(3 * dim, dim) / math.sqrt(dim),
+        "proj.weight": torch.randn(dim, dim) / math.sqrt(dim),
+        "proj.bias": torch.randn(dim),
+    }
     if qkv_bias:
         state["qkv.bias"] = torch.randn(3 * dim)
     return state
@@ -248,7 +253,7 @@ def test_alignment_hint_and_fallback_agree(device):
     B, N, H, D = 1, 37, 2, 40
     buf = torch.randn(B * N * 3 * H * D + 1, device=device)
     for offset, align in ((0, 4), (1, 1)):
-        qkv = buf[offset:offset + B * N * 3 * H * D].view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        qkv = buf[offset : offset + B * N * 3 * H * D].view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         o, lse = torch.empty_like(q), torch.empty(B, H, N, device=device)
         assert fwd_launch(q, k, v, o, lse, 0.1).constexprs["ALIGN"] == align

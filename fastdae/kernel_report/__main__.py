@@ -1,0 +1,3 @@
+from fastdae.kernel_report.report import main
+
+raise SystemExit(main())
