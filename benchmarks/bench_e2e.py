@@ -65,7 +65,7 @@ from fastdae.models.losses import AutoencoderLoss
 
 STAGES = ("stage1", "cache", "stage2", "prior")
 VARIANTS = ("fastdae", "common-way")
-# FASTDAE_BENCH_QUICK=1: the tiny preset at 2 steps a stage, one round (tests/test_bench_e2e.py runs
+# FASTDAE_BENCH_QUICK=1: the tiny preset at 2 steps a stage, one round (tests/benchmarks/test_bench_e2e.py runs
 # this file so with --benchmark-disable: the benchmark and its correctness checks, not a measurement)
 QUICK = os.environ.get("FASTDAE_BENCH_QUICK") == "1"
 ROUNDS = 1 if QUICK else 3

@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader
 from fastdae.cache import LatentCache
 from fastdae.data import ProceduralShapes, dataset_fingerprint
 from fastdae.models.autoencoder import Autoencoder, autoencoder_config, build_decoder
+from fastdae.precision import autocast
 from fastdae.training.autoencoding import images_at
-from fastdae.training.distributed import autocast, cache_batches, to_device
+from fastdae.training.distributed import cache_batches, to_device
 
 if HAS_CUDA:
     AE, SIZE, BATCH, NUM_IMAGES = autoencoder_config("AE-S/8", num_codes=1024), 128, 32, 2048

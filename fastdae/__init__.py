@@ -5,13 +5,12 @@ Public API (resolved lazily, so `import fastdae` stays cheap and never touches T
   evaluation sample (N samples of a run -> ADM .npz), fid (folders / .npz, local Inception weights)
   kernels    vq_nearest, vector_quantize, VQOutput, attention, lpips_head
   modules    fastdae.nn.{VectorQuantizer, Attention, LPIPS}
-  packages   nn, models, metrics, integrations
+  packages   nn, models, measure, integrations
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdae._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -27,13 +26,14 @@ _EXPORTS: dict[str, str] = {
     "attention": "fastdae.kernels.attention",
     "lpips_head": "fastdae.kernels.lpips",
     "sample": "fastdae.sampling",
-    "fid": "fastdae.fid_score",
+    "fid": "fastdae.measure.fid",
 }
 _SUBMODULES = (
     "nn",
     "models",
-    "metrics",
+    "measure",
     "integrations",
+    "pretrained",
     "kernels",
     "config",
     "data",
@@ -41,21 +41,7 @@ _SUBMODULES = (
     "training",
     "evaluation",
     "sampling",
-    "fid_score",
 )
 
-__all__ = sorted([*_EXPORTS, "nn", "models", "metrics", "integrations", "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"fastdae.{name}")
-    raise AttributeError(f"module 'fastdae' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, _names = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
+__all__ = [*_names, "__version__"]

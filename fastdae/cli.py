@@ -193,7 +193,7 @@ def _fid_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fid(args: argparse.Namespace, extra: list[str]) -> int:
-    from fastdae.fid_score import fid
+    from fastdae.measure.fid import fid
 
     if extra:
         return _usage_error("fid", f"unrecognized arguments {extra}")

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 
 from fastdae import files
+from fastdae.sampler import Sampler
 from fastdae.training.identity import differences
 from fastdae.training.run import Run
-from fastdae.training.samples import SETTINGS_SINCE, Sampler, build_sampler
+from fastdae.training.samples import SETTINGS_SINCE, build_sampler
 
 __all__ = ["Sampler", "load_sampler", "open_run", "sample", "sample_generator", "sample_labels"]
 

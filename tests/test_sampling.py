@@ -22,8 +22,8 @@ import fastdae
 from fastdae import sampling
 from fastdae.cli import main
 from fastdae.config import apply_overrides, load_config, preset
+from fastdae.sampler import to_uint8
 from fastdae.training.identity import RunError
-from fastdae.training.samples import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,17 +3,17 @@
     report = fastdae.evaluation.compare("x.yaml", arms=("joint", "dae", "control"), seeds=3, out_dir="results/c")
     report = fastdae.evaluation.ablation("x.yaml", knob="dropout", values=[0.0, 0.3], seeds=2)
 
-One module per piece: judge.py (EvalConfig, the Judge every run is measured against), evaluate.py
-(`evaluate_run`: every metric of one finished run), stats.py (Student-t intervals, Welch's t-test),
-report.py (summaries over seeds, pairwise tests, report.md / report.json / charts), study.py
-(`compare`, `ablation`: train, evaluate, report).
+What reads finished runs (above the trainer): evaluate.py (`evaluate_run`: every metric of one
+finished run), report.py (summaries over seeds, pairwise tests, report.md / report.json / charts),
+study.py (`compare`, `ablation`: train, evaluate, report). The judge (EvalConfig, Judge) and the
+statistics (mean_ci, welch) live in fastdae.measure and are re-exported here.
 """
 
 from fastdae.evaluation.evaluate import evaluate_run
-from fastdae.evaluation.judge import EvalConfig, Judge, build_judge
 from fastdae.evaluation.report import METRICS, PAIRS, markdown, pairwise_tests, write_report
-from fastdae.evaluation.stats import mean_ci, welch
 from fastdae.evaluation.study import ARMS, KNOBS, ablation, compare
+from fastdae.measure.judge import EvalConfig, Judge, build_judge
+from fastdae.measure.stats import mean_ci, welch
 
 __all__ = [
     "ARMS",

@@ -1,7 +1,7 @@
 """Every metric of PAPER.md §5 for one finished run (`evaluate_run`): reconstruction of held-out
 images, the decoded DiT samples against the judge, decoder complexity on scale-normalised latents,
 and the minimal-capacity probe with the penalised distance. The run's files are found through
-fastdae.training.run.RunFolder (the one owner of the run layout)."""
+fastdae.training.paths.RunFolder (the one owner of the run layout)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdae import metrics as M
+from fastdae import measure as M
 from fastdae.config import TrainConfig
-from fastdae.evaluation.judge import EvalConfig, Judge, device_of, training_images
-from fastdae.training.run import RunFolder
+from fastdae.measure.judge import EvalConfig, Judge, device_of, training_images
+from fastdae.training.paths import RunFolder
 
 
 def _load_autoencoder(run: RunFolder, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:

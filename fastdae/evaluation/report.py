@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fastdae import files
-from fastdae import metrics as M
-from fastdae.evaluation.stats import ALPHA, LEVEL, mean_ci, welch
+from fastdae import measure as M
+from fastdae.measure.stats import ALPHA, LEVEL, mean_ci, welch
 
 # key, label in the report, +1 when higher is better (-1 lower)
 METRICS: tuple[tuple[str, str, int], ...] = (
@@ -254,7 +254,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Best by {b['select']}: **{b['variant']}** ({_fmt(b['mean'])})."]
     lines += [
         "",
-        "Metric definitions: fastdae/evaluation/judge.py (EvalConfig) and fastdae/metrics.py. FD-feat is a "
+        "Metric definitions: fastdae/measure/judge.py (EvalConfig) and fastdae/measure/. FD-feat is a "
         "Fréchet distance in the features of a classifier trained on the dataset, not FID. "
         '"none": no run had a value (minimal width: no width reached the target error).',
         "",

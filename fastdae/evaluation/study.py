@@ -33,10 +33,10 @@ import torch
 from fastdae import files
 from fastdae.config import MODES, TrainConfig, apply_overrides, load_config
 from fastdae.evaluation.evaluate import evaluate_run
-from fastdae.evaluation.judge import EvalConfig, build_judge, device_of
 from fastdae.evaluation.report import METRICS, capacity_curves, pairwise_tests, summarize, write_report
+from fastdae.measure.judge import EvalConfig, build_judge, device_of
 from fastdae.training.identity import RUN_CONTROL, differences, flatten
-from fastdae.training.run import RunFolder
+from fastdae.training.paths import RunFolder
 
 ARMS = MODES  # ("dae", "joint", "control")
 KNOBS = ("width_mult", "num_res_blocks", "dropout")  # WeakDecoderConfig fields

@@ -1,8 +1,8 @@
 """Adapters for other codebases (taming quantizer, DiT/timm attention patching, diffusers processor, export,
 a diffusers AutoencoderKL/VQModel or taming VQGAN as the frozen stage 1).
-Not imported by the rest of fastdae, except `pretrained` (what `stage1.encoder` loads), which the
-trainer and the config check import inside functions when stage1.encoder is set; third-party
-libraries are imported only inside functions.
+A leaf: nothing in fastdae imports it. The frozen stage-1 sources themselves live in
+fastdae.pretrained (the trainer uses them); their names are re-exported here for other codebases.
+Third-party libraries are imported only inside functions.
 
     VectorQuantizer2(n_e, e_dim, beta)       taming-transformers' quantizer over fastdae.vector_quantize
     patch_vq(model)                          taming VectorQuantizer2 modules -> the one above, weights kept
@@ -23,8 +23,7 @@ Names resolve lazily, so importing this package loads no kernels.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdae._lazy import lazy_exports
 
 _EXPORTS = {
     "VectorQuantizer2": "fastdae.integrations.taming",
@@ -33,25 +32,15 @@ _EXPORTS = {
     "FastDAEAttnProcessor": "fastdae.integrations.diffusers",
     "save_pretrained": "fastdae.integrations.export",
     "load_pretrained": "fastdae.integrations.export",
-    "load_stage1": "fastdae.integrations.diffusers_vae",
-    "DiffusersStage1": "fastdae.integrations.diffusers_vae",
-    "DiffusersDecoder": "fastdae.integrations.diffusers_vae",
-    "export_diffusers": "fastdae.integrations.diffusers_vae",
-    "FrozenStage1": "fastdae.integrations.diffusers_vae",
-    "load_taming_stage1": "fastdae.integrations.taming_vqgan",
-    "TamingDecoder": "fastdae.integrations.taming_vqgan",
-    "export_taming": "fastdae.integrations.taming_vqgan",
+    "load_stage1": "fastdae.pretrained.diffusers_vae",
+    "DiffusersStage1": "fastdae.pretrained.diffusers_vae",
+    "DiffusersDecoder": "fastdae.pretrained.diffusers_vae",
+    "export_diffusers": "fastdae.pretrained.diffusers_vae",
+    "FrozenStage1": "fastdae.pretrained.diffusers_vae",
+    "load_taming_stage1": "fastdae.pretrained.taming_vqgan",
+    "TamingDecoder": "fastdae.pretrained.taming_vqgan",
+    "export_taming": "fastdae.pretrained.taming_vqgan",
     "save_dit": "fastdae.integrations.dit_export",
     "load_dit": "fastdae.integrations.dit_export",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fastdae.integrations' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

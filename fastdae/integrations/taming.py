@@ -6,7 +6,7 @@ return tuple, state-dict keys and loss conventions, so it swaps into taming/late
     z_q, loss, (perplexity, min_encodings, indices) = quantize(z)  # z (B, e_dim, H, W)
     patch_vq(model)                                                # or swap taming's modules in place
 
-What matches taming's VectorQuantizer2 (tests/test_taming_compat.py checks it against the real one):
+What matches taming's VectorQuantizer2 (tests/integrations/test_taming_compat.py checks it against the real one):
 the parameter `embedding.weight` (n_e, e_dim) and its U(-1/n_e, 1/n_e) init, the `used` buffer with
 `remap`, forward's outputs (perplexity and min_encodings are None there too; indices (B*H*W,),
 (B*H*W, 1) with remap, (B, H, W) with sane_index_shape), the loss value and the gradients to z and

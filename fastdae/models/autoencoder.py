@@ -131,7 +131,7 @@ class AttnBlock(nn.Module):
         self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        from fastdae import attention  # lazy: only models with attn=True load the kernel module
+        from fastdae.kernels.attention import attention  # lazy: only models with attn=True load the kernel module
 
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, nh, hd, N)

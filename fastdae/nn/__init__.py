@@ -5,8 +5,7 @@ from fastdae.nn import VectorQuantizer, Attention, LPIPS
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdae._lazy import lazy_exports
 
 _EXPORTS = {
     "VectorQuantizer": "fastdae.nn.quantizer",
@@ -14,10 +13,4 @@ _EXPORTS = {
     "LPIPS": "fastdae.nn.lpips",
     "VGG16Trunk": "fastdae.nn.lpips",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fastdae.nn' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

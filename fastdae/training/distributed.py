@@ -9,7 +9,6 @@ diffusion noise do not depend on how many steps ran in this process. Everything 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
@@ -51,16 +50,6 @@ def setup_distributed(device: str) -> tuple[Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local), dev
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for "auto"/"bf16"; CPU runs fp32 unless "bf16" is asked for explicitly;
-    "fp16" (CUDA only, checked in the config) pairs with the Updater's GradScaler."""
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = False) -> nn.Module:

@@ -1,51 +1,33 @@
-"""`Run`: one run folder and what every stage shares. It owns
-
-- the layout (every artefact path is a property here, nowhere else),
-- the validated config, the process/device setup, the dataset (built once) and its fingerprint,
-- the latent cache and the frozen bottleneck as later stages read them (checked against the encoder
-  file's sha256 and the dataset fingerprint),
-- the identity checks (fastdae.training.identity): `prepare()` before anything is trained or
-  written, `begin(stage)` before each stage, `summarize()` after.
-
-    run/config.yaml  summary.json  train.log
-    run/<stage>/identity.json  metrics.json  log.csv  ckpt-*/  latest     (stage1, stage2, prior)
-    run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
-    run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
-    run/judge/ (the classifier that scores the samples, prior.judge_steps)
+"""`Run`: one run folder in progress. The layout is `RunFolder`'s (paths.py), the shared resources
+`RunResources`' (resources.py); this module owns the identity lifecycle (fastdae.training.identity):
+`prepare()` before anything is trained or written, `begin(stage)` before each stage, `finish` after
+it, `summarize()` at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from fastdae import files
-from fastdae.config import STAGES, ConfigError, TrainConfig, load_config
-from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint, load_weights
-from fastdae.training.distributed import autocast, setup_distributed
+from fastdae.config import STAGES, ConfigError
+from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
 from fastdae.training.identity import RunError, config_identity, differences
 
 if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
-    from fastdae.integrations.diffusers_vae import FrozenStage1
+    pass
+
+from fastdae.training.paths import MissingOutputError
+from fastdae.training.resources import RunResources
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
-CONFIG_FILE = "config.yaml"
 CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
 DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
-
-
-class MissingOutputError(RunError, FileNotFoundError):
-    """A stage needs what an earlier stage writes, and it is not there."""
 
 
 @dataclass
@@ -61,179 +43,8 @@ class Result:
     summary: Path | None = None
 
 
-class RunFolder:
-    """The layout of a run folder: every artefact path (what evaluation reads too), nothing else."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg, self.root = cfg, Path(cfg.out_dir)
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.root / stage
-
-    config_file = property(lambda self: self.root / CONFIG_FILE)
-    summary_file = property(lambda self: self.root / "summary.json")
-    log_file = property(lambda self: self.root / "train.log")
-    cache_dir = property(lambda self: self.stage_dir("cache"))
-    encoder_file = property(lambda self: self.stage_dir("stage1") / "encoder.safetensors")
-    dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
-    sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
-    sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
-
-    def export_dir(self, kind: str) -> Path:
-        """stage2/diffusers or stage2/taming: the stage1.encoder source with the stage-2 decoder in its format."""
-        return self.stage_dir("stage2") / kind
-
-    def decoder_file(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "decoder.safetensors"
-
-    @property
-    def final_decoder_stage(self) -> str:
-        """The decoder samples are decoded with: stage 2's, or stage 1's in mode "joint" (no stage 2)."""
-        return "stage1" if self.cfg.mode == "joint" else "stage2"
-
-    def identity_file(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "identity.json"
-
-    def metrics_file(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "metrics.json"
-
-    def log_csv(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "log.csv"
-
-
-class Run(RunFolder):
-    """A run in progress: the folder's layout (RunFolder) plus processes, device, dataset, cache and
-    the identity checks (see the module docstring)."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
-        self.dist, self.device = setup_distributed(cfg.device)
-        self.resume_from: dict[str, Path | None] = {}
-        self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
-
-    @classmethod
-    def open(cls, root: str | os.PathLike, device: str = "auto") -> Run:
-        """The existing run folder `root` as its config.yaml describes it (out_dir: `root`, wherever it
-        was trained), on `device`: for reading what its stages wrote."""
-        root = Path(root)
-        if not (root / CONFIG_FILE).is_file():
-            raise MissingOutputError(f"{root / CONFIG_FILE} does not exist: {root} is not a fastdae run folder")
-        cfg = dataclasses.replace(load_config(root / CONFIG_FILE), out_dir=str(root), device=device)
-        return cls(cfg)
-
-    def total_steps(self, stage: str) -> tuple[str, int]:
-        """(config key, steps) of a checkpointed stage; joint trains stage 1 for both budgets."""
-        c = self.cfg
-        if stage == "stage1" and c.mode == "joint":
-            return "stage1.steps + stage2.steps", c.stage1.steps + c.stage2.steps
-        return f"{stage}.steps", getattr(c, stage).steps
-
-    @cached_property
-    def dataset(self) -> Any:
-        """The training part of the configured dataset (fastdae.data.split_dataset): the held-out part
-        is for evaluation only and never reaches stage 1, the cache, stage 2 or the prior."""
-        from fastdae.data import build_dataset, split_dataset
-
-        return split_dataset(build_dataset(self.cfg.data), self.cfg.data)[0]
-
-    @cached_property
-    def fingerprint(self) -> str:
-        from fastdae.data import dataset_fingerprint
-
-        return dataset_fingerprint(self.dataset)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.cfg.precision)
-
-    @property
-    def fp16(self) -> bool:
-        """fp16 autocast: the Updaters scale the loss (GradScaler)."""
-        return self.cfg.precision == "fp16"
-
-    def per_rank(self, key: str) -> int:
-        """The per-rank share of the global batch size at `key` (checked in prepare)."""
-        return getattr(self.cfg, key.split(".")[0]).batch_size // self.dist.world_size
-
-    def require(self, path: Path, stage: str) -> Path:
-        if not path.is_file():
-            raise MissingOutputError(
-                f"{path} does not exist: run {stage} first (stages=['{stage}', ...]) in {self.root}"
-            )
-        return path
-
-    def sha256(self, path: Path) -> str:
-        """sha256 of a file, hashed again only when its size or mtime changed."""
-        st = path.stat()
-        key = (st.st_size, st.st_mtime_ns)
-        if self._sha.get(path, (None, ""))[0] != key:
-            self._sha[path] = (key, files.sha256_file(path))
-        return self._sha[path][1]
-
-    @cached_property
-    def pretrained_stage1(self) -> FrozenStage1 | None:
-        """stage1.encoder (a diffusers AutoencoderKL / VQModel or taming VQGAN folder) loaded frozen on this
-        run's device, a fastdae.integrations.diffusers_vae.FrozenStage1; None when stage 1 is fastdae's own."""
-        if self.cfg.stage1.encoder is None:
-            return None
-        from fastdae.integrations.pretrained import load_stage1
-
-        return load_stage1(self.cfg.stage1.encoder, self.cfg.stage1.posterior, self.device)
-
-    def encoder_sha256(self) -> str:
-        """Identity of the frozen encoder the cache is built from: stage1/encoder.safetensors' sha256, or
-        the pretrained encoder's (class, config and encoder-side tensors)."""
-        if self.pretrained_stage1 is not None:
-            return self.pretrained_stage1.sha256
-        return self.sha256(self.require(self.encoder_file, "stage1"))
-
-    # the latent the cache holds: fastdae's autoencoder config, or what stage1.encoder produces
-    @property
-    def latent_channels(self) -> int:
-        pre = self.pretrained_stage1
-        return self.cfg.autoencoder.z_channels if pre is None else pre.latent_channels
-
-    @property
-    def downsample(self) -> int:
-        pre = self.pretrained_stage1
-        return self.cfg.autoencoder.downsample if pre is None else pre.downsample
-
-    @property
-    def bottleneck_kind(self) -> str:
-        pre = self.pretrained_stage1
-        return self.cfg.autoencoder.bottleneck if pre is None else pre.kind
-
-    def build_decoder(self) -> nn.Module:
-        """A fresh full decoder: fastdae's (autoencoder config) or, with stage1.encoder, one in its architecture."""
-        if self.pretrained_stage1 is None:
-            from fastdae.models.autoencoder import build_decoder
-
-            return build_decoder(self.cfg.autoencoder)
-        from fastdae.integrations.pretrained import build_decoder as build_pretrained_decoder
-
-        return build_pretrained_decoder(self.cfg.stage1.encoder)
-
-    def open_cache(self) -> Any:
-        """run/cache, verified against the frozen encoder it was built from and this run's dataset."""
-        from fastdae.cache import LatentCache
-
-        cache = LatentCache(self.cache_dir, verify="lazy")
-        cache.check(encoder_sha256=self.encoder_sha256(), dataset_fingerprint=self.fingerprint)
-        return cache
-
-    def frozen_bottleneck(self) -> nn.Module:
-        """The frozen bottleneck (VQ codebook) in eval mode: stage 1's, from stage1/encoder.safetensors,
-        or the pretrained encoder's."""
-        if self.pretrained_stage1 is not None:
-            return self.pretrained_stage1.bottleneck
-        from fastdae.models.autoencoder import build_bottleneck
-
-        bottleneck = build_bottleneck(self.cfg.autoencoder)
-        load_weights(self.require(self.encoder_file, "stage1"), bottleneck, prefix="bottleneck.")
-        return bottleneck.to(self.device).eval().requires_grad_(False)
-
-    def num_classes(self) -> int:
-        """Classes the DiT is conditioned on (0: unconditional): the whole dataset's `num_classes`."""
-        return int(self.dataset.num_classes) if self.cfg.prior.class_cond else 0
+class Run(RunResources):
+    """A run in progress: RunResources plus the identity checks (see the module docstring)."""
 
     # ---- identity ------------------------------------------------------------------------------
     def inputs(self, stage: str) -> dict[str, str]:

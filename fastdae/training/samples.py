@@ -5,89 +5,25 @@ and, with prior.judge_steps > 0 on a dataset with classes, scores the samples wi
 classifier (`judge_samples`): their class accuracy and validity go to the stage's metrics, so
 summary.json states what the grid shows as numbers.
 
-`Sampler` (built from a Run by `build_sampler`) is the one decoding path from DiT noise to images:
-this stage draws its grid with it, and `fastdae.sample` its N samples at scale.
+`build_sampler` builds the run's `fastdae.sampler.Sampler`, the one decoding path from DiT noise to
+images: this stage draws its grid with it, and `fastdae.sample` its N samples at scale.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastdae.config import PriorConfig
-from fastdae.models.diffusion import SAMPLERS, Diffusion, Generators, LatentScaler, make_diffusion
-from fastdae.models.dit import DiT
+from fastdae.models.diffusion import SAMPLERS, LatentScaler, make_diffusion
+from fastdae.sampler import Sampler
 from fastdae.training.checkpoint import load_weights, save_weights
-from fastdae.training.distributed import autocast
 from fastdae.training.logs import Trackers, save_grid
 from fastdae.training.prior import build_dit
 from fastdae.training.run import Run, log
-
-
-@dataclass
-class Sampler:
-    """A trained prior + decoder, ready to turn labels and noise generators into images.
-
-    scaler maps the DiT's unit-variance latents back to the decoder's; with a VQ bottleneck
-    (`bottleneck` set) samples are snapped to their nearest code before decoding (DESIGN.md)."""
-
-    dit: DiT
-    decoder: nn.Module
-    scaler: LatentScaler
-    diffusion: Diffusion
-    bottleneck: nn.Module | None  # the frozen VQ bottleneck, None for KL latents
-    steps: int
-    sampler: str
-    cfg_scale: float
-    clip_x0: float  # 0: off
-    precision: str
-    device: torch.device
-    identity: dict[str, Any]  # what the samples depend on besides the noise: weights' sha256, settings
-
-    @property
-    def num_classes(self) -> int:
-        return self.dit.num_classes
-
-    @torch.no_grad()
-    def images(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:
-        """n images (n, 3, H, W) float in [-1, 1] on the device. labels (n,) or None (unconditional);
-        generator: one for the batch, or one per sample (Diffusion.sample)."""
-        B, C, h = n, self.dit.in_channels, self.dit.input_size
-        y = labels.to(self.device) if labels is not None else None
-        with autocast(self.device, self.precision):
-            z = self.diffusion.sample(
-                self.dit,
-                (B, C, h, h),
-                y=y,
-                steps=self.steps,
-                sampler=self.sampler,
-                cfg_scale=self.cfg_scale,
-                generator=generator,
-                device=self.device,
-                clip_x0=self.clip_x0 or None,
-            )
-        z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
-        if self.bottleneck is not None:
-            from fastdae import vq_nearest
-
-            idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # (B*h*h,)
-            z = self.bottleneck.latent({"indices": idx.view(B, h, h)})
-        with autocast(self.device, self.precision):
-            return self.decoder(z).float().clamp(-1, 1)  # (B, 3, H, W)
-
-    def generate(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:
-        """`images`, as (n, H, W, 3) uint8 on the CPU."""
-        return to_uint8(self.images(n, labels, generator))
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU, rounded to the nearest level."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
-
 
 # settings added to the sampler's identity since it was first recorded, at the default that samples what
 # the older code sampled (an older record lacks them: fastdae.sampling reuses it at these values)
@@ -174,8 +110,8 @@ def judge_samples(r: Run, images: Tensor, labels: Tensor) -> dict[str, Any]:
     a classifier trained for prior.judge_steps steps on held-out items only (never trained on; kept
     in run/judge/ and reused while the data and steps stay), with what held-out real images score
     under "judge" (the ceiling)."""
-    from fastdae import metrics as M
-    from fastdae.evaluation.judge import EvalConfig, build_judge
+    from fastdae import measure as M
+    from fastdae.measure.judge import EvalConfig, build_judge
 
     ev = EvalConfig(classifier_steps=r.cfg.prior.judge_steps)
     judge = build_judge(r.cfg, ev, r.root, log.info)

@@ -68,7 +68,7 @@ def run(r: Run) -> dict[str, Any]:
         metrics["eval"] = evaluate(r, "stage2", reconstruct)
         save_weights(r.decoder_file("stage2"), final.state_dict())
         if r.pretrained_stage1 is not None:  # the source encoder + this decoder, in the source's format
-            from fastdae.integrations.pretrained import export_decoder, source_kind
+            from fastdae.pretrained.source import export_decoder, source_kind
 
             kind = source_kind(cfg.stage1.encoder)
             metrics[kind] = str(export_decoder(final, cfg.stage1.encoder, r.export_dir(kind)))

@@ -17,7 +17,7 @@ import torch
 from fastdae.kernel_report.report import _load_kind, _read_sass, violations
 from fastdae.kernels._launch import align_elems, strides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

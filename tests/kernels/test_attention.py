@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close_to_ref, rel_err
 
 from fastdae.kernels.attention import (
     _attention_bwd_op,
@@ -21,6 +20,7 @@ from fastdae.kernels.attention import (
     head_chunks,
 )
 from fastdae.nn.attention import Attention
+from tests.utils import assert_close_to_ref, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

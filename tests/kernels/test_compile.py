@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
-from utils import rel_err
 
 from fastdae import _ext
 from fastdae.kernels.attention import _attention_bwd_op, _attention_fwd_op
 from fastdae.kernels.lpips import _lpips_head_backward_op, _lpips_head_op, lpips_head
 from fastdae.kernels.vq import _vector_quantize_op, _vq_nearest_op
 from fastdae.nn import Attention, VectorQuantizer
+from tests.utils import rel_err
 
 HAS_CPP = {"lpips": _ext.available("lpips"), "vq": _ext.available("vq")}
 TOL = {"cpu": 1e-5, "cuda": 1e-4}  # float32 relative error; compiled graphs may fuse and reorder float ops
@@ -107,7 +107,7 @@ try:
 except RuntimeError as err:
     assert "needs the C++ kernels of csrc/vq.cpp" in str(err), err
 """
-    env = dict(os.environ, FASTDAE_NO_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, FASTDAE_NO_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from utils import DTYPES, assert_close_to_ref
 
 from fastdae import _ext
 from fastdae.kernels.lpips import EPS, lpips_head, lpips_head_ref
 from fastdae.nn.lpips import CHANNELS, LIN_KEY, LPIPS, SCALE, SHIFT, VGG16Trunk, bundled_lin_weights
+from tests.utils import DTYPES, assert_close_to_ref
 
 HAS_CPP = _ext.available("lpips")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))

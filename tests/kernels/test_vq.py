@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_ref
 
 from fastdae import _ext
 from fastdae.kernels.vq import VQOutput, vector_quantize, vector_quantize_ref, vq_nearest, vq_nearest_ref
+from tests.utils import DTYPES, assert_close_to_ref
 
 HAS_CPP = _ext.available("vq")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ op not built"))

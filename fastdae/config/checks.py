@@ -1,0 +1,211 @@
+"""Validation: ranges, names (with "did you mean" for near misses) and the cross-field rules, run when
+a config is built (`validate`), and what only the machine can tell (`check_environment`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastdae.config.schema import (
+    DEVICE_PATTERN,
+    LR_SCHEDULES,
+    MODES,
+    OBJECTIVES,
+    OPTIMIZERS,
+    POSTERIORS,
+    PRECISIONS,
+    SCHEDULES,
+    STAGES,
+    TIME_SAMPLINGS,
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    did_you_mean,
+)
+from fastdae.data import CROPS, DATASETS
+from fastdae.models.autoencoder import BOTTLENECKS
+
+
+# ---- validation -------------------------------------------------------------------------------
+def _dit_models() -> dict[str, Any]:
+    from fastdae.models.dit import DiT_models  # imported when a config is checked, not at import
+
+    return DiT_models
+
+
+def _samplers() -> tuple[str, ...]:
+    from fastdae.models.diffusion import SAMPLERS
+
+    return SAMPLERS
+
+
+# dotted key -> allowed names, checked as soon as the value is read (see _build)
+CHOICES: dict[str, Any] = {
+    "mode": MODES,
+    "precision": PRECISIONS,
+    "autoencoder.bottleneck": BOTTLENECKS,
+    "data.name": DATASETS,
+    "data.crop": CROPS,
+    "prior.objective": OBJECTIVES,
+    "prior.schedule": SCHEDULES,
+    "prior.time_sampling": TIME_SAMPLINGS,
+    "stage1.posterior": POSTERIORS,
+    **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
+    **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")},
+}
+
+# (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    *((f"{{ae}}.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every")),
+    *(
+        (f"prior.{k}", lambda v: v >= 1, ">= 1")
+        for k in ("steps", "batch_size", "log_every", "ckpt_every", "num_timesteps", "sample_steps", "num_samples")
+    ),
+    *((f"{p}.lr", lambda v: v > 0, "> 0") for p in ("{ae}", "{ae}.disc", "prior")),
+    *((f"{p}.warmup_steps", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
+    *((f"{p}.weight_decay", lambda v: v >= 0, ">= 0") for p in ("{ae}", "prior")),
+    *((f"{p}.grad_accum", lambda v: v >= 1, ">= 1 (1: no accumulation)") for p in ("{ae}", "prior")),
+    *((f"{p}.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)") for p in ("{ae}", "prior")),
+    *((f"{p}.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)") for p in ("{ae}", "prior")),
+    *((f"{{ae}}.{k}", lambda v: v >= 0, ">= 0") for k in ("l1_weight", "chroma_weight", "lpips_weight")),
+    ("{ae}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1) (Adam's beta1, beta2)"),
+    ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
+    ("prior.judge_steps", lambda v: v >= 0, ">= 0 (0: samples not judged)"),
+    ("prior.clip_x0", lambda v: v >= 0, ">= 0 (0: x0 not clipped)"),
+    ("cache.batch_size", lambda v: v >= 1, ">= 1"),
+    ("cache.shard_size", lambda v: v >= 1, ">= 1"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value at a dotted key ("stage1.disc.lr")."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every rule that needs no data, devices or files (those: `check_environment`); ConfigError names the key."""
+    for key, allowed in CHOICES.items():
+        check_choice(key, get_key(cfg, key), allowed)
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(
+                f"stages: unknown stage {stage!r}{did_you_mean(stage, STAGES)}; known, in run order: {list(STAGES)}"
+            )
+    if cfg.stages != sorted(cfg.stages, key=STAGES.index) or len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"stages must be distinct and in run order {list(STAGES)}, got {cfg.stages}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        raise ConfigError(
+            "precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device, got device='cpu'; "
+            "use 'fp32' or 'bf16' on CPU"
+        )
+    for pattern, ok, what in _RANGES:
+        for key in [pattern.format(ae=s) for s in ("stage1", "stage2")] if "{ae}" in pattern else [pattern]:
+            value = get_key(cfg, key)
+            if not ok(value):
+                raise ConfigError(f"{key} must be {what}, got {value!r}")
+    for stage in ("stage1", "stage2", "prior"):
+        s = getattr(cfg, stage)
+        if s.batch_size % s.grad_accum:
+            raise ConfigError(
+                f"{stage}.batch_size={s.batch_size} must be divisible by {stage}.grad_accum="
+                f"{s.grad_accum} (batch_size is the images per optimizer step, in grad_accum equal "
+                f"micro-batches)"
+            )
+    p = cfg.prior
+    check_choice("prior.model", p.model, _dit_models())
+    check_choice("prior.sampler", p.sampler, _samplers())
+    if p.objective == "flow" and p.schedule != "linear":
+        raise ConfigError(f"prior.schedule must be 'linear' with prior.objective 'flow' (one path), got {p.schedule!r}")
+    if p.objective == "ddpm" and p.time_sampling != "uniform":
+        raise ConfigError(
+            f"prior.time_sampling {p.time_sampling!r} is for prior.objective 'flow'; ddpm samples its indices uniformly"
+        )
+    if p.objective == "ddpm" and p.schedule == "cosine" and p.clip_x0 <= 0:
+        raise ConfigError(
+            "prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
+            "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode"
+        )
+    if p.cfg_scale != 1.0 and not p.class_cond:
+        raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
+    if cfg.stage1.encoder is None:
+        _check_latent_grid(
+            cfg,
+            cfg.autoencoder.downsample,
+            "the autoencoder's downsampling factor {down} (2 ** (len(autoencoder.ch_mult) - 1))",
+        )
+        return
+    if "stage1" in cfg.stages or cfg.mode != "dae":
+        raise ConfigError(
+            f"stage1.encoder={cfg.stage1.encoder!r} is a pretrained stage 1: stages must not list "
+            f"'stage1' and mode must be 'dae', got stages={cfg.stages}, mode={cfg.mode!r}"
+        )
+
+
+def _check_latent_grid(cfg: TrainConfig, down: int, what: str) -> None:
+    """data.size divisible by the encoder's downsampling factor, and the latent grid by the DiT's patch."""
+    if cfg.data.size % down:
+        raise ConfigError(f"data.size={cfg.data.size} must be divisible by {what.format(down=down)}")
+    p = cfg.prior
+    patch = _dit_models()[p.model].keywords["patch_size"]
+    if (cfg.data.size // down) % patch:
+        raise ConfigError(
+            f"data.size={cfg.data.size} gives {cfg.data.size // down}x{cfg.data.size // down} latents, "
+            f"not divisible by prior.model {p.model!r}'s patch size {patch}"
+        )
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """What validate cannot know from the config alone: the device exists, the named files exist."""
+    import torch
+
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA device (use 'auto' or 'cpu')")
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "precision='fp16' (fp16 autocast + GradScaler) needs a CUDA device and torch sees none; "
+            "use 'fp32' or 'bf16' on CPU"
+        )
+    for key, module, package in (
+        ("tensorboard", "torch.utils.tensorboard", "tensorboard"),
+        ("wandb", "wandb", "wandb"),
+    ):
+        if getattr(cfg, key) and not _importable(module):
+            raise ConfigError(
+                f"{key}=true needs the {package} package, which is not installed (pip install {package}), "
+                f"or set {key}=false"
+            )
+    files = {"data.root": cfg.data.root if cfg.data.name != "shapes" else None}
+    for stage in ("stage1", "stage2"):
+        for name in ("lpips_trunk", "lpips_lin"):
+            files[f"{stage}.{name}"] = get_key(cfg, f"{stage}.{name}")
+    for key, path in files.items():
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{key}={path!r} does not exist")
+    if cfg.stage1.encoder is not None:
+        from fastdae.pretrained.source import latent_shape
+
+        try:
+            _, down = latent_shape(cfg.stage1.encoder)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stage1.encoder: {e}") from None
+        _check_latent_grid(cfg, down, "stage1.encoder's downsampling factor {down}")
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,31 @@
+"""`build_dataset`: the dataset a DataConfig names."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from fastdae.data.arrays import ArrayDataset
+from fastdae.data.config import (
+    PROCEDURAL,
+    DataConfig,
+)
+from fastdae.data.folder import ImageFolder
+from fastdae.data.procedural import (
+    ProceduralShapes,
+    ProceduralTextures,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def build_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset a DataConfig names, with images of cfg.size x cfg.size."""
+    if cfg.name in PROCEDURAL:
+        return (ProceduralShapes if cfg.name == "shapes" else ProceduralTextures)(cfg.num_samples, cfg.size, cfg.seed)
+    if cfg.name == "folder":
+        return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
+    ds = ArrayDataset(cfg.root)
+    if ds.image_size != (cfg.size, cfg.size):
+        raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
+    return ds

@@ -1,0 +1,249 @@
+"""FID between two image sets, with local Inception weights and cached reference statistics.
+
+    fastdae.fid("ref/VIRTUAL_imagenet256_labeled.npz", "samples.npz", inception="pt_inception-2015-12-05-6726825d.pth")
+    python -m fastdae fid REAL FAKE --inception pt_inception-2015-12-05-6726825d.pth --stats-cache ~/.cache/fid
+
+Each side is one of
+  - a folder of images (bmp jpg jpeg pgm png ppm tif tiff webp, searched recursively, sorted);
+  - an `.npz` with `arr_0`, uint8 (N, H, W, 3) images (the ADM layout `fastdae sample` writes),
+    streamed in batches, never loaded whole;
+  - an `.npz` with `mu` and `sigma` (pytorch-fid's statistics files; ADM's reference batches hold
+    them too): used as they are, as pytorch-fid does.
+Images are read as RGB uint8, mapped to [-1, 1] and resized to 299x299 (bilinear) by
+fastdae.models.inception.FIDInceptionV3, whose weights are pytorch-fid's file
+(pt_inception-2015-12-05-6726825d.pth), given as a local path: nothing is downloaded. Images of
+different sizes are each resized on their own (the same function the batched resize computes).
+
+With `stats_cache`, the statistics of an image source are stored as `<key>.npz` (mu, sigma:
+pytorch-fid's layout, so the file can itself be passed as a side), keyed by a fingerprint of the
+source (each file's relative path, size and mtime; no content is read), the Inception file's
+sha256 and this module's preprocessing version. A changed file or other weights miss the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdae.files import sha256_file
+from fastdae.measure import GaussianStats, frechet_distance, gaussian_stats
+from fastdae.models.inception import INPUT_SIZE, FIDInceptionV3
+
+IMAGE_EXTENSIONS = frozenset({".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+STATS_VERSION = 1  # part of the cache key: bump when the preprocessing changes
+
+
+def _no_weights_error() -> ValueError:
+    return ValueError(
+        "fid: computing Inception features needs local weights: pass inception=PATH (--inception PATH) "
+        "to pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors of it); "
+        "fastdae downloads nothing"
+    )
+
+
+def _stats_file(path: Path) -> GaussianStats | None:
+    """(mu, sigma) float64 of a pytorch-fid statistics .npz; None for any other .npz."""
+    with np.load(path) as f:
+        if "mu" not in f.files or "sigma" not in f.files:
+            return None
+        mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+    if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+    return mu, sigma
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"fid: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+    return files
+
+
+def fingerprint(source: str | os.PathLike) -> str:
+    """sha256 of a source's identity without reading its pixels: for a folder each image's relative
+    path, size and mtime; for a file its resolved path, size and mtime."""
+    path = Path(source).resolve()
+    files = _image_files(path) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\0{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return np.array(im.convert("RGB"))  # (H, W, 3) uint8
+
+
+def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> Iterator[list[np.ndarray]]:
+    """Decoded images in batches; num_workers None: one decoding process per CPU core, at most 8."""
+    if num_workers is None:
+        num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        _FolderImages(_image_files(folder)), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+    )
+    yield from loader
+
+
+def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+    """(b, H, W, 3) uint8 batches of the `arr_0` member, read from the zip stream (as ADM's evaluator does)."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{path}: neither statistics (mu, sigma) nor images (arr_0) in this .npz")
+        with zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"{path}: arr_0.npy has .npy format version {version}; 1.0 or 2.0 expected")
+            shape, fortran, dtype = read_header[version](f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+                raise ValueError(
+                    f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (the ADM layout), got "
+                    f"{dtype} {shape}{' Fortran order' if fortran else ''}"
+                )
+            per_image = shape[1] * shape[2] * 3
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                data = f.read(n * per_image)
+                if len(data) != n * per_image:
+                    raise ValueError(f"{path}: arr_0 ends after {start} of {shape[0]} images")
+                yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, *shape[1:])  # writable
+
+
+def _net_input(images: list[np.ndarray] | np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) images -> (B, 3, h, w) float in [-1, 1]; same-sized images are stacked as they
+    are (the network resizes them), others each resized to 299x299 here first."""
+    x = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+    if len({t.shape for t in x}) > 1:
+        x = [F.interpolate(t[None], size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)[0] for t in x]
+    return torch.stack(x)
+
+
+class _Inception:
+    """The FID network, built on first use (a side given as statistics needs none)."""
+
+    def __init__(self, path: str | os.PathLike | None, device: torch.device) -> None:
+        self.path, self.device, self._net = path, device, None
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self.path is None:
+            raise _no_weights_error()
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    @torch.no_grad()
+    def features(self, batch: Tensor) -> Tensor:
+        if self._net is None:
+            if self.path is None:
+                raise _no_weights_error()
+            self._net = FIDInceptionV3.from_file(self.path).to(self.device)
+        return self._net(batch.to(self.device)).float().cpu()  # (B, 2048)
+
+
+def _image_stats(
+    path: Path, net: _Inception, batch_size: int, num_workers: int | None, progress: bool
+) -> GaussianStats:
+    from tqdm import tqdm
+
+    batches = _folder_batches(path, batch_size, num_workers) if path.is_dir() else _npz_batches(path, batch_size)
+    feats = [
+        net.features(_net_input(b)) for b in tqdm(batches, desc=f"fid {path.name}", unit="batch", disable=not progress)
+    ]
+    return gaussian_stats(torch.cat(feats))  # (N, 2048) -> mu (2048,), sigma (2048, 2048)
+
+
+def _save_stats(path: Path, stats: GaussianStats) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats[0].numpy(), sigma=stats[1].numpy())
+    os.replace(tmp, path)
+
+
+def statistics(
+    source: str | os.PathLike,
+    inception: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    stats_cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> GaussianStats:
+    """(mu (2048,), sigma (2048, 2048)) float64 Inception statistics of one source (see the module
+    docstring); with stats_cache, read from / written to the cache."""
+    return _statistics(
+        Path(source), _Inception(inception, _device(device)), batch_size, stats_cache, num_workers, progress
+    )
+
+
+def _statistics(
+    path: Path,
+    net: _Inception,
+    batch_size: int,
+    stats_cache: str | os.PathLike | None,
+    num_workers: int | None,
+    progress: bool,
+) -> GaussianStats:
+    if not path.exists():
+        raise FileNotFoundError(f"fid: {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise ValueError(f"fid: {path} must be a folder of images or an .npz (arr_0 images, or mu and sigma)")
+        stats = _stats_file(path)
+        if stats is not None:
+            return stats
+    cached = None
+    if stats_cache is not None:
+        key = hashlib.sha256(
+            json.dumps({"version": STATS_VERSION, "inception": net.sha256, "source": fingerprint(path)}).encode()
+        ).hexdigest()
+        cached = Path(stats_cache) / f"{key}.npz"
+        if cached.is_file():
+            return _stats_file(cached)
+    stats = _image_stats(path, net, batch_size, num_workers, progress)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _save_stats(cached, stats)
+    return stats
+
+
+def _device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def fid(
+    real: str | os.PathLike,
+    fake: str | os.PathLike,
+    inception: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    stats_cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Fréchet Inception distance between `real` and `fake` (folders, image .npz or statistics .npz):
+    fastdae.metrics.frechet_distance of their Inception statistics. Symmetric in its two sides."""
+    net = _Inception(inception, _device(device))  # one network for both sides
+    a, b = (_statistics(Path(side), net, batch_size, stats_cache, num_workers, progress) for side in (real, fake))
+    return frechet_distance(a, b)

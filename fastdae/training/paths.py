@@ -1,0 +1,66 @@
+"""`RunFolder`: the layout of a run folder. Every artefact path is a property here, nowhere else; what
+evaluation reads of a finished run it reads through this class too.
+
+    run/config.yaml  summary.json  train.log
+    run/<stage>/identity.json  metrics.json  log.csv  ckpt-*/  latest     (stage1, stage2, prior)
+    run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
+    run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
+    run/judge/ (the classifier that scores the samples, prior.judge_steps)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastdae.config import TrainConfig
+from fastdae.training.identity import RunError
+
+if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
+    pass
+
+CONFIG_FILE = "config.yaml"
+
+
+class MissingOutputError(RunError, FileNotFoundError):
+    """A stage needs what an earlier stage writes, and it is not there."""
+
+
+class RunFolder:
+    """The layout of a run folder: every artefact path (what evaluation reads too), nothing else."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg, self.root = cfg, Path(cfg.out_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    config_file = property(lambda self: self.root / CONFIG_FILE)
+    summary_file = property(lambda self: self.root / "summary.json")
+    log_file = property(lambda self: self.root / "train.log")
+    cache_dir = property(lambda self: self.stage_dir("cache"))
+    encoder_file = property(lambda self: self.stage_dir("stage1") / "encoder.safetensors")
+    dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")
+    sample_grid = property(lambda self: self.stage_dir("samples") / "grid.png")
+    sample_images = property(lambda self: self.stage_dir("samples") / "images.safetensors")
+
+    def export_dir(self, kind: str) -> Path:
+        """stage2/diffusers or stage2/taming: the stage1.encoder source with the stage-2 decoder in its format."""
+        return self.stage_dir("stage2") / kind
+
+    def decoder_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "decoder.safetensors"
+
+    @property
+    def final_decoder_stage(self) -> str:
+        """The decoder samples are decoded with: stage 2's, or stage 1's in mode "joint" (no stage 2)."""
+        return "stage1" if self.cfg.mode == "joint" else "stage2"
+
+    def identity_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "identity.json"
+
+    def metrics_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.json"
+
+    def log_csv(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "log.csv"

@@ -1,0 +1,208 @@
+"""The run folder never holds something other than it says (issue 12): resume checks each stage's
+identity (config keys it depends on, dataset fingerprint, upstream weights), steps may grow on resume,
+a folder holding another run is refused without overwrite, and a full disk leaves no debris."""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastdae
+from fastdae.config import TrainConfig, apply_overrides
+from tests.utils import read_log, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STAGE1 = ["stages=stage1", "stage1.steps=2", "stage1.ckpt_every=2", "stage1.log_every=1"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- finding 1: resume with another config ------------------------------------------------------
+@pytest.mark.parametrize(
+    "changed,key",
+    [
+        ("seed=1", "seed"),
+        ("autoencoder.bottleneck=kl", "autoencoder.bottleneck"),
+        ("stage1.grad_clip=0.5", "stage1.grad_clip"),
+    ],
+)
+def test_resume_refuses_another_config_and_names_the_key(tmp_path, changed, key):
+    cfg = tiny(tmp_path, *STAGE1)
+    fastdae.train(cfg)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=rf"stage1.*{re.escape(key)}"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", changed]))
+    assert tree(tmp_path) == before  # config.yaml, summary.json, checkpoints: all untouched
+
+
+def test_resume_may_change_the_learning_rate_and_uses_it(tmp_path):
+    cfg = tiny(tmp_path, *STAGE1)
+    fastdae.train(cfg)
+    fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.lr=1e-3", "stage1.log_every=2", "stage1.steps=4"]))
+    assert TrainConfig.load(tmp_path / "config.yaml").stage1.lr == 1e-3
+    state = torch.load(tmp_path / "stage1" / "ckpt-00000004" / "state.pt", weights_only=True)
+    assert state["optimizers"]["autoencoder"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert state["schedulers"]["autoencoder"]["base_lrs"] == [pytest.approx(1e-3)]
+
+
+def test_a_run_recorded_before_a_config_key_existed_resumes_at_its_default(tmp_path):
+    """A config key added since a run was recorded (its identity lacks it) is unchanged at the key's
+    default, which trains what the older code trained; any other value is refused, naming the key."""
+    import json
+
+    cfg = tiny(tmp_path, *STAGE1)
+    fastdae.train(cfg)
+    record = tmp_path / "stage1" / "identity.json"
+    rec = json.loads(record.read_text())
+    assert rec["config"].pop("stage1.chroma_weight") == 0.0
+    record.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match=r"stage1\.chroma_weight: \(absent\) -> 3\.0"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.chroma_weight=3", "stage1.steps=4"]))
+    fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
+    assert (tmp_path / "stage1" / "ckpt-00000004").is_dir()
+
+
+# ---- finding 2: steps on resume -----------------------------------------------------------------
+def test_resume_with_more_steps_continues_and_matches_a_straight_run(tmp_path):
+    straight = fastdae.train(tiny(tmp_path / "straight", *STAGE1, "stage1.steps=4"))
+    cfg = tiny(tmp_path / "grown", *STAGE1)
+    fastdae.train(cfg)
+    grown = fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
+    m = grown.metrics["stages"]["stage1"]
+    assert m["steps"] == 4 and m["steps_this_run"] == 2 and m["images_per_s"] > 0
+    want, got = (read_log(r.run_dir / "stage1" / "log.csv") for r in (straight, grown))
+    assert [r["step"] for r in got] == ["1", "2", "3", "4"]
+    for a, b in zip(want, got):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-7), a["step"]
+
+
+def test_resume_with_fewer_steps_than_the_last_checkpoint_is_refused(tmp_path):
+    cfg = tiny(tmp_path, *STAGE1, "stage1.steps=4")
+    fastdae.train(cfg)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"stage1\.steps.*3.*last checkpoint.*4"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=3"]))
+    assert tree(tmp_path) == before
+
+
+def test_resume_that_trains_stage1_further_refuses_stage2_up_front(tmp_path):
+    cfg = tiny(tmp_path, "stages=stage1,cache,stage2", "stage1.steps=2", "stage2.steps=2")
+    fastdae.train(cfg)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume stage2 .*stages=stage1"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=4"]))
+    assert tree(tmp_path) == before  # refused before stage 1 trained
+
+
+def test_samples_may_be_drawn_again_with_another_sampler_but_not_left_stale(tmp_path):
+    cfg = tiny(tmp_path)
+    fastdae.train(cfg)
+    with pytest.raises(ValueError, match=r"samples was trained with prior\.sampler"):
+        fastdae.train(apply_overrides(cfg, ["stages=stage1", "prior.sampler=ddim"]))  # samples/ would be stale
+    result = fastdae.train(apply_overrides(cfg, ["stages=samples", "prior.sampler=ddim", "resume=true"]))
+    assert result.metrics["stages"]["samples"]["num_samples"] == cfg.prior.num_samples
+    assert TrainConfig.load(tmp_path / "config.yaml").prior.sampler == "ddim"
+    assert '"prior.sampler": "ddim"' in (tmp_path / "samples" / "identity.json").read_text()
+
+
+def test_summary_lists_stages_built_on_replaced_outputs_as_stale(tmp_path):
+    cfg = tiny(tmp_path, "stages=stage1,cache,stage2", "stage1.steps=2", "stage2.steps=2")
+    fastdae.train(cfg)
+    result = fastdae.train(apply_overrides(cfg, ["stages=stage1", "stage1.lr=1e-3"]))  # another encoder
+    summary = result.metrics
+    assert "stage1" in summary["stages"] and "stage2" not in summary["stages"] and "cache" not in summary["stages"]
+    assert any(d.startswith("encoder:") for d in summary["stale"]["stage2"])
+
+
+# ---- finding 3: a stage reading the cache checks the data it was built from ---------------------
+def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 16, 16, 3), dtype=np.uint8)
+    data = tmp_path / "images.npy"
+    np.save(data, images)
+    run = tmp_path / "run"
+    cfg = tiny(run, "data.name=array", f"data.root={data}", "stages=stage1,cache", "stage1.steps=2")
+    fastdae.train(cfg)
+    images[0] = 255 - images[0]  # item 0's content changes (same file name, size, shape)
+    np.save(data, images)
+    for stage in ("stage2", "prior"):
+        with pytest.raises(ValueError, match="dataset"):
+            fastdae.train(apply_overrides(cfg, [f"stages={stage}"]))
+        assert not (run / stage / "metrics.json").exists()
+
+
+# ---- finding 5: a folder holding another run ----------------------------------------------------
+def test_a_folder_holding_another_run_is_refused_unless_overwrite(tmp_path):
+    fastdae.train(tiny(tmp_path, *STAGE1, "stage1.steps=6"))  # ckpt-4, ckpt-6
+    before = tree(tmp_path)
+    new = tiny(tmp_path, *STAGE1, "seed=1")
+    with pytest.raises(ValueError, match=r"seed.*overwrite"):
+        fastdae.train(new)
+    assert tree(tmp_path) == before
+    fastdae.train(apply_overrides(new, ["overwrite=true"]))
+    stage = tmp_path / "stage1"
+    assert (stage / (stage / "latest").read_text()).is_dir()
+    assert sorted(p.name for p in stage.glob("ckpt-*")) == ["ckpt-00000002"]
+    assert TrainConfig.load(tmp_path / "config.yaml").seed == 1
+    assert len(read_log(stage / "log.csv")) == 2
+
+
+def test_a_runs_own_config_does_not_carry_overwrite(tmp_path):
+    """Trained with overwrite, the run's config.yaml records overwrite false: the file given back with
+    resume (to continue the run, or to a copy of its stages) resumes instead of clearing the folder."""
+    fastdae.train(tiny(tmp_path, *STAGE1, "overwrite=true"))
+    saved = TrainConfig.load(tmp_path / "config.yaml")
+    assert saved.overwrite is False and saved.seed == 0
+    before = tree(tmp_path / "stage1")
+    fastdae.train(apply_overrides(saved, ["resume=true"]))
+    assert tree(tmp_path / "stage1") == before  # finished: skipped, not cleared and trained again
+
+
+def test_training_a_stage_again_starts_from_a_clean_stage_folder(tmp_path):
+    fastdae.train(tiny(tmp_path, *STAGE1, "stage1.steps=6"))
+    fastdae.train(tiny(tmp_path, *STAGE1))  # the same run, stage 1 trained again from scratch for 2 steps
+    stage = tmp_path / "stage1"
+    assert (stage / (stage / "latest").read_text()).is_dir()
+    assert sorted(p.name for p in stage.glob("ckpt-*")) == ["ckpt-00000002"]
+
+
+def test_a_folder_that_is_no_run_is_never_cleared(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(ValueError, match="not a fastdae run"):
+            fastdae.train(tiny(tmp_path, *STAGE1, *extra))
+    assert tree(tmp_path) == {"notes.txt": b"mine"}
+
+
+# ---- finding 6 (run side): `latest` must name a checkpoint inside its stage folder --------------
+def test_latest_pointing_outside_the_stage_folder_is_refused(tmp_path):
+    cfg = tiny(tmp_path / "run", *STAGE1, "stage1.steps=4")
+    fastdae.train(cfg)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "run" / "stage1" / "latest").write_text("../../elsewhere")
+    with pytest.raises(ValueError, match="latest"):
+        fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=6"]))
+
+
+# ---- finding 8 (run side): a full disk leaves no temp checkpoint folders ------------------------
+def test_disk_full_leaves_no_temp_checkpoints(tmp_path, monkeypatch):
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if "state.pt" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        fastdae.train(tiny(tmp_path, *STAGE1))
+    assert not [p.name for p in tmp_path.rglob(".*tmp*")]
