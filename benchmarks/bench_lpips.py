@@ -34,7 +34,7 @@ HEAD_DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
 def public_lpips_head(feats0, feats1, weights):
     """The lpips package's head as it is written there: sqrt-of-sum norm, 1x1 conv, spatial mean."""
     out = 0
-    for f0, f1, w in zip(feats0, feats1, weights):
+    for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         u0 = f0 / (torch.sqrt(torch.sum(f0**2, dim=1, keepdim=True)) + EPS)
         u1 = f1 / (torch.sqrt(torch.sum(f1**2, dim=1, keepdim=True)) + EPS)
         out = out + torch.nn.functional.conv2d((u0 - u1) ** 2, w.to(f0.dtype).view(1, -1, 1, 1)).mean(dim=(2, 3))
@@ -64,7 +64,7 @@ HEADS = {
 
 def vgg_feature_shapes(img: int) -> list[tuple[int, int, int]]:
     """(C, H, W) of relu1_2 ... relu5_3 for an img x img input."""
-    return [(c, img >> l, img >> l) for l, c in enumerate(CHANNELS)]
+    return [(c, img >> i, img >> i) for i, c in enumerate(CHANNELS)]
 
 
 @pytest.mark.parametrize("dtype", HEAD_DTYPES, ids=str)

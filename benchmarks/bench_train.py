@@ -180,7 +180,7 @@ def test_stage2_loader_wait(benchmark, record, setup):
 
     benchmark.group = f"stage2-loader-{SIZE}px-B{BATCH}"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    fraction = statistics.median(w / t for w, t in zip(waits, totals))
+    fraction = statistics.median(w / t for w, t in zip(waits, totals, strict=True))
     record(steps=LOADER_STEPS, batch=BATCH, loader_wait_fraction=fraction)
 
 
@@ -216,9 +216,14 @@ def test_cache_read(benchmark, record, setup, reader):
     cache = LatentCache(setup["root"], verify="lazy")
     if reader == "fastdae-loader":
         loader = cache.loader(256, seed=0, num_workers=1, drop_last=False)
-        read = lambda: [None for _ in loader]
+
+        def read():
+            return [None for _ in loader]
     else:
-        read = lambda: _per_item_pass(cache)
+
+        def read():
+            return _per_item_pass(cache)
+
     benchmark.group = f"cache-read-{SIZE}px"
     benchmark.pedantic(read, rounds=5, warmup_rounds=1)
     record(reader=reader, latents=len(cache), latents_per_s=len(cache) / benchmark.stats.stats.median)

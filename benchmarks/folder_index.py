@@ -6,8 +6,8 @@ and peak memory, on a synthetic tree of tiny PNGs (1000 class folders; nothing d
 Each step runs twice in fresh subprocesses: once timed (wall time after the imports, and the
 process's peak RSS, torch's import included), once under tracemalloc for the peak Python heap
 (counted from after the imports; it also sees numpy's buffers). Steps that use the cache run
-after "cold" has written it; the tree's directories are dated a minute back so it is cacheable. `--old REV` also times the ImageFolder of a git
-revision (it read every file's header at construction) on the same tree.
+after "cold" has written it; the tree's directories are dated a minute back so it is cacheable.
+`--old REV` also times the ImageFolder of a git revision (it read every file's header at construction) on the same tree.
 """
 
 from __future__ import annotations

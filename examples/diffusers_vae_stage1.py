@@ -72,7 +72,7 @@ def main(tmp: Path, source: Path | None) -> None:
     decoder = DiffusersDecoder.from_source(source)  # stage 2: fresh weights; the encoder never runs again
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     losses = []
-    for step, (fields, x) in zip(range(STEPS), cache.paired_loader(dataset, BATCH, seed=0)):
+    for _, (fields, x) in zip(range(STEPS), cache.paired_loader(dataset, BATCH, seed=0), strict=False):
         with torch.no_grad():
             z = stage1.latent(fields)  # (B, C, h, w): the posterior mean (or the VQ code vectors)
         loss = (decoder(z) - x).abs().mean()

@@ -98,7 +98,7 @@ def main(tmp: Path, ckpt: Path | None, config: Path | None) -> None:
     decoder = TamingDecoder.from_source(ckpt, config)
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     losses = []
-    for _, (fields, x) in zip(range(STEPS), cache.paired_loader(dataset, BATCH, seed=0)):
+    for _, (fields, x) in zip(range(STEPS), cache.paired_loader(dataset, BATCH, seed=0), strict=False):
         loss = (decoder(stage1.latent(fields)) - x).abs().mean()  # z_q (B, D, h, w) -> (B, 3, H, W)
         opt.zero_grad()
         loss.backward()

@@ -48,7 +48,9 @@ def _load_prebuilt() -> bool:
         torch.ops.load_library(str(libs[0]))
         return True
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"fastdae: prebuilt C++ ops {libs[0].name} failed to load ({err}); trying a JIT build")
+        warnings.warn(
+            f"fastdae: prebuilt C++ ops {libs[0].name} failed to load ({err}); trying a JIT build", stacklevel=2
+        )
         return False
 
 
@@ -80,7 +82,8 @@ def _load_source(stem: str) -> bool:
         warnings.warn(
             f"fastdae: could not build the C++ op file {src.name} ({msg[-1] if msg else type(err).__name__}); "
             "using the pure-torch reference on CPU. Set FASTDAE_EXT_VERBOSE=1 to see the build log, "
-            "or FASTDAE_NO_EXT=1 to skip the build."
+            "or FASTDAE_NO_EXT=1 to skip the build.",
+            stacklevel=2,
         )
         return False
 

@@ -61,8 +61,8 @@ class Sampler:
             )
         z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
         if self.bottleneck is not None:
-            idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # (B*h*h,)
-            z = self.bottleneck.latent({"indices": idx.view(B, h, h)})
+            idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # type: ignore[arg-type, union-attr]  # (B*h*h,)
+            z = self.bottleneck.latent({"indices": idx.view(B, h, h)})  # type: ignore[operator]
         with autocast(self.device, self.precision):
             return self.decoder(z).float().clamp(-1, 1)  # (B, 3, H, W)
 

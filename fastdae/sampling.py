@@ -169,7 +169,7 @@ def _merge(parts: Path, out: Path, num_samples: int, png_dir: Path | None, digit
         image_shape, has_labels = first["images"].shape[1:], "labels" in first.files
 
     def field(name: str) -> Iterator[np.ndarray]:
-        for (start, _), file in zip(done, shards):
+        for (start, _), file in zip(done, shards, strict=True):
             with np.load(file) as shard:
                 data = shard[name]
             if name == "images" and png_dir is not None:

@@ -135,7 +135,7 @@ def test_an_interrupted_run_resumes_bitwise(run_dir, tmp_path, monkeypatch):
     assert not out.exists()
     monkeypatch.setattr(sampling.Sampler, "generate", generate)
     resumed = read_npz(fastdae.sample(run_dir, 20, out, batch_size=4, progress=False))
-    assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
+    assert all(np.array_equal(x, y) for x, y in zip(straight, resumed, strict=True))
     assert json.loads((tmp_path / "resumed.npz.json").read_text())["samples_this_run"] == 12  # only the gaps
 
 
@@ -258,7 +258,7 @@ def test_torchrun_shards_match_one_process(run_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = read_npz(tmp_path / "ddp.npz")
-    assert all(np.array_equal(x, y) for x, y in zip(single, ddp))  # same batches, wherever they ran
+    assert all(np.array_equal(x, y) for x, y in zip(single, ddp, strict=True))  # same batches, wherever they ran
     record = json.loads((tmp_path / "ddp.npz.json").read_text())
     assert record["world_size"] == 2 and record["samples_this_run"] == 22
 

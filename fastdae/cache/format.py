@@ -156,7 +156,7 @@ class FlipView(Dataset):
     """Index space of the cache over a dataset of n items: i >= n is item i - n flipped along W."""
 
     def __init__(self, dataset: Dataset, flip: bool) -> None:
-        self.dataset, self.n, self.flip = dataset, len(dataset), flip
+        self.dataset, self.n, self.flip = dataset, len(dataset), flip  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return self.n * (2 if self.flip else 1)

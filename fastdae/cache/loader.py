@@ -30,10 +30,11 @@ class CacheLoader:
     flipped images.
 
     Order: batch b of epoch e holds items indices(e)[b*B:(b+1)*B] in ascending order (order within a
-    batch does not matter to a mean loss, and ascending reads are fastest); epoch e uses permutation `np.random.default_rng([seed, e])` of all items (identity
-    without shuffle). Under torch.distributed (or with explicit rank/world_size) rank r takes
-    every world_size-th index of it, so ranks never overlap and all get len(self) batches (the
-    tail is dropped with drop_last, else padded by wrapping around, as DistributedSampler does).
+    batch does not matter to a mean loss, and ascending reads are fastest); epoch e uses permutation
+    `np.random.default_rng([seed, e])` of all items (identity without shuffle). Under
+    torch.distributed (or with explicit rank/world_size) rank r takes every world_size-th index of
+    it, so ranks never overlap and all get len(self) batches (the tail is dropped
+    with drop_last, else padded by wrapping around, as DistributedSampler does).
     Each full pass over the loader advances the epoch, which starts at `epoch_offset`;
     `set_epoch(e, start_batch)` jumps anywhere, so a run resumed at global step s calls
     `set_epoch(epoch_offset + s // len(loader), s % len(loader))` and sees the same batches.
@@ -41,7 +42,8 @@ class CacheLoader:
     `num_workers` gather threads (at least one) run up to `prefetch` batches ahead of the consumer,
     refilled in bulk whenever half of them have been taken;
     the gathers spend little time holding the GIL (one np.take per shard and field, widening in
-    torch), so the training step does not wait. `pin_memory=True` pins batches (CUDA builds) for non_blocking host-to-device copies.
+    torch), so the training step does not wait. `pin_memory=True` pins batches (CUDA builds) for
+    non_blocking host-to-device copies.
     """
 
     def __init__(
@@ -141,10 +143,10 @@ class CacheLoader:
 
 
 def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
-    want = len(image_dataset) * (2 if cache.manifest["flip"] else 1)
+    want = len(image_dataset) * (2 if cache.manifest["flip"] else 1)  # type: ignore[arg-type]
     if want != len(cache):
         raise ValueError(
-            f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "
+            f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "  # type: ignore[arg-type]
             f"{len(cache)} items (flip={cache.manifest['flip']})"
         )
 

@@ -79,7 +79,7 @@ class _Shard:
             if (
                 entry is None
                 or tuple(entry["shape"]) != shape
-                or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe")
+                or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe")  # type: ignore[arg-type]
             ):
                 raise CacheError(
                     f"cache shard {self.path}: field {name!r} is {entry and (entry['dtype'], entry['shape'])}, "
@@ -89,6 +89,7 @@ class _Shard:
             if not 0 <= lo <= hi <= len(raw) - base:
                 raise CacheError(f"cache shard {self.path}: field {name!r} lies outside the file")
             # plain ndarrays over the map (np.memmap's subclass hooks cost more than the copy itself)
+            assert stored is not None  # the check above raised when the entry is missing
             arrays[name] = np.frombuffer(
                 raw, dtype=stored.newbyteorder("<"), count=(hi - lo) // stored.itemsize, offset=base + lo
             ).reshape(shape)
@@ -99,7 +100,7 @@ class _Shard:
         return {"path": self.path, "record": self.record, "fields": self.fields}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["record"], state["fields"])
+        self.__init__(state["path"], state["record"], state["fields"])  # type: ignore[misc]
 
 
 class LatentCache:
@@ -145,7 +146,7 @@ class LatentCache:
         """Encode every item of `dataset` once and write the cache (fastdae.cache.writer.build), then open it."""
         from fastdae.cache.writer import build
 
-        build(root, dataset, encode, **kwargs)
+        build(root, dataset, encode, **kwargs)  # type: ignore[arg-type]
         return cls(root, verify="lazy")  # every shard was just hashed
 
     def __len__(self) -> int:
@@ -180,7 +181,7 @@ class LatentCache:
         }
         shard_of = np.searchsorted(self._starts, sidx, side="right") - 1  # (B,) non-decreasing
         cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(idx)]
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             s = int(shard_of[a])
             local = sidx[a:b] - self._starts[s]
             for name, array in self._shards[s].arrays().items():

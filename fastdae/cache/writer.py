@@ -75,15 +75,15 @@ class _Moments:
             return other
         if other.n == 0:
             return self
-        if self.mean.shape != other.mean.shape:
-            raise ValueError(f"stats_latent channel count changed from {self.mean.shape[0]} to {other.mean.shape[0]}")
+        if self.mean.shape != other.mean.shape:  # type: ignore[union-attr]
+            raise ValueError(f"stats_latent channel count changed from {self.mean.shape[0]} to {other.mean.shape[0]}")  # type: ignore[union-attr]
         n = self.n + other.n
-        delta = other.mean - self.mean
-        return _Moments(n, self.mean + delta * (other.n / n), self.m2 + other.m2 + delta**2 * (self.n * other.n / n))
+        delta = other.mean - self.mean  # type: ignore[operator]
+        return _Moments(n, self.mean + delta * (other.n / n), self.m2 + other.m2 + delta**2 * (self.n * other.n / n))  # type: ignore[operator]
 
     def to_dict(self) -> dict[str, Any]:
         # Python floats round-trip exactly through JSON (repr is shortest-exact)
-        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}  # type: ignore[union-attr]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _Moments:
@@ -210,8 +210,8 @@ def _merge_manifest(
         "fields": fields,
         "shards": [{k: r[k] for k in ("file", "start", "stop", "bytes", "sha256")} for r in records],
         # population statistics of stats_latent over items and positions, per channel
-        "channel_mean": moments.mean.tolist(),
-        "channel_std": np.sqrt(moments.m2 / moments.n).tolist(),
+        "channel_mean": moments.mean.tolist(),  # type: ignore[union-attr]
+        "channel_std": np.sqrt(moments.m2 / moments.n).tolist(),  # type: ignore[operator]
         "channel_count": moments.n,
         "build": {
             "seconds": seconds,
@@ -263,7 +263,7 @@ def build(
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    if len(dataset) == 0:
+    if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("cannot build a latent cache of an empty dataset")
     t0 = time.perf_counter()
     root = Path(root)
@@ -294,7 +294,7 @@ def build(
         for a in range(start, stop, batch_size)
     ]
     loader = iter(
-        DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate) if batches else ()
+        DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate) if batches else ()  # type: ignore[arg-type]
     )
 
     from tqdm import tqdm
@@ -311,7 +311,7 @@ def build(
             parts: dict[str, list[Tensor]] = {}
             moments = _Moments()
             for _ in range(start, stop, batch_size):
-                images, labels = next(loader)
+                images, labels = next(loader)  # type: ignore[var-annotated]
                 fields, latent = _check_encoded(encode(images), len(images))
                 if parts and set(fields) | {LABEL} != set(parts):
                     raise ValueError(f"encode returned fields {sorted(fields)}, earlier {sorted(set(parts) - {LABEL})}")
@@ -328,7 +328,7 @@ def build(
         mine_records = [r for rs in gathered for r in rs]
     if rank == 0:
         encoded = sum(r["stop"] - r["start"] for r in mine_records if r.get("encoded"))
-        manifest = _merge_manifest(mine_records, identity, len(dataset), time.perf_counter() - t0, encoded, world)
+        manifest = _merge_manifest(mine_records, identity, len(dataset), time.perf_counter() - t0, encoded, world)  # type: ignore[arg-type]
         files.write_bytes(root / MANIFEST, json.dumps({**manifest, "checksum": checksum(manifest)}, indent=1).encode())
         _remove_unlisted(root, {s["file"] for s in manifest["shards"]})
     if world > 1:

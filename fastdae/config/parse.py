@@ -40,7 +40,7 @@ def build(cls: type, d: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigTypeError(f"config key {where + name!r} must be a mapping, got {type(value).__name__}")
-            value = build(tp, value, f"{where}{name}.")
+            value = build(tp, value, f"{where}{name}.")  # type: ignore[arg-type]
         else:
             value = coerce(value, tp, where + name)
             if where + name in CHOICES:  # before the component's own check, to suggest the near miss

@@ -157,8 +157,9 @@ class TrainConfig:
     stage1.steps, then stage 2). `stages` run in order; each reads earlier outputs from out_dir.
     `precision` "auto": bf16 autocast on CUDA, fp32 on CPU; "fp16": fp16 autocast with a GradScaler
     (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
-    Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`: continue each listed stage from
-    its last checkpoint (finished stages are skipped) when its identity matches (README: resume);
+    Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`:
+    continue each listed stage from its last checkpoint (finished stages are skipped) when its
+    identity matches (README: resume);
     `overwrite`: clear an out_dir that holds another run first."""
 
     out_dir: str = "runs/default"

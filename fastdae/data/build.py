@@ -24,8 +24,8 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name in PROCEDURAL:
         return (ProceduralShapes if cfg.name == "shapes" else ProceduralTextures)(cfg.num_samples, cfg.size, cfg.seed)
     if cfg.name == "folder":
-        return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
-    ds = ArrayDataset(cfg.root)
+        return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)  # type: ignore[arg-type]
+    ds = ArrayDataset(cfg.root)  # type: ignore[arg-type]
     if ds.image_size != (cfg.size, cfg.size):
         raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
     return ds

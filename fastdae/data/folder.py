@@ -69,7 +69,7 @@ class ImageFolder(Dataset):
         blob, root = self.index.names.tobytes(), os.fsencode(self.root.resolve())
         for start in range(0, len(self), STAT_CHUNK):  # bytes paths and chunked offsets: ~10 us per file
             offsets = self.index.offsets[start : start + STAT_CHUNK + 1].tolist()
-            for a, b in zip(offsets[:-1], offsets[1:]):
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True):
                 name = blob[a:b]
                 st = os.stat(root + b"/" + name)
                 h.update(b"%s\0%d\0%d\0%d\0%d\n" % (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
@@ -100,7 +100,7 @@ class ImageFolder(Dataset):
             raise ValueError(f"cannot read image file {path}: {e}") from e
         if self.resize and min(im.width, im.height) != s:
             scale = s / min(im.width, im.height)
-            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
+            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)  # type: ignore[attr-defined]
         if min(im.width, im.height) < s:
             raise ValueError(
                 f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "

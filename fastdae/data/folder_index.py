@@ -107,7 +107,9 @@ class FolderIndex:
         """True while every walked directory keeps its mtime: adding, removing or renaming an entry
         changes its directory's mtime (POSIX), so the names and labels here are still the tree's."""
         try:
-            return all(os.stat(root / d).st_mtime_ns == m for d, m in zip(self.dirs, self.dir_mtimes.tolist()))
+            return all(
+                os.stat(root / d).st_mtime_ns == m for d, m in zip(self.dirs, self.dir_mtimes.tolist(), strict=True)
+            )
         except OSError:
             return False
 

@@ -107,7 +107,7 @@ class ProceduralDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
         images, labels = self.images(indices)
-        return list(zip(images.unbind(0), labels.unbind(0)))
+        return list(zip(images.unbind(0), labels.unbind(0), strict=True))
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         images, labels = self.images([i])

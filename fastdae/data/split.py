@@ -42,10 +42,10 @@ class DatasetSplit(Dataset):
 
     def __init__(self, base: Dataset, indices: np.ndarray, part: str) -> None:
         self.base, self.indices, self.part = base, np.asarray(indices, dtype=np.int64), part
-        self.labels = np.asarray(base.labels)[self.indices]
-        self.num_classes = base.num_classes
+        self.labels = np.asarray(base.labels)[self.indices]  # type: ignore[attr-defined]
+        self.num_classes = base.num_classes  # type: ignore[attr-defined]
         self.classes = getattr(base, "classes", None)
-        self.image_size = base.image_size
+        self.image_size = base.image_size  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -76,13 +76,13 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if isinstance(ds, ProceduralDataset):
         h = max(1, cfg.holdout_count(len(ds)))  # a dataset has >= 1 item
         return ds, ds.part(len(ds), len(ds) + h)
-    n, h = len(ds), cfg.holdout_count(len(ds))
+    n, h = len(ds), cfg.holdout_count(len(ds))  # type: ignore[arg-type]
     if h >= n:
         raise ValueError(
             f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
             f"none to train on; lower it"
         )
-    order = stratified_order(ds.labels, cfg.seed)
+    order = stratified_order(ds.labels, cfg.seed)  # type: ignore[attr-defined]
     return DatasetSplit(ds, np.sort(order[h:]), "train"), DatasetSplit(ds, order[:h], "heldout")
 
 
@@ -93,8 +93,8 @@ def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:
     probes guard other datasets. Probes are drawn under a fixed torch seed (random crops and flips
     repeat) and hashed after rounding to 8 bits, so last-bit float differences between machines
     do not change the fingerprint."""
-    n = len(ds)
-    ident = getattr(ds, "identity", dict)()
+    n = len(ds)  # type: ignore[arg-type]
+    ident = getattr(ds, "identity", dict)()  # type: ignore[var-annotated]
     h = hashlib.sha256()
     h.update(
         json.dumps(

@@ -281,7 +281,7 @@ def _draw_metric_bars(report: dict[str, Any], path: Path) -> str:
     rows = max(1, math.ceil(len(keys) / cols))
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (key, label) in zip(axes, keys):
+    for ax, (key, label) in zip(axes, keys, strict=False):
         stats = [report["summary"][v].get(key) or {"n": 0} for v in variants]
         means = [s["mean"] if s["n"] else float("nan") for s in stats]
         stds = [s["std"] if s["n"] else 0.0 for s in stats]

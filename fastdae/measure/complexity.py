@@ -188,7 +188,7 @@ def fit_decoder(
     with torch.no_grad():
         err = sum(
             F.mse_loss(decoder(z).double(), x.double(), reduction="sum").item()
-            for z, x in zip(latents.split(batch_size), images.split(batch_size))
+            for z, x in zip(latents.split(batch_size), images.split(batch_size), strict=True)
         )
     return err / images.numel()
 

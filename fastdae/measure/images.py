@@ -97,4 +97,4 @@ def ssim(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
 def lpips_distance(x: Tensor, y: Tensor, model: nn.Module, batch_size: int = 64) -> Tensor:
     """Per-image LPIPS (B,) with a fastdae.nn.LPIPS `model` (which needs local VGG16 weights)."""
     _check_pair(x, y, "lpips_distance")
-    return torch.cat([model(a, b).reshape(-1) for a, b in zip(x.split(batch_size), y.split(batch_size))])
+    return torch.cat([model(a, b).reshape(-1) for a, b in zip(x.split(batch_size), y.split(batch_size), strict=True)])

@@ -76,7 +76,7 @@ def judge_parts(heldout: int, eval_images: int, floor_images: int, classifier_im
         e = min(e, round(rest * e / (e + f)))
         f = min(f, rest - e)
     ends = np.cumsum([e, f, c]).tolist()
-    return {name: range(end - n, end) for name, n, end in zip(PARTS, (e, f, c), ends)}
+    return {name: range(end - n, end) for name, n, end in zip(PARTS, (e, f, c), ends, strict=True)}
 
 
 def training_images(data: DataConfig, n: int) -> Tensor:

@@ -249,7 +249,7 @@ class Diffusion:
         B, C = shape[0], shape[1]
         x = randn(shape, generator, device, torch.float32)
         times = self.sample_times(steps)
-        for t, s in zip(times[:-1], times[1:]):
+        for t, s in zip(times[:-1], times[1:], strict=True):
             t_vec = torch.full((B,), t, device=device, dtype=torch.float64 if self.objective == "flow" else torch.long)
             s_vec = torch.full_like(t_vec, s)  # the next time: sigma_s = 0 only at the clean end
             if cfg_scale == 1.0:

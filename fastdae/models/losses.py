@@ -1,8 +1,8 @@
 """The autoencoder losses of PAPER.md §3, shared by stage 1 and stage 2:
 
     L_gen  = l1_weight * |x - x_hat| + chroma_weight * |C (x - x_hat)| + lpips_weight * LPIPS(x, x_hat)
-             + aux + lambda * L_G                                                                   (L_G after disc.start)
-    L_disc = hinge loss of the PatchGAN on (x, sg[x_hat])                                     (after disc.start)
+             + aux + lambda * L_G                                                     (L_G after disc.start)
+    L_disc = hinge loss of the PatchGAN on (x, sg[x_hat])                       (after disc.start)
 
 aux is the bottleneck term (VQ codebook + commitment, or weighted KL) in stage 1, zero in stage 2.
 C projects RGB onto the two opponent-colour axes orthogonal to grey (red-green, yellow-blue): the chroma

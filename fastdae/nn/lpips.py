@@ -204,8 +204,8 @@ class LPIPS(nn.Module):
             lins = self._load_lins(bundled)
         else:
             lins = [torch.rand(c) for c in CHANNELS]
-        for l, w in enumerate(lins):
-            self.register_buffer(f"lin{l}", w)  # (C_l,) non-negative channel weights
+        for i, w in enumerate(lins):
+            self.register_buffer(f"lin{i}", w)  # (C_l,) non-negative channel weights
         if verbose:
             print(
                 f"Setting up [{'LPIPS' if lpips else 'baseline'}] perceptual loss: trunk [vgg], v[{version}], "
@@ -217,8 +217,8 @@ class LPIPS(nn.Module):
     def _load_lins(path: str | os.PathLike) -> list[Tensor]:
         state = load_state_file(path)
         lins = []
-        for l, c in enumerate(CHANNELS):
-            key = LIN_KEY.format(l)
+        for i, c in enumerate(CHANNELS):
+            key = LIN_KEY.format(i)
             if key not in state or state[key].shape != (1, c, 1, 1):
                 got = tuple(state[key].shape) if key in state else "missing"
                 raise ValueError(f"{path}: {key} must be a (1, {c}, 1, 1) tensor (lpips vgg format), got {got}")
@@ -264,7 +264,7 @@ class LPIPS(nn.Module):
 
     @property
     def lin_weights(self) -> list[Tensor]:
-        return [getattr(self, f"lin{l}") for l in range(len(CHANNELS))]
+        return [getattr(self, f"lin{i}") for i in range(len(CHANNELS))]
 
     def _check(self, x0: Tensor, x1: Tensor, normalize: bool) -> None:
         for name, x in (("in0", x0), ("in1", x1)):
@@ -306,7 +306,7 @@ class LPIPS(nn.Module):
         (B, 1, H, W) upsampled to the input (spatial) or (B, 1, 1, 1) means, as lpips computes them.
         Dropout (training mode, use_dropout) acts on the (B, C, H_l, W_l) differences, as lpips' lin layer."""
         out = []
-        for f0, f1, w in zip(feats0, feats1, self.lin_weights):
+        for f0, f1, w in zip(feats0, feats1, self.lin_weights, strict=True):
             u0 = f0.float() / (torch.linalg.vector_norm(f0.float(), dim=1, keepdim=True) + EPS)
             u1 = f1.float() / (torch.linalg.vector_norm(f1.float(), dim=1, keepdim=True) + EPS)
             diff = F.dropout((u0 - u1).square(), 0.5, training=self.training and self.use_dropout)
@@ -326,7 +326,7 @@ class LPIPS(nn.Module):
         elif per_layer:  # one fused call per layer
             layers = [
                 lpips_head([f0], [f1], [w], impl=self.impl).view(-1, 1, 1, 1)
-                for f0, f1, w in zip(feats0, feats1, self.lin_weights)
+                for f0, f1, w in zip(feats0, feats1, self.lin_weights, strict=True)
             ]
         else:
             return lpips_head(feats0, feats1, self.lin_weights, impl=self.impl).view(-1, 1, 1, 1)
@@ -341,7 +341,8 @@ class LPIPS(nn.Module):
         normalize: bool | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """LPIPS distance (B, 1, 1, 1) float32 ((B, 1, H, W) with spatial=True); with retPerLayer the
-        tuple (distance, [five per-layer terms of the same shape]). normalize: inputs in [0, 1] (default: the constructor's, False).
+        tuple (distance, [five per-layer terms of the same shape]). normalize: inputs in [0, 1]
+        (default: the constructor's, False).
         Differentiable w.r.t. both inputs."""
         normalize = self.normalize if normalize is None else normalize
         self._check(in0, in1, normalize)

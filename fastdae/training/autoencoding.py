@@ -72,7 +72,7 @@ def discriminator_step(run: Run, crit: AutoencoderLoss, state: State, x: Tensor,
     """One hinge-loss step of the discriminator on real x and (detached) x_hat (B, 3, H, W), in the
     stage's micro-batches; returns its loss (the mean over them)."""
     upd, losses = state.updaters["discriminator"], []
-    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), crit.disc_train):
+    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), crit.disc_train):  # type: ignore[arg-type]
         with run.autocast():
             d_loss = crit.discriminator_loss(xm, xm_hat)
         upd.backward(d_loss)

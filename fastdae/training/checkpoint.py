@@ -64,7 +64,7 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT.fullmatch(path.name).group(1))
+    return int(CHECKPOINT.fullmatch(path.name).group(1))  # type: ignore[union-attr]
 
 
 @dataclass

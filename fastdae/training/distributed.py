@@ -65,7 +65,7 @@ def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = F
     # the GAN's adaptive weight differentiates the compiled graph twice (autograd.grad with
     # retain_graph, then backward): compiled backwards must not donate (free) their saved buffers
     torch._functorch.config.donated_buffer = False
-    return torch.compile(module)
+    return torch.compile(module)  # type: ignore[return-value]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -96,10 +96,10 @@ class StepBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
         while True:
-            epoch, b = divmod(step, self.per_epoch)
+            epoch, first = divmod(step, self.per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             mine = order[: self.per_epoch * self.batch_size * self.world_size][self.rank :: self.world_size]
-            for b in range(b, self.per_epoch):
+            for b in range(first, self.per_epoch):
                 yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
                 step += 1
 
@@ -108,7 +108,7 @@ def image_batches(
     dataset: Dataset, batch_size: int, seed: int, start_step: int, d: Dist, num_workers: int, device: torch.device
 ) -> Iterator[Any]:
     """Endless (images, labels) batches of `batch_size` per rank from global step `start_step`."""
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, d.rank, d.world_size)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, d.rank, d.world_size)  # type: ignore[arg-type]
     return iter(
         DataLoader(
             dataset,

@@ -50,7 +50,7 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
         split = {k: split_batch(v, parts) for k, v in batch.items()}
         return [{k: v[i] for k, v in split.items()} for i in range(parts)]
     if isinstance(batch, (list, tuple)):
-        split = [split_batch(v, parts) for v in batch]
+        split = [split_batch(v, parts) for v in batch]  # type: ignore[assignment]
         return [type(batch)(v[i] for v in split) for i in range(parts)]
     raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
 
@@ -142,7 +142,7 @@ class Updater:
         """Make `lr` the base rate after a checkpoint restored the old one (lr may change on resume):
         the current rate is lr * schedule factor at the restored step."""
         self.sched.base_lrs = [lr] * len(self.opt.param_groups)
-        for group, factor in zip(self.opt.param_groups, self.sched.lr_lambdas):
+        for group, factor in zip(self.opt.param_groups, self.sched.lr_lambdas, strict=True):
             group["initial_lr"], group["lr"] = lr, lr * factor(self.sched.last_epoch)
 
     @property
@@ -174,7 +174,7 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(unwrap(source)).eval().requires_grad_(False)
         self.__dict__["source"] = unwrap(source)  # a plain reference, not a registered submodule
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -183,8 +183,8 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), self.source.buffers()):
+        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)  # type: ignore[union-attr]
+        for b_ema, b in zip(self.module.buffers(), self.source.buffers(), strict=True):  # type: ignore[union-attr]
             b_ema.copy_(b)
 
 

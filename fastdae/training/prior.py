@@ -43,7 +43,7 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + 2)
     model = build_dit(r).to(device)
     model_train = wrap_ddp(model, r.dist, device, p.compile)
-    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)
+    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)  # type: ignore[arg-type]
     upd = Updater(model.parameters(), p, total_steps=p.steps, fp16=r.fp16, device=device, betas=BETAS)
     state = State({"dit": model}, {"dit": upd})
     ema = ema_or_none(model, p.ema_decay)
@@ -59,8 +59,8 @@ def run(r: Run) -> dict[str, Any]:
         parts = []
         for fields in upd.micro_batches(to_device(log.batch(batches), device), model_train):
             with torch.no_grad():
-                x0 = scaler.normalize(bottleneck.latent(fields))  # (b, C, h, w), ~unit variance per channel
-            y = fields["label"] if model.num_classes > 0 else None
+                x0 = scaler.normalize(bottleneck.latent(fields))  # type: ignore[operator]  # (b, C, h, w), ~unit variance per channel
+            y = fields["label"] if model.num_classes > 0 else None  # type: ignore[operator]
             with r.autocast():
                 loss = diffusion.loss(model_train, x0, y)
             upd.backward(loss)

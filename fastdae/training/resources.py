@@ -138,7 +138,7 @@ class RunResources(RunFolder):
             return build_decoder(self.cfg.autoencoder)
         from fastdae.pretrained.source import build_decoder as build_pretrained_decoder
 
-        return build_pretrained_decoder(self.cfg.stage1.encoder)
+        return build_pretrained_decoder(self.cfg.stage1.encoder)  # type: ignore[arg-type]
 
     def open_cache(self) -> Any:
         """run/cache, verified against the frozen encoder it was built from and this run's dataset."""

@@ -103,7 +103,7 @@ class Run(RunResources):
                     f"cleared, not even with overwrite: choose another out_dir"
                 )
             if cfg.overwrite:
-                self._on_main(lambda: [files.remove(p) for p in root.iterdir()])
+                self._on_main(lambda: [files.remove(p) for p in root.iterdir()])  # type: ignore[func-returns-value]
         conflicts = []
         for stage in STAGES:
             if not self.stage_dir(stage).exists():
@@ -129,8 +129,8 @@ class Run(RunResources):
         # out_dir of anyone who reuses the file) when trained again, e.g. with --config it --resume
         self._on_main(
             lambda: (
-                root.mkdir(parents=True, exist_ok=True),
-                files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode()),
+                root.mkdir(parents=True, exist_ok=True),  # type: ignore[func-returns-value]
+                files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode()),  # type: ignore[func-returns-value]
             )
         )
 

@@ -42,7 +42,7 @@ def build_sampler(
         "sampler": sampler or p.sampler,
         "cfg_scale": p.cfg_scale if cfg_scale is None else cfg_scale,
     }
-    if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:
+    if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:  # type: ignore[operator]
         raise ValueError(f"sampler must be one of {SAMPLERS} and steps >= 1, got {settings}")
     dit_file = r.require(r.dit_file, "prior")
     decoder_file = r.require(r.decoder_file(r.final_decoder_stage), r.final_decoder_stage)
@@ -63,16 +63,16 @@ def build_sampler(
         **settings,
     }
     return Sampler(
-        dit=dit.to(r.device).eval(),
+        dit=dit.to(r.device).eval(),  # type: ignore[arg-type]
         decoder=decoder.to(r.device).eval(),
         scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
-        diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
+        diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),  # type: ignore[arg-type]
         bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
         clip_x0=p.clip_x0,
         precision=cfg.precision,
         device=r.device,
         identity=identity,
-        **settings,
+        **settings,  # type: ignore[arg-type]
     )
 
 
@@ -115,8 +115,8 @@ def judge_samples(r: Run, images: Tensor, labels: Tensor) -> dict[str, Any]:
 
     ev = EvalConfig(classifier_steps=r.cfg.prior.judge_steps)
     judge = build_judge(r.cfg, ev, r.root, log.info)
-    scores = M.sample_validity(judge.classifier, images, labels, ev.validity_threshold)
-    scores["fd_feat"] = M.frechet_score(judge.classifier, images, judge.stats["FD-feat"], ev.batch_size)
+    scores = M.sample_validity(judge.classifier, images, labels, ev.validity_threshold)  # type: ignore[arg-type]
+    scores["fd_feat"] = M.frechet_score(judge.classifier, images, judge.stats["FD-feat"], ev.batch_size)  # type: ignore[arg-type]
     log.info(
         f"samples: class accuracy {scores['class_accuracy']:.3f}, validity {scores['validity']:.3f} "
         f"(judge; real held-out images: {judge.reference.get('class_accuracy_real', float('nan')):.3f}, "

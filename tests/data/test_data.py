@@ -211,7 +211,9 @@ def test_image_folder_any_aspect_ratio_crops_and_flip(tmp_path):
     flip = ImageFolder(tmp_path, size=8, flip=True)
     draws = [flip[0][0] for _ in range(40)]
     mirrored = [torch.equal(d, x[:, :, 6:14].flip(-1)) for d in draws]
-    assert all(m or torch.equal(d, x[:, :, 6:14]) for m, d in zip(mirrored, draws)) and 5 < sum(mirrored) < 35
+    assert (
+        all(m or torch.equal(d, x[:, :, 6:14]) for m, d in zip(mirrored, draws, strict=True)) and 5 < sum(mirrored) < 35
+    )
     crop_only = ImageFolder(tmp_path, size=10, resize=False)
     assert crop_only[1][0].shape == (3, 10, 10)
     with pytest.raises(ValueError, match=r"x\.png is 20x8, smaller than size 10x10.*resize=True"):

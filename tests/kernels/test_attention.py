@@ -68,7 +68,7 @@ def test_attention_matches_reference(case, device):
     kernel = _fwd_bwd(attention, q, k, v, grad, scale=scale, impl="triton")
     plain = _fwd_bwd(attention_ref, q, k, v, grad, scale=scale)
     ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double(), scale=scale)
-    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64):
+    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64, strict=True):
         assert out.shape == ref.shape and out.dtype == dtype, name
         assert_close_to_ref(out, ref, torch_out, f"{_ids(case)} {name}")
 
@@ -89,7 +89,7 @@ def test_very_negative_scores_stay_finite(device):
     ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double())
     # Not the 2x rule: one rounding of lse2 (~1e-5 at |lse2| ~ 150) rescales a whole row of the
     # recomputed P, and K's common component (-6) amplifies that in dq (as in FlashAttention-2).
-    for name, out, ref in zip(("out", "dq", "dk", "dv"), kernel, ref64):
+    for name, out, ref in zip(("out", "dq", "dk", "dv"), kernel, ref64, strict=True):
         assert rel_err(out, ref) < 1e-3, name
 
 
@@ -114,7 +114,7 @@ def test_strided_inputs_and_grad(device):
     out = attention(q, k, v, impl="triton")
     out.sum().backward()  # the gradient of sum() arrives expanded, with stride 0
     ref = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), torch.ones(B, H, N, D, device=device).double())
-    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref):
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref, strict=True):
         assert rel_err(a, r) < 1e-5, name
 
 
@@ -127,7 +127,7 @@ def test_opcheck(device):
     for kernel in (_bwd_triton, _attention_bwd_op):  # the launcher and the op's kernel for the device
         dq, dk, dv = kernel(grad, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
         expected = torch.autograd.grad(attention_ref(q, k, v, 0.2), (q, k, v), grad)
-        for a, e in zip((dq, dk, dv), expected):
+        for a, e in zip((dq, dk, dv), expected, strict=True):
             assert a.shape == e.shape and a.is_contiguous() and rel_err(a, e) < 1e-5
 
 
@@ -176,7 +176,7 @@ def test_head_chunks_valid_for_every_supported_dim():
 )
 def test_errors(shapes, dtypes, match, exc):
     dtypes = dtypes or (torch.float32,) * 3
-    q, k, v = (torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+    q, k, v = (torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes, strict=True))
     with pytest.raises(exc, match=match):
         attention(q, k, v, impl="triton")
 
@@ -300,7 +300,7 @@ def test_large_shapes_gpu(N, D, dtype):
     kernel = _fwd_bwd(attention, q, k, v, grad, impl="triton")
     plain = _fwd_bwd(attention_ref, q, k, v, grad)
     ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double())
-    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64):
+    for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64, strict=True):
         assert_close_to_ref(out, ref, torch_out, f"N{N} D{D} {name}")
 
 

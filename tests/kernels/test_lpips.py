@@ -66,18 +66,18 @@ def test_head_matches_float64_reference(impl, layers, dtype, layout):
     out, g0, g1, x0, x1 = head_with_grads(f0, f1, w, impl, dtype, layout, upstream=upstream)
     assert out.shape == (B,) and out.dtype == torch.float32
     assert_close_to_ref(out, ref[0], plain[0], "out")
-    for l in range(len(layers)):
-        assert g0[l].dtype == g1[l].dtype == dtype
+    for i in range(len(layers)):
+        assert g0[i].dtype == g1[i].dtype == dtype
         if impl != "ref":  # the kernels return gradients laid out like torch.empty_like(features)
-            assert same_layout(g0[l], torch.empty_like(x0[l])) and same_layout(g1[l], x1[l])
-        assert_close_to_ref(g0[l], ref[1][l], plain[1][l], f"grad0[{l}]")
-        assert_close_to_ref(g1[l], ref[2][l], plain[2][l], f"grad1[{l}]")
+            assert same_layout(g0[i], torch.empty_like(x0[i])) and same_layout(g1[i], x1[i])
+        assert_close_to_ref(g0[i], ref[1][i], plain[1][i], f"grad0[{i}]")
+        assert_close_to_ref(g1[i], ref[2][i], plain[2][i], f"grad1[{i}]")
 
 
 def public_lpips_head(feats0, feats1, weights):
     """The lpips package's formula, written out: sqrt of the squared norm (NaN gradient at 0)."""
     out = 0
-    for f0, f1, w in zip(feats0, feats1, weights):
+    for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         u0 = f0 / (torch.sqrt(torch.sum(f0**2, dim=1, keepdim=True)) + EPS)
         u1 = f1 / (torch.sqrt(torch.sum(f1**2, dim=1, keepdim=True)) + EPS)
         out = out + torch.nn.functional.conv2d((u0 - u1) ** 2, w.to(f0.dtype).view(1, -1, 1, 1)).mean(dim=(2, 3))[:, 0]
@@ -98,9 +98,9 @@ def test_head_gradient_finite_at_zero_features(impl, dtype):
     out, g0, g1, _, _ = head_with_grads(f0, f1, w, impl, dtype)
     assert all(torch.isfinite(g).all() for g in g0 + g1)
     assert_close_to_ref(out, ref[0], plain[0], "out")
-    for l in range(2):
-        assert_close_to_ref(g0[l], ref[1][l], plain[1][l], f"grad0[{l}]")
-        assert_close_to_ref(g1[l], ref[2][l], plain[2][l], f"grad1[{l}]")
+    for i in range(2):
+        assert_close_to_ref(g0[i], ref[1][i], plain[1][i], f"grad0[{i}]")
+        assert_close_to_ref(g1[i], ref[2][i], plain[2][i], f"grad1[{i}]")
     x1 = [f.clone().requires_grad_() for f in f1]
     public_lpips_head(f0, x1, w).sum().backward()
     assert torch.isnan(x1[1].grad).any(), "the public formula's NaN gradient is what this test guards against"
@@ -114,7 +114,7 @@ def test_head_only_needed_gradient(impl):
     lpips_head(x0, f1, w, impl=impl).sum().backward()
     r0 = [f.clone().requires_grad_() for f in f0]
     expected = torch.autograd.grad(lpips_head_ref(r0, f1, w).sum(), r0)
-    for x, g in zip(x0, expected):
+    for x, g in zip(x0, expected, strict=True):
         torch.testing.assert_close(x.grad, g, rtol=1e-4, atol=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_triton_launchers_match_the_fakes():
     out, fake = _fwd_triton(f0, f1, w), _fwd_fake(f0, f1, w)
     assert (out.shape, out.dtype) == (fake.shape, fake.dtype)
     real, fake = _bwd_triton(torch.rand(B), f0, f1, w, True, True), _bwd_fake(torch.rand(B), f0, f1, w, True, True)
-    for r, f in zip(real[0] + real[1], fake[0] + fake[1]):
+    for r, f in zip(real[0] + real[1], fake[0] + fake[1], strict=True):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
 
 
@@ -157,7 +157,7 @@ def test_reference_backward_kernel_matches_autograd():
     grad = torch.rand(B, dtype=torch.float64)
     expected = torch.autograd.grad(lpips_head_ref(x0, x1, w), x0 + x1, grad)
     g0, g1 = _bwd_reference(grad, f0, f1, w, True, True)
-    for g, e in zip(g0 + g1, expected):
+    for g, e in zip(g0 + g1, expected, strict=True):
         torch.testing.assert_close(g, e)
 
 
@@ -206,7 +206,7 @@ def torchvision_state() -> dict[str, torch.Tensor]:
 
 
 def lin_state() -> dict[str, torch.Tensor]:
-    return {LIN_KEY.format(l): torch.rand(1, c, 1, 1) for l, c in enumerate(CHANNELS)}
+    return {LIN_KEY.format(i): torch.rand(1, c, 1, 1) for i, c in enumerate(CHANNELS)}
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
@@ -220,8 +220,8 @@ def test_weight_files_round_trip(tmp_path, fmt):
     assert loaded.keys() == {k for k in trunk if k.startswith("features.")}
     for key, value in loaded.items():
         torch.testing.assert_close(value, trunk[key], rtol=0, atol=0, msg=key)
-    for l, w in enumerate(model.lin_weights):
-        torch.testing.assert_close(w, lins[LIN_KEY.format(l)].flatten(), rtol=0, atol=0)
+    for i, w in enumerate(model.lin_weights):
+        torch.testing.assert_close(w, lins[LIN_KEY.format(i)].flatten(), rtol=0, atol=0)
     assert all(not p.requires_grad for p in model.parameters())
     assert not model.train().trunk.training, "the trunk stays in eval mode"
 
@@ -258,8 +258,8 @@ def test_bundled_lin_weights_load(tmp_path):
     torch.save(torchvision_state(), tmp_path / "vgg16.pth")
     model = LPIPS(trunk_weights=tmp_path / "vgg16.pth")
     bundled = torch.load(bundled_lin_weights(), map_location="cpu", weights_only=True)
-    for l, w in enumerate(model.lin_weights):
-        torch.testing.assert_close(w, bundled[LIN_KEY.format(l)].flatten(), rtol=0, atol=0)
+    for i, w in enumerate(model.lin_weights):
+        torch.testing.assert_close(w, bundled[LIN_KEY.format(i)].flatten(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -314,7 +314,7 @@ def test_module_input_validation(x0, x1, match):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("img", [64, 256])
 def test_head_vgg_shapes_gpu(img, dtype, layout):
-    layers = [(c, img >> l, img >> l) for l, c in enumerate(CHANNELS)]
+    layers = [(c, img >> i, img >> i) for i, c in enumerate(CHANNELS)]
     f0, f1, w = make_feats(layers, batch=4)
     f0, f1, w = [f.cuda() for f in f0], [f.cuda() for f in f1], [x.cuda() for x in w]
     upstream = torch.rand(4, dtype=torch.float64, device="cuda") + 0.5
@@ -322,9 +322,9 @@ def test_head_vgg_shapes_gpu(img, dtype, layout):
     plain = head_with_grads(f0, f1, w, "ref", dtype, upstream=upstream)
     out, g0, g1, _, _ = head_with_grads(f0, f1, w, "triton", dtype, layout, upstream=upstream)
     assert_close_to_ref(out, ref[0], plain[0], "out")
-    for l in range(len(layers)):
-        assert_close_to_ref(g0[l], ref[1][l], plain[1][l], f"grad0[{l}]")
-        assert_close_to_ref(g1[l], ref[2][l], plain[2][l], f"grad1[{l}]")
+    for i in range(len(layers)):
+        assert_close_to_ref(g0[i], ref[1][i], plain[1][i], f"grad0[{i}]")
+        assert_close_to_ref(g1[i], ref[2][i], plain[2][i], f"grad1[{i}]")
 
 
 @pytest.mark.gpu

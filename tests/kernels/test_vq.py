@@ -215,7 +215,7 @@ def test_opcheck_and_compile(impl):
     assert torch.equal(idx_c, idx_e)
     grads_c = torch.autograd.grad(loss_c, (xg, cg))
     grads_e = torch.autograd.grad(loss_e, (xg, cg))
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -228,7 +228,7 @@ def test_triton_launchers_match_the_fakes():
         (_nearest_cuda(x, codebook), _nearest_fake(x, codebook)),
         (_vector_quantize_triton(x, codebook, 0.25), _vector_quantize_fake(x, codebook, 0.25)),
     ):
-        for r, f in zip(real, fake):
+        for r, f in zip(real, fake, strict=True):
             assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
 
 
@@ -333,5 +333,5 @@ def test_gpu_large(N, K, D, dtype):
     upstream = torch.randn_like(z)
     g = torch.autograd.grad((out.z_q * upstream).sum() + out.loss, (z, cb))
     e = torch.autograd.grad((ref.z_q * upstream.double()).sum() + ref.loss, (z, cb))
-    for a, b in zip(g, e):
+    for a, b in zip(g, e, strict=True):
         assert (a.double() - b).norm() <= 1e-2 * b.norm() + 1e-6

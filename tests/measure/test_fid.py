@@ -136,7 +136,7 @@ def test_bad_inputs_are_named(tmp_path, inception_file):
 def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(50, 8, generator=g, dtype=torch.float64) + shift for shift in (0.0, 1.0)]
-    for name, f in zip("ab", feats):
+    for name, f in zip("ab", feats, strict=True):
         mu, sigma = gaussian_stats(f)
         np.savez_compressed(tmp_path / f"{name}.npz", mu=mu.numpy(), sigma=sigma.numpy())  # as pytorch-fid saves
     assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0

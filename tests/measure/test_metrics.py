@@ -264,7 +264,7 @@ def test_penalised_distance_terms_and_minimum():
     out = measure.penalised_distance(family, z, x, flatten, lam=0.0, complexity="spectral", probe_latents=16)
     terms = out["terms"]
     assert [t["width"] for t in terms] == [1, 2, 4] and out["d_F"] == "FD-feat"
-    for t, member in zip(terms, family):
+    for t, member in zip(terms, family, strict=True):
         assert t["d_F"] == pytest.approx(measure.frechet_score(flatten, member.decoder(z).detach(), x), rel=1e-9)
         assert t["C"] == pytest.approx(measure.jacobian_spectral_norm(member.decoder, z[:16]), rel=1e-9)
     assert out["width"] == min(terms, key=lambda t: t["d_F"])["width"] == 4  # lam = 0: best fit wins

@@ -106,7 +106,10 @@ def test_weak_decoder_knobs():
     full = build_decoder(cfg)
     weak = build_decoder(cfg, WeakDecoderConfig(width_mult=0.5, num_res_blocks=1, dropout=0.3))
     assert isinstance(weak, Decoder)
-    n_params = lambda m: sum(p.numel() for p in m.parameters())
+
+    def n_params(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
     assert n_params(weak) < n_params(full) / 3
     drops = [m for m in weak.modules() if isinstance(m, nn.Dropout2d)]
     assert len(drops) == 3 and all(d.p == 0.3 for d in drops)  # one per residual block, 1 block x 3 levels

@@ -19,7 +19,10 @@ def test_schedules():
     alpha_bar = torch.cumprod(1 - cos, 0)
     assert (cos > 0).all() and (cos <= 0.999).all() and (alpha_bar[1:] < alpha_bar[:-1]).all()
     # cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2)
-    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    def f(t: float) -> float:
+        return math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
     assert alpha_bar[499].item() == pytest.approx(f(500) / f(0), rel=1e-9)
     d = make_diffusion("ddpm", "cosine", 1000)
     a, s = d.alpha_sigma(torch.tensor([CLEAN, 499]))
@@ -92,7 +95,10 @@ def test_loss_is_zero_mse_for_the_exact_prediction_and_vb_vanishes_at_the_true_v
     """With the true noise as prediction the MSE is 0; with v = -1 (posterior variance) the KL is 0 for t > 0."""
     d = make_diffusion("ddpm", num_timesteps=100)
     x0 = torch.randn(6, 3, 4, 4)
-    gen = lambda: torch.Generator().manual_seed(3)
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(3)
+
     noise = torch.randn(x0.shape, generator=gen())  # the loss draws its noise first from the same generator
     t_seen = []
 

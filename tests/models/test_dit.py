@@ -133,9 +133,18 @@ def test_sampling_shapes_finite_and_cfg_one_is_unguided(objective, sampler):
     model = randomize(tiny(num_classes=3, learn_sigma=True)).eval()
     diffusion = make_diffusion(objective)
     y = torch.tensor([0, 1, 2])
-    run = lambda cfg: diffusion.sample(
-        model, (3, 4, 8, 8), y=y, steps=4, sampler=sampler, cfg_scale=cfg, generator=torch.Generator().manual_seed(1)
-    )
+
+    def run(cfg: float) -> torch.Tensor:
+        return diffusion.sample(
+            model,
+            (3, 4, 8, 8),
+            y=y,
+            steps=4,
+            sampler=sampler,
+            cfg_scale=cfg,
+            generator=torch.Generator().manual_seed(1),
+        )
+
     out = run(1.0)
     assert out.shape == (3, 4, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, run(1.0), rtol=0, atol=0)  # the generator makes it reproducible

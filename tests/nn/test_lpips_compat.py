@@ -112,13 +112,13 @@ def test_matches_lpips(lpips_pkg, tmp_path, kw, fwd):
 
 def test_bundled_weights_and_ret_per_layer(lpips_pkg, tmp_path):
     theirs, ours = pair(lpips_pkg, tmp_path)
-    for l, w in enumerate(ours.lin_weights):  # lpips loaded its bundled v0.1 file; so did fastdae
-        torch.testing.assert_close(w, theirs.lins[l].model[1].weight.flatten(), rtol=0, atol=0)
+    for i, w in enumerate(ours.lin_weights):  # lpips loaded its bundled v0.1 file; so did fastdae
+        torch.testing.assert_close(w, theirs.lins[i].model[1].weight.flatten(), rtol=0, atol=0)
     x0, x1 = images()
     (val_t, layers_t), (val_o, layers_o) = theirs(x0, x1, retPerLayer=True), ours(x0, x1, retPerLayer=True)
     torch.testing.assert_close(val_o, val_t, rtol=1e-5, atol=1e-7)
     assert len(layers_o) == len(layers_t) == 5
-    for lo, lt in zip(layers_o, layers_t):
+    for lo, lt in zip(layers_o, layers_t, strict=True):
         assert lo.shape == lt.shape == (2, 1, 1, 1)
         torch.testing.assert_close(lo, lt, rtol=1e-5, atol=1e-8)
 

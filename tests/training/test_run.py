@@ -80,7 +80,7 @@ def test_resume_with_more_steps_continues_and_matches_a_straight_run(tmp_path):
     assert m["steps"] == 4 and m["steps_this_run"] == 2 and m["images_per_s"] > 0
     want, got = (read_log(r.run_dir / "stage1" / "log.csv") for r in (straight, grown))
     assert [r["step"] for r in got] == ["1", "2", "3", "4"]
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-7), a["step"]
 
 

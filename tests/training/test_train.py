@@ -246,7 +246,7 @@ def test_sigkill_and_resume_reproduce_the_loss_curve(tmp_path):
     fastdae.train(cfg)  # resumes from step 4 in this process
     want, got = read_log(straight.run_dir / "stage1" / "log.csv"), read_log(stage_dir / "log.csv")
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         for key in ("loss", "l1", "aux", "d_loss"):
             if a.get(key):
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-7), (a["step"], key)
@@ -294,7 +294,7 @@ def test_interrupted_stage2_and_prior_resume_exactly(dae_vq_run, tmp_path, monke
     for stage in ("stage2", "prior"):
         want, got = (read_log(runs[n] / stage / "log.csv") for n in ("straight", "interrupted"))
         assert [r["step"] for r in got] == [str(i) for i in range(1, 6)]
-        for a, b in zip(want, got):
+        for a, b in zip(want, got, strict=True):
             assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-7), (stage, a["step"])
 
 

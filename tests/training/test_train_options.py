@@ -35,7 +35,7 @@ def assert_same_curves(
     want: list[dict[str, str]], got: list[dict[str, str]], keys: tuple[str, ...], rel: float = 1e-5
 ) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         for key in keys:
             if a.get(key):
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=rel, abs=1e-7), (a["step"], key)
@@ -185,13 +185,13 @@ def test_fused_option_uses_the_fused_kernel_and_follows_the_loop_closely(optimiz
             fp16=False,
             device=torch.device("cpu"),
         )
-        for m, f in zip(models, (False, True))
+        for m, f in zip(models, (False, True), strict=True)
     ]
     assert not upds[0].opt.defaults["fused"] and upds[1].opt.defaults["fused"]
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         x = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
-        for m, u in zip(models, upds):
+        for m, u in zip(models, upds, strict=True):
             x_hat, aux = m(x)
             u.backward((x - x_hat).abs().mean() + aux)
             u.step()
