@@ -70,7 +70,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--out", help="run directory (config out_dir)")
     p.add_argument(
-        "--resume", action="store_true", help="continue each stage from its last checkpoint (README: resume)"
+        "--resume", action="store_true", help="continue each stage from its last checkpoint (docs/training.md: resume)"
     )
     p.add_argument("--overwrite", action="store_true", help="clear an out_dir that holds another run first")
 

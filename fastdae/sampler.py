@@ -22,7 +22,7 @@ class Sampler:
     """A trained prior + decoder, ready to turn labels and noise generators into images.
 
     scaler maps the DiT's unit-variance latents back to the decoder's; with a VQ bottleneck
-    (`bottleneck` set) samples are snapped to their nearest code before decoding (DESIGN.md)."""
+    (`bottleneck` set) samples are snapped to their nearest code before decoding (docs/design.md)."""
 
     dit: DiT
     decoder: nn.Module

@@ -73,12 +73,12 @@ class OptimConfig:
 @dataclass
 class AEStageConfig(OptimConfig):
     """One autoencoder training stage (stage 1, or stage 2 on cached latents); both use the losses of
-    PAPER.md §3: l1_weight * L1 + lpips_weight * LPIPS + lambda * L_G (+ bottleneck term in stage 1),
+    docs/paper.md §3: l1_weight * L1 + lpips_weight * LPIPS + lambda * L_G (+ bottleneck term in stage 1),
     plus chroma_weight * the L1 of the colour alone (fastdae.models.losses; 0: VQGAN's loss).
 
     LPIPS needs local VGG16 weights (`lpips_trunk`, `lpips_lin`; nothing is downloaded) or
     `lpips_random_init` (tests); without either it is off and the run log says so.
-    Adam(lr, betas) as VQGAN; the loop options are OptimConfig's (README: training options).
+    Adam(lr, betas) as VQGAN; the loop options are OptimConfig's (docs/training.md: training options).
     The discriminator keeps Adam(disc.lr, betas), constant."""
 
     steps: int = 1000
@@ -152,14 +152,14 @@ class PriorConfig(OptimConfig):
 
 @dataclass
 class TrainConfig:
-    """A whole DAE run (PAPER.md §2, §5). `mode`: "dae" (weak decoder in stage 1, then stage 2),
+    """A whole DAE run (docs/paper.md §2, §5). `mode`: "dae" (weak decoder in stage 1, then stage 2),
     "joint" (full decoder for stage1.steps + stage2.steps, no stage 2), "control" (full decoder for
     stage1.steps, then stage 2). `stages` run in order; each reads earlier outputs from out_dir.
     `precision` "auto": bf16 autocast on CUDA, fp32 on CPU; "fp16": fp16 autocast with a GradScaler
     (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
     Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`:
     continue each listed stage from its last checkpoint (finished stages are skipped) when its
-    identity matches (README: resume);
+    identity matches (docs/training.md: resume);
     `overwrite`: clear an out_dir that holds another run first."""
 
     out_dir: str = "runs/default"

@@ -1,4 +1,4 @@
-"""Measurement of trained runs and the studies of PAPER.md §5.
+"""Measurement of trained runs and the studies of docs/paper.md §5.
 
     report = fastdae.evaluation.compare("x.yaml", arms=("joint", "dae", "control"), seeds=3, out_dir="results/c")
     report = fastdae.evaluation.ablation("x.yaml", knob="dropout", values=[0.0, 0.3], seeds=2)

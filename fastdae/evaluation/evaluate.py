@@ -1,4 +1,4 @@
-"""Every metric of PAPER.md §5 for one finished run (`evaluate_run`): reconstruction of held-out
+"""Every metric of docs/paper.md §5 for one finished run (`evaluate_run`): reconstruction of held-out
 images, the decoded DiT samples against the judge, decoder complexity on scale-normalised latents,
 and the minimal-capacity probe with the penalised distance. The run's files are found through
 fastdae.training.paths.RunFolder (the one owner of the run layout)."""
@@ -47,7 +47,7 @@ def _final_prior_loss(run: RunFolder) -> float:
 
 
 def evaluate_run(run_cfg: TrainConfig, judge: Judge, ev: EvalConfig) -> dict[str, Any]:
-    """Every metric of PAPER.md §5 for one finished run (see EvalConfig for what is measured how)."""
+    """Every metric of docs/paper.md §5 for one finished run (see EvalConfig for what is measured how)."""
     from safetensors.torch import load_file
 
     from fastdae.cache import LatentCache

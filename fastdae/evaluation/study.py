@@ -1,4 +1,4 @@
-"""Studies: the three-arm comparison of PAPER.md §5 and the ablation of the weakening knob.
+"""Studies: the three-arm comparison of docs/paper.md §5 and the ablation of the weakening knob.
 
     report = compare("x.yaml", arms=("joint", "dae", "control"), seeds=3, out_dir="results/compare")
     report = ablation("x.yaml", knob="width_mult", values=[0.25, 0.5, 1.0], seeds=2, out_dir="results/ablation")
@@ -126,7 +126,7 @@ def compare(
     command: str | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """PAPER.md §5: the arms at equal compute, `seeds` seeds each; returns the report dict (also
+    """docs/paper.md §5: the arms at equal compute, `seeds` seeds each; returns the report dict (also
     written to out_dir as report.md / report.json / metrics.png / samples.png)."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
@@ -138,7 +138,7 @@ def compare(
         seeds,
         Path(out_dir),
         eval_config or EvalConfig(),
-        "DAE comparison (PAPER.md §5)",
+        "DAE comparison (docs/paper.md §5)",
         command,
         log,
     )

@@ -1,4 +1,4 @@
-"""Measurements for the DAE comparison (PAPER.md §1, §5): pure functions of tensors and callables.
+"""Measurements for the DAE comparison (docs/paper.md §1, §5): pure functions of tensors and callables.
 
 Images are (B, 3, H, W) in [-1, 1]; decoders are callables latents (B, C, h, w) -> images.
 
@@ -10,7 +10,7 @@ Images are (B, 3, H, W) in [-1, 1]; decoders are callables latents (B, C, h, w) 
     dec, z = scale_normalize(decoder, latents)    # the complexity probes below run on these
     lipschitz_lower_bound(dec, z), jacobian_spectral_norm(dec, z), jacobian_frobenius_hutchinson(dec, z)
     width, family = minimal_capacity(make_decoder, z, images, widths, target_error, steps)
-    penalised_distance(family, z, images, extractor, lam)    # D(P_z, P_x) of PAPER.md §1
+    penalised_distance(family, z, images, extractor, lam)    # D(P_z, P_x) of docs/paper.md §1
 
 Measurement lives here, below the trainer: images.py, distribution.py and complexity.py (pure
 functions, re-exported here), fid.py (`fastdae.fid`: FID between folders / .npz files), judge.py (the

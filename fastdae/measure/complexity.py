@@ -27,7 +27,7 @@ from fastdae.measure.images import (
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoder complexity probes (PAPER.md §1: C(g)), on scale-normalised latents
+# Decoder complexity probes (docs/paper.md §1: C(g)), on scale-normalised latents
 # ---------------------------------------------------------------------------------------------
 def scale_normalize(
     decoder: Decoder, latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None
@@ -226,7 +226,7 @@ COMPLEXITIES = ("spectral", "lipschitz", "frobenius")
 
 
 def decoder_complexity(decoder: Decoder, latents: Tensor, measure: str = "spectral", seed: int = 0) -> float:
-    """C(g) of PAPER.md §1 by name: "spectral" (mean Jacobian spectral norm), "lipschitz" (empirical
+    """C(g) of docs/paper.md §1 by name: "spectral" (mean Jacobian spectral norm), "lipschitz" (empirical
     Lipschitz lower bound), or "frobenius" (mean Hutchinson estimate of ||J||_F)."""
     if measure == "spectral":
         return jacobian_spectral_norm(decoder, latents, seed=seed)
@@ -248,7 +248,7 @@ def penalised_distance(
     batch_size: int = 128,
     seed: int = 0,
 ) -> dict:
-    """Estimate of the penalised latent/data distance of PAPER.md §1,
+    """Estimate of the penalised latent/data distance of docs/paper.md §1,
 
         D(P_z, P_x) = inf_g { d_F(g# P_z, P_x) + lam * C(g) },
 

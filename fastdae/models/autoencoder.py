@@ -2,7 +2,7 @@
 
     x (B, 3, H, W) -> Encoder -> h (B, C_h, H/f, W/f) -> Bottleneck -> z (B, C_z, H/f, W/f) -> Decoder -> x_hat
 
-f = 2 ** (len(ch_mult) - 1). The DAE's weak auxiliary decoder (PAPER.md §2) is the same `Decoder`
+f = 2 ** (len(ch_mult) - 1). The DAE's weak auxiliary decoder (docs/paper.md §2) is the same `Decoder`
 built from a weakened config (`WeakDecoderConfig`: width multiplier, residual blocks per level,
 Dropout2d after every residual block); `build_decoder` builds a decoder alone, so stage 2 never
 constructs (or loads) the encoder.
@@ -63,12 +63,12 @@ class AutoencoderConfig:
 
 @dataclass
 class WeakDecoderConfig:
-    """How the auxiliary decoder of stage 1 is weakened (PAPER.md §2): channels x `width_mult`,
+    """How the auxiliary decoder of stage 1 is weakened (docs/paper.md §2): channels x `width_mult`,
     `num_res_blocks` per level (None: the full decoder's), Dropout2d(`dropout`) after each residual block."""
 
     width_mult: float = 0.5
     num_res_blocks: int | None = 1
-    dropout: float = 0.3  # picked by the ablation in results/shapes-ablation-dropout (README)
+    dropout: float = 0.3  # picked by the ablation in results/shapes-ablation-dropout (results/README.md)
 
     def __post_init__(self) -> None:
         if not 0 < self.width_mult <= 1:
@@ -211,7 +211,7 @@ class Decoder(nn.Module):
 
     @property
     def last_layer(self) -> Tensor:
-        """W_last of the adaptive GAN weight (PAPER.md §3)."""
+        """W_last of the adaptive GAN weight (docs/paper.md §3)."""
         return self.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """PatchGAN discriminator (Isola et al., 2017; VQGAN's NLayerDiscriminator), hinge loss and the
-adaptive generator weight of PAPER.md §3:
+adaptive generator weight of docs/paper.md §3:
 
     lambda = clamp(||grad_W L_rec|| / (||grad_W L_G|| + 1e-4), 0, 1e4) * disc_weight,   W = last decoder layer
     L_D = 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]),   L_G = -E[D(x_hat)]
@@ -78,7 +78,7 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
 
 
 def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_weight: float) -> Tensor:
-    """lambda of PAPER.md §3 (a detached scalar): balances the GAN gradient against the
+    """lambda of docs/paper.md §3 (a detached scalar): balances the GAN gradient against the
     reconstruction gradient at the decoder's last layer."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

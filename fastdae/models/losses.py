@@ -1,4 +1,4 @@
-"""The autoencoder losses of PAPER.md §3, shared by stage 1 and stage 2:
+"""The autoencoder losses of docs/paper.md §3, shared by stage 1 and stage 2:
 
     L_gen  = l1_weight * |x - x_hat| + chroma_weight * |C (x - x_hat)| + lpips_weight * LPIPS(x, x_hat)
              + aux + lambda * L_G                                                     (L_G after disc.start)

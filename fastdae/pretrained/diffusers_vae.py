@@ -257,7 +257,7 @@ class DiffusersDecoder(nn.Module):
 
     @property
     def last_layer(self) -> Tensor:
-        """W_last of the adaptive GAN weight (PAPER.md §3)."""
+        """W_last of the adaptive GAN weight (docs/paper.md §3)."""
         return self.decoder.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:

@@ -131,7 +131,7 @@ class TamingDecoder(nn.Module):
 
     @property
     def last_layer(self) -> Tensor:
-        """W_last of the adaptive GAN weight (PAPER.md §3); taming's VQModel.get_last_layer too."""
+        """W_last of the adaptive GAN weight (docs/paper.md §3); taming's VQModel.get_last_layer too."""
         return self.decoder.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:

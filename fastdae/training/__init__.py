@@ -1,4 +1,4 @@
-"""`fastdae.train(config) -> Result`: the whole DAE recipe (PAPER.md §2, §5) in one call.
+"""`fastdae.train(config) -> Result`: the whole DAE recipe (docs/paper.md §2, §5) in one call.
 
     result = fastdae.train(fastdae.config.preset("default"))
     result = fastdae.train({"out_dir": "runs/x", "mode": "joint"})   # partial dict over the defaults

@@ -1,4 +1,4 @@
-"""What stage 1 and stage 2 share: the autoencoder losses of PAPER.md §3 with their optimizers, the
+"""What stage 1 and stage 2 share: the autoencoder losses of docs/paper.md §3 with their optimizers, the
 discriminator's update, and the reconstruction evaluation of the fixed evaluation set."""
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 
 class Updater:
     """The optimisation of one module's parameters, configured by a stage config `s` (lr, optimizer,
-    weight_decay, warmup_steps, lr_schedule, grad_accum, grad_clip, fused; README: training options):
+    weight_decay, warmup_steps, lr_schedule, grad_accum, grad_clip, fused; docs/training.md: training options):
     Adam or AdamW, the LR schedule over `total_steps`, a GradScaler (enabled with fp16 autocast: the
     loss is scaled so fp16 gradients do not underflow; steps with Inf/NaN gradients are skipped and
     the scale lowered), and gradient accumulation over `grad_accum` micro-batches per step.

@@ -1,7 +1,7 @@
 """The prior stage: a DiT trained on the cached latents.
 
 Latents are the KL posterior draws or the VQ codebook vectors of the cached indices, scaled per
-channel by the cache's statistics (LatentScaler), so one DiT serves both bottlenecks (DESIGN.md).
+channel by the cache's statistics (LatentScaler), so one DiT serves both bottlenecks (docs/design.md).
 Writes prior/dit.safetensors (EMA weights when enabled).
 """
 

@@ -1,4 +1,4 @@
-"""Stage 1 (PAPER.md §2): encoder + bottleneck + auxiliary decoder, trained with the autoencoder losses.
+"""Stage 1 (docs/paper.md §2): encoder + bottleneck + auxiliary decoder, trained with the autoencoder losses.
 
 mode "dae": the weak auxiliary decoder (weak_decoder config), stage1.steps steps.
 mode "control": the full decoder, stage1.steps steps (a fresh full decoder follows in stage 2).

@@ -1,4 +1,4 @@
-"""Stage 2 (PAPER.md §2): a fresh full decoder trained on the frozen latents read from run/cache.
+"""Stage 2 (docs/paper.md §2): a fresh full decoder trained on the frozen latents read from run/cache.
 
 The encoder is never built or loaded: the batches are (cached fields, images) pairs, the latent is
 the frozen codebook lookup (VQ) or a fresh draw from the cached posterior (KL). Same losses as stage 1

@@ -1,4 +1,4 @@
-"""Config validation up front (issue 12, finding 7): every field of every stage and the cross-field
+"""Config validation up front: every field of every stage and the cross-field
 rules are checked when the config is built, before any training, with messages that name the key,
 the allowed values and, for near-miss names, what was probably meant."""
 
@@ -102,7 +102,7 @@ def test_every_preset_is_valid():
     ],
 )
 def test_the_vq_preset_reruns_the_committed_studies(study, overrides):
-    """The README's study commands (--preset vq + these pins) resolve to the config each study ran
+    """The study commands of results/README.md (--preset vq + these pins) resolve to the config each study ran
     with (report.json), but for out_dir and keys added since, which the recorded config lacks and which
     must be at their defaults; `default` itself no longer does (a KL bottleneck since 2026-12-02)."""
     from fastdae.training.identity import flatten

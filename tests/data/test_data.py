@@ -271,7 +271,7 @@ def test_image_folder_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fingerprints see every image's content (issue 12, finding 4)
+# Fingerprints see every image's content
 # ---------------------------------------------------------------------------------------------
 def test_fingerprint_changes_when_most_array_images_change(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(256, 8, 8, 3), dtype=np.uint8)

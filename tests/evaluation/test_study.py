@@ -247,7 +247,7 @@ def test_report_charts_with_and_without_matplotlib(tmp_path, monkeypatch, matplo
         assert not (tmp_path / "metrics.png").exists() and "pip install 'fastdae[plots]'" in md
 
 
-# ---- the judge sees held-out items only, on a class-subfolder folder and a labelled .npz (issue 14) ----
+# ---- the judge sees held-out items only, on a class-subfolder folder and a labelled .npz ----------------
 def _class_folder(root, classes: int, per_class: int, size: int) -> None:
     from PIL import Image
 

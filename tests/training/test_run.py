@@ -1,4 +1,4 @@
-"""The run folder never holds something other than it says (issue 12): resume checks each stage's
+"""The run folder never holds something other than it says: resume checks each stage's
 identity (config keys it depends on, dataset fingerprint, upstream weights), steps may grow on resume,
 a folder holding another run is refused without overwrite, and a full disk leaves no debris."""
 
@@ -25,7 +25,7 @@ def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# ---- finding 1: resume with another config ------------------------------------------------------
+# ---- resume with another config ------------------------------------------------------------------
 @pytest.mark.parametrize(
     "changed,key",
     [
@@ -70,7 +70,7 @@ def test_a_run_recorded_before_a_config_key_existed_resumes_at_its_default(tmp_p
     assert (tmp_path / "stage1" / "ckpt-00000004").is_dir()
 
 
-# ---- finding 2: steps on resume -----------------------------------------------------------------
+# ---- steps on resume -----------------------------------------------------------------------------
 def test_resume_with_more_steps_continues_and_matches_a_straight_run(tmp_path):
     straight = fastdae.train(tiny(tmp_path / "straight", *STAGE1, "stage1.steps=4"))
     cfg = tiny(tmp_path / "grown", *STAGE1)
@@ -122,7 +122,7 @@ def test_summary_lists_stages_built_on_replaced_outputs_as_stale(tmp_path):
     assert any(d.startswith("encoder:") for d in summary["stale"]["stage2"])
 
 
-# ---- finding 3: a stage reading the cache checks the data it was built from ---------------------
+# ---- a stage reading the cache checks the data it was built from ---------------------------------
 def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 16, 16, 3), dtype=np.uint8)
@@ -139,7 +139,7 @@ def test_stage2_and_prior_refuse_a_cache_of_other_images(tmp_path):
         assert not (run / stage / "metrics.json").exists()
 
 
-# ---- finding 5: a folder holding another run ----------------------------------------------------
+# ---- a folder holding another run ----------------------------------------------------------------
 def test_a_folder_holding_another_run_is_refused_unless_overwrite(tmp_path):
     fastdae.train(tiny(tmp_path, *STAGE1, "stage1.steps=6"))  # ckpt-4, ckpt-6
     before = tree(tmp_path)
@@ -182,7 +182,7 @@ def test_a_folder_that_is_no_run_is_never_cleared(tmp_path):
     assert tree(tmp_path) == {"notes.txt": b"mine"}
 
 
-# ---- finding 6 (run side): `latest` must name a checkpoint inside its stage folder --------------
+# ---- `latest` must name a checkpoint inside its stage folder -------------------------------------
 def test_latest_pointing_outside_the_stage_folder_is_refused(tmp_path):
     cfg = tiny(tmp_path / "run", *STAGE1, "stage1.steps=4")
     fastdae.train(cfg)
@@ -193,7 +193,7 @@ def test_latest_pointing_outside_the_stage_folder_is_refused(tmp_path):
         fastdae.train(apply_overrides(cfg, ["resume=true", "stage1.steps=6"]))
 
 
-# ---- finding 8 (run side): a full disk leaves no temp checkpoint folders ------------------------
+# ---- a full disk leaves no temp checkpoint folders -----------------------------------------------
 def test_disk_full_leaves_no_temp_checkpoints(tmp_path, monkeypatch):
     save = torch.save
 

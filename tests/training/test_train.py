@@ -318,7 +318,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_stage2_on_another_data_seed_is_refused(dae_vq_run):
-    """Issue 12 finding 3: `--stages stage2 --data.seed 7` paired cached latents with other images."""
+    """A regression: `--stages stage2 --data.seed 7` once paired cached latents with other images."""
     cfg = apply_overrides(TrainConfig.load(dae_vq_run.run_dir / "config.yaml"), ["stages=stage2", "data.seed=7"])
     before = (dae_vq_run.run_dir / "stage2" / "metrics.json").read_text()
     with pytest.raises(ValueError, match=r"data\.seed"):

@@ -1,4 +1,4 @@
-"""The loop options (README: training options): gradient accumulation, Adam/AdamW + weight decay,
+"""The loop options (docs/training.md: training options): gradient accumulation, Adam/AdamW + weight decay,
 constant/cosine LR with warm-up, fp16 + GradScaler, compile, TensorBoard images, optional W&B.
 Each one changes what it should, is validated up front, is in the identity where it changes what is
 trained, and resumes exactly."""
@@ -212,7 +212,7 @@ def test_grad_accumulation_matches_the_whole_batch(tmp_path):
     normalised update alone would hide), same weights up to one Adam step (lr): conv biases before a
     GroupNorm have a zero gradient in exact arithmetic, and Adam turns their rounding noise into
     +-lr steps. Not the same: the quantizer's usage bookkeeping, which counts forward passes
-    (micro-batches; README: training options)."""
+    (micro-batches; docs/training.md: training options)."""
     runs = {k: tmp_path / f"accum{k}" for k in (1, 2)}
     for k, out in runs.items():
         fastdae.train(tiny(out, *PLAIN, "stage1.batch_size=8", f"stage1.grad_accum={k}"))
