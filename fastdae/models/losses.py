@@ -12,15 +12,12 @@ chroma is a 15x smaller share of the pixel variance than brightness); chroma_wei
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastdae.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-
-log = logging.getLogger("fastdae.train")
 
 # rows: orthonormal red-green and yellow-blue axes, both orthogonal to grey (1, 1, 1)
 CHROMA_AXES = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / torch.tensor([[2.0], [6.0]]).sqrt()
@@ -32,11 +29,9 @@ def chroma_l1(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def build_lpips(cfg: Any, device: torch.device) -> nn.Module | None:
-    """LPIPS from local weights (cfg.lpips_trunk, cfg.lpips_lin) or random init, else None (logged)."""
-    if cfg.lpips_weight <= 0:
-        return None
-    if cfg.lpips_trunk is None and not cfg.lpips_random_init:
-        log.info("LPIPS is off: no local VGG16 weights given (set lpips_trunk to a torchvision vgg16 state dict)")
+    """LPIPS from local weights (cfg.lpips_trunk, cfg.lpips_lin) or random init, else None (the
+    trainer says so once per run folder)."""
+    if cfg.lpips_weight <= 0 or (cfg.lpips_trunk is None and not cfg.lpips_random_init):
         return None
     from fastdae.nn import LPIPS
 

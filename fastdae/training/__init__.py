@@ -10,9 +10,9 @@ The stages listed in config.stages run in order, each reading what earlier ones 
   stage2   fresh full decoder on cached latents (no encoder)     -> stage2/decoder.safetensors           (stage2.py)
   prior    DiT on the cached latents                             -> prior/dit.safetensors                (prior.py)
   samples  DiT samples decoded by the final decoder              -> samples/grid.png                     (samples.py)
-then summary.json gathers every stage's metrics.json. `Run` (run.py) owns the folder and checks each
-stage's identity before anything is resumed or reused (identity.py). Under torchrun every stage
-runs data-parallel.
+then summary.json gathers every stage's metrics.json and curves.png draws every stage's losses.
+`Run` (run.py) owns the folder and checks each stage's identity before anything is resumed or
+reused (identity.py). Under torchrun every stage runs data-parallel.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdae.config import TrainConfig, check_environment, load_config
+from fastdae.training.logs import write_curves
 from fastdae.training.run import Result, Run, log
 
 __all__ = ["train", "Result", "TrainConfig", "Run"]
@@ -53,6 +54,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> Result:
             metrics["wall_s"] = time.perf_counter() - t0
             r.finish(name, metrics)
             log.info(f"{name}: done in {metrics['wall_s']:.1f} s")
+        write_curves(r)
         return r.summarize()
 
 

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from fastdae.models.losses import AutoencoderLoss
 from fastdae.training.checkpoint import State
 from fastdae.training.distributed import wrap_ddp
-from fastdae.training.logs import Trackers, eval_chunks, mean_terms, reconstruction_eval
+from fastdae.training.logs import Trackers, eval_chunks, mean_terms, notice_once, reconstruction_eval
 from fastdae.training.optim import Updater
 from fastdae.training.run import Run
+
+LPIPS_OFF = "LPIPS is off: no local VGG16 weights given (set lpips_trunk to a torchvision vgg16 state dict)"
 
 
 def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
@@ -22,6 +24,8 @@ def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Modu
     loop options) and, when the GAN is on, the discriminator with its own (Adam at disc.lr, constant,
     no warm-up; grad_accum, grad_clip and fp16 as the stage)."""
     crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device, s.compile))
+    if crit.lpips is None and s.lpips_weight > 0:
+        notice_once(run, "lpips_off", LPIPS_OFF)
     steps = run.total_steps(stage)[1]
     state = State(
         {name: generator},

@@ -1,11 +1,13 @@
 """What a stage reports: log.csv (+ TensorBoard / W&B, progress bar) every log_every steps with
-images/s, the NaN/Inf guard at those steps (the only host syncs besides logging), and the PNG grids
-(also sent to TensorBoard / W&B, with the batch's reconstructions at every checkpoint step)."""
+images/s, the NaN/Inf guard at those steps (the only host syncs besides logging), the PNG grids
+(also sent to TensorBoard / W&B, with the batch's reconstructions at every checkpoint step), the
+run's curves.png (every stage's losses), and notices said once per run folder."""
 
 from __future__ import annotations
 
 import csv
 import importlib
+import json
 import math
 import os
 import time
@@ -18,11 +20,15 @@ from torch import Tensor
 
 from fastdae import files
 from fastdae.training.optim import check_finite
-from fastdae.training.run import Run
+from fastdae.training.run import Run, log
 
 EVAL_IMAGES = 256  # the fixed evaluation set: the first items of the dataset
 EVAL_BATCH = 64
 GRID_PAIRS = 8
+MIN_GRID_SIDE = 256  # px: PNG grids are nearest-upscaled to at least this, so 32x32 images stay readable
+CURVE_STAGES = ("stage1", "stage2", "prior")  # the stages with a log.csv
+# log.csv columns that are not loss terms (the adaptive GAN weight lambda is a weight, not a loss)
+NOT_LOSSES = ("step", "images_per_s", "time_s", "lr", "grad_norm", "lambda")
 
 
 def mean_terms(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,12 +191,80 @@ def grid_image(images: Tensor, nrow: int | None = None) -> Tensor:
     return grid.permute(1, 2, 0)
 
 
+def upscale(grid: Tensor, min_side: int = MIN_GRID_SIDE) -> Tensor:
+    """(H, W, C) -> nearest-upscaled by the smallest integer factor that makes both sides >= min_side
+    (each pixel becomes an f x f block, so nothing is blurred)."""
+    f = math.ceil(min_side / min(grid.shape[:2]))
+    return grid if f <= 1 else grid.repeat_interleave(f, 0).repeat_interleave(f, 1)
+
+
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """(B, 3, H, W) in [-1, 1] -> one PNG (grid_image)."""
+    """(B, 3, H, W) in [-1, 1] -> one PNG (grid_image), upscaled to a readable size."""
     from PIL import Image
 
-    Image.fromarray(grid_image(images, nrow).numpy()).save(path)
+    Image.fromarray(upscale(grid_image(images, nrow)).numpy()).save(path)
     return Path(path)
+
+
+def notice_once(run: Run, key: str, message: str) -> None:
+    """Log `message` the first time `key` comes up in this run folder (keys kept in run/notices.json):
+    a condition that holds for every call of a run, such as "LPIPS is off", is said once, not on
+    every start. Rank 0 only."""
+    if not run.dist.is_main:
+        return
+    seen = json.loads(run.notices_file.read_text()) if run.notices_file.is_file() else {}
+    if key in seen:
+        return
+    log.info(message)
+    files.write_json(run.notices_file, {**seen, key: message})
+
+
+def read_curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The loss columns of one log.csv: column -> (steps, values), skipping rows where it is empty
+    (GAN terms start after the warm-up)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k not in NOT_LOSSES and v not in ("", None):
+                    steps, values = curves.setdefault(k, ([], []))
+                    steps.append(int(row["step"]))
+                    values.append(float(v))
+    return curves
+
+
+def draw_curves(logs: dict[str, Path], path: Path) -> bool:
+    """One panel per stage whose log.csv exists, every loss term against the step; False when
+    matplotlib is missing (nothing is written)."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+    except ImportError:
+        return False
+    stages = {s: read_curves(p) for s, p in logs.items() if p.is_file()}
+    stages = {s: c for s, c in stages.items() if c}
+    if not stages:
+        return True
+    fig = Figure(figsize=(4.5 * len(stages), 3.4))
+    for ax, (stage, curves) in zip(fig.subplots(1, len(stages), squeeze=False)[0], stages.items(), strict=True):
+        for name, (steps, values) in curves.items():
+            ax.plot(steps, values, label=name, lw=1.2, marker="." if len(steps) < 20 else None)
+        ax.set_title(stage, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return True
+
+
+def write_curves(run: Run) -> None:
+    """run/curves.png from every stage's log.csv, or one notice per run folder without matplotlib."""
+    if not run.dist.is_main:
+        return
+    if not draw_curves({s: run.log_csv(s) for s in CURVE_STAGES}, run.curves_file):
+        notice_once(run, "curves", "curves.png not drawn: matplotlib is not installed (pip install 'fastdae[plots]')")
 
 
 def eval_chunks(n: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """`RunFolder`: the layout of a run folder. Every artefact path is a property here, nowhere else; what
 evaluation reads of a finished run it reads through this class too.
 
-    run/config.yaml  summary.json  train.log
+    run/config.yaml  summary.json  train.log  curves.png  notices.json
     run/<stage>/identity.json  metrics.json  log.csv  ckpt-*/  latest     (stage1, stage2, prior)
     run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
     run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
@@ -38,6 +38,8 @@ class RunFolder:
     config_file = property(lambda self: self.root / CONFIG_FILE)
     summary_file = property(lambda self: self.root / "summary.json")
     log_file = property(lambda self: self.root / "train.log")
+    curves_file = property(lambda self: self.root / "curves.png")
+    notices_file = property(lambda self: self.root / "notices.json")
     cache_dir = property(lambda self: self.stage_dir("cache"))
     encoder_file = property(lambda self: self.stage_dir("stage1") / "encoder.safetensors")
     dit_file = property(lambda self: self.stage_dir("prior") / "dit.safetensors")

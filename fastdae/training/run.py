@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder i
 from fastdae.training.paths import MissingOutputError
 from fastdae.training.resources import RunResources
 
-log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
+log = logging.getLogger("fastdae.train")
 CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
 DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
 

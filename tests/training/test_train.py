@@ -141,6 +141,31 @@ def test_end_to_end_dae_vq(dae_vq_run):
     assert sum(v.numel() for v in weak.values()) < sum(v.numel() for v in full.values())
 
 
+def test_a_run_draws_its_loss_curves_and_readable_grids(dae_vq_run):
+    from PIL import Image
+
+    pytest.importorskip("matplotlib")
+    root = dae_vq_run.run_dir
+    with Image.open(root / "curves.png") as curves:
+        assert curves.width == 3 * 450  # one 4.5-inch panel per stage with a log.csv: stage1, stage2, prior
+    for grid in ("stage1/reconstructions.png", "stage2/reconstructions.png", "samples/grid.png"):
+        with Image.open(root / grid) as im:
+            assert min(im.size) >= 256, (grid, im.size)  # 16 px images, nearest-upscaled
+
+
+def test_lpips_off_is_said_once_per_run_folder(dae_vq_run, tmp_path):
+    import shutil
+
+    shutil.copytree(dae_vq_run.run_dir, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "notices.json").read_text())["lpips_off"].startswith("LPIPS is off")
+    cfg = apply_overrides(
+        TrainConfig.load(dae_vq_run.run_dir / "config.yaml"), ["stages=stage2", f"out_dir={tmp_path / 'run'}"]
+    )
+    fastdae.train(cfg)  # a second call that builds the losses again
+    said = (tmp_path / "run" / "train.log").read_text().count("LPIPS is off")
+    assert said == 1  # stage 1 and stage 2 of the first call and stage 2 of this one: said once
+
+
 def test_later_stages_never_build_the_encoder(dae_vq_run, monkeypatch, tmp_path):
     import shutil
 
