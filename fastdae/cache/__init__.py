@@ -8,7 +8,7 @@
 
 One module per job: format.py (names, dtypes, the manifest's schema and checksum, the flip index
 space), writer.py (`build`: shards, sidecars, statistics, manifest), reader.py (`LatentCache`:
-verified memory maps, `gather`), loader.py (`CacheLoader`, `PairedDataset`).
+verified memory maps, `gather`), loader.py (`CacheLoader`).
 
 Shards are safetensors files: one file per shard holds every field, so a shard is one atomic
 rename and one checksum; the format is self-describing (names, dtypes, shapes, offsets in a JSON
@@ -22,7 +22,7 @@ float fields are stored as float16. Reads return int64 and float32 tensors.
 """
 
 from fastdae.cache.format import CacheError
-from fastdae.cache.loader import CacheLoader, PairedDataset
+from fastdae.cache.loader import CacheLoader
 from fastdae.cache.reader import LatentCache
 
-__all__ = ["CacheError", "CacheLoader", "LatentCache", "PairedDataset"]
+__all__ = ["CacheError", "CacheLoader", "LatentCache"]

@@ -1,5 +1,5 @@
-"""Loading batches from a latent cache: CacheLoader (prefetching, step-indexed order, DDP sharding)
-and PairedDataset (latents with their images, for a torch DataLoader)."""
+"""Loading batches from a latent cache: CacheLoader (prefetching, step-indexed order, DDP sharding),
+with the images of the same indices when paired with an image dataset (stage 2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from fastdae import files
@@ -149,18 +148,3 @@ def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
             f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "  # type: ignore[arg-type]
             f"{len(cache)} items (flip={cache.manifest['flip']})"
         )
-
-
-class PairedDataset(Dataset):
-    """(fields, image) per index, for a torch DataLoader: the latents from the cache and the image
-    from `image_dataset` (flipped for flip copies). `cache.paired_loader` is the faster batched path."""
-
-    def __init__(self, cache: LatentCache, image_dataset: Dataset) -> None:
-        _check_paired(cache, image_dataset)
-        self.cache, self.images = cache, FlipView(image_dataset, cache.manifest["flip"])
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], Tensor]:
-        return self.cache[i], self.images[i][0]

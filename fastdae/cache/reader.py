@@ -202,52 +202,13 @@ class LatentCache:
             raise IndexError(f"cache index {i} out of range [0, {len(self)})")
         return {name: t[0] for name, t in self.gather([i % len(self)]).items()}
 
-    def loader(
-        self,
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        num_workers: int = 0,
-        epoch_offset: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        """Batches of fields (see CacheLoader)."""
+    def loader(self, batch_size: int, **kwargs: Any) -> Any:
+        """Batches of fields: CacheLoader(self, batch_size, **kwargs), whose keywords (shuffle, seed,
+        drop_last, num_workers, epoch_offset, prefetch, pin_memory, rank, world_size) it documents."""
         from fastdae.cache.loader import CacheLoader
 
-        return CacheLoader(
-            self,
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            epoch_offset=epoch_offset,
-            **kwargs,
-        )
+        return CacheLoader(self, batch_size, **kwargs)
 
-    def paired_loader(
-        self,
-        image_dataset: Dataset,
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        num_workers: int = 0,
-        epoch_offset: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        """Batches of (fields, images) with the same indices, for stage 2 (see CacheLoader)."""
-        from fastdae.cache.loader import CacheLoader
-
-        return CacheLoader(
-            self,
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            epoch_offset=epoch_offset,
-            image_dataset=image_dataset,
-            **kwargs,
-        )
+    def paired_loader(self, image_dataset: Dataset, batch_size: int, **kwargs: Any) -> Any:
+        """Batches of (fields, images) with the same indices, for stage 2 (a loader with image_dataset)."""
+        return self.loader(batch_size, image_dataset=image_dataset, **kwargs)

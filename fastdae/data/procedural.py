@@ -121,7 +121,8 @@ class ProceduralShapes(ProceduralDataset):
     Item i is a pure function of (seed, i) (see ProceduralDataset); 8192 images render in about a
     second. Every shape lies inside the image; edges are anti-aliased over one pixel.
 
-    `describe(i)` gives the ground truth of item i, for validity checks of generated samples:
+    The ground truth of item i, as drawn from `_batch_params` (tests/data/test_data.py checks the
+    rendering against it):
         {"label": int, "background": (r, g, b),
          "shapes": [{"type": "circle", "label": 0, "center": (x, y), "radius": r, "color": (r, g, b)}, ...]}
     shapes[0] is the labelled one; later shapes are drawn under it. Colours are in [0, 1]; positions
@@ -190,21 +191,6 @@ class ProceduralShapes(ProceduralDataset):
             img = img + alpha[..., None] * (color - img)
         return np.rint(img * 255.0).astype(np.uint8)
 
-    def describe(self, i: int) -> dict[str, Any]:
-        """Ground truth of item i (see the class docstring for the format)."""
-        p = self._batch_params([i])
-        shapes = [
-            {
-                "type": self.classes[int(p["kind"][0, s])],
-                "label": int(p["kind"][0, s]),
-                "center": (float(p["cx"][0, s]), float(p["cy"][0, s])),
-                "radius": float(p["radius"][0, s]),
-                "color": tuple(float(c) for c in p["color"][0, s]),
-            }
-            for s in range(int(p["count"][0]))
-        ]
-        return {"label": shapes[0]["label"], "background": tuple(float(c) for c in p["bg"][0]), "shapes": shapes}
-
 
 class ProceduralTextures(ProceduralDataset):
     """size x size RGB images filled edge to edge by one two-colour periodic texture; the label is
@@ -217,7 +203,7 @@ class ProceduralTextures(ProceduralDataset):
     away. Item i is a pure function of (seed, i) (see ProceduralDataset); edges are anti-aliased over
     about one pixel.
 
-    `describe(i)` gives the ground truth of item i:
+    The ground truth of item i, as drawn from `_batch_params` (checked like the shapes'):
         {"label": int, "type": "rings", "period": px, "angle": radians, "center": (x, y),
          "colors": ((r, g, b), (r, g, b))}
     The texture is a function g of the coordinates (u, v), in pixels, of a pixel centre in the frame
@@ -281,16 +267,3 @@ class ProceduralTextures(ProceduralDataset):
         alpha = np.clip(0.5 + g / k, 0.0, 1.0)[..., None]  # (B, H, W, 1)
         c0, c1 = (p["colors"][:, j, None, None, :].astype(f32) for j in (0, 1))  # (B, 1, 1, 3)
         return np.rint((c1 + alpha * (c0 - c1)) * 255.0).astype(np.uint8)
-
-    def describe(self, i: int) -> dict[str, Any]:
-        """Ground truth of item i (see the class docstring for the format)."""
-        p = self._batch_params([i])
-        label = int(p["label"][0])
-        return {
-            "label": label,
-            "type": self.classes[label],
-            "period": float(p["period"][0]),
-            "angle": float(p["angle"][0]),
-            "center": (float(p["cx"][0]), float(p["cy"][0])),
-            "colors": tuple(tuple(float(c) for c in p["colors"][0, j]) for j in (0, 1)),
-        }

@@ -15,7 +15,6 @@ name and shape, then assigns the file's tensors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,15 @@ import torch
 from safetensors import safe_open
 
 from fastdae import __version__
-from fastdae.integrations.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, _check_tensors, write_pair
+from fastdae.integrations.export import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    _check_tensors,
+    read_meta,
+    write_pair,
+)
 from fastdae.models.diffusion import Diffusion, LatentScaler, make_diffusion
 from fastdae.models.dit import DiT
 
@@ -115,16 +122,7 @@ def save_dit(
 
 def read_dit_config(path: str | os.PathLike) -> dict[str, Any]:
     """`path`/config.json of a DiT export, validated (format, version, kind, DiT fields)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"load_dit: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})"
-        )
-    meta = json.loads(file.read_text())
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: not a fastdae export (expected format {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
+    file, meta = read_meta(path, "load_dit")
     if meta.get("kind") != KIND:
         raise ValueError(
             f"{file}: kind {meta.get('kind')!r} is not a DiT (load it with fastdae.integrations.load_pretrained)"

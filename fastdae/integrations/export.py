@@ -140,12 +140,13 @@ def _dataclass_from(cls: type, fields: Any, source: str) -> Any:
         raise ValueError(f"{source}: {e}") from None
 
 
-def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDecoderConfig | None]:
-    """(kind, AutoencoderConfig, WeakDecoderConfig or None) from `path`/config.json, validated."""
+def read_meta(path: str | os.PathLike, caller: str) -> tuple[Path, dict[str, Any]]:
+    """(`path`/config.json, its contents), checked to be a fastdae export of this format version;
+    shared by the decoder and the DiT exports. `caller` names the loader in the missing-file error."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(
-            f"load_pretrained: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})"
+            f"{caller}: {file} does not exist (expected {CONFIG_FILE} and {WEIGHTS_FILE} in {path})"
         )
     meta = json.loads(file.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -153,6 +154,12 @@ def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDe
         raise ValueError(f"{file}: not a fastdae export (format {found!r}, expected {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r}; this fastdae reads {FORMAT_VERSION}")
+    return file, meta
+
+
+def read_config(path: str | os.PathLike) -> tuple[str, AutoencoderConfig, WeakDecoderConfig | None]:
+    """(kind, AutoencoderConfig, WeakDecoderConfig or None) from `path`/config.json, validated."""
+    file, meta = read_meta(path, "load_pretrained")
     if meta.get("kind") not in KINDS:
         raise ValueError(f"{file}: kind must be one of {KINDS}, got {meta.get('kind')!r}")
     config = _dataclass_from(AutoencoderConfig, meta.get("autoencoder"), f"{file} 'autoencoder'")

@@ -135,15 +135,8 @@ def test_sampling_shapes_finite_and_cfg_one_is_unguided(objective, sampler):
     y = torch.tensor([0, 1, 2])
 
     def run(cfg: float) -> torch.Tensor:
-        return diffusion.sample(
-            model,
-            (3, 4, 8, 8),
-            y=y,
-            steps=4,
-            sampler=sampler,
-            cfg_scale=cfg,
-            generator=torch.Generator().manual_seed(1),
-        )
+        gen = torch.Generator().manual_seed(1)
+        return diffusion.sample(model, (3, 4, 8, 8), y=y, steps=4, sampler=sampler, cfg_scale=cfg, generator=gen)
 
     out = run(1.0)
     assert out.shape == (3, 4, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
