@@ -1,6 +1,7 @@
 """Shared test helpers: numerics for kernel tests (flash-attention's rule: a kernel's error against a
 float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor), and
-the tiny trainer config and log reader of the training tests."""
+the tiny trainer config, log reader and folder snapshot of the training tests, and the encode
+functions, index-carrying dataset and small-shard `build` of the latent cache tests."""
 
 from __future__ import annotations
 

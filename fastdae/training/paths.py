@@ -11,13 +11,9 @@ evaluation reads of a finished run it reads through this class too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastdae.config import TrainConfig
 from fastdae.training.identity import RunError
-
-if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
-    pass
 
 CONFIG_FILE = "config.yaml"
 

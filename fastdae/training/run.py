@@ -12,16 +12,12 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastdae import files
 from fastdae.config import STAGES, ConfigError
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
 from fastdae.training.identity import RunError, config_identity, differences
-
-if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
-    pass
-
 from fastdae.training.paths import MissingOutputError
 from fastdae.training.resources import RunResources
 
