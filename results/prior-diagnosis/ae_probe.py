@@ -5,11 +5,12 @@ CH, and reports PSNR and the per-image mean-colour error on 256 held-out images 
 plus a reconstruction grid (top: real, bottom: reconstructed).
 
 usage: python results/prior-diagnosis/ae_probe.py OUT_JSON STEPS LR CH [vq|kl]"""
+
 import sys
 
 import torch
-
 from common import Timer, dump
+
 import fastdae.models.autoencoder as A
 from fastdae import metrics as M
 from fastdae.config import preset
@@ -28,7 +29,7 @@ ae = A.Autoencoder(cfg.autoencoder, A.build_decoder(cfg.autoencoder))
 opt = torch.optim.Adam(ae.parameters(), lr=lr, betas=(0.5, 0.9))
 g = torch.Generator().manual_seed(0)
 with Timer() as tm:
-    for i in range(steps):
+    for _ in range(steps):
         x, _ = train.images(torch.randint(0, 4096, (16,), generator=g).numpy())
         x_hat, aux = ae(x)
         loss = (x - x_hat).abs().mean() + aux
@@ -39,5 +40,15 @@ ae.eval()
 with torch.no_grad():
     x_hat = torch.cat([ae(c)[0] for c in x_eval.split(64)]).clamp(-1, 1)
 save_grid(torch.cat([x_eval[:8], x_hat[:8]]), out.replace(".json", ".png"), nrow=8)
-dump(out, {"steps": steps, "lr": lr, "ch": ch, "bottleneck": bottleneck, "train_s": tm.s, "psnr": M.psnr(x_eval, x_hat).mean().item(),
-           "mean_colour_abs_err": (x_eval.mean((2, 3)) - x_hat.mean((2, 3))).abs().mean().item()})
+dump(
+    out,
+    {
+        "steps": steps,
+        "lr": lr,
+        "ch": ch,
+        "bottleneck": bottleneck,
+        "train_s": tm.s,
+        "psnr": M.psnr(x_eval, x_hat).mean().item(),
+        "mean_colour_abs_err": (x_eval.mean((2, 3)) - x_hat.mean((2, 3))).abs().mean().item(),
+    },
+)

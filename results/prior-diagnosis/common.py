@@ -2,6 +2,7 @@
 decoder), the judge classifier (fastdae.compare.build_judge, trained once and reused from a folder),
 and sample scoring with fastdae.metrics.sample_validity. Run scripts from the worktree root with
 PYTHONPATH=$PWD; every script pins torch to one thread so several can share the 2-core machine."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ from fastdae.config import TrainConfig, preset  # noqa: E402
 from fastdae.models.autoencoder import build_bottleneck, build_decoder  # noqa: E402
 from fastdae.train.loop import load_weights  # noqa: E402
 
-JUDGE_DIR = Path("runs/p/judge")  # under the repo root (git ignores runs/); classifier weights are rebuilt by build_judge when missing
+JUDGE_DIR = Path(
+    "runs/p/judge"
+)  # under the repo root (git ignores runs/); classifier weights are rebuilt by build_judge when missing
 
 
 def judge(cfg: TrainConfig | None = None):

@@ -13,12 +13,12 @@ usage: python results/prior-diagnosis/dit_probe.py OUT_JSON --run RUN_DIR [--dat
 Reported: loss (mean of the last 10% of steps), the conditional vs null-label loss on one fixed
 held batch (does the label carry information?), and for each cfg scale and for EMA and raw weights,
 the samples' class accuracy (+ judge validity on cache data)."""
+
 import argparse
-import copy
 
 import torch
-
 from common import Timer, decode, dump, judge, load_run, score
+
 from fastdae import vq_nearest
 from fastdae.models.diffusion import LatentScaler, make_diffusion
 from fastdae.models.dit import DiT_models
@@ -56,12 +56,13 @@ else:
     x_all = patterns[labels] + 0.1 * torch.randn(z.shape)
 y_all = labels.clone()
 if args.n:
-    x_all, y_all = x_all[:args.n], y_all[:args.n]
+    x_all, y_all = x_all[: args.n], y_all[: args.n]
 if args.shuffle_labels:
     y_all = y_all[torch.randperm(len(y_all))]
 C, h = x_all.shape[1], x_all.shape[2]
-model = DiT_models[args.model](input_size=h, in_channels=C, num_classes=4, learn_sigma=False,
-                               class_dropout_prob=args.dropout)
+model = DiT_models[args.model](
+    input_size=h, in_channels=C, num_classes=4, learn_sigma=False, class_dropout_prob=args.dropout
+)
 diffusion = make_diffusion(args.objective, "linear", 1000)
 opt, sched = make_optimizer(model.parameters(), args.lr, (0.9, 0.999), args.warmup)
 ema = EMA(model, args.ema) if args.ema > 0 else None
@@ -75,22 +76,30 @@ def evaluate(net, s: float, grid: bool = False) -> dict:
     n = args.num_samples
     y = torch.arange(n) % 4
     gen = torch.Generator().manual_seed(7)
-    xs = diffusion.sample(net, (n, C, h, h), y=y, steps=args.sample_steps, sampler=args.sampler,
-                          cfg_scale=s, generator=gen)
+    xs = diffusion.sample(
+        net, (n, C, h, h), y=y, steps=args.sample_steps, sampler=args.sampler, cfg_scale=s, generator=gen
+    )
     if args.data == "pattern":
         d = torch.cdist(xs.flatten(1), patterns.flatten(1))  # (n, 4)
-        return {"class_accuracy": float((d.argmin(1) == y).double().mean()),
-                "dist_to_own_pattern_rms": float((d[torch.arange(n), y] ** 2 / xs[0].numel()).mean().sqrt()),
-                "sample_std": float(xs.std())}
+        return {
+            "class_accuracy": float((d.argmin(1) == y).double().mean()),
+            "dist_to_own_pattern_rms": float((d[torch.arange(n), y] ** 2 / xs[0].numel()).mean().sqrt()),
+            "sample_std": float(xs.std()),
+        }
     zz = scaler.denormalize(xs)
     k, _ = vq_nearest(zz.permute(0, 2, 3, 1).reshape(-1, C), bottleneck.quantizer.codebook)
     snapped = bottleneck.latent({"indices": k.view(n, h, h)})
     imgs = decode(decoder, snapped)
     if grid:
         from fastdae.train.loop import save_grid
+
         save_grid(imgs[:64], args.out.replace(".json", ".png"))
-    return {"snapped": score(j, imgs, y), "unsnapped": score(j, decode(decoder, zz), y),
-            "sample_std_scaled": float(xs.std())}
+    return {
+        "snapped": score(j, imgs, y),
+        "unsnapped": score(j, decode(decoder, zz), y),
+        "sample_std_scaled": float(xs.std()),
+    }
+
 
 g = torch.Generator().manual_seed(args.seed)
 losses = []
@@ -120,8 +129,13 @@ for i in range(args.steps):
         curve.append(point)
         print(point, flush=True)
         model.train()
-res = {"args": vars(args), "train_s": train_s, "curve": curve, "loss_first50": sum(losses[:50]) / 50,
-       "loss_last10pct": sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10)}
+res = {
+    "args": vars(args),
+    "train_s": train_s,
+    "curve": curve,
+    "loss_first50": sum(losses[:50]) / 50,
+    "loss_last10pct": sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses) // 10),
+}
 
 
 @torch.no_grad()
@@ -141,5 +155,7 @@ for name, net in nets.items():
     net.eval()
     res[f"{name}_loss_cond_vs_null"] = cond_vs_null(net)
     for s in [float(v) for v in args.cfg.split(",")]:
-        res[f"{name}_cfg{s:g}"] = evaluate(net, s, grid=name == "ema" and s == max(float(v) for v in args.cfg.split(",")))
+        res[f"{name}_cfg{s:g}"] = evaluate(
+            net, s, grid=name == "ema" and s == max(float(v) for v in args.cfg.split(","))
+        )
 dump(args.out, res)

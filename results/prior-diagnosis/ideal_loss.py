@@ -3,11 +3,12 @@ velocity of the empirical distribution): E_t E ||x0 - E[x0 | x_t]||^2 / t^2 per 
 over the N training latents. Compares a DiT's training loss with what memorising the set would give.
 
 usage: python results/prior-diagnosis/ideal_loss.py RUN_DIR N [N ...]"""
+
 import sys
 
 import torch
-
 from common import load_run
+
 from fastdae.models.diffusion import LatentScaler
 
 run = sys.argv[1]

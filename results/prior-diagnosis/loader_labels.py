@@ -3,10 +3,10 @@ as fastdae/train/prior.py reads them) are decoded by the run's final decoder and
 batch's labels; a misaligned loader would score chance (0.25).
 
 usage: python results/prior-diagnosis/loader_labels.py RUN_DIR"""
+
 import sys
 
 import torch
-
 from common import decode, judge, load_run, score
 
 cfg, cache, z, labels, bottleneck, decoder = load_run(sys.argv[1])

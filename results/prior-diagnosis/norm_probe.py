@@ -8,17 +8,18 @@ no GAN) for STEPS steps with each grouping rule, same seed, and reports on 256 h
 (ProceduralShapes seed 1): PSNR and the error of each image's mean colour.
 
 usage: python results/prior-diagnosis/norm_probe.py OUT_JSON STEPS"""
+
 import math
 import sys
 
 import torch
+from common import Timer, dump
 from torch import nn
 
-from common import Timer, dump
 import fastdae.models.autoencoder as A
+from fastdae import metrics as M
 from fastdae.config import preset
 from fastdae.data import ProceduralShapes
-from fastdae import metrics as M
 
 RULES = {
     "gcd(32,C) [old]": lambda c: math.gcd(32, c),
@@ -36,7 +37,7 @@ for name, groups in RULES.items():
     opt = torch.optim.Adam(ae.parameters(), lr=4e-4, betas=(0.5, 0.9))
     g = torch.Generator().manual_seed(0)
     with Timer() as tm:
-        for i in range(steps):
+        for _ in range(steps):
             x, _ = train.images(torch.randint(0, 4096, (16,), generator=g).numpy())
             x_hat, aux = ae(x)
             loss = (x - x_hat).abs().mean() + aux
@@ -46,8 +47,12 @@ for name, groups in RULES.items():
     ae.eval()
     with torch.no_grad():
         x_hat = torch.cat([ae(c)[0] for c in x_eval.split(64)]).clamp(-1, 1)
-    res[name] = {"steps": steps, "train_s": tm.s, "psnr": M.psnr(x_eval, x_hat).mean().item(),
-                 "mean_colour_abs_err": (x_eval.mean((2, 3)) - x_hat.mean((2, 3))).abs().mean().item(),
-                 "groups_at_16_32": [groups(16), groups(32)]}
+    res[name] = {
+        "steps": steps,
+        "train_s": tm.s,
+        "psnr": M.psnr(x_eval, x_hat).mean().item(),
+        "mean_colour_abs_err": (x_eval.mean((2, 3)) - x_hat.mean((2, 3))).abs().mean().item(),
+        "groups_at_16_32": [groups(16), groups(32)],
+    }
     print(name, res[name], flush=True)
 dump(out, res)

@@ -3,11 +3,12 @@ sampler step counts, decode with its final decoder (VQ: snapped), and judge: whi
 the default should ship. 128 samples, labels cycling over the classes, seed 0.
 
 usage: python results/prior-diagnosis/resample.py RUN_DIR OUT_JSON CFGS STEPS   (e.g. 2,4,6,8 25,50)"""
+
 import sys
 
 import torch
-
 from common import decode, dump, judge, load_run, score
+
 from fastdae import vq_nearest
 from fastdae.models.diffusion import LatentScaler, make_diffusion
 from fastdae.train.loop import load_weights
@@ -29,8 +30,15 @@ res = {}
 for steps in steps_list:
     for s in cfgs:
         with torch.no_grad():
-            x = diffusion.sample(model, (n, C, h, h), y=y, steps=steps, sampler=cfg.prior.sampler, cfg_scale=s,
-                                 generator=torch.Generator().manual_seed(0))
+            x = diffusion.sample(
+                model,
+                (n, C, h, h),
+                y=y,
+                steps=steps,
+                sampler=cfg.prior.sampler,
+                cfg_scale=s,
+                generator=torch.Generator().manual_seed(0),
+            )
             zz = scaler.denormalize(x)
             k, _ = vq_nearest(zz.permute(0, 2, 3, 1).reshape(-1, C), bottleneck.quantizer.codebook)
             imgs = decode(decoder, bottleneck.latent({"indices": k.view(n, h, h)}))

@@ -9,11 +9,12 @@ usage: python results/prior-diagnosis/vq_space.py RUN_DIR OUT_JSON
   the fraction of positions that keep their code, and the judge's class accuracy of the decoded images;
 - the final decoder on the clean cached latents: the judge's validity / class accuracy (the ceiling
   the prior can reach through this decoder)."""
+
 import sys
 
 import torch
-
 from common import decode, dump, judge, load_run, score
+
 from fastdae import vq_nearest
 from fastdae.models.diffusion import LatentScaler
 
@@ -34,11 +35,18 @@ d.fill_diagonal_(float("inf"))
 nn_dist = d.min(1).values
 j = judge(cfg)
 res = {
-    "num_codes": K, "codes_used": int(used.sum()), "perplexity": perplexity,
-    "cache_channel_mean": cache.channel_mean.tolist(), "cache_channel_std": cache.channel_std.tolist(),
-    "recomputed_mean": recomputed.mean.tolist(), "recomputed_std": recomputed.std.tolist(),
-    "nearest_other_code_dist_scaled": {"min": float(nn_dist.min()), "median": float(nn_dist.median()),
-                                       "max": float(nn_dist.max())},
+    "num_codes": K,
+    "codes_used": int(used.sum()),
+    "perplexity": perplexity,
+    "cache_channel_mean": cache.channel_mean.tolist(),
+    "cache_channel_std": cache.channel_std.tolist(),
+    "recomputed_mean": recomputed.mean.tolist(),
+    "recomputed_std": recomputed.std.tolist(),
+    "nearest_other_code_dist_scaled": {
+        "min": float(nn_dist.min()),
+        "median": float(nn_dist.median()),
+        "max": float(nn_dist.max()),
+    },
 }
 n = 512
 zs, ys = z[:n], labels[:n]
@@ -51,7 +59,10 @@ for s in (0.05, 0.1, 0.2, 0.3, 0.5):
     k, _ = vq_nearest(noisy.permute(0, 2, 3, 1).reshape(-1, C), codebook)
     kept = float((k.view(n, h, h) == idx[:n]).double().mean())
     snapped = bottleneck.latent({"indices": k.view(n, h, h)})
-    snap[str(s)] = {"codes_kept": kept, "snapped": score(j, decode(decoder, snapped), ys),
-                    "unsnapped": score(j, decode(decoder, noisy), ys)}
+    snap[str(s)] = {
+        "codes_kept": kept,
+        "snapped": score(j, decode(decoder, snapped), ys),
+        "unsnapped": score(j, decode(decoder, noisy), ys),
+    }
 res["snap_noise"] = snap
 dump(out, res)

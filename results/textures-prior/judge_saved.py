@@ -1,13 +1,17 @@
 """The judge of a study (STUDY_DIR/judge, results/shapes-dae/eval.yaml settings) on runs' saved samples.
 
 usage: judge_saved.py STUDY_DIR RUN..."""
+
 import sys
 from pathlib import Path
+
+import yaml
 from safetensors.torch import load_file
+
 from fastdae import metrics as M
 from fastdae.evaluation.judge import EvalConfig, build_judge
 from fastdae.training.run import Run
-import yaml
+
 ev = EvalConfig(**yaml.safe_load(open("results/shapes-dae/eval.yaml")))
 judge = None
 for d in sys.argv[2:]:

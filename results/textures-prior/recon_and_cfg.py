@@ -1,16 +1,18 @@
 """Textures study: the decoder ceiling (real held-out latents decoded, judged) and re-sampling at several cfg scales.
 
 usage: recon_and_cfg.py RUN JUDGE_DIR N CFG..."""
-import json, sys, time
+
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 from fastdae import metrics as M
-from fastdae.config import TrainConfig
+from fastdae.evaluation.evaluate import _encode, _load_autoencoder
 from fastdae.evaluation.judge import EvalConfig, build_judge
-from fastdae.evaluation.evaluate import _load_autoencoder, _encode
-from fastdae.training.run import Run
+from fastdae.training.run import Run, RunFolder
 from fastdae.training.samples import build_sampler
-from fastdae.training.run import RunFolder
 
 run_dir, judge_dir, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 cfgs = [float(a) for a in sys.argv[4:]]
@@ -27,4 +29,4 @@ for c in cfgs:
     s = build_sampler(r, cfg_scale=c)
     y = torch.arange(n) % s.num_classes
     img = s.images(n, y, torch.Generator().manual_seed(100))
-    print("cfg", c, M.sample_validity(judge.classifier, img, y), f"{time.perf_counter()-t0:.0f}s", flush=True)
+    print("cfg", c, M.sample_validity(judge.classifier, img, y), f"{time.perf_counter() - t0:.0f}s", flush=True)
