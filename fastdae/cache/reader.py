@@ -164,10 +164,11 @@ class LatentCache:
                     f"latent cache {self.root} has {key} {self.manifest[key]}, expected {want}; rebuild it"
                 )
 
-    def gather(self, indices: np.ndarray | list[int]) -> dict[str, Tensor]:
+    def gather(self, indices: np.ndarray | list[int], widen: bool = True) -> dict[str, Tensor]:
         """Fields of a batch of items, gathered straight from the memory maps: name -> (B, *shape).
         Ascending indices (as the loader passes them) are fastest: each shard's run of items is
-        copied with one np.take per field into a contiguous slice of the batch."""
+        copied with one np.take per field into a contiguous slice of the batch. widen=False keeps
+        the manifest's dtypes (the image cache's uint8 pixels: int64 would be 8x the bytes)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"cache index out of range [0, {len(self)})")
@@ -180,7 +181,7 @@ class LatentCache:
         }
         shard_of = np.searchsorted(self._starts, sidx, side="right") - 1  # (B,) non-decreasing
         cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(idx)]
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             s = int(shard_of[a])
             local = sidx[a:b] - self._starts[s]
             for name, array in self._shards[s].arrays().items():
@@ -190,7 +191,10 @@ class LatentCache:
                 else:
                     dst[...] = array[local]  # a shard stored narrower than the manifest's dtype
         # widen once per field (int64 / float32), in torch, which releases the GIL
-        result = {name: torch.from_numpy(a).to(TORCH_READ[a.dtype.kind]) for name, a in out.items()}
+        result = {
+            name: torch.from_numpy(a).to(TORCH_READ[a.dtype.kind]) if widen else torch.from_numpy(a)
+            for name, a in out.items()
+        }
         if not ascending:
             inverse = torch.from_numpy(np.argsort(order))
             result = {name: t[inverse] for name, t in result.items()}

@@ -1,6 +1,7 @@
 """Stage 2 (PAPER.md §2): a fresh full decoder trained on the frozen latents read from run/cache.
 
-The encoder is never built or loaded: the batches are (cached fields, images) pairs, the latent is
+The encoder is never built or loaded: the batches are (cached fields, images) pairs (the images read
+from run/cache/images with cache.images, else decoded from the dataset), the latent is
 the frozen codebook lookup (VQ) or a fresh draw from the cached posterior (KL). Same losses as stage 1
 without the bottleneck term. Writes stage2/decoder.safetensors (EMA weights when enabled).
 """
@@ -15,6 +16,7 @@ from fastdae.training import distributed
 from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
+from fastdae.training.encode import image_cache
 from fastdae.training.logs import StepLog
 from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
@@ -33,8 +35,10 @@ def run(r: Run) -> dict[str, Any]:
         state.modules["ema_decoder"] = ema
     start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
     upd = state.updaters["decoder"]
+    # with cache.images the targets come decoded from run/cache/images: the same floats, no file opened
+    targets = image_cache(r) if cfg.cache.images else r.dataset
     loader = cache.paired_loader(
-        r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
+        targets, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
     )
     batches = cache_batches(loader, start)
     log = StepLog(r, "stage2", s.steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
