@@ -27,10 +27,10 @@ def run(r: Run) -> dict[str, Any]:
     return metrics
 
 
-def image_cache(r: Run) -> ImageCache:
+def image_cache(r: Run, uint8: bool = False) -> ImageCache:
     """run/cache/images, checked against this run's dataset (stage 2 reads it with cache.images)."""
     root, size = r.cache_dir / FOLDER, tuple(r.dataset.image_size)  # every fastdae dataset has image_size (H, W)
-    return ImageCache(root, dataset_fingerprint=r.fingerprint, flip=r.cfg.cache.flip, image_size=size)
+    return ImageCache(root, dataset_fingerprint=r.fingerprint, flip=r.cfg.cache.flip, image_size=size, uint8=uint8)
 
 
 def images(r: Run) -> dict[str, Any]:

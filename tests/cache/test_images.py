@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastdae.cache import CacheError, LatentCache
 from fastdae.cache.format import FlipView
-from fastdae.cache.images import ImageCache, build_images
+from fastdae.cache.images import ImageCache, build_images, to_signed_unit
 from fastdae.config import ConfigError, apply_overrides, preset
 from fastdae.data import ImageFolder, ProceduralShapes, dataset_fingerprint
 
@@ -52,6 +52,11 @@ def test_images_read_back_bit_for_bit_in_the_latent_cache_index_space(tmp_path, 
     got, want = images.__getitems__(idx), view.__getitems__(idx)
     assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
+    # uint8=True (stage 2's read): the stored pixels, made the same floats by to_signed_unit
+    fp = dataset_fingerprint(folder)
+    raw = ImageCache(tmp_path / "images", dataset_fingerprint=fp, flip=flip, image_size=(12, 12), uint8=True)
+    pixels = raw.__getitems__(idx)[0]
+    assert pixels.dtype == torch.uint8 and torch.equal(to_signed_unit(pixels), want[0])
     # only n images are stored, whatever the flip
     assert LatentCache(tmp_path / "images").manifest["count"] == len(folder)
 

@@ -1,6 +1,6 @@
-"""Every stage under torchrun with the gloo backend: one node of 2 CPU processes, and two nodes (two
-launchers on this machine, c10d rendezvous on localhost) of 1 process each, which must train the same
-weights bit for bit."""
+"""Every stage under torchrun with the gloo backend (the cache with its decoded images): one node of 2 CPU
+processes, and two nodes (two launchers on this machine, c10d rendezvous on localhost) of 1 process
+each, which must train the same weights bit for bit."""
 
 from __future__ import annotations
 
@@ -40,7 +40,14 @@ SCRIPT = textwrap.dedent("""
 def _config(tmp_path: Path, name: str) -> Path:
     cfg = apply_overrides(
         preset("tiny"),
-        [f"out_dir={tmp_path / name}", "stage1.steps=2", "stage2.steps=2", "prior.steps=2", "cache.shard_size=16"],
+        [
+            f"out_dir={tmp_path / name}",
+            "stage1.steps=2",
+            "stage2.steps=2",
+            "prior.steps=2",
+            "cache.shard_size=16",
+            "cache.images=true",
+        ],
     )
     path = tmp_path / f"{name}.yaml"
     cfg.save(path)
@@ -84,9 +91,11 @@ def test_all_stages_under_torchrun_gloo(one_node):
     assert sorted(r["rank"] for r in reports) == [0, 1]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["stages"]) == STAGES
-    # each rank wrote its own shards; rank 0 the manifest
-    shards = sorted(p.name for p in (run / "cache").glob("shard-r*.safetensors"))
-    assert {name[:10] for name in shards} == {"shard-r000", "shard-r001"}
+    # each rank wrote its own shards, of the latents and of the decoded images; rank 0 the manifests
+    for cache in (run / "cache", run / "cache" / "images"):
+        shards = sorted(p.name for p in cache.glob("shard-r*.safetensors"))
+        assert {name[:10] for name in shards} == {"shard-r000", "shard-r001"}
+        assert (cache / "manifest.json").is_file()
     assert (run / "samples" / "grid.png").is_file()
     # the global batch is split: 2 ranks x 4 images per step, 8 images per step in all
     assert summary["stages"]["stage1"]["steps"] == 2
