@@ -179,6 +179,35 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(info, indent=1) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(info, args.name))
+
+
+def markdown(info: dict[str, Any], name: str) -> str:
+    """The json's table (the prose around it is written by hand in the committed .md)."""
+    load = info["load_average_1min"]
+    lines = [
+        "| loader | num_workers | JPEG folder: images/s best / median | image cache: images/s best / median | "
+        "speed-up (median) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {(r["loader"], r["num_workers"], r["source"]): r for r in info["rows"]}
+    for loader, workers in sorted({(r["loader"], r["num_workers"]) for r in info["rows"]}):
+        jpeg, cache = rows[(loader, workers, "jpeg")], rows[(loader, workers, "image cache")]
+        lines.append(
+            f"| {loader} | {workers} | {jpeg['images_per_s_best']:.0f} / {jpeg['images_per_s_median']:.0f} | "
+            f"{cache['images_per_s_best']:.0f} / {cache['images_per_s_median']:.0f} | "
+            f"{cache['images_per_s_median'] / jpeg['images_per_s_median']:.0f}x |"
+        )
+    return (
+        "\n".join(
+            [
+                f"<!-- {name}: table written by benchmarks/bench_loader.py; {info['cpu']}, {info['cpus']} CPUs, "
+                f"1-min load {load['min']:.1f}-{load['max']:.1f} -->",
+                *lines,
+            ]
+        )
+        + "\n"
+    )
 
 
 def _cpu_name() -> str:
