@@ -163,7 +163,7 @@ def main() -> None:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"{args.device}-folder-index"
-        stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+        stem.with_name(stem.name + ".json").write_text(json.dumps(info, indent=1) + "\n")
         lines = [
             f"# ImageFolder index: {args.files:,} files in {CLASSES} class folders ({args.device})",
             "",
@@ -190,7 +190,7 @@ def main() -> None:
                 f"{r['peak_heap_bytes'] / 1e6:.1f} | "
                 f"{r['max_rss_bytes'] / 1e6:.0f} | {per} |"
             )
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
