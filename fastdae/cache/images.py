@@ -20,7 +20,8 @@ is the same file whether cache.flip is on or off.
 The images must be 8-bit (every value k / 127.5 - 1, as ImageFolder, the procedural shapes and uint8
 arrays give them): the build refuses any other, since storing them would change stage 2's targets.
 Read back, they are bit for bit what the dataset returns. A dataset whose items are random (a random
-crop or flip) would be frozen at one draw: the trainer refuses cache.images for those (encode.py).
+crop or flip) would be frozen at one draw: the config refuses cache.images for those
+(fastdae.config.checks).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def _check_same_identity(identity: dict[str, Any], world: int) -> None:
         keys = sorted(k for k in identity if other.get(k) != seen[0].get(k))
         if keys:  # every rank compares the same gathered list: all raise together, none waits at a barrier
             raise CacheError(
-                f"rank {r} would build the latent cache with another {', '.join(keys)} than rank 0 "
+                f"rank {r} would build the cache with another {', '.join(keys)} than rank 0 "
                 f"({', '.join(f'{other[k]!r} vs {seen[0][k]!r}' for k in keys)}); every rank must read the "
                 f"same encoder file and dataset (shared storage)"
             )

@@ -135,9 +135,14 @@ def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(one_node,
     try:
         for proc in launchers:
             outputs.append(proc.communicate(timeout=TIMEOUT_S))
-    finally:
+    finally:  # a hung rendezvous must not outlive the test: SIGTERM lets torchrun stop its workers first
         for proc in launchers:
-            proc.kill()  # no-op once it exited; a hung rendezvous must not outlive the test
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     for proc, (_, err) in zip(launchers, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     reports = [r for out, _ in outputs for r in _reports(out)]
@@ -190,5 +195,5 @@ def test_ranks_that_read_other_data_are_refused_on_every_rank(tmp_path):
     messages = sorted(errors.get(timeout=5) for _ in range(4))
     assert [m[:6] for m in messages] == ["rank 0", "rank 0", "rank 1", "rank 1"]
     assert sum("disagree on the dataset fingerprint" in m and "rank 1 on" in m for m in messages) == 2
-    assert sum("rank 1 would build the latent cache with another dataset_fingerprint" in m for m in messages) == 2
+    assert sum("rank 1 would build the cache with another dataset_fingerprint" in m for m in messages) == 2
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
