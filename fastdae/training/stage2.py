@@ -38,7 +38,10 @@ def run(r: Run) -> dict[str, Any]:
     upd = state.updaters["decoder"]
     # with cache.images the targets come decoded from run/cache/images as uint8, made floats on the device
     # (the same floats as the dataset's): no file opened, a quarter of the bytes copied
-    targets = image_cache(r, uint8=True) if cfg.cache.images else r.dataset
+    targets: Any = r.dataset
+    if cfg.cache.images:
+        targets = image_cache(r, uint8=True)
+        targets.verify_split()  # under torchrun each rank hashes 1/world of the shards, not all of them
     loader = cache.paired_loader(
         targets, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
     )

@@ -178,3 +178,48 @@ def test_cache_images_is_refused_for_random_crops_and_flips():
         with pytest.raises(ConfigError, match="cache.images stores one draw"):
             apply_overrides(preset("tiny"), ["data.name=folder", "data.root=/x", data, "cache.images=true"])
     assert apply_overrides(preset("tiny"), ["cache.images=true"]).cache.images
+
+
+def _verify_split(rank: int, init: str, root: str, fp: str, size: tuple[int, int], out) -> None:
+    from fastdae import files
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    hashed = []
+    sha256_file = files.sha256_file
+    files.sha256_file = lambda path: hashed.append(os.path.basename(path)) or sha256_file(path)
+    try:
+        images = ImageCache(root, dataset_fingerprint=fp, flip=False, image_size=size)
+        images.verify_split()
+        images.__getitems__(list(range(len(images))))  # every shard read: nothing hashed again
+        out.put((rank, sorted(hashed), None))
+    except CacheError as e:
+        out.put((rank, sorted(hashed), str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_split(tmp_path, folder, name: str) -> list[tuple[int, list[str], str | None]]:
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    args = (str(tmp_path / "images"), dataset_fingerprint(folder), folder.image_size, out)
+    procs = [ctx.Process(target=_verify_split, args=(r, f"file://{tmp_path / name}", *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return sorted(out.get(timeout=5) for _ in range(2))
+
+
+def test_ranks_split_the_shard_checks_and_all_stop_at_a_bad_shard(tmp_path, folder):
+    build(tmp_path / "images", folder)  # 10 images, 3 shards
+    shards = sorted(p.name for p in (tmp_path / "images").glob("shard-*.safetensors"))
+    (r0, hashed0, err0), (r1, hashed1, err1) = _run_split(tmp_path, folder, "store1")
+    assert (err0, err1) == (None, None)
+    assert hashed0 == [shards[0], shards[2]] and hashed1 == [shards[1]]  # each shard hashed once in all
+
+    data = bytearray((tmp_path / "images" / shards[1]).read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "images" / shards[1]).write_bytes(bytes(data))
+    results = _run_split(tmp_path, folder, "store2")
+    assert [f"{shards[1]} is corrupted" in err for _, _, err in results] == [True, True]
