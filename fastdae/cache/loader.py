@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from fastdae import files
 from fastdae.cache.format import FlipView
+from fastdae.cache.images import ImageCache
 
 if TYPE_CHECKING:
     from fastdae.cache.reader import LatentCache
@@ -26,14 +27,15 @@ class CacheLoader:
 
     Yields dict[str, Tensor] (name -> (B, *shape)), or (fields, images (B, 3, H, W)) when built
     with an image dataset (`LatentCache.paired_loader`), where items >= len(dataset) are the
-    flipped images.
+    flipped images; an ImageCache (fastdae.cache.images) in place of the dataset gives the same
+    images without decoding a file.
 
     Order: batch b of epoch e holds items indices(e)[b*B:(b+1)*B] in ascending order (order within a
     batch does not matter to a mean loss, and ascending reads are fastest); epoch e uses permutation
     `np.random.default_rng([seed, e])` of all items (identity without shuffle). Under
     torch.distributed (or with explicit rank/world_size) rank r takes every world_size-th index of
-    it, so ranks never overlap and all get len(self) batches (the tail is dropped
-    with drop_last, else padded by wrapping around, as DistributedSampler does).
+    it, so ranks never overlap and all get len(self) batches (the
+    tail is dropped with drop_last, else padded by wrapping around, as DistributedSampler does).
     Each full pass over the loader advances the epoch, which starts at `epoch_offset`;
     `set_epoch(e, start_batch)` jumps anywhere, so a run resumed at global step s calls
     `set_epoch(epoch_offset + s // len(loader), s % len(loader))` and sees the same batches.
@@ -81,7 +83,7 @@ class CacheLoader:
         )
         self.num_threads, self.prefetch = max(1, num_workers), prefetch
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA build and device
-        self.images = FlipView(image_dataset, cache.manifest["flip"]) if image_dataset is not None else None
+        self.images: Any = _index_space(image_dataset, cache.manifest["flip"]) if image_dataset is not None else None
         self.epoch, self.start_batch = epoch_offset, 0
         n, w = len(cache), self.world_size
         self.per_rank = n // w if drop_last else math.ceil(n / w)
@@ -113,7 +115,7 @@ class CacheLoader:
             fields = {name: t.pin_memory() for name, t in fields.items()}
         if self.images is None:
             return fields
-        images = self.images.__getitems__(idx.tolist())[0]
+        images = self.images.__getitems__(idx.tolist())[0]  # FlipView and ImageCache batch their reads
         return fields, images.pin_memory() if self._pin else images
 
     def __iter__(self) -> Iterator[Any]:
@@ -141,10 +143,23 @@ class CacheLoader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _index_space(image_dataset: Dataset, flip: bool) -> Dataset:
+    """The images in the latent cache's index space: an ImageCache already is (_check_paired checks
+    its flip against the cache's), any other dataset is wrapped in FlipView."""
+    return image_dataset if isinstance(image_dataset, ImageCache) else FlipView(image_dataset, flip)
+
+
 def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
-    want = len(image_dataset) * (2 if cache.manifest["flip"] else 1)  # type: ignore[arg-type]
-    if want != len(cache):
+    flip = cache.manifest["flip"]
+    if isinstance(image_dataset, ImageCache):
+        if image_dataset.flip != flip or image_dataset.n != cache.dataset_len:
+            raise ValueError(
+                f"image cache {image_dataset.root} of {image_dataset.n} images (flip={image_dataset.flip}) does "
+                f"not match latent cache {cache.root} of {cache.dataset_len} dataset items (flip={flip})"
+            )
+        return
+    n = len(image_dataset)  # type: ignore[arg-type]  # map-style datasets are Sized; Dataset does not say so
+    if n * (2 if flip else 1) != len(cache):
         raise ValueError(
-            f"image dataset of {len(image_dataset)} items does not match latent cache {cache.root} of "  # type: ignore[arg-type]
-            f"{len(cache)} items (flip={cache.manifest['flip']})"
+            f"image dataset of {n} items does not match latent cache {cache.root} of {len(cache)} items (flip={flip})"
         )

@@ -31,6 +31,7 @@ class _Shard:
         self._arrays: dict[str, np.ndarray] | None = None
         self._file: Any = None  # kept open: fstat sees the mapped file even if the path is replaced
         self._lock = threading.Lock()
+        self.verified = False  # set when another process of this run checked the sha256 (LatentCache.trust)
 
     def check_size(self) -> None:
         if not self.path.is_file():
@@ -62,7 +63,7 @@ class _Shard:
 
     def _map(self) -> dict[str, np.ndarray]:
         self.check_size()
-        if files.sha256_file(self.path) != self.record["sha256"]:
+        if not self.verified and files.sha256_file(self.path) != self.record["sha256"]:
             raise CacheError(f"cache shard {self.path} is corrupted: its sha256 does not match the manifest")
         self._file = open(self.path, "rb")
         raw = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -153,6 +154,21 @@ class LatentCache:
         return int(self.manifest["count"])
 
     @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def verify(self, shards: list[int]) -> None:
+        """Check (and map) these shards now: a CacheError names the first bad one."""
+        for k in shards:
+            self._shards[k].open()
+
+    def trust(self, shards: list[int]) -> None:
+        """Skip the sha256 of these shards on first read: another process of this run checked them
+        (fastdae.cache.images.ImageCache.verify_split); sizes and headers are still checked."""
+        for k in shards:
+            self._shards[k].verified = True
+
+    @property
     def dataset_len(self) -> int:
         """Items of the source dataset (len(self) is twice that with flip copies)."""
         return int(self.manifest["dataset_len"])
@@ -165,10 +181,11 @@ class LatentCache:
                     f"latent cache {self.root} has {key} {self.manifest[key]}, expected {want}; rebuild it"
                 )
 
-    def gather(self, indices: np.ndarray | list[int]) -> dict[str, Tensor]:
+    def gather(self, indices: np.ndarray | list[int], widen: bool = True) -> dict[str, Tensor]:
         """Fields of a batch of items, gathered straight from the memory maps: name -> (B, *shape).
         Ascending indices (as the loader passes them) are fastest: each shard's run of items is
-        copied with one np.take per field into a contiguous slice of the batch."""
+        copied with one np.take per field into a contiguous slice of the batch. widen=False keeps
+        the manifest's dtypes (the image cache's uint8 pixels: int64 would be 8x the bytes)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"cache index out of range [0, {len(self)})")
@@ -191,7 +208,10 @@ class LatentCache:
                 else:
                     dst[...] = array[local]  # a shard stored narrower than the manifest's dtype
         # widen once per field (int64 / float32), in torch, which releases the GIL
-        result = {name: torch.from_numpy(a).to(TORCH_READ[a.dtype.kind]) for name, a in out.items()}
+        result = {
+            name: torch.from_numpy(a).to(TORCH_READ[a.dtype.kind]) if widen else torch.from_numpy(a)
+            for name, a in out.items()
+        }
         if not ascending:
             inverse = torch.from_numpy(np.argsort(order))
             result = {name: t[inverse] for name, t in result.items()}

@@ -25,6 +25,7 @@ from fastdae.cache.format import (
     MANIFEST,
     SHARD_PATTERN,
     STORED_FLOAT,
+    CacheError,
     FlipView,
     checksum,
     no_collate,
@@ -150,6 +151,21 @@ def _write_shard(
     # the sidecar is written after the shard: a shard without one (killed in between) is re-encoded
     files.write_bytes(root / f"{name}.json", json.dumps(record).encode())
     return record
+
+
+def _check_same_identity(identity: dict[str, Any], world: int) -> None:
+    """Every rank must build the same cache: a rank with another encoder or dataset fingerprint (e.g. a
+    node reading its own copy of the data) would write shards that rank 0's manifest then vouches for."""
+    seen: list[Any] = [None] * world
+    torch.distributed.all_gather_object(seen, identity)
+    for r, other in enumerate(seen):
+        keys = sorted(k for k in identity if other.get(k) != seen[0].get(k))
+        if keys:  # every rank compares the same gathered list: all raise together, none waits at a barrier
+            raise CacheError(
+                f"rank {r} would build the cache with another {', '.join(keys)} than rank 0 "
+                f"({', '.join(f'{other[k]!r} vs {seen[0][k]!r}' for k in keys)}); every rank must read the "
+                f"same encoder file and dataset (shared storage)"
+            )
 
 
 def _reusable_shards(root: Path, identity: dict[str, Any], wanted: range) -> dict[int, dict[str, Any]]:
@@ -278,6 +294,8 @@ def build(
         "shard_size": shard_size,
         "count": count,
     }
+    if world > 1:
+        _check_same_identity(identity, world)
     num_shards = math.ceil(count / shard_size)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,12 @@ def validate(cfg: TrainConfig) -> None:
             "prior.schedule 'cosine' with prior.objective 'ddpm' needs prior.clip_x0 > 0 (e.g. 4): the "
             "schedule's last alpha_bar is 2e-9, and unclipped x0 estimates make the samples explode"
         )
+    if cfg.cache.images and (cfg.data.crop != "center" or cfg.data.flip):
+        raise ConfigError(
+            f"cache.images stores one draw of each image, but data.crop={cfg.data.crop!r} / data.flip="
+            f"{cfg.data.flip} draw a new one every time: use data.crop 'center' and data.flip false (cache.flip "
+            f"adds the flipped copies), or cache.images false"
+        )
     if p.cfg_scale != 1.0 and not p.class_cond:
         raise ConfigError(f"prior.cfg_scale={p.cfg_scale} (classifier-free guidance) needs prior.class_cond true")
     if cfg.stage1.encoder is None:

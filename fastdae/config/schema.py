@@ -112,11 +112,14 @@ class Stage1Config(AEStageConfig):
 
 @dataclass
 class CacheConfig:
-    """The one pass of the frozen encoder that writes run/cache (fastdae.LatentCache)."""
+    """The one pass of the frozen encoder that writes run/cache (fastdae.LatentCache). `images`: also
+    store the decoded, resized uint8 images in run/cache/images (fastdae.cache.images), which stage 2
+    then reads in place of the image files (docs/multi-node.md)."""
 
     batch_size: int = 256
     shard_size: int = 4096
     flip: bool = False
+    images: bool = False
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+# what Dist.agree tells a user whose ranks read different datasets
+SAME_DATA = (
+    "every node must read the same dataset with the same data.* settings: one folder on shared storage "
+    "(docs/multi-node.md); a copy per node has other inodes and ctimes, hence another fingerprint"
+)
 
 
 @dataclass
@@ -35,6 +42,19 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def agree(self, what: str, value: str, hint: str) -> None:
+        """Raise RuntimeError on every rank unless all ranks hold the same `value` (e.g. the dataset's
+        fingerprint). Over several machines a rank that silently trained on other data, or wrote cache
+        shards under another identity, would only fail later and far from the cause; `hint` says what
+        to fix. Each rank's host is named, since the usual cause is one node's own copy of a folder."""
+        if self.world_size == 1:
+            return
+        seen: list[Any] = [None] * self.world_size
+        dist.all_gather_object(seen, (socket.gethostname(), value))
+        if any(v != seen[0][1] for _, v in seen):
+            ranks = ", ".join(f"rank {r} on {host}: {v[:16]}" for r, (host, v) in enumerate(seen))
+            raise RuntimeError(f"the ranks disagree on the {what} ({ranks}); {hint}")
 
 
 def setup_distributed(device: str) -> tuple[Dist, torch.device]:

@@ -1,7 +1,9 @@
-"""The cache step: one pass of the frozen stage-1 encoder over the dataset -> run/cache (fastdae.LatentCache).
+"""The cache step: one pass of the frozen stage-1 encoder over the dataset -> run/cache (fastdae.LatentCache),
+and with cache.images the decoded images -> run/cache/images (fastdae.cache.images) for stage 2.
 
 A complete cache of the same encoder file (sha256), dataset fingerprint, flip and shard size is
-reused as is; an interrupted build keeps its finished shards (LatentCache.build).
+reused as is; an interrupted build keeps its finished shards (LatentCache.build). The image cache
+follows the same rules with the dataset fingerprint alone (no encoder reads it).
 """
 
 from __future__ import annotations
@@ -12,12 +14,48 @@ from typing import Any
 from torch import Tensor
 
 from fastdae.cache import CacheError, LatentCache
+from fastdae.cache.images import FOLDER, ImageCache, build_images
 from fastdae.models.autoencoder import build_encoder
 from fastdae.training.checkpoint import load_weights
 from fastdae.training.run import Run
 
 
 def run(r: Run) -> dict[str, Any]:
+    metrics = latents(r)
+    if r.cfg.cache.images:
+        metrics["images"] = images(r)
+    return metrics
+
+
+def image_cache(r: Run, uint8: bool = False) -> ImageCache:
+    """run/cache/images, checked against this run's dataset (stage 2 reads it with cache.images)."""
+    root, size = r.cache_dir / FOLDER, tuple(r.dataset.image_size)  # every fastdae dataset has image_size (H, W)
+    return ImageCache(root, dataset_fingerprint=r.fingerprint, flip=r.cfg.cache.flip, image_size=size, uint8=uint8)
+
+
+def images(r: Run) -> dict[str, Any]:
+    """The decoded-image cache: reused when complete and of this dataset, else built (resuming its shards)."""
+    cfg = r.cfg
+    try:
+        return {"reused": True, "count": image_cache(r).n}
+    except CacheError:
+        pass
+    t0 = time.perf_counter()
+    build_images(
+        r.cache_dir / FOLDER,
+        r.dataset,
+        dataset_fingerprint=r.fingerprint,
+        batch_size=cfg.cache.batch_size,
+        shard_size=cfg.cache.shard_size,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress and r.dist.is_main,
+    )
+    elapsed = time.perf_counter() - t0
+    count = image_cache(r).n
+    return {"reused": False, "count": count, "time_s": elapsed, "images_per_s": count / elapsed}
+
+
+def latents(r: Run) -> dict[str, Any]:
     cfg, device = r.cfg, r.device
     sha = r.encoder_sha256()
     try:  # flip and shard_size are part of the stage's identity (checked by Run.prepare)

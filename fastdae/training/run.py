@@ -17,6 +17,7 @@ from typing import Any
 from fastdae import files
 from fastdae.config import STAGES, ConfigError
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
+from fastdae.training.distributed import SAME_DATA
 from fastdae.training.identity import RunError, config_identity, differences
 from fastdae.training.paths import MissingOutputError
 from fastdae.training.resources import RunResources
@@ -92,6 +93,7 @@ class Run(RunResources):
         """Refuse a folder holding another run (or, on resume, what cannot be resumed), check the batch
         sizes against the dataset, then write config.yaml. Nothing is written before the checks pass."""
         cfg, root = self.cfg, self.root
+        self.dist.agree("dataset fingerprint", self.fingerprint, SAME_DATA)  # before any rank may refuse alone
         if root.is_dir() and any(root.iterdir()):
             if not self.config_file.is_file():
                 raise RunError(

@@ -1,6 +1,7 @@
 """Stage 2 (docs/paper.md §2): a fresh full decoder trained on the frozen latents read from run/cache.
 
-The encoder is never built or loaded: the batches are (cached fields, images) pairs, the latent is
+The encoder is never built or loaded: the batches are (cached fields, images) pairs (the images read
+from run/cache/images with cache.images, else decoded from the dataset), the latent is
 the frozen codebook lookup (VQ) or a fresh draw from the cached posterior (KL). Same losses as stage 1
 without the bottleneck term. Writes stage2/decoder.safetensors (EMA weights when enabled).
 """
@@ -11,10 +12,12 @@ from typing import Any
 
 import torch
 
+from fastdae.cache.images import to_signed_unit
 from fastdae.training import distributed
 from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
 from fastdae.training.checkpoint import restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
+from fastdae.training.encode import image_cache
 from fastdae.training.logs import StepLog
 from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
@@ -33,8 +36,14 @@ def run(r: Run) -> dict[str, Any]:
         state.modules["ema_decoder"] = ema
     start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
     upd = state.updaters["decoder"]
+    # with cache.images the targets come decoded from run/cache/images as uint8, made floats on the device
+    # (the same floats as the dataset's): no file opened, a quarter of the bytes copied
+    targets: Any = r.dataset
+    if cfg.cache.images:
+        targets = image_cache(r, uint8=True)
+        targets.verify_split()  # under torchrun each rank hashes 1/world of the shards, not all of them
     loader = cache.paired_loader(
-        r.dataset, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
+        targets, batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda"
     )
     batches = cache_batches(loader, start)
     log = StepLog(r, "stage2", s.steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
@@ -42,6 +51,8 @@ def run(r: Run) -> dict[str, Any]:
     for step in range(start, s.steps):
         distributed.seed_step(cfg.seed, "stage2", step, r.dist.rank)
         fields, x = to_device(log.batch(batches), device)  # cached fields of x; x (B, 3, H, W)
+        if x.dtype == torch.uint8:  # from the image cache
+            x = to_signed_unit(x)
         micro = []  # (loss terms, x_hat) per micro-batch
         for fm, xm in upd.micro_batches((fields, x), decoder_train):  # B / grad_accum items each
             with torch.no_grad():
