@@ -12,22 +12,19 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastdae import files
 from fastdae.config import STAGES, ConfigError
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
 from fastdae.training.identity import RunError, config_identity, differences
-
-if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
-    pass
-
-from fastdae.training.paths import MissingOutputError
+from fastdae.training.paths import RUN_MARKER, MissingOutputError, is_run_entry
 from fastdae.training.resources import RunResources
 
 log = logging.getLogger("fastdae.train")  # also the name fastdae.models.losses logs to
 CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
 DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
+MARKER_TEXT = b"a fastdae run folder: fastdae train may clear what it wrote here (docs/safety.md)\n"
 
 
 @dataclass
@@ -96,14 +93,9 @@ class Run(RunResources):
         """Refuse a folder holding another run (or, on resume, what cannot be resumed), check the batch
         sizes against the dataset, then write config.yaml. Nothing is written before the checks pass."""
         cfg, root = self.cfg, self.root
-        if root.is_dir() and any(root.iterdir()):
-            if not self.config_file.is_file():
-                raise RunError(
-                    f"out_dir {root} is not empty and is not a fastdae run (no config.yaml); it is never "
-                    f"cleared, not even with overwrite: choose another out_dir"
-                )
-            if cfg.overwrite:
-                self._on_main(lambda: [files.remove(p) for p in root.iterdir()])
+        if self._check_folder() and cfg.overwrite:
+            # only fastdae's own entries are left (_check_folder): the marker stays, the run is cleared
+            self._on_main(lambda: [files.remove(p) for p in root.iterdir() if p.name != RUN_MARKER])
         conflicts = []
         for stage in STAGES:
             if not self.stage_dir(stage).exists():
@@ -130,9 +122,41 @@ class Run(RunResources):
         self._on_main(
             lambda: (
                 root.mkdir(parents=True, exist_ok=True),
+                self.marker_file.is_file() or files.write_bytes(self.marker_file, MARKER_TEXT),
                 files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode()),
             )
         )
+
+    def _check_folder(self) -> bool:
+        """True when out_dir holds a run of fastdae (its marker) that this call may use; an empty or
+        absent folder is False (prepare makes it, with the marker). Refused: a file; a non-empty folder
+        without the marker (not even overwrite clears it); with overwrite, a run folder holding
+        anything fastdae did not write there (RUN_ENTRIES), each such entry named."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise RunError(f"out_dir {root} is a file, not a folder: choose another out_dir")
+        try:
+            entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        except OSError as e:
+            raise RunError(f"out_dir {root} cannot be listed: {e.strerror or e}") from None
+        if not entries:
+            return False
+        if RUN_MARKER not in entries:
+            raise RunError(
+                f"out_dir {root} is not empty and is not a fastdae run (no {RUN_MARKER}, the marker fastdae "
+                f"writes when it makes a run folder); it is never written to or cleared, not even with "
+                f"overwrite: choose another out_dir. A run of an older fastdae has no marker: create the "
+                f"empty file {self.marker_file} to adopt it"
+            )
+        foreign = [name for name in entries if not is_run_entry(name)]
+        if self.cfg.overwrite and foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise RunError(
+                f"out_dir {root} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} fastdae did not "
+                f"write: {shown}; overwrite removes only a run's own files: move them out of {root} or "
+                f"choose another out_dir"
+            )
+        return True
 
     def _check_resumable(self, stage: str) -> None:
         rec = self.recorded(stage)
