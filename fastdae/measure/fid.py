@@ -130,9 +130,9 @@ def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> I
     yield from loader
 
 
-def npz_image_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+def npz_image_batches(path: Path, batch_size: int, min_images: int = 0) -> Iterator[np.ndarray]:
     """(b, H, W, 3) uint8 batches of the `arr_0` member, read from the zip stream (as ADM's evaluator
-    does): an ADM .npz of any size in O(batch) memory."""
+    does): an ADM .npz of any size in O(batch) memory. Fewer than `min_images` images: ValueError."""
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -151,10 +151,10 @@ def npz_image_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
                     f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (the ADM layout), got "
                     f"{dtype} {shape}{' Fortran order' if fortran else ''}"
                 )
-            if shape[0] < 2 or shape[1] < 1 or shape[2] < 1:
+            if shape[0] < min_images or shape[1] < 1 or shape[2] < 1:
                 raise ValueError(
-                    f"{path}: arr_0 holds {shape[0]} images of {shape[1]}x{shape[2]}; statistics need at "
-                    f"least 2 non-empty images"
+                    f"{path}: arr_0 holds {shape[0]} images of {shape[1]}x{shape[2]}; at least {min_images} "
+                    f"non-empty images are needed"
                 )
             per_image = shape[1] * shape[2] * 3
             for start in range(0, shape[0], batch_size):
@@ -203,7 +203,11 @@ def _image_stats(
 ) -> GaussianStats:
     from tqdm import tqdm
 
-    batches = _folder_batches(path, batch_size, num_workers) if path.is_dir() else npz_image_batches(path, batch_size)
+    batches = (
+        _folder_batches(path, batch_size, num_workers)
+        if path.is_dir()
+        else npz_image_batches(path, batch_size, min_images=2)
+    )
     first = next(batches)  # a bad header or first image is refused before the progress bar draws a line
     # leave=False: the bar clears its line, so an error later is the one line the command prints
     bar = tqdm(

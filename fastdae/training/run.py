@@ -40,6 +40,16 @@ class Result:
     summary: Path | None = None
 
 
+def json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a file fastdae wrote, None when it is not one (edited: bad JSON, nesting deep
+    enough for a RecursionError, another type)."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Run(RunResources):
     """A run in progress: RunResources plus the identity checks (see the module docstring)."""
 
@@ -51,9 +61,40 @@ class Run(RunResources):
             out["encoder"] = self.encoder_sha256()
         if stage == "samples":
             final = self.final_decoder_stage
-            out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))
-            out["dit"] = self.sha256(self.require(self.dit_file, "prior"))
+            out["decoder"] = self.verified_sha256(self.decoder_file(final), final)
+            out["dit"] = self.verified_sha256(self.dit_file, "prior")
         return out
+
+    def verified_sha256(self, path: Path, stage: str) -> str:
+        """sha256 of a weight file `stage` wrote, checked against the one it recorded when it wrote it
+        (metrics.json "weights"): a file changed since (a flipped bit) is refused, never decoded with.
+        A run of an older fastdae recorded none: its files are hashed unchecked."""
+        digest = self.sha256(self.require(path, stage))
+        recorded = self._metrics(stage).get("weights", {})
+        want = recorded.get(path.name) if isinstance(recorded, dict) else None
+        if want is not None and want != digest:
+            raise RunError(
+                f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
+                f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
+                f"(stages=['{stage}', ...])"
+            )
+        return digest
+
+    def verify_weights(self, stage: str) -> None:
+        """Every weight file `stage` recorded (finish) still has its recorded sha256 (verified_sha256)."""
+        recorded = self._metrics(stage).get("weights", {})
+        for name in recorded if isinstance(recorded, dict) else ():
+            self.verified_sha256(self.stage_dir(stage) / name, stage)
+
+    def _metrics(self, stage: str) -> dict[str, Any]:
+        """metrics.json of a finished stage ({} when absent); RunError when it is no JSON object."""
+        path = self.metrics_file(stage)
+        if not path.is_file():
+            return {}
+        data = json_object(path)
+        if data is None:
+            raise RunError(f"{path} is not a stage's metrics (edited or corrupted); train {stage} again")
+        return data
 
     def changed_inputs(self, stage: str, rec: dict[str, Any]) -> list[str]:
         """What `stage` read (its recorded identity `rec`) that differs now; a missing input says so."""
@@ -70,6 +111,7 @@ class Run(RunResources):
             raise MissingOutputError(
                 f"{stage} has not finished in {self.root}: train it first (stages=['{stage}', ...])"
             )
+        self.verify_weights(stage)
         changed = self.changed_inputs(stage, rec) + differences(rec["config"], config_identity(self.cfg, stage))
         if changed:
             raise RunError(
@@ -81,12 +123,9 @@ class Run(RunResources):
         path = self.identity_file(stage)
         if not path.is_file():
             return None
-        try:
-            rec = json.loads(path.read_text())
-            if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
-                return rec
-        except ValueError:
-            pass
+        rec = json_object(path)
+        if rec is not None and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
+            return rec
         raise RunError(f"{path} is not a stage identity (edited or corrupted); use overwrite to start the run again")
 
     def prepare(self) -> None:
@@ -244,10 +283,9 @@ class Run(RunResources):
         return True
 
     def _finished(self, stage: str) -> bool:
-        path = self.metrics_file(stage)
-        if not path.is_file():
+        if not self.metrics_file(stage).is_file():
             return False
-        return stage not in CHECKPOINTED or json.loads(path.read_text())["steps"] == self.total_steps(stage)[1]
+        return stage not in CHECKPOINTED or self._metrics(stage).get("steps") == self.total_steps(stage)[1]
 
     def _resumable_stage_dir(self, stage: str) -> None:
         """The stage runs again: it is no longer finished, and temp files of a killed process go."""
@@ -264,7 +302,13 @@ class Run(RunResources):
         files.write_json(self.identity_file(stage), identity)
 
     def finish(self, stage: str, metrics: dict[str, Any]) -> None:
-        self._on_main(lambda: files.write_json(self.metrics_file(stage), metrics))
+        """metrics.json of a finished stage, with the sha256 of each weight file it wrote (verified_sha256)."""
+
+        def write() -> None:
+            weights = {p.name: self.sha256(p) for p in sorted(self.stage_dir(stage).glob("*.safetensors"))}
+            files.write_json(self.metrics_file(stage), {**metrics, "weights": weights})
+
+        self._on_main(write)
 
     def _on_main(self, fn: Any) -> None:
         """fn() on rank 0 between barriers: every rank has read the folder before, and sees the change after."""
@@ -285,7 +329,7 @@ class Run(RunResources):
             if changed:
                 stale[stage] = changed
             else:
-                stages[stage] = json.loads(self.metrics_file(stage).read_text())
+                stages[stage] = self._metrics(stage)
         cfg = self.cfg
         summary = {
             "mode": cfg.mode,
