@@ -243,7 +243,7 @@ def one_line(e: object) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         text = f"{e.filename}: {e.strerror}"  # "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "Traceback (most recent call last):" in lines:
+    if any(line.endswith("Traceback (most recent call last):") for line in lines):
         name, sep, message = lines[-1].partition(": ")
         return message if sep and name.replace(".", "").isidentifier() else lines[-1]
     return " ".join(lines)
