@@ -272,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CacheError, ImageFileError) as e:  # the user's config, run folder or data: one line
         return _usage_error(args.command, e)
     except OSError as e:  # a file the user named (or one in their run or data) cannot be read or written
-        if e.filename is None:
-            raise
         return _usage_error(args.command, e)
 
 

@@ -31,7 +31,6 @@ the one the samples stage draws its grid with.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -75,6 +74,16 @@ def _check_arguments(num_samples: int, batch_size: int, seed: int, cfg_scale: fl
         raise ValueError(f"sample: steps must be >= 1, got {steps}")
 
 
+def _check_device(device: str) -> None:
+    """A CUDA device this machine has (the run's config checks the name's form)."""
+    if not device.startswith("cuda"):
+        return
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (index and not index.isdigit()) or int(index or 0) >= count:
+        raise ValueError(f"sample: device={device!r} but torch sees {count} CUDA device(s); use 'auto' or 'cpu'")
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object written by this module, None when absent, unreadable or not an object (edited)."""
     try:
@@ -107,35 +116,18 @@ def _check_disk(out: Path, num_samples: int, image_size: int) -> None:
 
 @contextlib.contextmanager
 def exclusive(out: Path, active: bool = True) -> Iterator[None]:
-    """Hold `.<out name>.lock` next to out with flock (the OS releases it if this process dies): a
-    second writer of the same out is refused with FileExistsError instead of racing for its shards."""
+    """Hold `.<out name>.lock` next to out (fastdae.files.exclusive_lock): a second writer of the same
+    out is refused with FileExistsError instead of racing for its shards."""
     if not active:
         yield
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_name(f".{out.name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise FileExistsError(
-                f"sample: another fastdae sample{f' (pid {holder})' if holder else ''} is writing {out}; wait "
-                f"for it (run again then and the finished samples are found) or pick another --out"
-            ) from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # else the holder removed the file as we opened it: lock the new one
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+    busy = (
+        f"sample: another fastdae sample{{holder}} is writing {out}; wait for it (run again then and the "
+        f"finished samples are found) or pick another --out"
+    )
+    with files.exclusive_lock(out.with_name(f".{out.name}.lock"), busy):
         yield
-    finally:
-        path.unlink(missing_ok=True)  # before unlocking: a waiter then re-opens the new file
-        os.close(fd)
 
 
 def open_run(run_dir: str | os.PathLike, device: str = "auto") -> Run:
@@ -158,6 +150,7 @@ def load_sampler(
     """The Sampler of the finished run in `run_dir` (open_run's checks; fastdae.training.samples.build_sampler):
     what the trainer's samples stage decodes with. steps, sampler, cfg_scale default to the run's prior config."""
     _check_arguments(1, 1, 0, cfg_scale, steps)
+    _check_device(str(device))
     return build_sampler(open_run(run_dir, str(device)), steps, sampler, cfg_scale)
 
 
@@ -311,6 +304,7 @@ def sample(
         raise ValueError(f"sample: out must be a .npz file, got {out}")
     if out.is_dir():
         raise ValueError(f"sample: out {out} is a folder; it must be a .npz file")
+    _check_device(device)
     r = open_run(run, device)
     s = build_sampler(r, steps, sampler, cfg_scale)
     if labels not in LABEL_MODES:  # before anything is written

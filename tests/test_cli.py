@@ -209,3 +209,13 @@ def test_one_line_reduces_a_worker_traceback_to_its_error():
     )
     assert cli.one_line(ValueError(text)) == "cannot read image file a.png: bad"
     assert cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "/x/y: Permission denied"
+
+
+@pytest.mark.parametrize("kind,make", [("folder", "file"), ("array", "pickle")])
+def test_a_data_root_of_the_wrong_kind_or_unreadable_exits_2(tmp_path, capsys, kind, make):
+    root = tmp_path / "data.npz"
+    root.write_bytes(b"not an array file")
+    args = ["--data.name", kind, "--data.root", str(root), "--data.size", "16"]
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    err = _one_line_error(capsys)
+    assert "data.root" in err if kind == "folder" else "array file" in err and "not a readable .npz" in err

@@ -318,6 +318,7 @@ def _sample_args(run_dir: Path, out: Path, *extra: str) -> list[str]:
         (["--cfg-scale", "inf"], r"cfg_scale must be a finite number >= 0, got inf"),
         (["--seed", str(2**64)], r"seed must be in \[0, 2\*\*63\)"),
         (["--num-samples", str(10**12)], r"1000000000000 samples of 16x16 need about .* GB"),
+        (["--device", "cuda:7"], r"device='cuda:7' but torch sees \d+ CUDA device"),
     ],
 )
 def test_bad_sample_arguments_exit_2_in_one_line_and_write_nothing(run_dir, tmp_path, capsys, extra, match):

@@ -212,6 +212,10 @@ def check_environment(cfg: TrainConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
+    if cfg.data.name == "folder" and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root={cfg.data.root!r} must be a folder of images with data.name 'folder'")
+    if cfg.data.name == "array" and not Path(cfg.data.root).is_file():
+        raise ConfigError(f"data.root={cfg.data.root!r} must be a .npy or .npz file with data.name 'array'")
     _check_out_dir_outside_data(cfg)
     if cfg.stage1.encoder is not None:
         from fastdae.pretrained.source import latent_shape

@@ -23,10 +23,10 @@ sha256 and this module's preprocessing version. A changed file or other weights 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
+import pickle
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 
 from fastdae.data.folder import read_rgb8
@@ -194,7 +195,13 @@ class _Inception:
         if self._net is None:
             if self.path is None:
                 raise _no_weights_error()
-            self._net = FIDInceptionV3.from_file(self.path).to(self.device)
+            try:
+                self._net = FIDInceptionV3.from_file(self.path).to(self.device)
+            except (RuntimeError, EOFError, KeyError, AttributeError, pickle.UnpicklingError, SafetensorError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ValueError(
+                    f"fid: {self.path} is not a readable Inception weights file ({type(e).__name__}: {first})"
+                ) from None
         return self._net(batch.to(self.device)).float().cpu()  # (B, 2048)
 
 
@@ -208,12 +215,14 @@ def _image_stats(
         if path.is_dir()
         else npz_image_batches(path, batch_size, min_images=2)
     )
-    first = next(batches)  # a bad header or first image is refused before the progress bar draws a line
-    # leave=False: the bar clears its line, so an error later is the one line the command prints
-    bar = tqdm(
-        itertools.chain([first], batches), desc=f"fid {path.name}", unit="batch", disable=not progress, leave=False
-    )
-    feats = [net.features(_net_input(b)) for b in bar]
+    # the source's header, its first image and the network are refused before the progress bar draws;
+    # leave=False: the bar clears its line when closed, so an error later is the one line printed
+    feats = [net.features(_net_input(next(batches)))]
+    bar = tqdm(batches, desc=f"fid {path.name}", unit="batch", initial=1, disable=not progress, leave=False)
+    try:
+        feats += [net.features(_net_input(b)) for b in bar]
+    finally:
+        bar.close()
     return gaussian_stats(torch.cat(feats))  # (N, 2048) -> mu (2048,), sigma (2048, 2048)
 
 

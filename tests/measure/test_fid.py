@@ -205,3 +205,10 @@ def test_an_unreadable_image_or_npz_is_named_in_one_line(tmp_path, inception_fil
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and (side.name in err), err
+
+
+def test_an_unreadable_inception_file_is_named_in_one_line(sets, tmp_path, capsys):
+    (tmp_path / "inception.pth").write_bytes(b"garbage")
+    assert main(["fid", str(sets["a_npz"]), str(sets["b_npz"]), "--inception", str(tmp_path / "inception.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "inception.pth is not a readable Inception weights file" in err and err.count("\n") == 1, err
