@@ -18,7 +18,7 @@ from fastdae.data.config import (
     HASH_BLOCK_BYTES,
     _to_signed_unit,
 )
-from fastdae.data.folder_index import ImageFileError
+from fastdae.data.folder_index import ImageFileError, ImageFileTypeError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class ArrayDataset(Dataset):
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - FLOAT_RANGE_SLACK or hi > 1 + FLOAT_RANGE_SLACK:
                 raise ImageFileError(f"{source}: float images must lie in [-1, 1], found range [{lo}, {hi}]")
         else:
-            raise TypeError(
+            raise ImageFileTypeError(
                 f"{source}: images must be uint8 (N, H, W, 3) or float (N, 3, H, W), got dtype {images.dtype}"
             )
         return images

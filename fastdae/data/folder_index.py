@@ -28,6 +28,10 @@ class ImageFileError(ValueError):
     user's data, which the command line reports in one line, not a bug."""
 
 
+class ImageFileTypeError(ImageFileError, TypeError):
+    """Images of a type fastdae does not read (e.g. int32 arrays): a TypeError too, for callers that catch that."""
+
+
 INDEX_VERSION = 2  # bump when the index file's layout changes (2: directory ctimes too)
 STAT_CHUNK = 1 << 16  # files stat'ed per chunk of offsets when fingerprinting a folder
 RACY_SECONDS = 2.0  # a directory changed this recently may change again within its mtime's tick
