@@ -249,6 +249,14 @@ def one_line(e: object) -> str:
     return " ".join(lines)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: numpy's MemoryError, torch's OutOfMemoryError (CUDA) or the
+    RuntimeError of its CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def _usage_error(command: str, e: object) -> int:
     """What the user asked for cannot be done (bad input, a missing or stale run): one line on stderr,
     no traceback, exit status USAGE_ERROR, as for config errors."""
@@ -273,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(args.command, e)
     except OSError as e:  # a file the user named (or one in their run or data) cannot be read or written
         return _usage_error(args.command, e)
+    except (MemoryError, RuntimeError) as e:  # numpy's and torch's allocators: a size the config asks for
+        if not out_of_memory(e):
+            raise
+        return _usage_error(args.command, f"out of memory ({one_line(e)}); lower the size or count that asks for it")
 
 
 if __name__ == "__main__":

@@ -231,3 +231,17 @@ def test_a_data_root_of_the_wrong_kind_or_unreadable_exits_2(tmp_path, capsys, k
     args = ["--data.name", kind, "--data.root", str(root), "--data.size", "16"]
     assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
     assert re.search(match, _one_line_error(capsys))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--data.num_samples", str(10**15)], r"out of memory \(Unable to allocate .* PiB"),
+        (["--autoencoder.num_codes", str(10**14)], r"out of memory \(.*can't allocate memory"),
+    ],
+)
+def test_a_size_too_large_for_memory_exits_2_in_one_line(tmp_path, capsys, args, match):
+    """Sizes past the 128 TiB address space: no allocator can grant them, whatever its overcommit policy."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "tiny", "--out", str(out), "--stages", "stage1", *args]) == 2
+    assert re.search(match, _one_line_error(capsys))

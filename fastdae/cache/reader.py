@@ -190,7 +190,7 @@ class LatentCache:
             if got.shape != value.shape or not np.allclose(got, value, rtol=1e-9, atol=1e-12):
                 raise CacheError(
                     f"{path}: {key} {m[key]} is not the statistics of the latents the shards hold "
-                    f"({value.tolist()}, from their sidecars): the manifest was edited; rebuild the cache"
+                    f"({value.tolist()}, from their sidecars): the manifest or a sidecar was edited; rebuild the cache"
                 )
 
     @classmethod
