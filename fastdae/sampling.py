@@ -343,6 +343,11 @@ def _sample_locked(
             f"sample: {parts} holds partial samples of other settings ({settings_file}); "
             f"remove it or pick another --out"
         )
+    if parts.exists() and not settings_file.exists() and (not parts.is_dir() or any(parts.iterdir())):
+        # fastdae writes settings.json first: this is someone else's, and it is removed when done
+        raise FileExistsError(
+            f"sample: {parts} was not written by fastdae sample (no {SETTINGS_FILE}); pick another --out"
+        )
     _check_disk(out, num_samples, r.cfg.data.size)
     all_labels = sample_labels(num_samples, s.num_classes, settings["labels"], seed)
     done = _done_ranges(parts) if parts.is_dir() else []

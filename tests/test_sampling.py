@@ -372,3 +372,11 @@ def test_a_deeply_nested_identity_file_is_refused_in_one_line(run_dir, tmp_path,
     assert main(_sample_args(run, tmp_path / "s.npz")) == 2
     err = capsys.readouterr().err
     assert "identity.json is not a stage identity" in err and err.count("\n") == 1
+
+
+def test_a_parts_folder_fastdae_did_not_write_is_refused_not_removed(run_dir, tmp_path, capsys):
+    (tmp_path / "s.npz.parts").mkdir()
+    (tmp_path / "s.npz.parts" / "mine.txt").write_text("mine")
+    assert main(_sample_args(run_dir, tmp_path / "s.npz")) == 2
+    assert "was not written by fastdae sample" in capsys.readouterr().err
+    assert (tmp_path / "s.npz.parts" / "mine.txt").read_text() == "mine" and not (tmp_path / "s.npz").exists()
