@@ -10,7 +10,8 @@
 COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config the run cannot use
 (bad value, YAML, preset, missing file, a run folder that holds another run, a cache of other data)
 is printed as one line without a traceback, and the command exits with status 2; so are the errors
-of `sample` and `fid` (a missing or stale run, bad input files).
+of `sample` and `fid` (a missing or stale run, bad input files), unreadable images of the data, and
+OS errors on a named file (permissions, a full disk): `one_line` makes one line of each.
 """
 
 from __future__ import annotations
@@ -234,16 +235,39 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
 }
 
 
+def one_line(e: object) -> str:
+    """An error's message as one line. An error re-raised from a DataLoader worker carries the worker's
+    whole traceback in its message: its last line is the error itself ("ImageFileError: cannot read
+    ..."), given without the class name. Other multi-line messages are joined."""
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"  # "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.endswith("Traceback (most recent call last):") for line in lines):
+        name, sep, message = lines[-1].partition(": ")
+        return message if sep and name.replace(".", "").isidentifier() else lines[-1]
+    return " ".join(lines)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: numpy's MemoryError, torch's OutOfMemoryError (CUDA) or the
+    RuntimeError of its CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def _usage_error(command: str, e: object) -> int:
     """What the user asked for cannot be done (bad input, a missing or stale run): one line on stderr,
     no traceback, exit status USAGE_ERROR, as for config errors."""
-    print(f"fastdae {command}: {e}", file=sys.stderr)
+    print(f"fastdae {command}: {one_line(e)}", file=sys.stderr)
     return USAGE_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
     from fastdae.cache import CacheError
     from fastdae.config import ConfigError
+    from fastdae.data.folder import ImageFileError
 
     parser = argparse.ArgumentParser(prog="fastdae", description="Decoupled autoencoders with a latent cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,8 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command][2](args, extra)
-    except (ConfigError, CacheError) as e:  # the user's config or run folder: one line, no traceback
+    except (ConfigError, CacheError, ImageFileError) as e:  # the user's config, run folder or data: one line
         return _usage_error(args.command, e)
+    except OSError as e:  # a file the user named (or one in their run or data) cannot be read or written
+        return _usage_error(args.command, e)
+    except (MemoryError, RuntimeError) as e:  # numpy's and torch's allocators: a size the config asks for
+        if not out_of_memory(e):
+            raise
+        return _usage_error(args.command, f"out of memory ({one_line(e)}); lower the size or count that asks for it")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Small file helpers shared by the trainer, the latent cache and the exports: atomic writes (temp
 name in the same folder, fsync, rename; the temp is removed on any failure, ENOSPC included),
-sha256 of files, and this process's torch.distributed rank."""
+sha256 of files, an exclusive lock file (flock) and this process's torch.distributed rank."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -62,6 +63,32 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an flock on the file `path` (created, holding this pid, removed on exit): the OS releases it
+    when its holder dies, so a killed holder never blocks the next one. Held by another process:
+    FileExistsError(busy), where "{holder}" in `busy` becomes " (pid N)"."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise FileExistsError(busy.replace("{holder}", f" (pid {pid})" if pid else "")) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the holder removed the file as we opened it: lock the new one
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a waiter then opens (and locks) a new file
+        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

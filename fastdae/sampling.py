@@ -17,6 +17,12 @@ each rank takes every world_size-th batch and writes its own shards; rank 0 merg
 (streamed shard by shard, memory O(shard)), writes `<out>.json` (settings and throughput) and
 removes the shards.
 
+One process at a time writes an `out`: it holds an flock on `.<out name>.lock` next to it (released
+by the OS if the process dies); a second `sample` on the same `out` is refused with one line and
+touches nothing. Arguments are checked before anything is written: a guidance scale must be finite,
+the seed fit 64 bits, and the output (with its shards while they are merged) fit the free disk space.
+`png_dir` given for an `out` that is already complete writes the PNGs from it.
+
 The run folder is read through fastdae.training's Run (its layout and identity checks: a run whose
 prior or final decoder is missing or stale is refused) and decoded with the trainer's own Sampler,
 the one the samples stage draws its grid with.
@@ -24,8 +30,11 @@ the one the samples stage draws its grid with.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -38,6 +47,7 @@ import torch
 from torch import Tensor
 
 from fastdae import files
+from fastdae.measure.fid import npz_image_batches
 from fastdae.sampler import Sampler
 from fastdae.training.identity import differences
 from fastdae.training.run import Run
@@ -48,6 +58,76 @@ __all__ = ["Sampler", "load_sampler", "open_run", "sample", "sample_generator", 
 LABEL_MODES = ("balanced", "random")
 PARTS_SUFFIX = ".parts"
 SETTINGS_FILE = "settings.json"
+SHARD_FILE = re.compile(r"(\d{8})-(\d{8})\.npz")
+SEED_LIMIT = 2**63  # SeedSequence takes any non-negative int; torch generators 64 bits
+
+
+def _check_arguments(num_samples: int, batch_size: int, seed: int, cfg_scale: float | None, steps: int | None) -> None:
+    """What sample's arguments must be, checked before the run is opened or anything written."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"sample: seed must be in [0, 2**63), got {seed}")
+    if cfg_scale is not None and not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"sample: cfg_scale must be a finite number >= 0, got {cfg_scale}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"sample: steps must be >= 1, got {steps}")
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device this machine has (the run's config checks the name's form)."""
+    if not device.startswith("cuda"):
+        return
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (index and not index.isdigit()) or int(index or 0) >= count:
+        raise ValueError(f"sample: device={device!r} but torch sees {count} CUDA device(s); use 'auto' or 'cpu'")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by this module, None when absent, unreadable or not an object (edited)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _existing_folder(path: Path) -> Path:
+    """path, or its nearest ancestor that exists (where the files will go, for disk_usage)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_disk(out: Path, num_samples: int, image_size: int) -> None:
+    """Refuse an `out` that cannot fit: its uint8 images and int64 labels, twice while the shards
+    are merged into it (a count like 10**12 died in the allocator before)."""
+    need = 2 * num_samples * (image_size * image_size * 3 + 8)
+    free = shutil.disk_usage(_existing_folder(out.parent)).free
+    if need > free:
+        raise ValueError(
+            f"sample: {num_samples} samples of {image_size}x{image_size} need about {need / 1e9:.3g} GB for {out} "
+            f"and its shards while they are merged, and {out.parent} has {free / 1e9:.3g} GB free; "
+            f"lower --num-samples or pick another --out"
+        )
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, active: bool = True) -> Iterator[None]:
+    """Hold `.<out name>.lock` next to out (fastdae.files.exclusive_lock): a second writer of the same
+    out is refused with FileExistsError instead of racing for its shards."""
+    if not active:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    busy = (
+        f"sample: another fastdae sample{{holder}} is writing {out}; wait for it (run again then and the "
+        f"finished samples are found) or pick another --out"
+    )
+    with files.exclusive_lock(out.with_name(f".{out.name}.lock"), busy):
+        yield
 
 
 def open_run(run_dir: str | os.PathLike, device: str = "auto") -> Run:
@@ -69,6 +149,8 @@ def load_sampler(
 ) -> Sampler:
     """The Sampler of the finished run in `run_dir` (open_run's checks; fastdae.training.samples.build_sampler):
     what the trainer's samples stage decodes with. steps, sampler, cfg_scale default to the run's prior config."""
+    _check_arguments(1, 1, 0, cfg_scale, steps)
+    _check_device(str(device))
     return build_sampler(open_run(run_dir, str(device)), steps, sampler, cfg_scale)
 
 
@@ -100,11 +182,8 @@ def _shard_name(start: int, stop: int) -> str:
 
 def _done_ranges(parts: Path) -> list[tuple[int, int]]:
     """[start, stop) index ranges of the complete shards in `parts`, sorted."""
-    ranges = []
-    for path in parts.glob("*-*.npz"):
-        start, stop = path.stem.split("-")
-        ranges.append((int(start), int(stop)))
-    return sorted(ranges)
+    found = (SHARD_FILE.fullmatch(path.name) for path in parts.iterdir())
+    return sorted((int(m.group(1)), int(m.group(2))) for m in found if m is not None)
 
 
 def _todo_chunks(num_samples: int, done: list[tuple[int, int]], batch_size: int) -> list[tuple[int, int]]:
@@ -115,6 +194,14 @@ def _todo_chunks(num_samples: int, done: list[tuple[int, int]], batch_size: int)
             chunks.append((a, min(a + batch_size, start)))
         cursor = max(cursor, stop)
     return chunks
+
+
+def _npz_chunks(path: Path, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start index, (b, H, W, 3) uint8 images) of a finished out's arr_0, streamed."""
+    start = 0
+    for images in npz_image_batches(path, batch_size):
+        yield start, images
+        start += len(images)
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
@@ -211,34 +298,58 @@ def sample(
     """Generate `num_samples` images from the run folder `run` into `out` (see the module docstring);
     returns `out`. cfg_scale, steps, sampler default to the run's prior config; labels "balanced" or
     "random" (class-conditional DiTs). Under torchrun every rank calls this with the same arguments."""
-    from tqdm import tqdm
-
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    _check_arguments(num_samples, batch_size, seed, cfg_scale, steps)
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"sample: out must be a .npz file, got {out}")
+    if out.is_dir():
+        raise ValueError(f"sample: out {out} is a folder; it must be a .npz file")
+    _check_device(device)
     r = open_run(run, device)
-    d, dev = r.dist, r.device
     s = build_sampler(r, steps, sampler, cfg_scale)
-    all_labels = sample_labels(num_samples, s.num_classes, labels, seed)  # checks `labels` before anything is written
+    if labels not in LABEL_MODES:  # before anything is written
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels, **s.identity}
+    with exclusive(out, r.dist.is_main):
+        return _sample_locked(r, s, out, Path(png_dir) if png_dir is not None else None, settings, batch_size, progress)
+
+
+def _sample_locked(
+    r: Run, s: Sampler, out: Path, png_dir: Path | None, settings: dict[str, Any], batch_size: int, progress: bool
+) -> Path:
+    """sample() once this process holds out's lock (rank 0; the other ranks follow it)."""
+    from tqdm import tqdm
+
+    d, dev = r.dist, r.device
+    num_samples, seed = settings["num_samples"], settings["seed"]
+    digits = max(6, len(str(num_samples - 1)))
     sidecar = out.with_name(out.name + ".json")
     if out.is_file():
-        previous = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        previous = _read_json(sidecar) or {}
         if not _same_settings(previous.get("settings"), settings):
             raise FileExistsError(
                 f"sample: {out} holds samples of other settings (or was not written by fastdae "
-                f"sample: no {sidecar.name}); remove it or pick another --out"
+                f"sample: no readable {sidecar.name}); remove it or pick another --out"
             )
+        if png_dir is not None and d.is_main:  # complete: the PNGs asked for now come from it
+            png_dir.mkdir(parents=True, exist_ok=True)
+            for start, images in _npz_chunks(out, batch_size):
+                _write_pngs(images, start, png_dir, digits)
         return out  # already complete
     parts = out.with_name(out.name + PARTS_SUFFIX)
     settings_file = parts / SETTINGS_FILE
-    if settings_file.is_file() and not _same_settings(json.loads(settings_file.read_text()), settings):
+    if settings_file.exists() and not _same_settings(_read_json(settings_file), settings):
         raise FileExistsError(
             f"sample: {parts} holds partial samples of other settings ({settings_file}); "
             f"remove it or pick another --out"
         )
+    if parts.exists() and not settings_file.exists() and (not parts.is_dir() or any(parts.iterdir())):
+        # fastdae writes settings.json first: this is someone else's, and it is removed when done
+        raise FileExistsError(
+            f"sample: {parts} was not written by fastdae sample (no {SETTINGS_FILE}); pick another --out"
+        )
+    _check_disk(out, num_samples, r.cfg.data.size)
+    all_labels = sample_labels(num_samples, s.num_classes, settings["labels"], seed)
     done = _done_ranges(parts) if parts.is_dir() else []
     todo = _todo_chunks(num_samples, done, batch_size)
     d.barrier()  # every rank has listed the shards before any rank writes one
@@ -246,9 +357,7 @@ def sample(
         parts.mkdir(parents=True, exist_ok=True)
         files.write_json(settings_file, settings)
     d.barrier()
-    digits = max(6, len(str(num_samples - 1)))
     if png_dir is not None:
-        png_dir = Path(png_dir)
         png_dir.mkdir(parents=True, exist_ok=True)
 
     this_run = sum(b - a for a, b in todo)

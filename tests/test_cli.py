@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fastdae import cli
@@ -129,3 +131,117 @@ def test_module_entry_point_has_compare():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--arms" in proc.stdout and "--seeds" in proc.stdout and "--ablate" in proc.stdout
+
+
+# ---- issue 23: config and file errors are one line on stderr and exit 2 -----------------------------
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("fastdae train: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--prior.cfg_scale", "inf"], "prior.cfg_scale must be a finite number, got inf"),
+        (["--stage1.lr", "inf"], "stage1.lr must be a finite number"),
+        (["--stage2.weight_decay", "nan"], "stage2.weight_decay must be a finite number"),
+        (["--seed", str(2**64)], "seed must be in [0, 2**63)"),
+        (["--autoencoder.num_codes", "1"], "autoencoder.num_codes must be >= 2"),
+    ],
+)
+def test_values_that_used_to_pass_validation_exit_2_in_one_line(tmp_path, capsys, args, match):
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    assert match in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_is_a_file_or_a_project_folder_exits_2_and_is_left_alone(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in _one_line_error(capsys) and (tmp_path / "file").read_text() == "mine"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    TrainConfig().save(proj / "config.yaml")
+    (proj / "model.py").write_text("code")
+    args = ["train", "--config", str(proj / "config.yaml"), "--preset", "tiny", "--out", str(proj), "--overwrite"]
+    assert cli.main(args) == 2
+    assert "not a fastdae run" in _one_line_error(capsys)
+    assert sorted(p.name for p in proj.iterdir()) == ["config.yaml", "model.py"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_in_the_data_folder_exits_2_naming_it(tmp_path, capsys, workers):
+    """Also from a DataLoader worker, whose error carries the worker's traceback in its message."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        Image.new("RGB", (16, 16), (6 * i, 0, 0)).save(data / f"{i:02d}.png")
+    (data / "17.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = ["--data.name", "folder", "--data.root", str(data), "--data.size", "16", "--stages", "stage1"]
+    args += ["--num_workers", str(workers), "--stage1.steps", "3", "--stage1.batch_size", "16"]
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    err = _one_line_error(capsys)
+    assert "cannot read image file" in err and "17.png" in err
+
+
+def test_an_unreadable_class_folder_exits_2_naming_it(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root lists any folder")
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (data / "b").mkdir()
+    (data / "b").chmod(0)
+    try:
+        args = ["--data.name", "folder", "--data.root", str(data), "--data.size", "16"]
+        assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+        assert "cannot list" in _one_line_error(capsys)
+    finally:
+        (data / "b").chmod(0o755)
+
+
+def test_one_line_reduces_a_worker_traceback_to_its_error():
+    text = (
+        "Caught ImageFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nfastdae.data.folder_index.ImageFileError: cannot read image file a.png: bad'
+    )
+    assert cli.one_line(ValueError(text)) == "cannot read image file a.png: bad"
+    assert cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "/x/y: Permission denied"
+
+
+@pytest.mark.parametrize(
+    "kind,content,match",
+    [
+        ("folder", None, "data.root=.* must be a folder"),
+        ("array", None, r"array file .*data\.npz is not a readable \.npz"),
+        ("array", np.zeros((4, 16, 16, 3), np.int32), r"images must be uint8 .* got dtype int32"),
+        ("array", np.zeros((4, 8, 8, 3), np.uint8), r"images are 8x8, DataConfig\.size is 16"),
+    ],
+)
+def test_a_data_root_of_the_wrong_kind_or_unreadable_exits_2(tmp_path, capsys, kind, content, match):
+    root = tmp_path / "data.npz"
+    if content is None:
+        root.write_bytes(b"not an array file")
+    else:
+        np.savez(root, images=content)
+    args = ["--data.name", kind, "--data.root", str(root), "--data.size", "16"]
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    assert re.search(match, _one_line_error(capsys))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--data.num_samples", str(10**15)], r"out of memory \(Unable to allocate .* PiB"),
+        (["--autoencoder.num_codes", str(10**14)], r"out of memory \(.*can't allocate memory"),
+    ],
+)
+def test_a_size_too_large_for_memory_exits_2_in_one_line(tmp_path, capsys, args, match):
+    """Sizes past the 128 TiB address space: no allocator can grant them, whatever its overcommit policy."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "tiny", "--out", str(out), "--stages", "stage1", *args]) == 2
+    assert re.search(match, _one_line_error(capsys))

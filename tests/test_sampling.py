@@ -304,3 +304,79 @@ def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, t
     assert main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "b.npz")]) == 2
     assert "prior has not finished" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists() and not (tmp_path / "b.npz.parts").exists()
+
+
+# ---- issue 23: refused before anything is written, one writer per out, PNGs of a finished out ----
+def _sample_args(run_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["sample", "--run", str(run_dir), "--num-samples", "4", "--out", str(out), "--steps", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--cfg-scale", "nan"], r"cfg_scale must be a finite number >= 0, got nan"),
+        (["--cfg-scale", "inf"], r"cfg_scale must be a finite number >= 0, got inf"),
+        (["--seed", str(2**64)], r"seed must be in \[0, 2\*\*63\)"),
+        (["--num-samples", str(10**12)], r"1000000000000 samples of 16x16 need about .* GB"),
+        (["--device", "cuda:7"], r"device='cuda:7' but torch sees \d+ CUDA device"),
+    ],
+)
+def test_bad_sample_arguments_exit_2_in_one_line_and_write_nothing(run_dir, tmp_path, capsys, extra, match):
+    out = tmp_path / "s.npz"
+    assert main(_sample_args(run_dir, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_png_dir_on_an_already_finished_npz_writes_its_pngs(run_dir, tmp_path):
+    out = fastdae.sample(run_dir, 5, tmp_path / "s.npz", batch_size=5, steps=1, progress=False)
+    fastdae.sample(run_dir, 5, out, png_dir=tmp_path / "png", batch_size=2, steps=1, progress=False)
+    images, _ = read_npz(out)
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    assert all(np.array_equal(np.asarray(Image.open(p)), im) for p, im in zip(pngs, images, strict=True))
+
+
+def test_a_second_sample_on_the_same_out_is_refused_while_the_first_writes_it(run_dir, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    with sampling.exclusive(out):  # what a first `fastdae sample` on this out holds while it runs
+        assert main(_sample_args(run_dir, out)) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"another fastdae sample \(pid {os.getpid()}\) is writing .*s\.npz", err), err
+        assert err.count("\n") == 1 and not out.exists() and not (tmp_path / "s.npz.parts").exists()
+    assert main(_sample_args(run_dir, out)) == 0  # released: the next one writes it, and leaves no lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.npz.json"]
+
+
+@pytest.mark.parametrize("stage,file", [("stage2", "decoder.safetensors"), ("prior", "dit.safetensors")])
+def test_a_bit_flipped_final_decoder_or_dit_is_refused_not_decoded_with(run_dir, tmp_path, capsys, stage, file):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / stage / file
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # a weight's bit, past the header: the file still loads
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match=rf"{file} changed after {stage} wrote it"):
+        sampling.load_sampler(run, "cpu")
+    assert main(_sample_args(run, tmp_path / "s.npz")) == 2
+    assert f"{file} changed after {stage} wrote it" in capsys.readouterr().err
+    with pytest.raises(RunError, match=rf"{file} changed after {stage} wrote it"):  # the samples stage too
+        fastdae.train(apply_overrides(load_config(run / "config.yaml"), [f"out_dir={run}", "stages=samples"]))
+
+
+def test_a_deeply_nested_identity_file_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "prior" / "identity.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json
+    assert main(_sample_args(run, tmp_path / "s.npz")) == 2
+    err = capsys.readouterr().err
+    assert "identity.json is not a stage identity" in err and err.count("\n") == 1
+
+
+def test_a_parts_folder_fastdae_did_not_write_is_refused_not_removed(run_dir, tmp_path, capsys):
+    (tmp_path / "s.npz.parts").mkdir()
+    (tmp_path / "s.npz.parts" / "mine.txt").write_text("mine")
+    assert main(_sample_args(run_dir, tmp_path / "s.npz")) == 2
+    assert "was not written by fastdae sample" in capsys.readouterr().err
+    assert (tmp_path / "s.npz.parts" / "mine.txt").read_text() == "mine" and not (tmp_path / "s.npz").exists()

@@ -105,8 +105,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest at `path`, checked: JSON object, format version, checksum, schema."""
     try:
         m = json.loads(path.read_text())
-    except ValueError as e:
-        raise CacheError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
+        raise CacheError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(m, dict):
         raise CacheError(f"{path}: expected a JSON object, got {type(m).__name__}")
     if m.get("format_version") != FORMAT_VERSION:

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from fastdae import files
 from fastdae.cache.format import MANIFEST, SAFETENSORS_DTYPES, TORCH_READ, CacheError, read_manifest
 
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
+
 
 class _Shard:
     """One shard file: size checked on open; sha256 verified and arrays memory-mapped on first use;
@@ -41,6 +43,28 @@ class _Shard:
             raise CacheError(
                 f"cache shard {self.path} is {size} bytes, the manifest says {self.record['bytes']} "
                 f"(truncated or overwritten); rebuild the cache"
+            )
+
+    def check_range(self) -> None:
+        """The item range the shard's own header records (the writer's "fastdae" metadata) must be the
+        manifest's: records whose files were swapped would otherwise serve items in another order."""
+        try:
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > MAX_HEADER:
+                    raise ValueError(f"header length {header_len}")
+                header = json.loads(f.read(header_len))
+            meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+            own = json.loads(meta["fastdae"]) if isinstance(meta, dict) and "fastdae" in meta else None
+        except (OSError, struct.error, ValueError, RecursionError, TypeError) as e:
+            raise CacheError(f"cache shard {self.path} has no valid safetensors header: {e}") from None
+        if own is None:
+            return  # written without the metadata: the sha256 in the manifest is all there is
+        mine = (own.get("start"), own.get("stop")) if isinstance(own, dict) else None
+        if mine != (self.start, self.stop):
+            raise CacheError(
+                f"cache shard {self.path} holds items {mine}, the manifest lists it for "
+                f"[{self.start}, {self.stop}) (its shard records were edited or swapped); rebuild the cache"
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -133,14 +157,45 @@ class LatentCache:
         if [s.start for s in self._shards] != ends[:-1] or ends[-1] != m["count"]:
             raise CacheError(f"{path}: shard ranges do not tile [0, {m['count']})")
         self._starts = np.array(ends[:-1], dtype=np.int64)
+        for shard in self._shards:
+            shard.check_size()
+            shard.check_range()
+        self._check_channel_stats(path)
         self.channel_mean = torch.tensor(m["channel_mean"], dtype=torch.float32)  # (C,)
         self.channel_std = torch.tensor(m["channel_std"], dtype=torch.float32)  # (C,)
         # the shard files are named by the writer's pattern (read_manifest), so they lie in self.root
-        for shard in self._shards:
-            if verify == "open":
+        if verify == "open":
+            for shard in self._shards:
                 shard.open()
-            else:
-                shard.check_size()
+
+    def _check_channel_stats(self, path: Path) -> None:
+        """The manifest's per-channel statistics (what the prior scales latents by) must be those the
+        shards' sidecars recorded, merged in shard order as the writer merged them: a manifest edited
+        and given a new checksum (channel_mean + 100 trained the prior to a loss of 1e7) is refused.
+        Checked when every listed shard still has its sidecar (the writer keeps them)."""
+        from fastdae.cache.writer import _Moments
+
+        moments = _Moments()
+        for shard in self._shards:
+            sidecar = shard.path.with_name(shard.path.name + ".json")
+            try:
+                record = json.loads(sidecar.read_text())
+                if record["sha256"] != shard.record["sha256"]:
+                    return  # not this shard's sidecar: nothing to compare against
+                moments = moments.merge(_Moments.from_dict(record["moments"]))
+            except (OSError, ValueError, RecursionError, KeyError, TypeError):
+                return
+        if moments.mean is None or moments.m2 is None:
+            return  # no latents recorded: nothing to compare against
+        m = self.manifest
+        want = {"channel_mean": moments.mean, "channel_std": np.sqrt(moments.m2 / moments.n)}
+        for key, value in want.items():
+            got = np.asarray(m[key], dtype=np.float64)
+            if got.shape != value.shape or not np.allclose(got, value, rtol=1e-9, atol=1e-12):
+                raise CacheError(
+                    f"{path}: {key} {m[key]} is not the statistics of the latents the shards hold "
+                    f"({value.tolist()}, from their sidecars): the manifest or a sidecar was edited; rebuild the cache"
+                )
 
     @classmethod
     def build(cls, root: str | os.PathLike, dataset: Dataset, encode: Any, **kwargs: Any) -> LatentCache:

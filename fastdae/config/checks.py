@@ -4,6 +4,7 @@ a config is built (`validate`), and what only the machine can tell (`check_envir
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ CHOICES: dict[str, Any] = {
     **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")},
 }
 
+SEED_LIMIT = 2**63  # torch and numpy generators take 64-bit seeds; larger ones overflow in the middle of a run
+
 # (dotted key, test, what the value must be); "{ae}" expands to stage1 and stage2
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((f"{{ae}}.{k}", lambda v: v >= 1, ">= 1") for k in ("steps", "batch_size", "log_every", "ckpt_every")),
@@ -73,6 +76,9 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("prior.cfg_scale", lambda v: v >= 0, ">= 0"),
     ("prior.judge_steps", lambda v: v >= 0, ">= 0 (0: samples not judged)"),
     ("prior.clip_x0", lambda v: v >= 0, ">= 0 (0: x0 not clipped)"),
+    ("seed", lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63) (a 64-bit generator seed)"),
+    ("data.seed", lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**63) (a 64-bit generator seed)"),
+    ("autoencoder.num_codes", lambda v: v >= 2, ">= 2 (a VQ codebook of one code carries no information)"),
     ("cache.batch_size", lambda v: v >= 1, ">= 1"),
     ("cache.shard_size", lambda v: v >= 1, ">= 1"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
@@ -86,8 +92,23 @@ def get_key(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Every float in the config (nested or in a list) is finite: inf and NaN pass every range test
+    written as a comparison of the wrong way round (nan >= 0 is False, inf > 0 is True) and surface
+    as NaN losses or images mid-run, so they are refused up front, naming the key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else k)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every rule that needs no data, devices or files (those: `check_environment`); ConfigError names the key."""
+    _check_finite(cfg.to_dict(), "")
     for key, allowed in CHOICES.items():
         check_choice(key, get_key(cfg, key), allowed)
     for stage in cfg.stages:
@@ -197,6 +218,11 @@ def check_environment(cfg: TrainConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
+    if cfg.data.name == "folder" and (cfg.data.root is None or not Path(cfg.data.root).is_dir()):
+        raise ConfigError(f"data.root={cfg.data.root!r} must be a folder of images with data.name 'folder'")
+    if cfg.data.name == "array" and (cfg.data.root is None or not Path(cfg.data.root).is_file()):
+        raise ConfigError(f"data.root={cfg.data.root!r} must be a .npy or .npz file with data.name 'array'")
+    _check_out_dir_outside_data(cfg)
     if cfg.stage1.encoder is not None:
         from fastdae.pretrained.source import latent_shape
 
@@ -205,6 +231,19 @@ def check_environment(cfg: TrainConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"stage1.encoder: {e}") from None
         _check_latent_grid(cfg, down, "stage1.encoder's downsampling factor {down}")
+
+
+def _check_out_dir_outside_data(cfg: TrainConfig) -> None:
+    """A run inside its own image folder would feed its PNGs (grids, reconstructions, samples) back
+    as training images, a new class, to the next run of that folder: refused."""
+    if cfg.data.name != "folder" or cfg.data.root is None:
+        return
+    out, data = Path(cfg.out_dir).resolve(), Path(cfg.data.root).resolve()
+    if out == data or out.is_relative_to(data):
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r} lies inside data.root={cfg.data.root!r}: the run's own PNGs would be "
+            f"read as training images (a new class) by the next run on that folder; choose an out_dir outside it"
+        )
 
 
 def _importable(module: str) -> bool:

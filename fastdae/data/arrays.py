@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastdae.data.config import (
     HASH_BLOCK_BYTES,
     _to_signed_unit,
 )
+from fastdae.data.folder_index import ImageFileError, ImageFileTypeError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,30 +56,37 @@ class ArrayDataset(Dataset):
     def _load(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
         if not path.is_file():
             raise FileNotFoundError(f"array file {path} does not exist")
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False), None, path.name
-        if path.suffix == ".npz":
+        if path.suffix not in (".npy", ".npz"):
+            raise ImageFileError(f"array file {path} must end in .npy or .npz")
+        try:
+            if path.suffix == ".npy":
+                return np.load(path, mmap_mode="r", allow_pickle=False), None, path.name
             with np.load(path, allow_pickle=False) as z:
                 if "images" not in z.files:
-                    raise ValueError(f"{path}: an .npz needs an 'images' array, found keys {z.files}")
+                    raise ImageFileError(f"{path}: an .npz needs an 'images' array, found keys {z.files}")
                 return z["images"], (z["labels"] if "labels" in z.files else None), path.name
-        raise ValueError(f"array file {path} must end in .npy or .npz")
+        except (ValueError, EOFError, zipfile.BadZipFile) as e:  # ImageFileError is a ValueError: kept as it is
+            if isinstance(e, ImageFileError):
+                raise
+            raise ImageFileError(
+                f"array file {path} is not a readable {path.suffix} ({type(e).__name__}: {e})"
+            ) from None
 
     @staticmethod
     def _check_images(images: np.ndarray, source: str) -> np.ndarray:
         if images.ndim != 4 or len(images) == 0:
-            raise ValueError(f"{source}: images must be a non-empty 4-d array, got shape {images.shape}")
+            raise ImageFileError(f"{source}: images must be a non-empty 4-d array, got shape {images.shape}")
         if images.dtype == np.uint8:
             if images.shape[3] != 3:
-                raise ValueError(f"{source}: uint8 images must be (N, H, W, 3) HWC, got shape {images.shape}")
+                raise ImageFileError(f"{source}: uint8 images must be (N, H, W, 3) HWC, got shape {images.shape}")
         elif images.dtype in (np.float16, np.float32, np.float64):
             if images.shape[1] != 3:
-                raise ValueError(f"{source}: float images must be (N, 3, H, W) CHW, got shape {images.shape}")
+                raise ImageFileError(f"{source}: float images must be (N, 3, H, W) CHW, got shape {images.shape}")
             lo, hi = float(np.min(images)), float(np.max(images))
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - FLOAT_RANGE_SLACK or hi > 1 + FLOAT_RANGE_SLACK:
-                raise ValueError(f"{source}: float images must lie in [-1, 1], found range [{lo}, {hi}]")
+                raise ImageFileError(f"{source}: float images must lie in [-1, 1], found range [{lo}, {hi}]")
         else:
-            raise TypeError(
+            raise ImageFileTypeError(
                 f"{source}: images must be uint8 (N, H, W, 3) or float (N, 3, H, W), got dtype {images.dtype}"
             )
         return images
@@ -87,11 +96,11 @@ class ArrayDataset(Dataset):
         if labels is None:
             return np.zeros(n, dtype=np.int64)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
+            raise ImageFileError(
                 f"{source}: labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}"
             )
         if labels.min() < 0:
-            raise ValueError(f"{source}: labels must be >= 0 (class indices), found {labels.min()}")
+            raise ImageFileError(f"{source}: labels must be >= 0 (class indices), found {labels.min()}")
         return labels.astype(np.int64)
 
     def __len__(self) -> int:

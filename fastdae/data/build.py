@@ -10,6 +10,7 @@ from fastdae.data.config import (
     DataConfig,
 )
 from fastdae.data.folder import ImageFolder
+from fastdae.data.folder_index import ImageFileError
 from fastdae.data.procedural import (
     ProceduralShapes,
     ProceduralTextures,
@@ -27,5 +28,7 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)  # type: ignore[arg-type]
     ds = ArrayDataset(cfg.root)  # type: ignore[arg-type]
     if ds.image_size != (cfg.size, cfg.size):
-        raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
+        raise ImageFileError(
+            f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}"
+        )
     return ds

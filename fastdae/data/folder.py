@@ -16,7 +16,40 @@ from fastdae.data.config import (
     CROPS,
     _to_signed_unit,
 )
-from fastdae.data.folder_index import STAT_CHUNK, FolderIndex
+from fastdae.data.folder_index import STAT_CHUNK, FolderIndex, ImageFileError
+
+__all__ = ["ImageFileError", "ImageFolder", "open_rgb8", "read_rgb8", "to_rgb8"]
+
+
+# Pillow's modes for 16-bit (and 32-bit integer) greyscale: a 16-bit PNG opens as one of them, and
+# convert("RGB") clips its 0..65535 samples at 255, which turns nearly every pixel white
+WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb8(im: Any) -> Any:
+    """A Pillow image as 8-bit RGB: 16-bit greyscale scaled to 0..255 (x / 257, rounded), not clipped."""
+    from PIL import Image
+
+    if im.mode in WIDE_GREY_MODES:
+        wide = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def open_rgb8(path: Path) -> Any:
+    """The image at `path` decoded to 8-bit RGB (to_rgb8); any failure is an ImageFileError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return to_rgb8(im)
+    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
+        raise ImageFileError(f"cannot read image file {path}: {type(e).__name__}: {e}") from None
+
+
+def read_rgb8(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of the image at `path` (open_rgb8)."""
+    return np.array(open_rgb8(path))  # writable (torch.from_numpy warns on a read-only array)
 
 
 class ImageFolder(Dataset):
@@ -30,7 +63,8 @@ class ImageFolder(Dataset):
     size x size window is cut ("center" or "random" `crop`); with `resize=False` the window is cut
     from the image as is (which must be at least size x size). `flip` mirrors half the images
     left-right. Random draws use torch's generator (seeded per DataLoader worker by torch).
-    Unreadable or too small files raise a ValueError naming the file when they are loaded.
+    Unreadable or too small files raise an ImageFileError (a ValueError) naming the file when they
+    are loaded; 16-bit greyscale PNGs are scaled to 8 bits (to_rgb8), not clipped.
     """
 
     def __init__(
@@ -71,7 +105,12 @@ class ImageFolder(Dataset):
             offsets = self.index.offsets[start : start + STAT_CHUNK + 1].tolist()
             for a, b in zip(offsets[:-1], offsets[1:], strict=True):
                 name = blob[a:b]
-                st = os.stat(root + b"/" + name)
+                try:
+                    st = os.stat(root + b"/" + name)
+                except OSError as e:  # the folder changed between its index and this stat
+                    raise ImageFileError(
+                        f"image folder {self.root} changed while it was read: {name.decode()}: {e.strerror}; run again"
+                    ) from None
                 h.update(b"%s\0%d\0%d\0%d\0%d\n" % (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return {
             "classes": self.classes,
@@ -93,16 +132,12 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, s = self.path(i), self.size
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
-            raise ValueError(f"cannot read image file {path}: {e}") from e
+        im = open_rgb8(path)
         if self.resize and min(im.width, im.height) != s:
             scale = s / min(im.width, im.height)
             im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)  # type: ignore[attr-defined]
         if min(im.width, im.height) < s:
-            raise ValueError(
+            raise ImageFileError(
                 f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "
                 f"pass resize=True (DataConfig.resize) to resize it"
             )

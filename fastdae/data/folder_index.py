@@ -19,10 +19,20 @@ from fastdae.data.config import (
     IMAGE_SUFFIXES,
 )
 
+
 # ---------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------
-INDEX_VERSION = 1  # bump when the index file's layout changes
+class ImageFileError(ValueError):
+    """An image file or folder that cannot be read or used (the message names it): a file error of the
+    user's data, which the command line reports in one line, not a bug."""
+
+
+class ImageFileTypeError(ImageFileError, TypeError):
+    """Images of a type fastdae does not read (e.g. int32 arrays): a TypeError too, for callers that catch that."""
+
+
+INDEX_VERSION = 2  # bump when the index file's layout changes (2: directory ctimes too)
 STAT_CHUNK = 1 << 16  # files stat'ed per chunk of offsets when fingerprinting a folder
 RACY_SECONDS = 2.0  # a directory changed this recently may change again within its mtime's tick
 
@@ -37,8 +47,8 @@ class FolderIndex:
     """The images under a root, in compact arrays (no Python object per image):
     names: utf-8 relative paths concatenated, uint8 (total bytes,); offsets: int64 (N + 1,), name i
     is names[offsets[i]:offsets[i + 1]]; labels: int32 (N,); classes: the class folder names;
-    dirs / dir_mtimes: every directory walked (relative, "" is the root) and its st_mtime_ns, which
-    is what decides whether a cached index still describes the tree."""
+    dirs / dir_mtimes / dir_ctimes: every directory walked (relative, "" is the root), its st_mtime_ns
+    and st_ctime_ns, which decide whether a cached index still describes the tree."""
 
     names: np.ndarray
     offsets: np.ndarray
@@ -46,6 +56,7 @@ class FolderIndex:
     classes: list[str]
     dirs: list[str]
     dir_mtimes: np.ndarray
+    dir_ctimes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,14 +72,21 @@ class FolderIndex:
         names, offsets, labels = bytearray(), array("q", [0]), array("i")  # compact while building too
         classes: list[str] = []
         top_file = None  # the first image directly in root, if any
-        dirs, mtimes = [], []
+        dirs, mtimes, ctimes = [], [], []
         stack = [""]
         while stack:
             rel = stack.pop()
             dirs.append(rel)
-            mtimes.append(os.stat(root / rel).st_mtime_ns)
-            with os.scandir(root / rel) as it:
-                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+            try:
+                st = os.stat(root / rel)
+                with os.scandir(root / rel) as it:
+                    entries = sorted(
+                        (e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith(".")
+                    )
+            except OSError as e:
+                raise ImageFileError(f"image folder {root}: cannot list {root / rel}: {e.strerror or e}") from None
+            mtimes.append(st.st_mtime_ns)
+            ctimes.append(st.st_ctime_ns)
             subdirs = []
             for name, is_dir in entries:
                 path = f"{rel}/{name}" if rel else name
@@ -82,7 +100,7 @@ class FolderIndex:
                 else:  # a class folder's subtree is walked in one piece, so its files are contiguous
                     top = rel.split("/", 1)[0]
                     if top_file is not None:
-                        raise ValueError(
+                        raise ImageFileError(
                             f"image folder {root} mixes images at the top level ({top_file}) with "
                             f"class subfolders ({top}/); use one layout"
                         )
@@ -93,7 +111,7 @@ class FolderIndex:
                 labels.append(len(classes) - 1 if rel else 0)
             stack.extend(reversed(subdirs))
         if not labels:
-            raise ValueError(f"image folder {root} contains no {'/'.join(IMAGE_SUFFIXES)} files")
+            raise ImageFileError(f"image folder {root} contains no {'/'.join(IMAGE_SUFFIXES)} files")
         return cls(
             np.frombuffer(bytes(names), dtype=np.uint8),
             np.frombuffer(offsets, dtype=np.int64),
@@ -101,17 +119,22 @@ class FolderIndex:
             classes,
             dirs,
             np.asarray(mtimes, dtype=np.int64),
+            np.asarray(ctimes, dtype=np.int64),
         )
 
     def is_current(self, root: Path) -> bool:
-        """True while every walked directory keeps its mtime: adding, removing or renaming an entry
-        changes its directory's mtime (POSIX), so the names and labels here are still the tree's."""
+        """True while every walked directory keeps its mtime and ctime: adding, removing or renaming an
+        entry changes its directory's mtime (POSIX), so the names and labels here are still the tree's.
+        The ctime is what catches an mtime set back afterwards (os.utime, touch -d, rsync -t, tar x):
+        the kernel sets ctime to now on every such change, and no system call sets it back."""
         try:
-            return all(
-                os.stat(root / d).st_mtime_ns == m for d, m in zip(self.dirs, self.dir_mtimes.tolist(), strict=True)
-            )
-        except OSError:
+            for d, m, c in zip(self.dirs, self.dir_mtimes.tolist(), self.dir_ctimes.tolist(), strict=True):
+                st = os.stat(root / d)
+                if (st.st_mtime_ns, st.st_ctime_ns) != (m, c):
+                    return False
+        except (OSError, ValueError):  # ValueError: an index file whose arrays disagree in length
             return False
+        return True
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +147,7 @@ class FolderIndex:
                     offsets=self.offsets,
                     labels=self.labels,
                     dir_mtimes=self.dir_mtimes,
+                    dir_ctimes=self.dir_ctimes,
                     meta=np.frombuffer(
                         json.dumps({"version": INDEX_VERSION, "classes": self.classes, "dirs": self.dirs}).encode(),
                         dtype=np.uint8,
@@ -141,7 +165,15 @@ class FolderIndex:
                 meta = json.loads(z["meta"].tobytes())
                 if meta.get("version") != INDEX_VERSION:
                     return None
-                return cls(z["names"], z["offsets"], z["labels"], meta["classes"], meta["dirs"], z["dir_mtimes"])
+                return cls(
+                    z["names"],
+                    z["offsets"],
+                    z["labels"],
+                    meta["classes"],
+                    meta["dirs"],
+                    z["dir_mtimes"],
+                    z["dir_ctimes"],
+                )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # JSONDecodeError is a ValueError
             return None
 

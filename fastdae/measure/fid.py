@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import pickle
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 
+from fastdae.data.folder import read_rgb8
 from fastdae.files import sha256_file
 from fastdae.measure import GaussianStats, frechet_distance, gaussian_stats
 from fastdae.models.inception import INPUT_SIZE, FIDInceptionV3
@@ -50,21 +54,47 @@ def _no_weights_error() -> ValueError:
     )
 
 
+PSD_TOLERANCE = 1e-6  # eigenvalues of sigma down to -1e-6 x its largest are rounding, not a broken file
+
+
 def _stats_file(path: Path) -> GaussianStats | None:
-    """(mu, sigma) float64 of a pytorch-fid statistics .npz; None for any other .npz."""
-    with np.load(path) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            return None
-        mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+    """(mu, sigma) float64 of a pytorch-fid statistics .npz, checked (`_check_stats`); None for any other .npz."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                return None
+            mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"fid: {path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    _check_stats(path, mu, sigma)
+    return mu, sigma
+
+
+def _check_stats(path: Path, mu: Tensor, sigma: Tensor) -> None:
+    """A statistics file must describe a Gaussian: finite mu (D,), and sigma (D, D) symmetric positive
+    semi-definite. Anything else gives an FID of 0, NaN or a negative number that reads as a result."""
     if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {tuple(mu.shape)} and {tuple(sigma.shape)}")
-    return mu, sigma
+    for name, t in (("mu", mu), ("sigma", sigma)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
+    scale = float(sigma.abs().max()) or 1.0
+    if float((sigma - sigma.T).abs().max()) > PSD_TOLERANCE * scale:
+        raise ValueError(f"{path}: sigma is not symmetric, so it is no covariance matrix")
+    lowest = float(torch.linalg.eigvalsh(sigma).min())
+    if lowest < -PSD_TOLERANCE * scale:
+        raise ValueError(
+            f"{path}: sigma is not positive semi-definite (smallest eigenvalue {lowest:.3g}), so it is no "
+            f"covariance matrix"
+        )
 
 
 def _image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"fid: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+    if len(files) < 2:
+        raise ValueError(f"fid: one image in {folder} ({files[0].name}); statistics need at least 2")
     return files
 
 
@@ -88,10 +118,7 @@ class _FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return np.array(im.convert("RGB"))  # (H, W, 3) uint8
+        return read_rgb8(self.files[i])  # (H, W, 3) uint8; a ValueError naming an unreadable file
 
 
 def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> Iterator[list[np.ndarray]]:
@@ -104,9 +131,14 @@ def _folder_batches(folder: Path, batch_size: int, num_workers: int | None) -> I
     yield from loader
 
 
-def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
-    """(b, H, W, 3) uint8 batches of the `arr_0` member, read from the zip stream (as ADM's evaluator does)."""
-    with zipfile.ZipFile(path) as zf:
+def npz_image_batches(path: Path, batch_size: int, min_images: int = 0) -> Iterator[np.ndarray]:
+    """(b, H, W, 3) uint8 batches of the `arr_0` member, read from the zip stream (as ADM's evaluator
+    does): an ADM .npz of any size in O(batch) memory. Fewer than `min_images` images: ValueError."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    with zf:
         if "arr_0.npy" not in zf.namelist():
             raise ValueError(f"{path}: neither statistics (mu, sigma) nor images (arr_0) in this .npz")
         with zf.open("arr_0.npy") as f:
@@ -119,6 +151,11 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
                 raise ValueError(
                     f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (the ADM layout), got "
                     f"{dtype} {shape}{' Fortran order' if fortran else ''}"
+                )
+            if shape[0] < min_images or shape[1] < 1 or shape[2] < 1:
+                raise ValueError(
+                    f"{path}: arr_0 holds {shape[0]} images of {shape[1]}x{shape[2]}; at least {min_images} "
+                    f"non-empty images are needed"
                 )
             per_image = shape[1] * shape[2] * 3
             for start in range(0, shape[0], batch_size):
@@ -158,7 +195,13 @@ class _Inception:
         if self._net is None:
             if self.path is None:
                 raise _no_weights_error()
-            self._net = FIDInceptionV3.from_file(self.path).to(self.device)
+            try:
+                self._net = FIDInceptionV3.from_file(self.path).to(self.device)
+            except (RuntimeError, EOFError, KeyError, AttributeError, pickle.UnpicklingError, SafetensorError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ValueError(
+                    f"fid: {self.path} is not a readable Inception weights file ({type(e).__name__}: {first})"
+                ) from None
         return self._net(batch.to(self.device)).float().cpu()  # (B, 2048)
 
 
@@ -167,10 +210,19 @@ def _image_stats(
 ) -> GaussianStats:
     from tqdm import tqdm
 
-    batches = _folder_batches(path, batch_size, num_workers) if path.is_dir() else _npz_batches(path, batch_size)
-    feats = [
-        net.features(_net_input(b)) for b in tqdm(batches, desc=f"fid {path.name}", unit="batch", disable=not progress)
-    ]
+    batches = (
+        _folder_batches(path, batch_size, num_workers)
+        if path.is_dir()
+        else npz_image_batches(path, batch_size, min_images=2)
+    )
+    # the source's header, its first image and the network are refused before the progress bar draws;
+    # leave=False: the bar clears its line when closed, so an error later is the one line printed
+    feats = [net.features(_net_input(next(batches)))]
+    bar = tqdm(batches, desc=f"fid {path.name}", unit="batch", initial=1, disable=not progress, leave=False)
+    try:
+        feats += [net.features(_net_input(b)) for b in bar]
+    finally:
+        bar.close()
     return gaussian_stats(torch.cat(feats))  # (N, 2048) -> mu (2048,), sigma (2048, 2048)
 
 
@@ -207,6 +259,8 @@ def _statistics(
 ) -> GaussianStats:
     if not path.exists():
         raise FileNotFoundError(f"fid: {path} does not exist")
+    if batch_size < 1 or (num_workers is not None and num_workers < 0):
+        raise ValueError(f"fid: batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     if path.is_file():
         if path.suffix != ".npz":
             raise ValueError(f"fid: {path} must be a folder of images or an .npz (arr_0 images, or mu and sigma)")
@@ -246,4 +300,7 @@ def fid(
     fastdae.metrics.frechet_distance of their Inception statistics. Symmetric in its two sides."""
     net = _Inception(inception, _device(device))  # one network for both sides
     a, b = (_statistics(Path(side), net, batch_size, stats_cache, num_workers, progress) for side in (real, fake))
-    return frechet_distance(a, b)
+    value = frechet_distance(a, b)
+    if not math.isfinite(value):  # checked inputs make this unreachable; a NaN must never print as a score
+        raise ValueError(f"fid: the Fréchet distance of {real} and {fake} is {value}, not a number")
+    return value

@@ -11,13 +11,16 @@ name a ckpt-<step> folder inside the stage folder, else the run is refused.
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,6 +33,10 @@ if TYPE_CHECKING:  # run.py imports this module
     from fastdae.training.run import Run
 
 LATEST = "latest"
+CORRUPT_ADVICE = (
+    "the file is corrupted or was replaced; remove that checkpoint folder to resume from the one before "
+    "(and point `latest` at it), or train the stage again without resume"
+)
 CHECKPOINT = re.compile(r"ckpt-(\d{8})")
 
 
@@ -41,11 +48,19 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 def load_weights(path: str | Path, module: nn.Module, prefix: str = "") -> None:
-    """Load `prefix`-ed keys of a safetensors file into module (strict)."""
-    state = load_file(str(path))
-    if prefix:
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    module.load_state_dict(state)
+    """Load `prefix`-ed keys of a safetensors file into module (strict); a file that is no such
+    safetensors file (truncated, overwritten, another model's) is a RunError naming it."""
+    try:
+        state = load_file(str(path))
+        if prefix:
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(state)
+    except (SafetensorError, RuntimeError, ValueError) as e:  # RuntimeError: keys or shapes of another model
+        raise RunError(f"{path} cannot be loaded ({type(e).__name__}: {_first_line(e)}): {CORRUPT_ADVICE}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
@@ -53,7 +68,7 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     pointer = stage_dir / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = pointer.read_bytes().decode(errors="replace").strip()
     path = stage_dir / name
     if not CHECKPOINT.fullmatch(name) or not path.is_dir():
         raise RunError(
@@ -114,7 +129,14 @@ def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:
         return 0
     for name, module in state.modules.items():
         load_weights(path / f"{name}.safetensors", unwrap(module))
-    saved = torch.load(path / "state.pt", weights_only=True)
+    try:
+        saved = torch.load(path / "state.pt", weights_only=True)
+        if not isinstance(saved, dict) or not {"step", "optimizers", "schedulers"} <= saved.keys():
+            raise ValueError("not a fastdae checkpoint state")
+    except (RuntimeError, ValueError, EOFError, struct.error, pickle.UnpicklingError) as e:
+        raise RunError(
+            f"{path / 'state.pt'} cannot be loaded ({type(e).__name__}: {_first_line(e)}): {CORRUPT_ADVICE}"
+        ) from None
     for k, u in state.updaters.items():
         u.load_state_dict(
             {

@@ -6,16 +6,47 @@ evaluation reads of a finished run it reads through this class too.
     run/stage1/encoder.safetensors  decoder.safetensors   run/stage2/decoder.safetensors
     run/cache/ (fastdae.LatentCache)   run/prior/dit.safetensors   run/samples/grid.png  images.safetensors
     run/judge/ (the classifier that scores the samples, prior.judge_steps)
+    run/.fastdae-run   the run marker: written when fastdae makes the folder (see `RUN_ENTRIES`)
+
+`overwrite` clears a folder only when it carries the marker and holds nothing but RUN_ENTRIES (and
+fastdae's temp files): a user's own files are never deleted (issue 23, finding 3).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastdae.config import TrainConfig
 from fastdae.training.identity import RunError
 
 CONFIG_FILE = "config.yaml"
+RUN_MARKER = ".fastdae-run"  # written by fastdae when it makes (or adopts an empty) run folder
+# every top-level entry fastdae writes into a run folder: what `overwrite` may remove, and nothing else
+RUN_ENTRIES = frozenset(
+    {
+        RUN_MARKER,
+        CONFIG_FILE,
+        "summary.json",
+        "train.log",
+        "stage1",
+        "cache",
+        "stage2",
+        "prior",
+        "samples",
+        "judge",  # measure.judge, prior.judge_steps
+        "wandb",  # wandb=true logs under the run folder
+        "eval.json",  # fastdae.evaluation's studies
+    }
+)
+# atomic writes of fastdae.files: `.<name>.tmp<pid>` next to the file they replace
+TEMP_ENTRY = re.compile(r"\.(.+)\.tmp\d+")
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a top-level name in a run folder is one fastdae writes (or the temp file of one)."""
+    temp = TEMP_ENTRY.fullmatch(name)
+    return name in RUN_ENTRIES or (temp is not None and temp.group(1) in RUN_ENTRIES)
 
 
 class MissingOutputError(RunError, FileNotFoundError):
@@ -32,6 +63,7 @@ class RunFolder:
         return self.root / stage
 
     config_file = property(lambda self: self.root / CONFIG_FILE)
+    marker_file = property(lambda self: self.root / RUN_MARKER)
     summary_file = property(lambda self: self.root / "summary.json")
     log_file = property(lambda self: self.root / "train.log")
     curves_file = property(lambda self: self.root / "curves.png")

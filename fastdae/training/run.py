@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ from fastdae.config import STAGES, ConfigError
 from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
 from fastdae.training.distributed import SAME_DATA
 from fastdae.training.identity import RunError, config_identity, differences
-from fastdae.training.paths import MissingOutputError
+from fastdae.training.paths import RUN_MARKER, MissingOutputError, is_run_entry
 from fastdae.training.resources import RunResources
 
 log = logging.getLogger("fastdae.train")
 CHECKPOINTED = ("stage1", "stage2", "prior")  # stages that resume from checkpoints
 DERIVED = ("cache", "samples")  # pure functions of their inputs and keys: redone, never resumed
+MARKER_TEXT = b"a fastdae run folder: fastdae train may clear what it wrote here (docs/safety.md)\n"
 
 
 @dataclass
@@ -40,6 +42,16 @@ class Result:
     summary: Path | None = None
 
 
+def json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a file fastdae wrote, None when it is not one (edited: bad JSON, nesting deep
+    enough for a RecursionError, another type)."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Run(RunResources):
     """A run in progress: RunResources plus the identity checks (see the module docstring)."""
 
@@ -51,9 +63,40 @@ class Run(RunResources):
             out["encoder"] = self.encoder_sha256()
         if stage == "samples":
             final = self.final_decoder_stage
-            out["decoder"] = self.sha256(self.require(self.decoder_file(final), final))
-            out["dit"] = self.sha256(self.require(self.dit_file, "prior"))
+            out["decoder"] = self.verified_sha256(self.decoder_file(final), final)
+            out["dit"] = self.verified_sha256(self.dit_file, "prior")
         return out
+
+    def verified_sha256(self, path: Path, stage: str) -> str:
+        """sha256 of a weight file `stage` wrote, checked against the one it recorded when it wrote it
+        (metrics.json "weights"): a file changed since (a flipped bit) is refused, never decoded with.
+        A run of an older fastdae recorded none: its files are hashed unchecked."""
+        digest = self.sha256(self.require(path, stage))
+        recorded = self._metrics(stage).get("weights", {})
+        want = recorded.get(path.name) if isinstance(recorded, dict) else None
+        if want is not None and want != digest:
+            raise RunError(
+                f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
+                f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
+                f"(stages=['{stage}', ...])"
+            )
+        return digest
+
+    def verify_weights(self, stage: str) -> None:
+        """Every weight file `stage` recorded (finish) still has its recorded sha256 (verified_sha256)."""
+        recorded = self._metrics(stage).get("weights", {})
+        for name in recorded if isinstance(recorded, dict) else ():
+            self.verified_sha256(self.stage_dir(stage) / name, stage)
+
+    def _metrics(self, stage: str) -> dict[str, Any]:
+        """metrics.json of a finished stage ({} when absent); RunError when it is no JSON object."""
+        path = self.metrics_file(stage)
+        if not path.is_file():
+            return {}
+        data = json_object(path)
+        if data is None:
+            raise RunError(f"{path} is not a stage's metrics (edited or corrupted); train {stage} again")
+        return data
 
     def changed_inputs(self, stage: str, rec: dict[str, Any]) -> list[str]:
         """What `stage` read (its recorded identity `rec`) that differs now; a missing input says so."""
@@ -70,6 +113,7 @@ class Run(RunResources):
             raise MissingOutputError(
                 f"{stage} has not finished in {self.root}: train it first (stages=['{stage}', ...])"
             )
+        self.verify_weights(stage)
         changed = self.changed_inputs(stage, rec) + differences(rec["config"], config_identity(self.cfg, stage))
         if changed:
             raise RunError(
@@ -81,12 +125,9 @@ class Run(RunResources):
         path = self.identity_file(stage)
         if not path.is_file():
             return None
-        try:
-            rec = json.loads(path.read_text())
-            if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
-                return rec
-        except ValueError:
-            pass
+        rec = json_object(path)
+        if rec is not None and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
+            return rec
         raise RunError(f"{path} is not a stage identity (edited or corrupted); use overwrite to start the run again")
 
     def prepare(self) -> None:
@@ -94,14 +135,14 @@ class Run(RunResources):
         sizes against the dataset, then write config.yaml. Nothing is written before the checks pass."""
         cfg, root = self.cfg, self.root
         self.dist.agree("dataset fingerprint", self.fingerprint, SAME_DATA)  # before any rank may refuse alone
-        if root.is_dir() and any(root.iterdir()):
-            if not self.config_file.is_file():
-                raise RunError(
-                    f"out_dir {root} is not empty and is not a fastdae run (no config.yaml); it is never "
-                    f"cleared, not even with overwrite: choose another out_dir"
-                )
-            if cfg.overwrite:
-                self._on_main(lambda: [files.remove(p) for p in root.iterdir()])  # type: ignore[func-returns-value]
+        if self._check_folder() and cfg.overwrite:
+            # only fastdae's own entries are left (_check_folder): the marker stays, the run is cleared
+            def clear() -> None:
+                for p in root.iterdir():
+                    if p.name != RUN_MARKER:
+                        files.remove(p)
+
+            self._on_main(clear)
         conflicts = []
         for stage in STAGES:
             if not self.stage_dir(stage).exists():
@@ -123,14 +164,47 @@ class Run(RunResources):
             self._check_resumable(stage)
         self._check_upstream_on_resume()
         self._check_batches()
+
         # overwrite acts once, in this call: a config.yaml that kept it would clear the run (or the
         # out_dir of anyone who reuses the file) when trained again, e.g. with --config it --resume
-        self._on_main(
-            lambda: (
-                root.mkdir(parents=True, exist_ok=True),  # type: ignore[func-returns-value]
-                files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode()),  # type: ignore[func-returns-value]
+        def write_run_files() -> None:
+            root.mkdir(parents=True, exist_ok=True)
+            if not self.marker_file.is_file():
+                files.write_bytes(self.marker_file, MARKER_TEXT)
+            files.write_bytes(self.config_file, dataclasses.replace(cfg, overwrite=False).to_yaml().encode())
+
+        self._on_main(write_run_files)
+
+    def _check_folder(self) -> bool:
+        """True when out_dir holds a run of fastdae (its marker) that this call may use; an empty or
+        absent folder is False (prepare makes it, with the marker). Refused: a file; a non-empty folder
+        without the marker (not even overwrite clears it); with overwrite, a run folder holding
+        anything fastdae did not write there (RUN_ENTRIES), each such entry named."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise RunError(f"out_dir {root} is a file, not a folder: choose another out_dir")
+        try:
+            entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        except OSError as e:
+            raise RunError(f"out_dir {root} cannot be listed: {e.strerror or e}") from None
+        if not entries:
+            return False
+        if RUN_MARKER not in entries:
+            raise RunError(
+                f"out_dir {root} is not empty and is not a fastdae run (no {RUN_MARKER}, the marker fastdae "
+                f"writes when it makes a run folder); it is never written to or cleared, not even with "
+                f"overwrite: choose another out_dir. A run of an older fastdae has no marker: create the "
+                f"empty file {self.marker_file} to adopt it"
             )
-        )
+        foreign = [name for name in entries if not is_run_entry(name)]
+        if self.cfg.overwrite and foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise RunError(
+                f"out_dir {root} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} fastdae did not "
+                f"write: {shown}; overwrite removes only a run's own files: move them out of {root} or "
+                f"choose another out_dir"
+            )
+        return True
 
     def _check_resumable(self, stage: str) -> None:
         rec = self.recorded(stage)
@@ -218,10 +292,9 @@ class Run(RunResources):
         return True
 
     def _finished(self, stage: str) -> bool:
-        path = self.metrics_file(stage)
-        if not path.is_file():
+        if not self.metrics_file(stage).is_file():
             return False
-        return stage not in CHECKPOINTED or json.loads(path.read_text())["steps"] == self.total_steps(stage)[1]
+        return stage not in CHECKPOINTED or self._metrics(stage).get("steps") == self.total_steps(stage)[1]
 
     def _resumable_stage_dir(self, stage: str) -> None:
         """The stage runs again: it is no longer finished, and temp files of a killed process go."""
@@ -238,9 +311,15 @@ class Run(RunResources):
         files.write_json(self.identity_file(stage), identity)
 
     def finish(self, stage: str, metrics: dict[str, Any]) -> None:
-        self._on_main(lambda: files.write_json(self.metrics_file(stage), metrics))
+        """metrics.json of a finished stage, with the sha256 of each weight file it wrote (verified_sha256)."""
 
-    def _on_main(self, fn: Any) -> None:
+        def write() -> None:
+            weights = {p.name: self.sha256(p) for p in sorted(self.stage_dir(stage).glob("*.safetensors"))}
+            files.write_json(self.metrics_file(stage), {**metrics, "weights": weights})
+
+        self._on_main(write)
+
+    def _on_main(self, fn: Callable[[], object]) -> None:
         """fn() on rank 0 between barriers: every rank has read the folder before, and sees the change after."""
         self.dist.barrier()
         if self.dist.is_main:
@@ -259,7 +338,7 @@ class Run(RunResources):
             if changed:
                 stale[stage] = changed
             else:
-                stages[stage] = json.loads(self.metrics_file(stage).read_text())
+                stages[stage] = self._metrics(stage)
         cfg = self.cfg
         summary = {
             "mode": cfg.mode,

@@ -136,3 +136,43 @@ def test_a_shard_truncated_while_mapped_is_a_cache_error_not_a_bus_error(tmp_pat
     )
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
     assert "CacheError:" in proc.stdout and "truncated" in proc.stdout
+
+
+# ---- a resealed manifest must still describe its shards ------------------------------------------
+def test_resealed_channel_statistics_that_are_not_the_shards_are_refused(tmp_path):
+    """channel_mean + 100 with a recomputed checksum trained the prior to a loss of 1.4e7: the manifest's
+    statistics are compared with the moments each shard's sidecar recorded."""
+    build(tmp_path, IndexImages(40))
+    path = tmp_path / "manifest.json"
+    good = json.loads(path.read_text())
+    for key, delta in (("channel_mean", 100.0), ("channel_std", 1e-3)):
+        edited = json.loads(json.dumps(good))
+        edited[key][1] += delta
+        path.write_text(reseal(edited))
+        for verify in ("open", "lazy"):
+            with pytest.raises(CacheError, match=rf"manifest\.json: {key} .* is not the statistics.*rebuild"):
+                LatentCache(tmp_path, verify=verify)
+    path.write_text(reseal(good))
+    assert LatentCache(tmp_path).channel_mean.tolist() == pytest.approx(good["channel_mean"])
+
+
+def test_swapped_shard_records_are_refused_not_served_in_another_order(tmp_path):
+    """Two records' files (with their sizes and sha256) swapped, the ranges kept and the checksum
+    recomputed: every file verifies, but the shard's own header says which items it holds."""
+    build(tmp_path, IndexImages(40))
+    path = tmp_path / "manifest.json"
+    m = json.loads(path.read_text())
+    a, b = m["shards"][0], m["shards"][1]
+    for key in ("file", "bytes", "sha256"):
+        a[key], b[key] = b[key], a[key]
+    path.write_text(reseal(m))
+    for verify in ("open", "lazy"):
+        with pytest.raises(CacheError, match=r"shard-r000-00001\.safetensors holds items \(16, 32\), the manifest "):
+            LatentCache(tmp_path, verify=verify)
+
+
+def test_a_deeply_nested_manifest_is_a_cache_error(tmp_path):
+    build(tmp_path, IndexImages(40))
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CacheError, match=r"manifest\.json is not valid JSON: RecursionError"):
+        LatentCache(tmp_path)

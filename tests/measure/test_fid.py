@@ -145,3 +145,70 @@ def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
     write_folder(tmp_path / "images", images(0, n=2))
     assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "images")]) == 2  # images need the network
     assert "--inception" in capsys.readouterr().err
+
+
+# ---- issue 23: statistics that describe no Gaussian, and image sets too small for one ------------
+def _stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    np.savez(path, mu=mu, sigma=sigma)
+    return path
+
+
+def test_a_covariance_that_is_not_positive_semidefinite_is_refused_not_scored_zero(tmp_path, capsys):
+    good = _stats(tmp_path / "good.npz", np.zeros(4), np.eye(4))
+    bad = _stats(tmp_path / "bad.npz", np.zeros(4), -np.eye(4))  # scored FID 0 against itself before
+    with pytest.raises(ValueError, match=r"bad\.npz: sigma is not positive semi-definite"):
+        fastdae.fid(bad, bad)
+    skew = _stats(tmp_path / "skew.npz", np.zeros(4), np.eye(4) + np.triu(np.ones((4, 4)), 1))
+    with pytest.raises(ValueError, match=r"skew\.npz: sigma is not symmetric"):
+        fastdae.fid(good, skew)
+    assert main(["fid", str(bad), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "positive semi-definite" in err
+
+
+def test_nan_or_infinite_statistics_are_refused_not_printed_as_fid_nan(tmp_path, capsys):
+    good = _stats(tmp_path / "good.npz", np.zeros(4), np.eye(4))
+    nan_mu = _stats(tmp_path / "nan.npz", np.array([0.0, np.nan, 0.0, 0.0]), np.eye(4))
+    inf_sigma = _stats(tmp_path / "inf.npz", np.zeros(4), np.diag([1.0, np.inf, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"nan\.npz: mu holds 1 NaN or infinite values"):
+        fastdae.fid(good, nan_mu)
+    with pytest.raises(ValueError, match=r"inf\.npz: sigma holds"):
+        fastdae.fid(inf_sigma, good)
+    assert main(["fid", str(good), str(nan_mu)]) == 2
+    out = capsys.readouterr()
+    assert "FID" not in out.out and out.err.count("\n") == 1
+
+
+def test_an_empty_or_single_image_set_is_refused_by_name(tmp_path, inception_file, capsys):
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    for name in ("empty", "one"):
+        with pytest.raises(ValueError, match=rf"{name}\.npz: arr_0 holds [01] images.*at least 2 non-empty"):
+            statistics(tmp_path / f"{name}.npz", inception_file)
+    write_folder(tmp_path / "single", images(0, n=1))
+    with pytest.raises(ValueError, match=r"one image in .*single.*at least 2"):
+        statistics(tmp_path / "single", inception_file)
+    assert (
+        main(["fid", str(tmp_path / "empty.npz"), str(tmp_path / "one.npz"), "--inception", str(inception_file)]) == 2
+    )
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_an_unreadable_image_or_npz_is_named_in_one_line(tmp_path, inception_file, capsys):
+    folder = write_folder(tmp_path / "imgs", images(0, n=2))
+    (folder / "002.png").write_bytes(b"not a png")
+    (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 torn")
+    for side, match in ((folder, r"cannot read image file .*002\.png"), (tmp_path / "torn.npz", r"torn\.npz")):
+        with pytest.raises(ValueError, match=match):
+            statistics(side, inception_file, num_workers=0)
+        args = ["fid", str(side), str(side), "--inception", str(inception_file), "--num-workers", "1"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and (side.name in err), err
+
+
+def test_an_unreadable_inception_file_is_named_in_one_line(sets, tmp_path, capsys):
+    (tmp_path / "inception.pth").write_bytes(b"garbage")
+    assert main(["fid", str(sets["a_npz"]), str(sets["b_npz"]), "--inception", str(tmp_path / "inception.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "inception.pth is not a readable Inception weights file" in err and err.count("\n") == 1, err

@@ -6,6 +6,7 @@ each stage's identity holds is tested in test_identity.py."""
 from __future__ import annotations
 
 import errno
+import shutil
 
 import pytest
 import torch
@@ -114,3 +115,41 @@ def test_disk_full_leaves_no_temp_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         fastdae.train(tiny(tmp_path, *STAGE1))
     assert not [p.name for p in tmp_path.rglob(".*tmp*")]
+
+
+# ---- issue 23, finding 3: overwrite removes only what fastdae wrote ------------------------------
+def test_overwrite_never_clears_a_project_folder_that_holds_a_config_yaml(tmp_path):
+    """`--config proj/config.yaml --out proj --overwrite` deleted the project: a folder fastdae did not
+    make (no run marker) is refused, config.yaml or not, and left as it was."""
+    project = tmp_path / "proj"
+    (project / "images").mkdir(parents=True)
+    (project / "images" / "a.png").write_bytes(b"png")
+    (project / "train.py").write_text("print('mine')")
+    tiny(project, *STAGE1).save(project / "config.yaml")
+    before = tree(project)
+    with pytest.raises(ValueError, match=r"not a fastdae run.*\.fastdae-run"):
+        fastdae.train(tiny(project, *STAGE1, "overwrite=true"))
+    assert tree(project) == before
+
+
+def test_overwrite_refuses_a_run_folder_holding_the_users_files_and_lists_them(tmp_path):
+    fastdae.train(tiny(tmp_path, *STAGE1))
+    (tmp_path / "mydata").mkdir()
+    for i in range(30):
+        (tmp_path / "mydata" / f"{i}.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"2 entries fastdae did not write: mydata, notes\.txt"):
+        fastdae.train(tiny(tmp_path, *STAGE1, "seed=1", "overwrite=true"))
+    assert tree(tmp_path) == before
+    (tmp_path / "notes.txt").unlink()
+    shutil.rmtree(tmp_path / "mydata")
+    fastdae.train(tiny(tmp_path, *STAGE1, "seed=1", "overwrite=true"))  # only fastdae's entries: cleared
+    assert TrainConfig.load(tmp_path / "config.yaml").seed == 1 and (tmp_path / ".fastdae-run").is_file()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(ValueError, match=r"out_dir .*run is a file"):
+        fastdae.train(tiny(tmp_path / "run", *STAGE1))
+    assert (tmp_path / "run").read_text() == "mine"
