@@ -7,9 +7,9 @@ For one (batch, head), Q (N, D), K and V (M, D), S = scale * Q K^T, P = softmax(
                dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
 Only O and lse (B, H, N) float32 (in base 2: lse / ln 2) are saved; backward recomputes
-P = exp(S - lse) tile by tile. The backward is atomic-free: one kernel owns a K/V tile and streams Q/dO tiles (dK, dV), another owns a
-Q tile and streams K/V tiles (dQ); Delta comes from a small pre-pass. Exponentials are base 2
-(exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
+P = exp(S - lse) tile by tile. The backward is atomic-free: one kernel owns a K/V tile and streams
+Q/dO tiles (dK, dV), another owns a Q tile and streams K/V tiles (dQ); Delta comes from a small
+pre-pass. Exponentials are base 2 (exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
 
 Any sequence length: the loops run over full tiles without masks, then one masked tail tile.
 Head dims: multiples of 8 up to 128. tl.arange and tl.dot need power-of-two extents >= 16, so the
@@ -22,9 +22,10 @@ padded in memory, and the register width D0 + D1 never exceeds padding to a powe
 Inputs: any strides (e.g. q, k, v as views of one fused qkv projection); when every base is 16-byte
 aligned and every row/head/batch stride a multiple of 16 bytes (checked at launch: align_elems), the
 kernels say so with tl.multiple_of, which turns D = 72's 2-byte scalar loads into 128-bit cp.async
-(the static kernel report, fastdae/kernel_report/). fp32/bf16/fp16, fp32 accumulation; fp32
-products use IEEE fp32 (no TF32), like torch's default matmul: on a GPU those run on CUDA cores and
-spill, so impl="auto" sends fp32 to SDPA. The output is a
+(the static kernel report, fastdae/kernel_report/). bf16/fp16 with fp32 accumulation on a GPU;
+fp32 only under the interpreter (CPU tests, IEEE fp32 products): on a GPU its dots would run on CUDA
+cores (IEEE) or spill (3xTF32) at every tile, so impl="auto" sends fp32 to SDPA and impl="triton"
+refuses it with a ValueError naming SDPA. The output is a
 (B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
 is free.
 
@@ -43,8 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
-from fastdae.kernels._dispatch import resolve_impl
-from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
+from fastdae.kernels._dispatch import route, triton_interpret
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, arch_of, configs, launch, strides
 
 MAX_HEAD_DIM = 128
 MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2, which carry heads and batch
@@ -52,7 +53,7 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 IMPLS_EXTRA = ("sdpa", "xformers")
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)  # what "ref" and "sdpa" take
 # torch.compile evaluates the backend choice once at trace time
-_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+_route = torch.compiler.assume_constant_result(route)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,12 +146,13 @@ def _fwd_step(
     if SPLIT:
         k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
         s = dot(q1, tl.trans(k1), s, PRECISION)
-    s = s * qk_scale  # log2 units
     if MASK_N:
         s = tl.where((cols < N_KV)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has at least one live column
+    # the scale is applied after the row max (qk_scale > 0, the launcher's contract), so scaling and
+    # subtracting the max are one FFMA per score; m_new is finite: every tile has a live column
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(k0.dtype)
     v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
@@ -691,31 +693,48 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-width family (D0 + D1 <= 64,
-# <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams K/V; dkdv: owns
-# BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays small); dq: owns BLOCK_M
-# queries and streams small K/V tiles. Every entry compiles without spills for sm_90 and sm_80 in
-# the static kernel report (benchmarks/results/kernel-report-*), which removed the ones that spilled
-# (mostly on sm_80's register-resident mma operands at D = 128). The first entry of each list is the
-# default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
-_CONFIGS: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("fwd", 128): [(128, 64, 8, 3)],
-    ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
-    ("dkdv", 96): [(32, 128, 8, 3), (32, 64, 4, 3)],
-    ("dkdv", 128): [(16, 128, 8, 3)],
-    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    ("dq", 96): [(128, 32, 8, 3)],
-    ("dq", 128): [(128, 32, 8, 3)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU architecture, kernel and head-width family
+# (D0 + D1 <= 64, <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams
+# K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers) and streams Q/dO; dq: owns
+# BLOCK_M queries and streams K/V. Every entry compiles without spills for its architecture in the
+# static kernel report (benchmarks/results/kernel-report-*), and each list starts with the model's
+# best candidate there (the default: the interpreter's and the untuned launch); on CUDA the kernels
+# autotune over the list once per (N_Q, N_KV, head dim, dtype). Hopper (sm_90, also used for newer
+# GPUs until they get lists of their own) keeps wgmma operands in shared memory, so its wide tiles
+# fit where sm_80's register-resident mma.sync operands spill.
+_CONFIGS: dict[int, dict[tuple[str, int], list[tuple[int, int, int, int]]]] = {
+    90: {
+        ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        ("fwd", 96): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 3)],
+        ("dkdv", 64): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 4)],
+        ("dkdv", 96): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+        ("dkdv", 128): [(64, 64, 4, 2), (64, 128, 8, 1), (32, 128, 8, 2)],
+        ("dq", 64): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2)],
+        ("dq", 96): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2)],
+        ("dq", 128): [(128, 64, 8, 2), (64, 64, 4, 2)],
+    },
+    80: {
+        ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        ("fwd", 128): [(128, 64, 8, 3)],
+        ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
+        ("dkdv", 96): [(32, 64, 4, 3), (64, 64, 8, 2)],
+        ("dkdv", 128): [(128, 32, 8, 3), (16, 128, 8, 3)],
+        ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+        ("dq", 96): [(64, 32, 4, 3), (64, 64, 8, 2)],
+        ("dq", 128): [(32, 128, 8, 3), (128, 32, 8, 3)],
+    },
 }
 _DELTA_BLOCK_M = 64
 _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 
-def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
-    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
-    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _family(head_dim))]])
+def launch_configs(kernel: str, head_dim: int, arch: int) -> tuple[LaunchConfig, ...]:
+    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim on a GPU
+    architecture (10 * major + minor: sm_80 and sm_86/89 get the sm_80 lists, sm_90 and newer sm_90's)."""
+    table = _CONFIGS[90 if arch >= 90 else 80]
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in table[(kernel, _family(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,13 +762,13 @@ def _family(head_dim: int) -> int:
 
 
 def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
-    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32."""
+    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32; scale > 0."""
     B, H, N, D = q.shape
     return KernelLaunch(
         _attention_fwd_kernel,
         (q, k, v, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
         dict(_constexprs(D, q.dtype), ALIGN=align_elems(q, k, v, o)),
-        launch_configs("fwd", D, q.dtype),
+        launch_configs("fwd", D, arch_of(q)),
         lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
         _TUNE_KEY,
     )
@@ -785,7 +804,7 @@ def bwd_launches(
             _attention_bwd_dkdv_kernel,
             (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv)),
             dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)),
-            launch_configs("dkdv", D, q.dtype),
+            launch_configs("dkdv", D, arch_of(q)),
             lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
             _TUNE_KEY,
         ),
@@ -793,7 +812,7 @@ def bwd_launches(
             _attention_bwd_dq_kernel,
             (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *inputs, *strides(dq)),
             dict(consts, ALIGN=align_elems(q, k, v, grad, dq)),
-            launch_configs("dq", D, q.dtype),
+            launch_configs("dq", D, arch_of(q)),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
             _TUNE_KEY,
         ),
@@ -802,6 +821,8 @@ def bwd_launches(
 
 def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
+    if scale <= 0:  # the kernel takes a positive scale (it scales after the row max): fold the sign into q
+        q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
     o = q.new_empty(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
     if o.numel() == 0:
@@ -941,11 +962,19 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _kernel_mismatch(q: Tensor) -> str | None:
-    """Why the Triton kernel cannot take q's shape/dtype, or None when it can."""
+def kernel_unsupported(q: Tensor) -> str | None:
+    """Why the Triton kernel does not take q's dtype/shape on CUDA (route's `unsupported`), or None.
+
+    fp32 is refused: with IEEE fp32 products its dots run on CUDA cores (25,000-instruction loops
+    with tens of KB of spills per thread, ~100x slower than SDPA), and the 3xTF32 form of them
+    spills at every tile that feeds the tensor cores (benchmarks/results/kernel-report-*). SDPA's
+    fp32 kernels are the fast fp32 path. The interpreter (CPU tests) still runs fp32: it checks
+    the algorithm in a dtype whose reference is tight."""
     B, H, _, D = q.shape
     if q.dtype not in KERNEL_DTYPES:
         return f"impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'"
+    if q.dtype == torch.float32 and not interpreting(q):
+        return "impl='triton' runs bf16/fp16 on a GPU; for fp32 use impl='sdpa' (or 'auto', which picks it)"
     if D % 8 or not 8 <= D <= MAX_HEAD_DIM:
         return (
             f"impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
@@ -956,11 +985,15 @@ def _kernel_mismatch(q: Tensor) -> str | None:
     return None
 
 
+def interpreting(q: Tensor) -> bool:
+    """Whether a Triton launch for q runs under the interpreter (CPU tensors, tests only)."""
+    return q.device.type != "cuda" and triton_interpret()
+
+
 def auto_uses_kernel(q: Tensor) -> bool:
-    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q: bf16/fp16 at head dims and
-    sizes it takes. fp32 goes to SDPA: the kernel's IEEE-fp32 dots run on CUDA cores and spill at
-    every config (benchmarks/results/kernel-report-*), SDPA's fp32 kernels do not."""
-    return q.dtype in (torch.bfloat16, torch.float16) and _kernel_mismatch(q) is None
+    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q (bf16/fp16 at head dims and
+    sizes it takes): what the static report marks as shipped."""
+    return q.dtype in (torch.bfloat16, torch.float16) and kernel_unsupported(q) is None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
@@ -975,27 +1008,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
                  CPU: torch's SDPA (measured 1.1-2.7x faster than the reference with 5-15x less
                  memory in benchmarks/results/cpu-*), with rows of q holding NaN/inf returned as NaN
                  like the reference (SDPA's CPU kernel returns zeros there).
-      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 with IEEE fp32
-                 products: exact-to-fp32 but slow on a GPU, which is why auto does not pick it);
+      "triton"   the kernel: bf16/fp16, D a multiple of 8 up to 128; fp32 raises ValueError naming
+                 SDPA on a GPU (its CUDA-core or 3xTF32 dots spill: no 100x-slow kernel is
+                 reachable), and runs only under the interpreter (CPU tests);
       "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
     """
     _validate(q, k, v)
-    auto = impl == "auto"
-    impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA, fallback="sdpa")
+    if impl == "triton" and q.dtype not in KERNEL_DTYPES:  # a dtype error is a TypeError, like check_tensors'
+        raise TypeError(f"attention: {kernel_unsupported(q)}")
+    where = _route(impl, q.device, "attention", extra=IMPLS_EXTRA, fallback="sdpa", unsupported=kernel_unsupported(q))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if auto and impl == "triton" and not auto_uses_kernel(q):
-        impl = "sdpa"
-    if impl == "ref":
+    if where == "ref":
         return attention_ref(q, k, v, scale)
-    if impl == "sdpa":
+    if where == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        if auto and q.device.type == "cpu":  # the reference's NaN rows (one O(B H N D) pass)
+        if impl == "auto" and q.device.type == "cpu":  # the reference's NaN rows (one O(B H N D) pass)
             out = torch.where(q.isfinite().all(dim=-1, keepdim=True), out, float("nan"))
         return out
-    if impl == "xformers":
+    if where == "xformers":
         return _xformers_attention(q, k, v, scale)
-    reason = _kernel_mismatch(q)
-    if reason is not None:
-        raise (TypeError if q.dtype not in KERNEL_DTYPES else ValueError)(f"attention: {reason}")
-    op = _attention_fwd_op if q.device.type == "cuda" else _attention_interpreted
+    op = _attention_fwd_op if where == "op" else _attention_interpreted
     return op(q, k, v, scale)[0]
