@@ -26,6 +26,7 @@ class Case:
     # scores (attention) or (row, code) pairs (VQ) one main-loop trip of one program covers
     per_trip: Callable[[dict], int] | None = None
     narrow_ok: int = 0  # fp32 per-row vectors the main loop loads (may be narrow loads; see model.violations)
+    extra_mma_flops: float = 0.0  # tensor-core work beyond `flops` (the forward's row sums as P @ ones)
 
 
 def _dt(name: str) -> torch.dtype:
@@ -80,6 +81,7 @@ def attention_cases(quick: bool = False) -> list[Case]:
                             _peak_key(dtype, prec),
                             shipped,
                             _tile_scores,
+                            extra_mma_flops=2 * B * H * N * N * 16,
                         ),
                         Case(
                             "attention_bwd_delta",

@@ -2,7 +2,8 @@
 model that turns a compiled kernel into an estimated time and per-score instruction figures.
 
 The model (per kernel launch, on the target's peak figures in targets.py):
-    tensor  = flops / tensor-core (or FMA) peak at the dot's precision
+    tensor  = MMA flops (the algorithm's, plus work a kernel adds on the tensor cores) / tensor-core
+              (or FMA) peak at the dot's precision
     issue   = warp instructions / (SMs x 4 schedulers x clock); a program issues its non-loop
               SASS once and its main loop once per trip
     memory  = compulsory bytes (each operand read once, outputs written once) / HBM bandwidth
@@ -102,7 +103,7 @@ def estimate(case: Case, static: Static, cfg: LaunchConfig, target: Target, hbm_
     programs = math.prod(case.launch.grid(meta))
     bps = blocks_per_sm(static, cfg, target)
     peak = target.tflops[case.precision] * 1e12
-    tensor = case.flops / peak
+    tensor = (case.flops + case.extra_mma_flops) / peak
     memory = case.bytes / (hbm_tbs * 1e12)
     trips = case.trips(meta) if static.has_loop else 1
     per_program = (static.total_instrs - static.loop_instrs) + static.loop_instrs * trips

@@ -58,6 +58,8 @@ def _specialize(plan: KernelLaunch, cfg: LaunchConfig) -> tuple[dict, dict, dict
 
     fn = plan.kernel
     fixed = {**plan.constexprs, **dict(cfg.meta)}
+    if plan.pre_hook is not None:  # e.g. a TMA descriptor's block shape, which its type carries
+        plan.pre_hook(plan.named_args(dict(cfg.meta)))
     runtime = iter(plan.args)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -93,6 +93,14 @@ class KernelLaunch:
     configs: tuple[LaunchConfig, ...]
     grid: Callable[[dict], tuple[int, ...]]
     tune_key: tuple[str, ...] = field(default=())
+    # called with {argument name: value} | config meta before each launch (and each autotuning
+    # trial): sets what depends on the config in the arguments, e.g. a TMA descriptor's block shape
+    pre_hook: Callable[[dict], None] | None = None
+
+    def named_args(self, meta: dict) -> dict:
+        """The runtime arguments by name, plus the constexprs and a config's meta (a pre_hook's view)."""
+        names = [n for n in self.kernel.arg_names if n not in self.constexprs and n not in meta]
+        return {**dict(zip(names, self.args, strict=True)), **self.constexprs, **meta}
 
     @property
     def name(self) -> str:
@@ -125,16 +133,22 @@ def align_elems(*tensors: Tensor) -> int:
 
 
 @functools.cache
-def _autotuner(kernel, candidates: tuple[LaunchConfig, ...], key: tuple[str, ...]):
+def _autotuner(kernel, candidates: tuple[LaunchConfig, ...], key: tuple[str, ...], pre_hook):
     """The kernel wrapped in an autotuner over its candidates; tunes once per key value (and dtypes)."""
-    cfgs = [triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+    cfgs = [
+        triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
+        for c in candidates
+    ]
     return triton.autotune(configs=cfgs, key=list(key))(kernel)
 
 
 def launch(plan: KernelLaunch) -> None:
     """Run the launch: autotuned over its configs on CUDA when there are several, else the first."""
     if len(plan.configs) > 1 and not triton_interpret():
-        _autotuner(plan.kernel, plan.configs, plan.tune_key)[plan.grid](*plan.args, **plan.constexprs)
+        tuner = _autotuner(plan.kernel, plan.configs, plan.tune_key, plan.pre_hook)
+        tuner[plan.grid](*plan.args, **plan.constexprs)
         return
     cfg = plan.configs[0]
+    if plan.pre_hook is not None:
+        plan.pre_hook(plan.named_args(dict(cfg.meta)))
     plan.kernel[plan.grid(dict(cfg.meta))](*plan.args, **plan.constexprs, **cfg.kwargs())
