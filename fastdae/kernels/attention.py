@@ -393,6 +393,12 @@ def _bwd_dkdv_step(
     do_base,
     lse_base,
     delta_base,
+    qd0,
+    qd1,
+    dod0,
+    dod1,
+    b,
+    h,
     start_m,
     N_Q,
     sqn,
@@ -407,15 +413,16 @@ def _bwd_dkdv_step(
     BLOCK_M: tl.constexpr,
     MASK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, MASK_M)  # (BLOCK_M, D0)
-    do0 = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, D0, HEAD_DIM, MASK_M)
+    q0 = _load_tile(qd0, b, h, start_m, q_base, N_Q, sqn, sqd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
+    do0 = _load_tile(dod0, b, h, start_m, do_base, N_Q, sdn, sdd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
     s_t = dot(k0, tl.trans(q0), None, PRECISION)  # (BLOCK_N, BLOCK_M) = S^T / scale
     if SPLIT:
-        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, MASK_M)
-        do1 = _load_rows(do_base, rows, N_Q, sdn, sdd, D0, D1, HEAD_DIM, MASK_M)
+        q1 = _load_tile(qd1, b, h, start_m, q_base, N_Q, sqn, sqd, D0, D1, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
+        do1 = _load_tile(dod1, b, h, start_m, do_base, N_Q, sdn, sdd, D0, D1, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
         s_t = dot(k1, tl.trans(q1), s_t, PRECISION)
     lse2 = _load_vec(lse_base, rows, N_Q, MASK_M)
     p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])  # P^T
@@ -440,6 +447,10 @@ def _attention_bwd_dkdv_kernel(
     k_ptr,
     v_ptr,
     do_ptr,
+    qd0,
+    qd1,
+    dod0,
+    dod1,
     lse_ptr,
     delta_ptr,
     dk_ptr,
@@ -481,14 +492,17 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """qd0, qd1, dod0, dod1: TMA descriptors of Q's and dO's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
     svb, svh, svn = _hint(svb, svh, svn, ALIGN)
     sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
     sdkb, sdkh, sdkn = _hint(sdkb, sdkh, sdkn, ALIGN)
     sdvb, sdvh, sdvn = _hint(sdvb, sdvh, sdvn, ALIGN)
-    pid_n, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_n, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, b = h32.to(tl.int64), b32.to(tl.int64)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     q_base = q_ptr + b * sqb + h * sqh
@@ -524,6 +538,12 @@ def _attention_bwd_dkdv_kernel(
             do_base,
             lse_base,
             delta_base,
+            qd0,
+            qd1,
+            dod0,
+            dod1,
+            b32,
+            h32,
             start_m,
             N_Q,
             sqn,
@@ -538,6 +558,7 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_M,
             False,
             PRECISION,
+            USE_TMA,
         )
     if m_full < N_Q:
         dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
@@ -553,6 +574,12 @@ def _attention_bwd_dkdv_kernel(
             do_base,
             lse_base,
             delta_base,
+            qd0,
+            qd1,
+            dod0,
+            dod1,
+            b32,
+            h32,
             m_full,
             N_Q,
             sqn,
@@ -567,6 +594,7 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_M,
             True,
             PRECISION,
+            USE_TMA,
         )
     dk_base = dk_ptr + b * sdkb + h * sdkh
     dv_base = dv_ptr + b * sdvb + h * sdvh
@@ -589,6 +617,12 @@ def _bwd_dq_step(
     delta,
     k_base,
     v_base,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
+    b,
+    h,
     start_n,
     N_KV,
     skn,
@@ -603,16 +637,17 @@ def _bwd_dq_step(
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
-    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
+    k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
+    v0 = _load_tile(vd0, b, h, start_n, v_base, N_KV, svn, svd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     s = dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
     dp = dot(do0, tl.trans(v0), None, PRECISION)
     if SPLIT:
-        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
-        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, MASK_N)
+        k1 = _load_tile(kd1, b, h, start_n, k_base, N_KV, skn, skd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
+        v1 = _load_tile(vd1, b, h, start_n, v_base, N_KV, svn, svd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
         s = dot(q1, tl.trans(k1), s, PRECISION)
         dp = dot(do1, tl.trans(v1), dp, PRECISION)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -630,6 +665,10 @@ def _attention_bwd_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
     do_ptr,
     lse_ptr,
     delta_ptr,
@@ -667,13 +706,16 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
     svb, svh, svn = _hint(svb, svh, svn, ALIGN)
     sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
     sdqb, sdqh, sdqn = _hint(sdqb, sdqh, sdqn, ALIGN)
-    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_m, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, b = h32.to(tl.int64), b32.to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdb + h * sdh
     k_base = k_ptr + b * skb + h * skh
@@ -704,6 +746,12 @@ def _attention_bwd_dq_kernel(
             delta,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             start_n,
             N_KV,
             skn,
@@ -718,6 +766,7 @@ def _attention_bwd_dq_kernel(
             BLOCK_N,
             False,
             PRECISION,
+            USE_TMA,
         )
     if n_full < N_KV:
         dq0, dq1 = _bwd_dq_step(
@@ -731,6 +780,12 @@ def _attention_bwd_dq_kernel(
             delta,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             n_full,
             N_KV,
             skn,
@@ -745,6 +800,7 @@ def _attention_bwd_dq_kernel(
             BLOCK_N,
             True,
             PRECISION,
+            USE_TMA,
         )
     dq_base = dq_ptr + b * sdqb + h * sdqh
     _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
@@ -843,28 +899,41 @@ def _descriptors(t: Tensor, head_dim: int, use_tma: bool) -> tuple:
 
 
 def _set_block_rows(nargs: dict) -> None:
-    """Autotuner pre-hook (and the plain launch's): the descriptors' block rows = the config's BLOCK_N."""
-    for name in ("kd0", "kd1", "vd0", "vd1"):
+    """Autotuner pre-hook (and the plain launch's) of the forward and dQ: the K/V descriptors' block
+    rows = the config's BLOCK_N."""
+    _block_rows(nargs, ("kd0", "kd1", "vd0", "vd1"), nargs["BLOCK_N"])
+
+
+def _set_block_rows_m(nargs: dict) -> None:
+    """The same for dK/dV, whose streamed Q/dO tiles have BLOCK_M rows."""
+    _block_rows(nargs, ("qd0", "qd1", "dod0", "dod1"), nargs["BLOCK_M"])
+
+
+def _block_rows(nargs: dict, names: tuple[str, ...], rows: int) -> None:
+    for name in names:
         desc = nargs[name]
         if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, 1, nargs["BLOCK_N"], desc.block_shape[3]]
+            desc.block_shape = [1, 1, rows, desc.block_shape[3]]
 
 
-def uses_tma(align: int, arch: int, head_dim: int) -> bool:
-    """K/V tiles through TMA: Hopper and newer, every stride and base 16-byte aligned (what TMA
-    requires, and what align_elems checked), and a head dim held in one register chunk. sm_80,
-    unaligned views and two-chunk head dims (72 = 64 + 16) take cp.async pointer loads: the static
-    report puts the forward's loop at 216 / 240 warp-instructions per 1,024 scores with TMA against
-    234 / 274 with cp.async at D = 64 / 128 (sm_90, 128 x 128 w8), but 278 against 274 at D = 72,
-    where the 16-wide chunk's descriptor loads cost more than its two cp.async.64 per thread."""
-    return align > 1 and arch >= 90 and head_chunks(head_dim)[1] == 0
+def uses_tma(align: int, arch: int, head_dim: int, *streamed: Tensor) -> bool:
+    """Streamed tiles through TMA: Hopper and newer, every stride and base 16-byte aligned (what TMA
+    requires, and what align_elems checked; no stride-0 broadcast among the `streamed` tensors), and
+    a head dim held in one register chunk. sm_80, unaligned or broadcast views and two-chunk head
+    dims (72 = 64 + 16) take cp.async pointer loads: the static report puts the forward's loop at
+    216 / 240 warp-instructions per 1,024 scores with TMA against 234 / 274 with cp.async at D = 64 /
+    128 (sm_90, 128 x 128 w8), but 278 against 274 at D = 72, where the 16-wide chunk's descriptor
+    loads cost more than its two cp.async.64 per thread. Backward (dK/dV + dQ per 1,024 scores):
+    682 with TMA against 780 with cp.async at D = 128, 607 either way at D = 64."""
+    broadcast = any(st == 0 for t in streamed for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    return align > 1 and arch >= 90 and head_chunks(head_dim)[1] == 0 and not broadcast
 
 
 def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
     """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32; scale > 0."""
     B, H, N, D = q.shape
     align = align_elems(q, k, v, o)
-    use_tma = uses_tma(align, arch_of(q), D)
+    use_tma = uses_tma(align, arch_of(q), D, k, v)
     descs = (*_descriptors(k, D, use_tma), *_descriptors(v, D, use_tma))
     return KernelLaunch(
         _attention_fwd_kernel,
@@ -895,6 +964,11 @@ def bwd_launches(
     M = k.shape[2]
     consts = _constexprs(D, q.dtype)
     inputs = (*strides(q), *strides(k), *strides(v), *strides(grad))
+    arch = arch_of(q)
+    align_kv = align_elems(q, k, v, grad, dk, dv)
+    tma_kv = uses_tma(align_kv, arch, D, q, grad)  # dK/dV streams Q and dO
+    align_q = align_elems(q, k, v, grad, dq)
+    tma_q = uses_tma(align_q, arch, D, k, v)  # dQ streams K and V
     return [
         KernelLaunch(
             _attention_bwd_delta_kernel,
@@ -905,19 +979,57 @@ def bwd_launches(
         ),
         KernelLaunch(
             _attention_bwd_dkdv_kernel,
-            (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)),
-            launch_configs("dkdv", D, arch_of(q)),
+            (
+                q,
+                k,
+                v,
+                grad,
+                *_descriptors(q, D, tma_kv),
+                *_descriptors(grad, D, tma_kv),
+                lse,
+                delta,
+                dk,
+                dv,
+                H,
+                N,
+                M,
+                scale * LOG2E,
+                scale,
+                *inputs,
+                *strides(dk),
+                *strides(dv),
+            ),
+            dict(consts, ALIGN=align_kv, USE_TMA=tma_kv),
+            launch_configs("dkdv", D, arch),
             lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
             _TUNE_KEY,
+            _set_block_rows_m if tma_kv else None,
         ),
         KernelLaunch(
             _attention_bwd_dq_kernel,
-            (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *inputs, *strides(dq)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dq)),
-            launch_configs("dq", D, arch_of(q)),
+            (
+                q,
+                k,
+                v,
+                *_descriptors(k, D, tma_q),
+                *_descriptors(v, D, tma_q),
+                grad,
+                lse,
+                delta,
+                dq,
+                H,
+                N,
+                M,
+                scale * LOG2E,
+                scale,
+                *inputs,
+                *strides(dq),
+            ),
+            dict(consts, ALIGN=align_q, USE_TMA=tma_q),
+            launch_configs("dq", D, arch),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
             _TUNE_KEY,
+            _set_block_rows if tma_q else None,
         ),
     ]
 
