@@ -68,7 +68,8 @@ def attention_cases(quick: bool = False) -> list[Case]:
                     shipped = A.auto_uses_kernel(q)
                     shape = f"B{B} H{H} N{N} D{D} {layout}"
                     fwd = A.fwd_launch(q, k, v, o, lse, D**-0.5)
-                    delta, dkdv, dq = A.bwd_launches(grads[0], q, k, v, o, lse, lse, *grads[1:], D**-0.5)
+                    do, dq_, dk_, dv_ = grads
+                    delta, dkdv, dq = A.bwd_launches(do, q, k, v, o, lse, lse, dq_, dk_, dv_, D**-0.5)
                     cases += [
                         Case(
                             "attention_fwd",

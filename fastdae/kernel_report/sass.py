@@ -134,9 +134,13 @@ def _read_sass(sass: str) -> dict:
         instrs.append(text)
     loops = []
     for j, text in enumerate(instrs):
-        m = re.match(r"^BRA(?:\.\S+)?\s+`?\(?(\.?L\w+|LBB\w*)", text)
-        if m and m.group(1) in labels and labels[m.group(1)] < j:  # (a branch to itself is a trap)
-            span = (labels[m.group(1)], j + 1)
+        # a label, or (sm_100's uniform branches) an address: SASS instructions are 16 bytes each
+        m = re.match(r"^BRA(?:\.\S+)?\s+(?:!?U?P\w+,\s*)?`?\(?(\.?L\w+|LBB\w*|0x[0-9a-f]+)", text)
+        if m is None:
+            continue
+        target = int(m.group(1), 16) // 16 if m.group(1).startswith("0x") else labels.get(m.group(1), j)
+        if target < j:  # backward (a branch to itself is a trap)
+            span = (target, j + 1)
             body = instrs[span[0] : span[1]]
             if any(t.split()[0] == "EXIT" for t in body):  # a stub after EXIT jumping back: not a loop
                 continue

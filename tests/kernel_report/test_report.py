@@ -154,6 +154,22 @@ def test_sass_reader_finds_the_main_loop():
     ]
 
 
+def test_sass_reader_follows_address_branches():
+    """sm_100's SASS branches to addresses (16 bytes per instruction) rather than labels."""
+    sass = "\n".join(
+        [
+            "Function:k",
+            "--:-:-:-:1\tMOV R1, R2;",  # 0x00
+            "--:-:-:-:1\tUTMALDG.4D [UR8], [UR10];",  # 0x10: the loop starts here
+            "--:-:-:-:1\tUTCHMMA gdesc[UR8], gdesc[UR10], tmem[UR15], tmem[UR26], idesc[UR27], !UPT;",
+            "--:-:-:-:5\tBRA.U !UP1, 0x10;",  # 0x30: back to 0x10
+            "--:-:-:-:1\tEXIT;",
+        ]
+    )
+    info = _read_sass(sass)
+    assert info["has_loop"] and info["main"] == (1, 4)
+
+
 def test_sass_reader_on_a_tma_kernel_with_a_known_loop():
     """A kernel whose loop issues one TMA load and one mbarrier wait per trip and stores after it
     (tests/kernel_report/tma_loop_kernel.py, compiled for sm_90): the reader's main loop is that
