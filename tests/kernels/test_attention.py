@@ -348,3 +348,28 @@ def test_torch_compile_fullgraph_gpu():
     out.sum().backward()
     torch.testing.assert_close(out, attn(x), rtol=1e-4, atol=1e-5)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_launchers_pick_the_configs_and_loads_of_the_gpu_they_run_on():
+    """sm_90 and newer: the sm_90 lists (wide D=128 tiles) and TMA for aligned one-chunk head dims;
+    sm_80 / sm_86: the sm_80 lists and cp.async; D = 72 and unaligned views stay on cp.async."""
+    from fastdae.kernels._launch import for_arch
+    from fastdae.kernels.attention import _CONFIGS, fwd_launch
+
+    def plan(D: int, arch: int, offset: int = 0):
+        buf = torch.empty(2 * 4 * 64 * D + offset, dtype=torch.bfloat16, device="meta")
+        q = buf[offset:].view(2, 4, 64, D)
+        o, lse = torch.empty_like(q), torch.empty(2, 4, 64, device="meta")
+        with for_arch(arch):
+            return fwd_launch(q, q, q, o, lse, 0.1)
+
+    for arch, table in ((90, 90), (100, 90), (80, 80), (86, 80)):
+        p = plan(128, arch)
+        first = p.configs[0]
+        assert (dict(first.meta)["BLOCK_M"], dict(first.meta)["BLOCK_N"], first.num_warps, first.num_stages) == (
+            _CONFIGS[table][("fwd", 128)][0]
+        )
+        assert p.constexprs["USE_TMA"] == (table == 90) and (p.pre_hook is not None) == (table == 90)
+    assert not plan(72, 90).constexprs["USE_TMA"]  # two register chunks: cp.async wins there
+    assert not plan(64, 90, offset=1).constexprs["USE_TMA"]  # a base off by 2 bytes: no TMA
+    assert plan(64, 90).constexprs["USE_TMA"]
