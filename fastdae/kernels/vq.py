@@ -362,7 +362,7 @@ def _precision(dtype: torch.dtype) -> str:
     cores; plain TF32's 10-bit mantissa flips the argmin between close codes). The interpreter
     multiplies with numpy, whose rounding differs between identical columns of one matmul, so the
     3-product sum can split exact ties there: it runs one IEEE fp32 product instead (the split is
-    tested on its own in tests/test_vq.py)."""
+    tested on its own in tests/kernels/test_vq.py)."""
     return precision(dtype, fp32="ieee" if triton_interpret() else "3xtf32")
 
 
