@@ -10,21 +10,61 @@ Alignment: Triton proves 16-byte alignment of pointer arguments itself, but only
 every load a 2-byte scalar. `align_elems` checks at launch what the kernels then assert with
 `tl.multiple_of` (one `ALIGN` constexpr: 1 = no hint), so the hinted and unhinted kernels are one
 source.
+
+Per-architecture configs: a launcher picks its candidate list for the GPU it runs on (`arch_of`:
+torch.cuda.get_device_capability as 90, 80, ...); the static report compiles the lists of other
+GPUs by overriding that answer (`for_arch`), with meta tensors. Without CUDA (the interpreter) the
+sm_90 lists are used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 from torch import Tensor
 
 from fastdae.kernels._dispatch import triton_interpret
 
 ALIGN_BYTES = 16  # one 128-bit load / cp.async / TMA element group
+DEFAULT_ARCH = 90  # the config lists used without a CUDA device (interpreter tests, meta tensors)
+_ARCH_OVERRIDE: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastdae_arch", default=None)
+
+
+def arch_of(t: Tensor) -> int:
+    """The compute capability whose configs a launch on t's device uses, as 10 * major + minor."""
+    override = _ARCH_OVERRIDE.get()
+    if override is not None:
+        return override
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return DEFAULT_ARCH
+
+
+@contextlib.contextmanager
+def for_arch(arch: int) -> Iterator[None]:
+    """Launch builders inside pick the configs of `arch` (the static report: one target at a time)."""
+    token = _ARCH_OVERRIDE.set(arch)
+    try:
+        yield
+    finally:
+        _ARCH_OVERRIDE.reset(token)
+
+
+def num_warps_for(block_elems: int) -> int:
+    """Warps per program from the number of elements one program touches per step."""
+    if block_elems >= 16384:
+        return 8
+    if block_elems >= 2048:
+        return 4
+    return 2 if block_elems >= 256 else 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +93,14 @@ class KernelLaunch:
     configs: tuple[LaunchConfig, ...]
     grid: Callable[[dict], tuple[int, ...]]
     tune_key: tuple[str, ...] = field(default=())
+    # called with {argument name: value} | config meta before each launch (and each autotuning
+    # trial): sets what depends on the config in the arguments, e.g. a TMA descriptor's block shape
+    pre_hook: Callable[[dict], None] | None = None
+
+    def named_args(self, meta: dict) -> dict:
+        """The runtime arguments by name, plus the constexprs and a config's meta (a pre_hook's view)."""
+        names = [n for n in self.kernel.arg_names if n not in self.constexprs and n not in meta]
+        return {**dict(zip(names, self.args, strict=True)), **self.constexprs, **meta}
 
     @property
     def name(self) -> str:
@@ -66,7 +114,7 @@ def configs(options: Sequence[tuple[dict[str, int], int, int]]) -> tuple[LaunchC
 
 def strides(t: Tensor) -> tuple[int, ...]:
     """t's strides with 0 on size-1 dims (only index 0 is read there): what kernels and align_elems see."""
-    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True))
 
 
 def align_elems(*tensors: Tensor) -> int:
@@ -85,16 +133,22 @@ def align_elems(*tensors: Tensor) -> int:
 
 
 @functools.cache
-def _autotuner(kernel, candidates: tuple[LaunchConfig, ...], key: tuple[str, ...]):
+def _autotuner(kernel, candidates: tuple[LaunchConfig, ...], key: tuple[str, ...], pre_hook):
     """The kernel wrapped in an autotuner over its candidates; tunes once per key value (and dtypes)."""
-    cfgs = [triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+    cfgs = [
+        triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
+        for c in candidates
+    ]
     return triton.autotune(configs=cfgs, key=list(key))(kernel)
 
 
 def launch(plan: KernelLaunch) -> None:
     """Run the launch: autotuned over its configs on CUDA when there are several, else the first."""
     if len(plan.configs) > 1 and not triton_interpret():
-        _autotuner(plan.kernel, plan.configs, plan.tune_key)[plan.grid](*plan.args, **plan.constexprs)
+        tuner = _autotuner(plan.kernel, plan.configs, plan.tune_key, plan.pre_hook)
+        tuner[plan.grid](*plan.args, **plan.constexprs)
         return
     cfg = plan.configs[0]
+    if plan.pre_hook is not None:
+        plan.pre_hook(plan.named_args(dict(cfg.meta)))
     plan.kernel[plan.grid(dict(cfg.meta))](*plan.args, **plan.constexprs, **cfg.kwargs())

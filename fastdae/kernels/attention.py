@@ -7,9 +7,9 @@ For one (batch, head), Q (N, D), K and V (M, D), S = scale * Q K^T, P = softmax(
                dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
 Only O and lse (B, H, N) float32 (in base 2: lse / ln 2) are saved; backward recomputes
-P = exp(S - lse) tile by tile. The backward is atomic-free: one kernel owns a K/V tile and streams Q/dO tiles (dK, dV), another owns a
-Q tile and streams K/V tiles (dQ); Delta comes from a small pre-pass. Exponentials are base 2
-(exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
+P = exp(S - lse) tile by tile. The backward is atomic-free: one kernel owns a K/V tile and streams
+Q/dO tiles (dK, dV), another owns a Q tile and streams K/V tiles (dQ); Delta comes from a small
+pre-pass. Exponentials are base 2 (exp(x) = exp2(x log2 e), with log2 e folded into the score scale).
 
 Any sequence length: the loops run over full tiles without masks, then one masked tail tile.
 Head dims: multiples of 8 up to 128. tl.arange and tl.dot need power-of-two extents >= 16, so the
@@ -22,14 +22,28 @@ padded in memory, and the register width D0 + D1 never exceeds padding to a powe
 Inputs: any strides (e.g. q, k, v as views of one fused qkv projection); when every base is 16-byte
 aligned and every row/head/batch stride a multiple of 16 bytes (checked at launch: align_elems), the
 kernels say so with tl.multiple_of, which turns D = 72's 2-byte scalar loads into 128-bit cp.async
-(the static kernel report, fastdae/kernel_report/). fp32/bf16/fp16, fp32 accumulation; fp32
-products use IEEE fp32 (no TF32), like torch's default matmul: on a GPU those run on CUDA cores and
-spill, so impl="auto" sends fp32 to SDPA. The output is a
-(B, H, N, D) view of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`)
-is free.
+(the static kernel report, fastdae/kernel_report/). bf16/fp16 with fp32 accumulation on a GPU;
+fp32 only under the interpreter (CPU tests, IEEE fp32 products): on a GPU its dots would run on CUDA
+cores (IEEE) or spill (3xTF32, 1.1-3.0 KB per thread at the bf16 tiles), so impl="auto" sends fp32
+to SDPA and impl="triton" refuses it with a ValueError naming SDPA. The output is a (B, H, N, D) view
+of a (B, N, H, D) buffer, so merging heads afterwards (`o.transpose(1, 2).reshape`) is free.
+
+Loads (static kernel report, sm_90, bf16, warp-instructions issued per 1,024 scores in the main
+loop): on Hopper and newer, aligned inputs with a one-chunk head dim (64, 128) stream their tiles
+through host-side TMA descriptors (4D over the (B, H, N, D) view, so fused-qkv views need no copy
+and tails read as zeros), forward 216 / 240 at D = 64 / 128 against 234 / 274 with cp.async. The
+cp.async pointer path stays for sm_80, unaligned or broadcast views and D = 72, where it wins
+(274 vs 278). An earlier reading favoured cp.async over device-side
+descriptors (995 vs 613 "main-loop" instructions); that was the report's loop reader taking the TMA
+retry stubs after EXIT for the loop (fastdae/kernel_report/sass.py). The forward also takes the
+row sums on the tensor cores (P @ ones) and folds the score scale into the exp2 FFMA.
 
 File order: Triton kernels -> launch config -> launchers -> ops (reference and fake kernels, autograd) ->
 attention_ref -> attention.
+
+Length (~1,270 lines, over the package's ~400): one op is one file in the house order above
+(kernels, configs, launchers, op, reference, public function), and the Triton calls pass 20-45
+arguments each, one per line as ruff formats them: about half the file is argument lists.
 """
 
 from __future__ import annotations
@@ -41,10 +55,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
-from fastdae.kernels._dispatch import resolve_impl
-from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
+from fastdae.kernels._dispatch import route, triton_interpret
+from fastdae.kernels._launch import (
+    ALIGN_BYTES,
+    KernelLaunch,
+    LaunchConfig,
+    align_elems,
+    arch_of,
+    configs,
+    launch,
+    strides,
+)
 
 MAX_HEAD_DIM = 128
 MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2, which carry heads and batch
@@ -52,7 +76,7 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 IMPLS_EXTRA = ("sdpa", "xformers")
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)  # what "ref" and "sdpa" take
 # torch.compile evaluates the backend choice once at trace time
-_resolve_impl = torch.compiler.assume_constant_result(resolve_impl)
+_route = torch.compiler.assume_constant_result(route)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +138,35 @@ def _load_vec(base, rows, n_rows, MASK_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(
+    desc,
+    b,
+    h,
+    start,
+    base,
+    n_rows,
+    row_stride,
+    d_stride,
+    D_START: tl.constexpr,
+    D_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Rows start ... start + BLOCK, columns D_START ... of one (batch, head): through the TMA
+    descriptor `desc` (over the (B, H, N, D) view, block (1, 1, BLOCK, D_BLOCK); rows and columns
+    outside the tensor read as zeros, so no masks) when USE_TMA, else pointer loads from `base`."""
+    if USE_TMA:
+        tile = desc.load([b, h, start, D_START]).reshape(BLOCK, D_BLOCK)
+    else:
+        tile = _load_rows(
+            base, start + tl.arange(0, BLOCK), n_rows, row_stride, d_stride, D_START, D_BLOCK, HEAD_DIM, MASK_ROWS
+        )
+    return tile
+
+
+@triton.jit
 def _fwd_step(
     acc0,
     acc1,
@@ -123,6 +176,12 @@ def _fwd_step(
     q1,
     k_base,
     v_base,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
+    b,
+    h,
     start_n,
     N_KV,
     skn,
@@ -137,26 +196,30 @@ def _fwd_step(
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One K/V tile of the online softmax: rescale the running (acc, m, l) to the new row max."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
+    k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     s = dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
     if SPLIT:
-        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
+        k1 = _load_tile(kd1, b, h, start_n, k_base, N_KV, skn, skd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
         s = dot(q1, tl.trans(k1), s, PRECISION)
-    s = s * qk_scale  # log2 units
     if MASK_N:
         s = tl.where((cols < N_KV)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has at least one live column
+    # the scale is applied after the row max (qk_scale > 0, the launcher's contract), so scaling and
+    # subtracting the max are one FFMA per score; m_new is finite: every tile has a live column
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     p = p.to(k0.dtype)
-    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
+    # the row sums on the tensor cores: P @ ones(BLOCK_N, 16) (16 equal columns, the narrowest MMA),
+    # instead of one FADD per score; they sum the same rounded P the output is made of
+    l_i = dot(p, tl.full((BLOCK_N, 16), 1.0, p.dtype), l_i * alpha[:, None], PRECISION)
+    v0 = _load_tile(vd0, b, h, start_n, v_base, N_KV, svn, svd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     acc0 = dot(p, v0, acc0 * alpha[:, None], PRECISION)
     if SPLIT:
-        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, MASK_N)
+        v1 = _load_tile(vd1, b, h, start_n, v_base, N_KV, svn, svd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
         acc1 = dot(p, v1, acc1 * alpha[:, None], PRECISION)
     return acc0, acc1, m_new, l_i
 
@@ -166,6 +229,10 @@ def _attention_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
     o_ptr,
     lse_ptr,
     H,
@@ -196,12 +263,15 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
     svb, svh, svn = _hint(svb, svh, svn, ALIGN)
     sob, soh, son = _hint(sob, soh, son, ALIGN)
-    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_m, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, b = h32.to(tl.int64), b32.to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
@@ -214,7 +284,7 @@ def _attention_fwd_kernel(
     acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # the row sum, in each of 16 equal columns
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _fwd_step(
@@ -226,6 +296,12 @@ def _attention_fwd_kernel(
             q1,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             start_n,
             N_KV,
             skn,
@@ -240,6 +316,7 @@ def _attention_fwd_kernel(
             BLOCK_N,
             False,
             PRECISION,
+            USE_TMA,
         )
     if n_full < N_KV:
         acc0, acc1, m_i, l_i = _fwd_step(
@@ -251,6 +328,12 @@ def _attention_fwd_kernel(
             q1,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             n_full,
             N_KV,
             skn,
@@ -265,8 +348,10 @@ def _attention_fwd_kernel(
             BLOCK_N,
             True,
             PRECISION,
+            USE_TMA,
         )
     o_base = o_ptr + b * sob + h * soh
+    l_i = tl.max(l_i, 1)  # the 16 columns are equal
     inv_l = 1.0 / l_i
     _store_rows(o_base, acc0 * inv_l[:, None], rows, N_Q, son, sod, 0, D0, HEAD_DIM)
     if SPLIT:
@@ -321,6 +406,12 @@ def _bwd_dkdv_step(
     do_base,
     lse_base,
     delta_base,
+    qd0,
+    qd1,
+    dod0,
+    dod1,
+    b,
+    h,
     start_m,
     N_Q,
     sqn,
@@ -335,15 +426,16 @@ def _bwd_dkdv_step(
     BLOCK_M: tl.constexpr,
     MASK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, MASK_M)  # (BLOCK_M, D0)
-    do0 = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, D0, HEAD_DIM, MASK_M)
+    q0 = _load_tile(qd0, b, h, start_m, q_base, N_Q, sqn, sqd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
+    do0 = _load_tile(dod0, b, h, start_m, do_base, N_Q, sdn, sdd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
     s_t = dot(k0, tl.trans(q0), None, PRECISION)  # (BLOCK_N, BLOCK_M) = S^T / scale
     if SPLIT:
-        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, MASK_M)
-        do1 = _load_rows(do_base, rows, N_Q, sdn, sdd, D0, D1, HEAD_DIM, MASK_M)
+        q1 = _load_tile(qd1, b, h, start_m, q_base, N_Q, sqn, sqd, D0, D1, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
+        do1 = _load_tile(dod1, b, h, start_m, do_base, N_Q, sdn, sdd, D0, D1, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
         s_t = dot(k1, tl.trans(q1), s_t, PRECISION)
     lse2 = _load_vec(lse_base, rows, N_Q, MASK_M)
     p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])  # P^T
@@ -368,6 +460,10 @@ def _attention_bwd_dkdv_kernel(
     k_ptr,
     v_ptr,
     do_ptr,
+    qd0,
+    qd1,
+    dod0,
+    dod1,
     lse_ptr,
     delta_ptr,
     dk_ptr,
@@ -409,14 +505,17 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """qd0, qd1, dod0, dod1: TMA descriptors of Q's and dO's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
     svb, svh, svn = _hint(svb, svh, svn, ALIGN)
     sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
     sdkb, sdkh, sdkn = _hint(sdkb, sdkh, sdkn, ALIGN)
     sdvb, sdvh, sdvn = _hint(sdvb, sdvh, sdvn, ALIGN)
-    pid_n, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_n, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, b = h32.to(tl.int64), b32.to(tl.int64)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     q_base = q_ptr + b * sqb + h * sqh
@@ -452,6 +551,12 @@ def _attention_bwd_dkdv_kernel(
             do_base,
             lse_base,
             delta_base,
+            qd0,
+            qd1,
+            dod0,
+            dod1,
+            b32,
+            h32,
             start_m,
             N_Q,
             sqn,
@@ -466,6 +571,7 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_M,
             False,
             PRECISION,
+            USE_TMA,
         )
     if m_full < N_Q:
         dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
@@ -481,6 +587,12 @@ def _attention_bwd_dkdv_kernel(
             do_base,
             lse_base,
             delta_base,
+            qd0,
+            qd1,
+            dod0,
+            dod1,
+            b32,
+            h32,
             m_full,
             N_Q,
             sqn,
@@ -495,6 +607,7 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_M,
             True,
             PRECISION,
+            USE_TMA,
         )
     dk_base = dk_ptr + b * sdkb + h * sdkh
     dv_base = dv_ptr + b * sdvb + h * sdvh
@@ -517,6 +630,12 @@ def _bwd_dq_step(
     delta,
     k_base,
     v_base,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
+    b,
+    h,
     start_n,
     N_KV,
     skn,
@@ -531,16 +650,17 @@ def _bwd_dq_step(
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, MASK_N)  # (BLOCK_N, D0)
-    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, MASK_N)
+    k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
+    v0 = _load_tile(vd0, b, h, start_n, v_base, N_KV, svn, svd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     s = dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
     dp = dot(do0, tl.trans(v0), None, PRECISION)
     if SPLIT:
-        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, MASK_N)
-        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, MASK_N)
+        k1 = _load_tile(kd1, b, h, start_n, k_base, N_KV, skn, skd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
+        v1 = _load_tile(vd1, b, h, start_n, v_base, N_KV, svn, svd, D0, D1, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
         s = dot(q1, tl.trans(k1), s, PRECISION)
         dp = dot(do1, tl.trans(v1), dp, PRECISION)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -558,6 +678,10 @@ def _attention_bwd_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    kd0,
+    kd1,
+    vd0,
+    vd1,
     do_ptr,
     lse_ptr,
     delta_ptr,
@@ -595,13 +719,16 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
     svb, svh, svn = _hint(svb, svh, svn, ALIGN)
     sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
     sdqb, sdqh, sdqn = _hint(sdqb, sdqh, sdqn, ALIGN)
-    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_m, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, b = h32.to(tl.int64), b32.to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdb + h * sdh
     k_base = k_ptr + b * skb + h * skh
@@ -632,6 +759,12 @@ def _attention_bwd_dq_kernel(
             delta,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             start_n,
             N_KV,
             skn,
@@ -646,6 +779,7 @@ def _attention_bwd_dq_kernel(
             BLOCK_N,
             False,
             PRECISION,
+            USE_TMA,
         )
     if n_full < N_KV:
         dq0, dq1 = _bwd_dq_step(
@@ -659,6 +793,12 @@ def _attention_bwd_dq_kernel(
             delta,
             k_base,
             v_base,
+            kd0,
+            kd1,
+            vd0,
+            vd1,
+            b32,
+            h32,
             n_full,
             N_KV,
             skn,
@@ -673,6 +813,7 @@ def _attention_bwd_dq_kernel(
             BLOCK_N,
             True,
             PRECISION,
+            USE_TMA,
         )
     dq_base = dq_ptr + b * sdqb + h * sdqh
     _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
@@ -691,31 +832,49 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-width family (D0 + D1 <= 64,
-# <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams K/V; dkdv: owns
-# BLOCK_N keys (fp32 dK, dV accumulators in registers, so BLOCK_M stays small); dq: owns BLOCK_M
-# queries and streams small K/V tiles. Every entry compiles without spills for sm_90 and sm_80 in
-# the static kernel report (benchmarks/results/kernel-report-*), which removed the ones that spilled
-# (mostly on sm_80's register-resident mma operands at D = 128). The first entry of each list is the
-# default; on CUDA the kernels autotune over the list once per (N_Q, N_KV, head dim, dtype).
-_CONFIGS: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("fwd", 128): [(128, 64, 8, 3)],
-    ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
-    ("dkdv", 96): [(32, 128, 8, 3), (32, 64, 4, 3)],
-    ("dkdv", 128): [(16, 128, 8, 3)],
-    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    ("dq", 96): [(128, 32, 8, 3)],
-    ("dq", 128): [(128, 32, 8, 3)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU architecture, kernel and head-width family
+# (D0 + D1 <= 64, <= 96 (DiT-XL's 72 -> 80), <= 128). fwd: a program owns BLOCK_M queries and streams
+# K/V; dkdv: owns BLOCK_N keys (fp32 dK, dV accumulators in registers) and streams Q/dO; dq: owns
+# BLOCK_M queries and streams K/V. Every entry compiles without spills for its architecture in the
+# static kernel report (benchmarks/results/kernel-report-*), and each list starts with the model's
+# best candidate there (the default: the interpreter's and the untuned launch); on CUDA the kernels
+# autotune over the list once per (N_Q, N_KV, head dim, dtype). Hopper (sm_90, also used for newer
+# GPUs until they get lists of their own) keeps wgmma operands in shared memory, so its wide tiles
+# fit where sm_80's register-resident mma.sync operands spill.
+_CONFIGS: dict[int, dict[tuple[str, int], list[tuple[int, int, int, int]]]] = {
+    90: {
+        ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        ("fwd", 96): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 3)],
+        ("dkdv", 64): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 4)],
+        ("dkdv", 96): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+        ("dkdv", 128): [(64, 64, 4, 2), (64, 128, 8, 1), (32, 128, 8, 2)],
+        ("dq", 64): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2)],
+        ("dq", 96): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2)],
+        ("dq", 128): [(128, 64, 8, 2), (64, 64, 4, 2)],
+    },
+    80: {
+        ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        ("fwd", 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        ("fwd", 128): [(128, 64, 8, 3)],
+        ("dkdv", 64): [(64, 128, 8, 3), (32, 64, 4, 4)],
+        ("dkdv", 96): [(32, 64, 4, 3), (64, 64, 8, 2)],
+        ("dkdv", 128): [(128, 32, 8, 3), (16, 128, 8, 3)],
+        ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+        ("dq", 96): [(64, 32, 4, 3), (64, 64, 8, 2)],
+        ("dq", 128): [(32, 128, 8, 3), (128, 32, 8, 3)],
+    },
 }
 _DELTA_BLOCK_M = 64
+_DELTA_WARPS = 8  # 4 spill 76 B on sm_100 at D = 72 / 128 (two 64 x 128 fp32 tiles per 128 threads)
 _TUNE_KEY = ("N_Q", "N_KV", "HEAD_DIM")
 
 
-def launch_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
-    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim and dtype."""
-    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in _CONFIGS[(kernel, _family(head_dim))]])
+def launch_configs(kernel: str, head_dim: int, arch: int) -> tuple[LaunchConfig, ...]:
+    """The candidate configs of one attention kernel ("fwd", "dkdv", "dq") for a head dim on a GPU
+    architecture (10 * major + minor: sm_80 and sm_86/89 get the sm_80 lists, sm_90 and newer sm_90's)."""
+    table = _CONFIGS[90 if arch >= 90 else 80]
+    return configs([(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in table[(kernel, _family(head_dim))]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,16 +901,62 @@ def _family(head_dim: int) -> int:
     return next(bound for bound in (64, 96, 128) if width <= bound)
 
 
+def _descriptors(t: Tensor, head_dim: int, use_tma: bool) -> tuple:
+    """TMA descriptors of t's two column chunks over its (B, H, N, D) view (block rows set per config
+    by _set_block_rows), or t itself twice when the kernel takes pointers."""
+    if not use_tma:
+        return t, t
+    d0, d1 = head_chunks(head_dim)
+    # a size-1 dim is only ever indexed at 0: any 16-byte multiple is a valid stride for it
+    st = [s if n > 1 else ALIGN_BYTES // t.element_size() for s, n in zip(t.stride()[:3], t.shape[:3], strict=True)]
+    return tuple(TensorDescriptor(t, list(t.shape), [*st, 1], [1, 1, 16, d]) for d in (d0, d1 or 16))
+
+
+def _set_block_rows(nargs: dict) -> None:
+    """Autotuner pre-hook (and the plain launch's) of the forward and dQ: the K/V descriptors' block
+    rows = the config's BLOCK_N."""
+    _block_rows(nargs, ("kd0", "kd1", "vd0", "vd1"), nargs["BLOCK_N"])
+
+
+def _set_block_rows_m(nargs: dict) -> None:
+    """The same for dK/dV, whose streamed Q/dO tiles have BLOCK_M rows."""
+    _block_rows(nargs, ("qd0", "qd1", "dod0", "dod1"), nargs["BLOCK_M"])
+
+
+def _block_rows(nargs: dict, names: tuple[str, ...], rows: int) -> None:
+    for name in names:
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, 1, rows, desc.block_shape[3]]
+
+
+def uses_tma(align: int, arch: int, head_dim: int, *streamed: Tensor) -> bool:
+    """Streamed tiles through TMA: Hopper and newer, every stride and base 16-byte aligned (what TMA
+    requires, and what align_elems checked; no stride-0 broadcast among the `streamed` tensors), and
+    a head dim held in one register chunk. sm_80, unaligned or broadcast views and two-chunk head
+    dims (72 = 64 + 16) take cp.async pointer loads: the static report puts the forward's loop at
+    216 / 240 warp-instructions per 1,024 scores with TMA against 234 / 274 with cp.async at D = 64 /
+    128 (sm_90, 128 x 128 w8), but 278 against 274 at D = 72, where the 16-wide chunk's descriptor
+    loads cost more than its two cp.async.64 per thread. Backward (dK/dV + dQ per 1,024 scores):
+    682 with TMA against 780 with cp.async at D = 128, 607 either way at D = 64."""
+    broadcast = any(st == 0 for t in streamed for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    return align > 1 and arch >= 90 and head_chunks(head_dim)[1] == 0 and not broadcast
+
+
 def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
-    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32."""
+    """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32; scale > 0."""
     B, H, N, D = q.shape
+    align = align_elems(q, k, v, o)
+    use_tma = uses_tma(align, arch_of(q), D, k, v)
+    descs = (*_descriptors(k, D, use_tma), *_descriptors(v, D, use_tma))
     return KernelLaunch(
         _attention_fwd_kernel,
-        (q, k, v, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
-        dict(_constexprs(D, q.dtype), ALIGN=align_elems(q, k, v, o)),
-        launch_configs("fwd", D, q.dtype),
+        (q, k, v, *descs, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
+        dict(_constexprs(D, q.dtype), ALIGN=align, USE_TMA=use_tma),
+        launch_configs("fwd", D, arch_of(q)),
         lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
         _TUNE_KEY,
+        _set_block_rows if use_tma else None,
     )
 
 
@@ -773,35 +978,80 @@ def bwd_launches(
     M = k.shape[2]
     consts = _constexprs(D, q.dtype)
     inputs = (*strides(q), *strides(k), *strides(v), *strides(grad))
+    arch = arch_of(q)
+    align_kv = align_elems(q, k, v, grad, dk, dv)
+    tma_kv = uses_tma(align_kv, arch, D, q, grad)  # dK/dV streams Q and dO
+    align_q = align_elems(q, k, v, grad, dq)
+    tma_q = uses_tma(align_q, arch, D, k, v)  # dQ streams K and V
     return [
         KernelLaunch(
             _attention_bwd_delta_kernel,
             (o, grad, delta, H, N, *strides(o), *strides(grad)),
             dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), ALIGN=align_elems(o, grad)),
-            configs([(dict(BLOCK_M=_DELTA_BLOCK_M), 4, 3)]),
+            configs([(dict(BLOCK_M=_DELTA_BLOCK_M), _DELTA_WARPS, 3)]),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
         ),
         KernelLaunch(
             _attention_bwd_dkdv_kernel,
-            (q, k, v, grad, lse, delta, dk, dv, H, N, M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dk, dv)),
-            launch_configs("dkdv", D, q.dtype),
+            (
+                q,
+                k,
+                v,
+                grad,
+                *_descriptors(q, D, tma_kv),
+                *_descriptors(grad, D, tma_kv),
+                lse,
+                delta,
+                dk,
+                dv,
+                H,
+                N,
+                M,
+                scale * LOG2E,
+                scale,
+                *inputs,
+                *strides(dk),
+                *strides(dv),
+            ),
+            dict(consts, ALIGN=align_kv, USE_TMA=tma_kv),
+            launch_configs("dkdv", D, arch),
             lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
             _TUNE_KEY,
+            _set_block_rows_m if tma_kv else None,
         ),
         KernelLaunch(
             _attention_bwd_dq_kernel,
-            (q, k, v, grad, lse, delta, dq, H, N, M, scale * LOG2E, scale, *inputs, *strides(dq)),
-            dict(consts, ALIGN=align_elems(q, k, v, grad, dq)),
-            launch_configs("dq", D, q.dtype),
+            (
+                q,
+                k,
+                v,
+                *_descriptors(k, D, tma_q),
+                *_descriptors(v, D, tma_q),
+                grad,
+                lse,
+                delta,
+                dq,
+                H,
+                N,
+                M,
+                scale * LOG2E,
+                scale,
+                *inputs,
+                *strides(dq),
+            ),
+            dict(consts, ALIGN=align_q, USE_TMA=tma_q),
+            launch_configs("dq", D, arch),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
             _TUNE_KEY,
+            _set_block_rows if tma_q else None,
         ),
     ]
 
 
 def _fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
+    if scale <= 0:  # the kernel takes a positive scale (it scales after the row max): fold the sign into q
+        q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
     o = q.new_empty(B, N, H, D).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
     if o.numel() == 0:
@@ -941,11 +1191,19 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _kernel_mismatch(q: Tensor) -> str | None:
-    """Why the Triton kernel cannot take q's shape/dtype, or None when it can."""
+def kernel_unsupported(q: Tensor) -> str | None:
+    """Why the Triton kernel does not take q's dtype/shape on CUDA (route's `unsupported`), or None.
+
+    fp32 is refused: with IEEE fp32 products its dots run on CUDA cores (25,000-instruction loops
+    with tens of KB of spills per thread, ~100x slower than SDPA), and the 3xTF32 form of them
+    spills 1.1-3.0 KB per thread at the bf16 tiles (static report, sm_90). SDPA's
+    fp32 kernels are the fast fp32 path. The interpreter (CPU tests) still runs fp32: it checks
+    the algorithm in a dtype whose reference is tight."""
     B, H, _, D = q.shape
     if q.dtype not in KERNEL_DTYPES:
         return f"impl='triton' takes {KERNEL_DTYPES}, got {q.dtype}; use impl='ref' or 'sdpa'"
+    if q.dtype == torch.float32 and not interpreting(q):
+        return "impl='triton' runs bf16/fp16 on a GPU; for fp32 use impl='sdpa' (or 'auto', which picks it)"
     if D % 8 or not 8 <= D <= MAX_HEAD_DIM:
         return (
             f"impl='triton' needs a head dim D that is a multiple of 8 in [8, {MAX_HEAD_DIM}], "
@@ -956,11 +1214,15 @@ def _kernel_mismatch(q: Tensor) -> str | None:
     return None
 
 
+def interpreting(q: Tensor) -> bool:
+    """Whether a Triton launch for q runs under the interpreter (CPU tensors, tests only)."""
+    return q.device.type != "cuda" and triton_interpret()
+
+
 def auto_uses_kernel(q: Tensor) -> bool:
-    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q: bf16/fp16 at head dims and
-    sizes it takes. fp32 goes to SDPA: the kernel's IEEE-fp32 dots run on CUDA cores and spill at
-    every config (benchmarks/results/kernel-report-*), SDPA's fp32 kernels do not."""
-    return q.dtype in (torch.bfloat16, torch.float16) and _kernel_mismatch(q) is None
+    """Whether impl="auto" runs the Triton kernel for CUDA inputs like q (bf16/fp16 at head dims and
+    sizes it takes): what the static report marks as shipped."""
+    return q.dtype in (torch.bfloat16, torch.float16) and kernel_unsupported(q) is None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl: str = "auto") -> Tensor:
@@ -975,27 +1237,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
                  CPU: torch's SDPA (measured 1.1-2.7x faster than the reference with 5-15x less
                  memory in benchmarks/results/cpu-*), with rows of q holding NaN/inf returned as NaN
                  like the reference (SDPA's CPU kernel returns zeros there).
-      "triton"   the kernel: fp32/bf16/fp16, D a multiple of 8 up to 128 (fp32 with IEEE fp32
-                 products: exact-to-fp32 but slow on a GPU, which is why auto does not pick it);
+      "triton"   the kernel: bf16/fp16, D a multiple of 8 up to 128; fp32 raises ValueError naming
+                 SDPA on a GPU (its CUDA-core or 3xTF32 dots spill: no 100x-slow kernel is
+                 reachable), and runs only under the interpreter (CPU tests);
       "ref", "sdpa" (torch's fused backends) or "xformers" (when installed).
     """
     _validate(q, k, v)
-    auto = impl == "auto"
-    impl = _resolve_impl(impl, q.device, "attention", cpp=None, extra=IMPLS_EXTRA, fallback="sdpa")
+    if impl == "triton" and q.dtype not in KERNEL_DTYPES:  # a dtype error is a TypeError, like check_tensors'
+        raise TypeError(f"attention: {kernel_unsupported(q)}")
+    where = _route(impl, q.device, "attention", extra=IMPLS_EXTRA, fallback="sdpa", unsupported=kernel_unsupported(q))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if auto and impl == "triton" and not auto_uses_kernel(q):
-        impl = "sdpa"
-    if impl == "ref":
+    if where == "ref":
         return attention_ref(q, k, v, scale)
-    if impl == "sdpa":
+    if where == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        if auto and q.device.type == "cpu":  # the reference's NaN rows (one O(B H N D) pass)
+        if impl == "auto" and q.device.type == "cpu":  # the reference's NaN rows (one O(B H N D) pass)
             out = torch.where(q.isfinite().all(dim=-1, keepdim=True), out, float("nan"))
         return out
-    if impl == "xformers":
+    if where == "xformers":
         return _xformers_attention(q, k, v, scale)
-    reason = _kernel_mismatch(q)
-    if reason is not None:
-        raise (TypeError if q.dtype not in KERNEL_DTYPES else ValueError)(f"attention: {reason}")
-    op = _attention_fwd_op if q.device.type == "cuda" else _attention_interpreted
+    op = _attention_fwd_op if where == "op" else _attention_interpreted
     return op(q, k, v, scale)[0]

@@ -18,6 +18,8 @@ registers; backward recomputes the norms instead of saving normalised copies. Pe
 written to a (B, tiles) buffer and summed in a fixed order, so results are deterministic.
 
 File order: Triton kernels -> launchers -> ops (reference and fake kernels, autograd) -> lpips_head_ref -> lpips_head.
+
+Length (~430 lines, just over the package's ~400): one op is one file in the house order above.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, interpreted, on_device
-from fastdae.kernels._dispatch import num_warps_for, route
-from fastdae.kernels._launch import KernelLaunch, configs, launch
+from fastdae.kernels._dispatch import route
+from fastdae.kernels._launch import KernelLaunch, configs, launch, num_warps_for
 
 EPS = 1e-10  # added to the channel norm, as in the lpips package
 _CPP = "lpips"  # csrc/lpips.cpp: the CPU kernels of both ops
@@ -228,7 +230,7 @@ def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor
     part = torch.empty(B, sum(tiles), device=feats0[0].device, dtype=torch.float32)  # (B, tiles of all layers)
     col = 0
     with on_device(feats0[0]):
-        for f0, f1, w, n in zip(feats0, feats1, weights, tiles):
+        for f0, f1, w, n in zip(feats0, feats1, weights, tiles, strict=True):
             launch(fwd_launch(_flat(f0), _flat(f1), w, part[:, col:]))
             col += n
     return part.sum(dim=1)
@@ -240,7 +242,7 @@ def _bwd_triton(
     """Gradients come back laid out as torch.empty_like(feature) (what the fake promises)."""
     grad = grad.to(torch.float32).contiguous()
     grads0, grads1 = [], []
-    for f0, f1, w in zip(feats0, feats1, weights):
+    for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         out0 = torch.empty_like(f0) if need0 else None
         out1 = torch.empty_like(f1) if need1 else None
         f0, f1 = _flat(f0), _flat(f1)
@@ -270,7 +272,7 @@ def _bwd_reference(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The module docstring's backward in torch, per layer: dL/df = r a - r^2 / n (a . f) f."""
     grads0, grads1 = [], []
-    for f0, f1, w in zip(feats0, feats1, weights):
+    for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         B, C, H, W = f0.shape
         acc = torch.promote_types(f0.dtype, torch.float32)
         x0, x1 = f0.to(acc), f1.to(acc)
@@ -364,7 +366,7 @@ def lpips_head_ref(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: 
     Returns (B,) float32 (float64 for float64 features). torch's norm has subgradient 0 at 0, so
     its gradients at zero features equal the kernels' (finite) ones."""
     out = None
-    for f0, f1, w in zip(feats0, feats1, weights):
+    for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         u0 = f0 / (torch.linalg.vector_norm(f0, dim=1, keepdim=True) + EPS)  # (B, C, H, W)
         u1 = f1 / (torch.linalg.vector_norm(f1, dim=1, keepdim=True) + EPS)
         dist = (w.to(f0.dtype).view(1, -1, 1, 1) * (u0 - u1).square()).sum(dim=1).mean(dim=(1, 2))  # (B,)
@@ -384,23 +386,23 @@ def _validate(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: Seque
     device = feats0[0].device
     B = feats0[0].shape[0] if feats0[0].dim() == 4 else "B"
     allowed = KERNEL_DTYPES + ((torch.float64,) if impl == "ref" else ())
-    for l, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
+    for i, (f0, f1, w) in enumerate(zip(feats0, feats1, weights, strict=True)):
         if f0.dim() != 4 or f0.shape != f1.shape or f0.shape[0] != B:
             raise ValueError(
-                f"lpips_head: feats0[{l}] and feats1[{l}] must both be (B={B}, C, H, W), "
+                f"lpips_head: feats0[{i}] and feats1[{i}] must both be (B={B}, C, H, W), "
                 f"got {tuple(f0.shape)} and {tuple(f1.shape)}"
             )
         if f0.shape[1] == 0 or f0.shape[2] * f0.shape[3] == 0:  # no channels to normalise / no positions to average
             raise ValueError(
-                f"lpips_head: feats0[{l}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
+                f"lpips_head: feats0[{i}] must have C >= 1 channels and H * W >= 1 positions, got {tuple(f0.shape)}"
             )
-        check_tensors("lpips_head", {f"feats0[{l}]": f0, f"feats1[{l}]": f1}, allowed)
+        check_tensors("lpips_head", {f"feats0[{i}]": f0, f"feats1[{i}]": f1}, allowed)
         if w.shape != (f0.shape[1],) or not w.is_floating_point():
             raise ValueError(
-                f"lpips_head: weights[{l}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}"
+                f"lpips_head: weights[{i}] must be a float ({f0.shape[1]},) tensor, got {w.dtype} {tuple(w.shape)}"
             )
         if not (f0.device == w.device == device):
-            raise ValueError(f"lpips_head: layer {l} tensors are on {f0.device} and {w.device}; expected {device}")
+            raise ValueError(f"lpips_head: layer {i} tensors are on {f0.device} and {w.device}; expected {device}")
 
 
 def lpips_head(

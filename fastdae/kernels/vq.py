@@ -14,16 +14,34 @@ vector_quantize(z, c, beta) with z_q = c[idx] (VQ-VAE convention; sg = stop-grad
     dloss/dc_k      = 2 / (N D) sum_{n: idx[n] = k} (c_k - z_n)         (codebook term, via index_add)
 
 The kernels never build the N x K distance matrix: a program owns a block of rows and streams the
-codebook in tiles, keeping a running minimum score per (row, tile lane) and the tile it came from
-(fmin + one select per score), reduced to the lowest index once at the end; dot products accumulate
-in fp32 for fp32/bf16/fp16 inputs (fp32 as three TF32 tensor-core products on a GPU, its x split once
-per program). Launch configs per (D, dtype) come from the static kernel report
-(fastdae/kernel_report/); row strides that are multiples of 16 bytes get tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact
-distances in the same pass (the loss is a sum of those distances), so it is one kernel launch.
+codebook in tiles. The argmin costs one LOP3 and one integer min per (row, code) pair:
+
+- the MMA produces s = x.c - ||c||^2 / 2 - ||x||^2 / 2 - margin = -(||x - c||^2 / 2 + margin): the
+  squared norms enter as 16 extra K columns, [1, 1, 1, h, m, l, 0...] per x row against
+  [h', m', l', 1, 1, 1, 0...] per code (h + m + l: an fp32 value as three exact bf16 pieces; built
+  on the host, row_aug / code_aug), in one extra bf16 MMA. The margin (2^-16 ||x||^2 + 1e-30, far
+  above the MMA's rounding of the sum) makes every real score negative, and codes past K score +0;
+- a negative float's bits read as an int32 grow with its magnitude, so the nearest code has the
+  smallest int; its lowest SEG_BITS = 5 bits are replaced by the tile's index within a segment of 32
+  tiles, and one integer min per pair keeps (score, lowest tile) together;
+- after each segment the per-(row, lane) keys fold into a per-row (key, code index): the lowest key,
+  its lowest lane, and only a strictly smaller score from a later segment, so ties keep the lowest
+  index. The packing drops 5 of the score's 24 bits (a relative 2^-18 of the distance, below the
+  fp32 rounding of ||c||^2 - 2 x.c at any distance that is not ~1e-5 of the norms).
+
+Dot products accumulate in fp32 for fp32/bf16/fp16 inputs (fp32 as three TF32 tensor-core products
+on a GPU, its x split once per program). Launch configs per (GPU architecture, D, dtype) come from
+the static kernel report (fastdae/kernel_report/); row strides that are multiples of 16 bytes get
+tl.multiple_of hints. The Triton forward of vector_quantize also gathers z_q and the exact distances
+in the same pass (the loss is a sum of those distances), so it is one kernel launch.
 The backward is O(N D) elementwise work plus an index_add, next to the O(N K D) search: it is
 written in torch (a fused kernel would not pay).
 
-File order: Triton kernel -> launchers -> ops (reference and fake kernels, autograd) -> *_ref -> public functions.
+File order: Triton kernel -> launchers -> ops (reference and fake kernels, autograd) -> *_ref -> public
+functions.
+
+Length (~650 lines, over the package's ~400): one op pair is one file in the house order above; the
+kernel calls pass ~25 arguments, one per line as ruff formats them.
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ from torch import Tensor
 
 from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
 from fastdae.kernels._dispatch import route, triton_interpret
-from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, configs, launch, strides
+from fastdae.kernels._launch import KernelLaunch, LaunchConfig, align_elems, arch_of, configs, launch, strides
 
 _CPP = "vq"  # csrc/vq.cpp: the CPU kernels of both ops
 _REF_CHUNK_ELEMS = 1 << 22  # the reference scores row chunks of at most this many (row, code) pairs
@@ -83,15 +101,16 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _scan_tile(
-    best,
-    best_k0,
+    seg_key,
     x_hi,
     x_lo,
+    x_aug,
     x_rows,
     row_mask,
     c_ptr,
-    csq_ptr,
+    caug_ptr,
     k0,
+    tile_in_seg,
     K,
     sxd,
     sck,
@@ -100,45 +119,79 @@ def _scan_tile(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr,
+    SEG_BITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    AUG_PRECISION: tl.constexpr,
+    LOP3: tl.constexpr,
     MASK_K: tl.constexpr,
 ):
-    """Codes k0 ... k0 + BLOCK_K into the running (BLOCK_N, BLOCK_K) minimum of ||c||^2 - 2 x.c per
-    (row, lane) and the tile it came from: compare + 2 selects per score, no cross-lane reduction.
-    MASK_K: the tail tile (codes past K load as zeros with ||c||^2 = inf, so they never win)."""
+    """Codes k0 ... k0 + BLOCK_K into the running minimum key of each (row, lane) of the segment:
+    one LOP3 and one integer min per (row, code) pair. The MMA itself produces
+    x.c - ||c||^2 / 2 - ||x||^2 / 2 - margin = -(||x - c||^2 / 2 + margin) < 0 (the squared norms
+    enter as bf16 pieces in 16 extra columns, see the module docstring), so the score's fp32 bits
+    read as an int32 order the codes (a smaller int is a nearer code) and its lowest SEG_BITS bits
+    can carry the tile's index in the segment: ties of the rest keep the lower tile.
+    MASK_K: the tail tile (codes past K load as zeros: score +0.0, never below a real code's)."""
     codes = k0 + tl.arange(0, BLOCK_K)
     code_mask = codes < K
     d = tl.arange(0, BLOCK_D)
+    a = tl.arange(0, 16)
     c_cols = c_ptr + codes.to(tl.int64)[None, :] * sck  # (1, BLOCK_K): the tile is loaded as c^T
+    if MASK_K:
+        caug = tl.load(caug_ptr + codes[None, :] * 16 + a[:, None], mask=code_mask[None, :], other=0.0)
+    else:
+        caug = tl.load(caug_ptr + codes[None, :] * 16 + a[:, None])
+    dots = dot(x_aug, caug, None, AUG_PRECISION)  # (BLOCK_N, BLOCK_K): -(||c||^2 + ||x||^2) / 2 - margin
     if D_CHUNKS == 1:
         if MASK_K:
             ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None] & code_mask[None, :], other=0.0)
         else:
             ct = tl.load(c_cols + d[:, None] * scd, mask=(d < D)[:, None], other=0.0)
-        dots = _x_dot_c(x_hi, x_lo, ct, tl.zeros(best.shape, tl.float32), PRECISION)
+        dots = _x_dot_c(x_hi, x_lo, ct, dots, PRECISION)
     else:
-        dots = tl.zeros(best.shape, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + d
             xc = tl.load(x_rows + dd[None, :] * sxd, mask=row_mask[:, None] & (dd < D)[None, :], other=0.0)
             ct = tl.load(c_cols + dd[:, None] * scd, mask=(dd < D)[:, None] & code_mask[None, :], other=0.0)
             xc_hi, xc_lo = _split_tf32(xc, PRECISION)
             dots = _x_dot_c(xc_hi, xc_lo, ct, dots, PRECISION)
-    if MASK_K:
-        csq = tl.load(csq_ptr + codes, mask=code_mask, other=float("inf"))
-    else:
-        csq = tl.load(csq_ptr + codes)
-    scores = csq[None, :] - 2.0 * dots
-    better = scores < best  # strict: an earlier tile (lower index) keeps a tie; NaN scores never win
-    # the tile start as fp32 (k0 * 1.0): a float select packs better than an int one (3 -> 2 SASS ops)
-    return tl.minimum(scores, best), tl.where(better, k0 * 1.0, best_k0)
+    bits = dots.to(tl.int32, bitcast=True)
+    if LOP3:  # one LOP3 per pair: ptxas splits the and/or when the tile index sits in a uniform register
+        tl.static_assert(SEG_BITS == 5, "the lop3 mask below is ~(2^5 - 1)")
+        key = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, -32, $2, 0xEA;",  # (a & b) | c
+            "=r,r,r",
+            [bits, tl.zeros_like(bits) + tile_in_seg],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:  # the interpreter runs no PTX
+        key = (bits & -(1 << SEG_BITS)) | tile_in_seg
+    return tl.minimum(seg_key, key)
+
+
+@triton.jit
+def _fold(run_key, run_code, seg_key, tile0, BLOCK_K: tl.constexpr, SEG_BITS: tl.constexpr):
+    """A finished segment (tiles tile0 ...) into each row's running (key, code index): the segment's
+    lowest key per row (its lowest tile among equal scores), its lowest lane among equal keys, and a
+    strictly smaller score only, so an earlier segment (lower codes) keeps a tie. Once per 2^SEG_BITS
+    tiles: the sweep itself holds only the per-(row, lane) keys."""
+    keep = -(1 << SEG_BITS)
+    lanes = tl.arange(0, BLOCK_K)
+    m = tl.min(seg_key, axis=1)
+    lane = tl.min(tl.where(seg_key == m[:, None], lanes[None, :], BLOCK_K), axis=1)
+    code = (tile0 + (m & ~keep)) * BLOCK_K + lane
+    better = (m & keep) < (run_key & keep)
+    return tl.where(better, m, run_key), tl.where(better, code, run_code)
 
 
 @triton.jit
 def _vq_nearest_fwd_kernel(
     x_ptr,
+    xaug_ptr,
     c_ptr,
-    csq_ptr,
+    caug_ptr,
     csq_sum_ptr,
     idx_ptr,
     dist_ptr,
@@ -156,7 +209,10 @@ def _vq_nearest_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr,
+    SEG_BITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    AUG_PRECISION: tl.constexpr,
+    LOP3: tl.constexpr,
     WRITE_ZQ: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
@@ -169,26 +225,61 @@ def _vq_nearest_fwd_kernel(
     row_mask = rows < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxn  # (BLOCK_N, 1)
     d = tl.arange(0, BLOCK_D)
-    lanes = tl.arange(0, BLOCK_K)
-    best = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
-    best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # exact: tile starts < 2^24 (K < 16.7M codes)
     if D_CHUNKS == 1:  # the whole x tile (and its TF32 split) stays resident for the sweep
         x = tl.load(x_rows + d[None, :] * sxd, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
     else:  # unused: _scan_tile loads x chunk by chunk
         x = tl.zeros((BLOCK_N, BLOCK_D), x_ptr.dtype.element_ty)
     x_hi, x_lo = _split_tf32(x, PRECISION)
-    k_full = (K // BLOCK_K) * BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):  # full tiles: no code masks
-        best, best_k0 = _scan_tile(
-            best,
-            best_k0,
+    # loaded, not built here: both MMAs then take their A operand from shared memory in one layout
+    a = tl.arange(0, 16)
+    x_aug = tl.load(xaug_ptr + rows.to(tl.int64)[:, None] * 16 + a[None, :], mask=row_mask[:, None], other=0.0)
+    int_max = 2147483647
+    run_key = tl.full((BLOCK_N,), int_max, tl.int32)
+    run_code = tl.zeros((BLOCK_N,), tl.int32)
+    seg = 1 << SEG_BITS
+    n_full = K // BLOCK_K
+    for t0 in range(0, n_full, seg):  # segments of 2^SEG_BITS full tiles: no code masks
+        seg_key = tl.full((BLOCK_N, BLOCK_K), int_max, tl.int32)
+        for t in range(t0, tl.minimum(t0 + seg, n_full)):
+            seg_key = _scan_tile(
+                seg_key,
+                x_hi,
+                x_lo,
+                x_aug,
+                x_rows,
+                row_mask,
+                c_ptr,
+                caug_ptr,
+                t * BLOCK_K,
+                t - t0,
+                K,
+                sxd,
+                sck,
+                scd,
+                D,
+                BLOCK_K,
+                BLOCK_D,
+                D_CHUNKS,
+                SEG_BITS,
+                PRECISION,
+                AUG_PRECISION,
+                LOP3,
+                False,
+            )
+        run_key, run_code = _fold(run_key, run_code, seg_key, t0, BLOCK_K, SEG_BITS)
+    if n_full * BLOCK_K < K:  # the tail tile, a segment of its own
+        seg_key = tl.full((BLOCK_N, BLOCK_K), int_max, tl.int32)
+        seg_key = _scan_tile(
+            seg_key,
             x_hi,
             x_lo,
+            x_aug,
             x_rows,
             row_mask,
             c_ptr,
-            csq_ptr,
-            k0,
+            caug_ptr,
+            n_full * BLOCK_K,
+            0,
             K,
             sxd,
             sck,
@@ -197,34 +288,15 @@ def _vq_nearest_fwd_kernel(
             BLOCK_K,
             BLOCK_D,
             D_CHUNKS,
+            SEG_BITS,
             PRECISION,
-            False,
-        )
-    if k_full < K:
-        best, best_k0 = _scan_tile(
-            best,
-            best_k0,
-            x_hi,
-            x_lo,
-            x_rows,
-            row_mask,
-            c_ptr,
-            csq_ptr,
-            k_full,
-            K,
-            sxd,
-            sck,
-            scd,
-            D,
-            BLOCK_K,
-            BLOCK_D,
-            D_CHUNKS,
-            PRECISION,
+            AUG_PRECISION,
+            LOP3,
             True,
         )
-    row_best = tl.min(best, axis=1)
-    # lowest code index among the lanes holding the row minimum (lane 0 of tile 0 when all are inf)
-    best_idx = tl.min(tl.where(best == row_best[:, None], best_k0.to(tl.int32) + lanes[None, :], K), axis=1)
+        run_key, run_code = _fold(run_key, run_code, seg_key, n_full, BLOCK_K, SEG_BITS)
+    # in range even when every score is NaN (a non-finite codebook, whose distances are NaN below)
+    best_idx = tl.minimum(run_code, K - 1)
     # epilogue: gather the chosen codes, the exact distance ||x - c_idx||^2 and (optionally) z_q;
     # sum_k ||c_k||^2 is NaN/inf iff some code is non-finite (or overflows): then every distance is NaN
     c_rows = c_ptr + best_idx.to(tl.int64)[:, None] * sck
@@ -244,25 +316,41 @@ def _vq_nearest_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_K, largest BLOCK_D, num_warps, num_stages) for D up to the key's bound, bf16/fp16
-# or fp32, read off the static kernel report (benchmarks/results/kernel-report-*): no spills on
-# sm_90 and sm_80, then the smallest modelled time. BLOCK_D = next power of two >= D (>= 16), capped:
-# below the cap x (and its TF32 split) is resident for the whole sweep; fp32 at D = 256 would need
-# 128 KB of resident x and spills, so it sweeps D in 64-wide chunks.
-_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
-    # (max D, fp32): config
-    (128, False): (64, 128, 128, 8, 3),
-    (256, False): (64, 64, 256, 8, 3),
-    (128, True): (128, 64, 128, 8, 3),
-    (256, True): (32, 64, 64, 4, 3),
+# (BLOCK_N, BLOCK_K, largest BLOCK_D, num_warps, num_stages) per GPU architecture, for D up to the
+# key's bound, bf16/fp16 or fp32, read off the static kernel report (benchmarks/results/
+# kernel-report-*): no spills, then the smallest modelled time. BLOCK_D = next power of two >= D
+# (>= 16), capped: below the cap x (and its TF32 split) is resident for the whole sweep. 128 x 128
+# tiles give each thread 64 (row, code) pairs per trip, which brings the loop's fixed cost (loads,
+# barriers, wgmma fences) to ~1.2 instructions per pair next to the packed argmin's 2. fp32 at
+# D = 256 sweeps D in 64-wide chunks on mma.sync: a resident x_hi + x_lo (128 KB for 64 rows) spills
+# at every tile that leaves shared memory for the codebook's.
+_CONFIGS: dict[int, dict[tuple[int, bool], tuple[int, int, int, int, int]]] = {
+    90: {  # (max D, fp32): config
+        (32, False): (128, 128, 32, 8, 3),
+        (128, False): (64, 128, 128, 8, 3),
+        (256, False): (64, 128, 256, 8, 2),
+        (32, True): (128, 128, 32, 8, 3),
+        (128, True): (128, 64, 128, 8, 3),
+        (256, True): (32, 64, 64, 4, 3),
+    },
+    80: {
+        (32, False): (128, 128, 32, 8, 3),
+        (128, False): (64, 128, 128, 8, 3),
+        (256, False): (64, 64, 256, 8, 3),
+        (32, True): (128, 64, 32, 8, 3),
+        (128, True): (128, 64, 128, 8, 3),
+        (256, True): (32, 64, 64, 4, 3),
+    },
 }
 
 
-def launch_configs(N: int, D: int, dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
-    """The search's config for N rows of width D: block sizes are powers of two (tl.dot dims >= 16)."""
+def launch_configs(N: int, D: int, dtype: torch.dtype, arch: int) -> tuple[LaunchConfig, ...]:
+    """The search's config for N rows of width D on a GPU architecture (10 * major + minor; sm_90
+    and newer get sm_90's table): block sizes are powers of two (tl.dot dims >= 16)."""
     fp32 = dtype == torch.float32
-    head = min((h for h, f in _CONFIGS if f == fp32 and D <= h), default=max(h for h, _ in _CONFIGS))
-    block_n, block_k, max_block_d, warps, stages = _CONFIGS[(head, fp32)]
+    table = _CONFIGS[90 if arch >= 90 else 80]
+    head = min((h for h, f in table if f == fp32 and D <= h), default=max(h for h, _ in table))
+    block_n, block_k, max_block_d, warps, stages = table[(head, fp32)]
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
     block_d = max(16, min(triton.next_power_of_2(D), max_block_d))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(D, block_d))
@@ -278,19 +366,81 @@ def _precision(dtype: torch.dtype) -> str:
     return precision(dtype, fp32="ieee" if triton_interpret() else "3xtf32")
 
 
+SEG_BITS = 5  # tiles per segment = 32: a score keeps 18 of its 23 mantissa bits inside a segment
+
+
+def _aug_rows(half_sq: Tensor, ones_first: bool) -> Tensor:
+    """(n, 16) bf16 rows holding v = half_sq (n,) fp32 exactly as three bf16 pieces (24 mantissa
+    bits) next to three ones: [1, 1, 1, h, m, l, 0, ...] or [h, m, l, 1, 1, 1, 0, ...]. The MMA of an x
+    row of one kind with a code row of the other adds v_x + v_c to the score."""
+    hi = half_sq.to(torch.bfloat16)
+    rest = half_sq - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    rows = torch.zeros(half_sq.shape[0], 16, device=half_sq.device, dtype=torch.bfloat16)
+    pieces, ones = (slice(3, 6), slice(0, 3)) if ones_first else (slice(0, 3), slice(3, 6))
+    rows[:, pieces] = torch.stack((hi, mid, lo), dim=1)
+    rows[:, ones] = 1.0
+    return rows
+
+
+def code_aug(codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """(caug (K, 16) bf16 with -||c||^2 / 2 in pieces, csq_sum () fp32): sum_k ||c_k||^2 flags a
+    non-finite codebook (NaN distances). Once per call."""
+    half = codebook.float().square().sum(dim=1) * -0.5  # (K,)
+    return _aug_rows(half, ones_first=False), half.sum() * -2.0
+
+
+def row_aug(x: Tensor) -> Tensor:
+    """(N, 16) bf16 with -(||x||^2 / 2 + margin) in pieces. The margin (2^-16 ||x||^2 + 1e-30, far
+    above the MMA's rounding of the sum, far below a gap that matters) makes every score negative."""
+    sq = x.float().square().sum(dim=1)
+    return _aug_rows(-(sq * (0.5 + 2.0**-16) + 1e-30), ones_first=True)
+
+
 def nearest_launch(
-    x: Tensor, codebook: Tensor, csq: Tensor, csq_sum: Tensor, idx: Tensor, dist: Tensor, z_q: Tensor | None
+    x: Tensor,
+    xaug: Tensor,
+    codebook: Tensor,
+    caug: Tensor,
+    csq_sum: Tensor,
+    idx: Tensor,
+    dist: Tensor,
+    z_q: Tensor | None,
 ) -> KernelLaunch:
-    """The search launch: x (N, D), codebook (K, D), csq (K,) fp32 ||c||^2 and its sum () ->
+    """The search launch: x (N, D) with xaug from row_aug, codebook (K, D) with caug and csq_sum from
+    code_aug ->
     idx (N,) int64, dist (N,) fp32, and codebook[idx] into z_q (N, D) when given."""
     N, D = x.shape
     zq, zq_strides = (z_q, strides(z_q)) if z_q is not None else (dist, (0, 0))
     aligned = align_elems(x, codebook, *((z_q,) if z_q is not None else ()))
     return KernelLaunch(
         _vq_nearest_fwd_kernel,
-        (x, codebook, csq, csq_sum, idx, dist, zq, N, codebook.shape[0], *strides(x), *strides(codebook), *zq_strides),
-        dict(D=D, PRECISION=_precision(x.dtype), WRITE_ZQ=z_q is not None, ALIGN=aligned),
-        launch_configs(N, D, x.dtype),
+        (
+            x,
+            xaug,
+            codebook,
+            caug,
+            csq_sum,
+            idx,
+            dist,
+            zq,
+            N,
+            codebook.shape[0],
+            *strides(x),
+            *strides(codebook),
+            *zq_strides,
+        ),
+        dict(
+            D=D,
+            SEG_BITS=SEG_BITS,
+            PRECISION=_precision(x.dtype),
+            AUG_PRECISION=precision(torch.bfloat16, fp32="tf32"),
+            LOP3=not triton_interpret(),
+            WRITE_ZQ=z_q is not None,
+            ALIGN=aligned,
+        ),
+        launch_configs(N, D, x.dtype, arch_of(x)),
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
     )
 
@@ -302,9 +452,9 @@ def _nearest_triton(x: Tensor, codebook: Tensor, z_q: Tensor | None) -> tuple[Te
     N = x.shape[0]
     idx = torch.empty(N, device=x.device, dtype=torch.int64)
     dist = torch.empty(N, device=x.device, dtype=torch.float32)
-    csq = torch.sum(codebook.float().square(), dim=1)  # (K,) ||c||^2 in fp32, once per call
+    caug, csq_sum = code_aug(codebook)
     with on_device(x):
-        launch(nearest_launch(x, codebook, csq, csq.sum(), idx, dist, z_q))
+        launch(nearest_launch(x, row_aug(x), codebook, caug, csq_sum, idx, dist, z_q))
     return idx, dist
 
 

@@ -53,6 +53,13 @@ def _qkv(B, H, N, M, D, dtype, device, requires_grad=True):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
+def _needs_fp32_kernel(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """impl="triton" runs fp32 only under the interpreter: on a GPU it refuses it (see
+    test_fp32_triton_is_refused_gpu), so the fp32 kernel checks run on CPU."""
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("impl='triton' refuses fp32 on a GPU")
+
+
 def _fwd_bwd(fn, q, k, v, grad, **kw):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v, **kw)
@@ -62,6 +69,7 @@ def _fwd_bwd(fn, q, k, v, grad, **kw):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_attention_matches_reference(case, device):
     B, H, N, M, D, dtype = case
+    _needs_fp32_kernel(device, dtype)
     q, k, v = _qkv(B, H, N, M, D, dtype, device)
     grad = torch.randn(B, H, N, D, device=device, dtype=dtype)
     scale = 0.3 if D == 40 else None  # one explicit scale
@@ -80,6 +88,7 @@ def test_attention_matches_reference(case, device):
 def test_very_negative_scores_stay_finite(device):
     """All scores near -100 (lse < -88: exp(-lse) overflows fp32): dead tail columns must not turn
     exp(-lse) * 0 into NaN."""
+    _needs_fp32_kernel(device)
     B, H, N, D = 1, 2, 97, 8
     q = torch.full((B, H, N, D), 6.0, device=device) + 0.1 * torch.randn(B, H, N, D, device=device)
     k = torch.full((B, H, N, D), -6.0, device=device) + 0.1 * torch.randn(B, H, N, D, device=device)
@@ -107,6 +116,7 @@ def test_forward_saves_logsumexp(device, kernel):
 
 def test_strided_inputs_and_grad(device):
     """q, k, v as views of one fused qkv projection, and a broadcast (stride-0) output gradient."""
+    _needs_fp32_kernel(device)
     B, N, H, D = 2, 37, 3, 16
     qkv = torch.randn(B, N, 3, H, D, device=device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), strided
     q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
@@ -218,6 +228,8 @@ def timm_state(dim: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("impl", ["auto", "triton"])
 def test_module_loads_timm_state_and_matches_formula(impl, device):
+    if impl == "triton":
+        _needs_fp32_kernel(device)
     dim, heads, B, N = 48, 3, 2, 21
     state = timm_state(dim, qkv_bias=True)
     attn = Attention(dim, num_heads=heads, qkv_bias=True, impl=impl).to(device)
@@ -250,6 +262,7 @@ def test_alignment_hint_and_fallback_agree(device):
     one element gets the unhinted kernel (ALIGN = 1). Both match the reference."""
     from fastdae.kernels.attention import fwd_launch
 
+    _needs_fp32_kernel(device)
     B, N, H, D = 1, 37, 2, 40
     buf = torch.randn(B * N * 3 * H * D + 1, device=device)
     for offset, align in ((0, 4), (1, 1)):
@@ -286,6 +299,28 @@ def test_auto_falls_back_to_sdpa_gpu(D, dtype):
     torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+def test_fp32_triton_is_refused_gpu():
+    """No CUDA-core fp32 kernel is reachable through the public function: impl="triton" names SDPA."""
+    q, k, v = _qkv(1, 2, 64, 64, 64, torch.float32, "cuda", requires_grad=False)
+    with pytest.raises(ValueError, match="impl='sdpa'"):
+        attention(q, k, v, impl="triton")
+
+
+def test_negative_and_zero_scale_match_reference(device):
+    """The forward kernel scales after the row max, so it takes scale > 0: the launcher folds a
+    negative scale's sign into q and runs a zero scale as zero scores."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _qkv(1, 2, 37, 29, 16, dtype, device)
+    grad = torch.randn(1, 2, 37, 16, device=device, dtype=dtype)
+    for scale in (-40.0, 0.0):  # |scores| ~ 600: exp2 overflows unless the max is taken in the right sign
+        kernel = _fwd_bwd(attention, q, k, v, grad, scale=scale, impl="triton")
+        plain = _fwd_bwd(attention_ref, q, k, v, grad, scale=scale)
+        ref64 = _fwd_bwd(attention_ref, q.double(), k.double(), v.double(), grad.double(), scale=scale)
+        for name, out, torch_out, ref in zip(("out", "dq", "dk", "dv"), kernel, plain, ref64, strict=True):
+            assert_close_to_ref(out, ref, torch_out, f"scale {scale} {name}")
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: DiT-sized shapes and torch.compile
 # ------------------------------------------------------------------------------------------------
@@ -313,3 +348,28 @@ def test_torch_compile_fullgraph_gpu():
     out.sum().backward()
     torch.testing.assert_close(out, attn(x), rtol=1e-4, atol=1e-5)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_launchers_pick_the_configs_and_loads_of_the_gpu_they_run_on():
+    """sm_90 and newer: the sm_90 lists (wide D=128 tiles) and TMA for aligned one-chunk head dims;
+    sm_80 / sm_86: the sm_80 lists and cp.async; D = 72 and unaligned views stay on cp.async."""
+    from fastdae.kernels._launch import for_arch
+    from fastdae.kernels.attention import _CONFIGS, fwd_launch
+
+    def plan(D: int, arch: int, offset: int = 0):
+        buf = torch.empty(2 * 4 * 64 * D + offset, dtype=torch.bfloat16, device="meta")
+        q = buf[offset:].view(2, 4, 64, D)
+        o, lse = torch.empty_like(q), torch.empty(2, 4, 64, device="meta")
+        with for_arch(arch):
+            return fwd_launch(q, q, q, o, lse, 0.1)
+
+    for arch, table in ((90, 90), (100, 90), (80, 80), (86, 80)):
+        p = plan(128, arch)
+        first = p.configs[0]
+        assert (dict(first.meta)["BLOCK_M"], dict(first.meta)["BLOCK_N"], first.num_warps, first.num_stages) == (
+            _CONFIGS[table][("fwd", 128)][0]
+        )
+        assert p.constexprs["USE_TMA"] == (table == 90) and (p.pre_hook is not None) == (table == 90)
+    assert not plan(72, 90).constexprs["USE_TMA"]  # two register chunks: cp.async wins there
+    assert not plan(64, 90, offset=1).constexprs["USE_TMA"]  # a base off by 2 bytes: no TMA
+    assert plan(64, 90).constexprs["USE_TMA"]

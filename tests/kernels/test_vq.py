@@ -270,14 +270,35 @@ def test_triton_3xtf32_split_is_exact_to_fp32(shape):
     import dataclasses
 
     from fastdae.kernels._launch import launch
-    from fastdae.kernels.vq import nearest_launch
+    from fastdae.kernels.vq import code_aug, nearest_launch, row_aug
 
     x, codebook, truth = separated(*shape, torch.float32, noise=0.3)
     idx, dist = torch.empty(len(x), dtype=torch.int64), torch.empty(len(x))
-    csq = codebook.square().sum(1)
-    plan = nearest_launch(x, codebook, csq, csq.sum(), idx, dist, None)
+    plan = nearest_launch(x, row_aug(x), codebook, *code_aug(codebook), idx, dist, None)
     launch(dataclasses.replace(plan, constexprs={**plan.constexprs, "PRECISION": "3xtf32"}))
     assert torch.equal(idx, truth)
+    nearest_check(x, codebook, idx, dist)
+
+
+@pytest.mark.parametrize("seg_bits", [0, 1, 5])
+def test_triton_packed_argmin_across_segments(seg_bits):
+    """The kernel's argmin packs (score bits, tile in segment) into one int and folds segments of
+    2^SEG_BITS tiles into a per-row best: forced to 1- and 2-tile segments here (K = 700: five full
+    128-code tiles and a tail), ties across tiles, across segments and into the tail keep the lowest
+    index, and every chosen code is the nearest against float64."""
+    import dataclasses
+
+    from fastdae.kernels._launch import launch
+    from fastdae.kernels.vq import code_aug, nearest_launch, row_aug
+
+    codebook = torch.randn(700, 4)
+    for low, high in ((5, 130), (140, 300), (3, 650), (260, 690)):  # same tile pair / across segments / tail
+        codebook[high] = codebook[low]
+    x = torch.cat([codebook[[5, 140, 3, 260, 130, 650]] + 1e-3, torch.randn(90, 4)])
+    idx, dist = torch.empty(len(x), dtype=torch.int64), torch.empty(len(x))
+    plan = nearest_launch(x, row_aug(x), codebook, *code_aug(codebook), idx, dist, None)
+    launch(dataclasses.replace(plan, constexprs={**plan.constexprs, "SEG_BITS": seg_bits}))
+    assert idx[:6].tolist() == [5, 140, 3, 260, 5, 3]
     nearest_check(x, codebook, idx, dist)
 
 
