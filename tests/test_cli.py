@@ -133,7 +133,7 @@ def test_module_entry_point_has_compare():
     assert "--arms" in proc.stdout and "--seeds" in proc.stdout and "--ablate" in proc.stdout
 
 
-# ---- issue 23: config and file errors are one line on stderr and exit 2 -----------------------------
+# ---- config and file errors are one line on stderr and exit 2 -----------------------------
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("fastdae train: ") and err.count("\n") == 1 and "Traceback" not in err, err

@@ -306,7 +306,7 @@ def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, t
     assert not (tmp_path / "b.npz").exists() and not (tmp_path / "b.npz.parts").exists()
 
 
-# ---- issue 23: refused before anything is written, one writer per out, PNGs of a finished out ----
+# ---- refused before anything is written, one writer per out, PNGs of a finished out ----
 def _sample_args(run_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["sample", "--run", str(run_dir), "--num-samples", "4", "--out", str(out), "--steps", "1", *extra]
 

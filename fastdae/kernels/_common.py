@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import triton
@@ -104,7 +105,7 @@ def interpreted(forward: Callable, setup_context: Callable, backward: Callable) 
     """forward (an op's Triton launcher) with the op's autograd formula, as a function, for CPU
     tensors under TRITON_INTERPRET=1: the op's CPU kernel is C++ or the reference, so the interpreter
     (tests only) runs beside the op instead of through it. Not traceable by torch.compile."""
-    fn = type(
+    fn: Any = type(  # a torch.autograd.Function subclass, made at run time
         "Interpreted",
         (torch.autograd.Function,),
         dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward)),

@@ -1101,7 +1101,8 @@ def _bwd_reference(
     p = torch.exp2((qf @ kf.transpose(-2, -1)) * (scale * LOG2E) - lse.to(acc)[..., None])  # (B, H, N, M)
     ds = p * (gf @ vf.transpose(-2, -1) - (gf * of).sum(dim=-1, keepdim=True))  # P * (dP - Delta)
     dq, dk, dv = (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, p.transpose(-2, -1) @ gf
-    return tuple(torch.empty(t.shape, **_like(t)).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))
+    dq, dk, dv = (torch.empty(t.shape, **_like(t)).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv
 
 
 def _fwd_fake(q, k, v, scale):
@@ -1229,7 +1230,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
     """Non-causal softmax attention, like F.scaled_dot_product_attention without mask or dropout.
 
     q (B, H, N, D), k and v (B, H, M, D), any strides; returns (B, H, N, D) in q's dtype.
-    scale: multiplies q k^T, default 1 / sqrt(D).
+    scale: multiplies q k^T, default 1 / sqrt(D); NaN or inf raises ValueError.
     impl:
       "auto"     CUDA: the Triton kernel for bf16/fp16 with D a multiple of 8 up to 128; torch's SDPA
                  for fp32 (the kernel's IEEE-fp32 dots run on CUDA cores and spill registers: SDPA is
@@ -1247,6 +1248,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, impl:
         raise TypeError(f"attention: {kernel_unsupported(q)}")
     where = _route(impl, q.device, "attention", extra=IMPLS_EXTRA, fallback="sdpa", unsupported=kernel_unsupported(q))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):  # SDPA's CPU kernel returned zeros here, the reference NaN: neither is an answer
+        raise ValueError(f"attention: scale must be a finite number, got {scale}")
     if where == "ref":
         return attention_ref(q, k, v, scale)
     if where == "sdpa":

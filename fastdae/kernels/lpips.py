@@ -219,7 +219,10 @@ def bwd_launch(
 
 
 def _flat_stride_args(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), _position_stride(t)
+    """Strides of a map `_flat` made flattenable (so its position stride is never None)."""
+    p = _position_stride(t)
+    assert p is not None, "pass _flat(t)"
+    return t.stride(0), t.stride(1), p
 
 
 def _fwd_triton(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
@@ -241,19 +244,20 @@ def _bwd_triton(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Gradients come back laid out as torch.empty_like(feature) (what the fake promises)."""
     grad = grad.to(torch.float32).contiguous()
-    grads0, grads1 = [], []
+    grads0: list[Tensor] = []
+    grads1: list[Tensor] = []
     for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         out0 = torch.empty_like(f0) if need0 else None
         out1 = torch.empty_like(f1) if need1 else None
         f0, f1 = _flat(f0), _flat(f1)
         # outputs in odd strides are computed in a contiguous buffer and copied; unneeded ones alias f
-        g0 = _flat(out0) if need0 else f0
-        g1 = _flat(out1) if need1 else f1
+        g0 = f0 if out0 is None else _flat(out0)
+        g1 = f1 if out1 is None else _flat(out1)
         with on_device(f0):
             launch(bwd_launch(grad, f0, f1, w, g0, g1, need0, need1))
-        if need0:
+        if out0 is not None:
             grads0.append(g0 if g0 is out0 else out0.copy_(g0))
-        if need1:
+        if out1 is not None:
             grads1.append(g1 if g1 is out1 else out1.copy_(g1))
     return grads0, grads1
 
@@ -271,7 +275,8 @@ def _bwd_reference(
     grad: Tensor, feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor], need0: bool, need1: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The module docstring's backward in torch, per layer: dL/df = r a - r^2 / n (a . f) f."""
-    grads0, grads1 = [], []
+    grads0: list[Tensor] = []
+    grads1: list[Tensor] = []
     for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         B, C, H, W = f0.shape
         acc = torch.promote_types(f0.dtype, torch.float32)
@@ -365,12 +370,14 @@ def lpips_head_ref(feats0: Sequence[Tensor], feats1: Sequence[Tensor], weights: 
 
     Returns (B,) float32 (float64 for float64 features). torch's norm has subgradient 0 at 0, so
     its gradients at zero features equal the kernels' (finite) ones."""
-    out = None
+    out: Tensor | None = None
     for f0, f1, w in zip(feats0, feats1, weights, strict=True):
         u0 = f0 / (torch.linalg.vector_norm(f0, dim=1, keepdim=True) + EPS)  # (B, C, H, W)
         u1 = f1 / (torch.linalg.vector_norm(f1, dim=1, keepdim=True) + EPS)
         dist = (w.to(f0.dtype).view(1, -1, 1, 1) * (u0 - u1).square()).sum(dim=1).mean(dim=(1, 2))  # (B,)
         out = dist if out is None else out + dist
+    if out is None:
+        raise ValueError("lpips_head_ref needs at least one layer")
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
 

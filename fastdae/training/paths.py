@@ -9,7 +9,7 @@ evaluation reads of a finished run it reads through this class too.
     run/.fastdae-run   the run marker: written when fastdae makes the folder (see `RUN_ENTRIES`)
 
 `overwrite` clears a folder only when it carries the marker and holds nothing but RUN_ENTRIES (and
-fastdae's temp files): a user's own files are never deleted (issue 23, finding 3).
+fastdae's temp files): a user's own files are never deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ RUN_ENTRIES = frozenset(
         CONFIG_FILE,
         "summary.json",
         "train.log",
+        "curves.png",  # training.logs.draw_curves
+        "notices.json",  # training.logs.notice_once
         "stage1",
         "cache",
         "stage2",

@@ -1,5 +1,5 @@
 """fastdae.config.checks: every float key rejects NaN and inf up front, seeds fit a 64-bit generator, a
-VQ codebook has at least two codes, and a run never writes inside its own image folder (issue 23)."""
+VQ codebook has at least two codes, and a run never writes inside its own image folder."""
 
 from __future__ import annotations
 

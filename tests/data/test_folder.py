@@ -1,4 +1,4 @@
-"""fastdae.data.folder (issue 23): 16-bit greyscale PNGs are scaled to 8 bits, not clipped to white;
+"""fastdae.data.folder: 16-bit greyscale PNGs are scaled to 8 bits, not clipped to white;
 an unreadable image is an ImageFileError naming the file; a file gone since the index was read is
 named too."""
 

@@ -1,4 +1,4 @@
-"""fastdae.data.folder_index (issue 23): a cached index is not reused when an image was added or removed
+"""fastdae.data.folder_index: a cached index is not reused when an image was added or removed
 and the directory's mtime set back afterwards (tar, rsync -t, touch -d): the ctime still moved."""
 
 from __future__ import annotations

@@ -373,3 +373,12 @@ def test_launchers_pick_the_configs_and_loads_of_the_gpu_they_run_on():
     assert not plan(72, 90).constexprs["USE_TMA"]  # two register chunks: cp.async wins there
     assert not plan(64, 90, offset=1).constexprs["USE_TMA"]  # a base off by 2 bytes: no TMA
     assert plan(64, 90).constexprs["USE_TMA"]
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("impl", ["auto", "ref", "sdpa"])
+def test_a_non_finite_scale_is_refused_not_answered_with_zeros(scale, impl):
+    """SDPA's CPU kernel returned zeros for scale=nan where the reference returned NaN."""
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="attention: scale must be a finite number"):
+        attention(q, q, q, scale=scale, impl=impl)

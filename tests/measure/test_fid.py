@@ -147,7 +147,7 @@ def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
     assert "--inception" in capsys.readouterr().err
 
 
-# ---- issue 23: statistics that describe no Gaussian, and image sets too small for one ------------
+# ---- statistics that describe no Gaussian, and image sets too small for one ------------
 def _stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
     np.savez(path, mu=mu, sigma=sigma)
     return path

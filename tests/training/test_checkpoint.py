@@ -1,4 +1,4 @@
-"""fastdae.training.checkpoint (issue 23): a checkpoint whose files are corrupted is refused on resume
+"""fastdae.training.checkpoint: a checkpoint whose files are corrupted is refused on resume
 with a RunError naming the file and what to do, not a struct or safetensors traceback."""
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_disk_full_leaves_no_temp_checkpoints(tmp_path, monkeypatch):
     assert not [p.name for p in tmp_path.rglob(".*tmp*")]
 
 
-# ---- issue 23, finding 3: overwrite removes only what fastdae wrote ------------------------------
+# ---- overwrite removes only what fastdae wrote ------------------------------
 def test_overwrite_never_clears_a_project_folder_that_holds_a_config_yaml(tmp_path):
     """`--config proj/config.yaml --out proj --overwrite` deleted the project: a folder fastdae did not
     make (no run marker) is refused, config.yaml or not, and left as it was."""
