@@ -47,7 +47,7 @@ class Sampler:
         generator: one for the batch, or one per sample (Diffusion.sample)."""
         B, C, h = n, self.dit.in_channels, self.dit.input_size
         y = labels.to(self.device) if labels is not None else None
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, "samples"):
             z = self.diffusion.sample(
                 self.dit,
                 (B, C, h, h),
@@ -63,7 +63,7 @@ class Sampler:
         if self.bottleneck is not None:
             idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # (B*h*h,)
             z = self.bottleneck.latent({"indices": idx.view(B, h, h)})
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, "decode"):
             return self.decoder(z).float().clamp(-1, 1)  # (B, 3, H, W)
 
     def generate(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:
