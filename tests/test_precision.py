@@ -56,3 +56,23 @@ def test_a_run_autocasts_by_the_stage_it_is_in(tmp_path):
         r.stage = stage
         with r.autocast():
             assert torch.is_autocast_enabled("cpu") == (stage in CPU_BF16_STAGES), stage
+
+
+def test_the_lpips_trunk_runs_in_bf16_under_the_stage1_policy_and_stays_close_to_fp32():
+    from fastdae.nn import LPIPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS(random_init=True)
+    x, y = torch.rand(2, 2, 3, 32, 32).mul(2).sub(1).unbind(0)
+    seen = []
+    conv = next(m for m in lpips.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    y_bf16 = y.clone().requires_grad_(True)
+    with autocast(CPU, "bf16", "stage1"):
+        d_bf16 = lpips(y_bf16, x).mean()
+    d_bf16.backward()
+    handle.remove()
+    d_fp32 = lpips(y, x).mean()
+    assert seen and set(seen) == {torch.bfloat16}  # the first VGG16 conv, on both images
+    assert torch.isfinite(y_bf16.grad).all()
+    assert abs(d_bf16.item() - d_fp32.item()) <= 0.01 * abs(d_fp32.item())
