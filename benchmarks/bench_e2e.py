@@ -279,6 +279,42 @@ def test_e2e_precision(benchmark, record, warmed, tmp_path, round_, precision):
     assert all(math.isfinite(stages[s]["eval"]["psnr"]) for s in ("stage1", "stage2"))
 
 
+STEP_STAGES = ("stage1", "stage2", "prior")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's bf16 units; on CUDA bf16 is the default")
+@pytest.mark.parametrize("stage", STEP_STAGES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_e2e_precision_step(benchmark, record, threads, stage, precision):
+    """One training step (forward + backward, fastdae.plan.stage_models: the trainer's models and loss,
+    LPIPS on with a random VGG16) of the default preset's stage at its batch, under the stage's autocast
+    (fastdae.precision) at fp32 and at bf16: the per-step effect the whole-recipe members average out."""
+    from fastdae.plan import stage_models
+    from fastdae.precision import autocast, resolve
+
+    cfg = preset("tiny" if QUICK else "default")
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    models = stage_models(cfg, stage, cpu)
+    batch = getattr(cfg, stage).batch_size
+
+    def step() -> None:
+        with autocast(cpu, precision, stage):
+            models.step(batch, False)
+
+    load_before = os.getloadavg()[0]
+    benchmark.group = f"e2e-precision-step-{stage}"
+    benchmark.pedantic(step, rounds=9 if SIZE == "full" else 1, warmup_rounds=1)
+    record(
+        stage=stage,
+        precision=precision,
+        autocast=resolve(cpu, precision, stage),
+        batch=batch,
+        load_avg_1min_before=load_before,
+        load_avg_1min_after=os.getloadavg()[0],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The swapped-in ops compute what they stand for (run with --benchmark-disable; skipped by --benchmark-only)
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +436,7 @@ def recipe_report(data: dict[str, Any]) -> list[str]:
 def precision_report(data: dict[str, Any]) -> list[str]:
     """Markdown lines of e2e-precision: seconds per stage and reconstruction PSNR, fp32 vs bf16, per
     round (same seed in every round) and the median bf16 / fp32 time ratio."""
-    runs = [b["extra_info"] for b in data["benchmarks"] if b["name"].startswith("test_e2e_precision")]
+    runs = [b["extra_info"] for b in data["benchmarks"] if b["name"].startswith("test_e2e_precision[")]
     by = {p: sorted((r for r in runs if r["precision"] == p), key=lambda r: r["round"]) for p in PRECISIONS}
     first = runs[0]
     loads = [r[k] for r in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
@@ -444,6 +480,33 @@ def precision_report(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def precision_step_report(data: dict[str, Any]) -> list[str]:
+    """Markdown lines of e2e-precision-step-*: min / median ms per step, fp32 vs bf16, and the ratio."""
+    runs = [b for b in data["benchmarks"] if b["name"].startswith("test_e2e_precision_step")]
+    by = {(b["extra_info"]["stage"], b["extra_info"]["precision"]): b for b in runs}
+    loads = [b["extra_info"][k] for b in runs for k in ("load_avg_1min_before", "load_avg_1min_after")]
+    lines = [
+        "## One training step per stage, fp32 vs bf16 autocast (default preset, LPIPS on with a random VGG16)",
+        "",
+        f"{runs[0]['stats']['rounds']} rounds per member; 1-minute load average {min(loads):.1f} to {max(loads):.1f}.",
+        "",
+        "| stage | batch | autocast under bf16 | fp32 ms (min / median) | bf16 ms (min / median) "
+        "| bf16 / fp32 (min) | bf16 / fp32 (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage in STEP_STAGES:
+        f, b = by.get((stage, "fp32")), by.get((stage, "bf16"))
+        if f is None or b is None:
+            continue
+        fs, bs = f["stats"], b["stats"]
+        lines.append(
+            f"| {stage} | {b['extra_info']['batch']} | {b['extra_info']['autocast']} | {1e3 * fs['min']:.0f} / "
+            f"{1e3 * fs['median']:.0f} | {1e3 * bs['min']:.0f} / {1e3 * bs['median']:.0f} | "
+            f"{bs['min'] / fs['min']:.2f}x | {bs['median'] / fs['median']:.2f}x |"
+        )
+    return lines
+
+
 def report(path: Path) -> str:
     """Markdown of whichever groups the pytest-benchmark JSON at `path` holds."""
     data = json.loads(path.read_text())
@@ -451,8 +514,10 @@ def report(path: Path) -> str:
     parts = []
     if any(n.startswith("test_e2e_recipe") for n in names):
         parts.append(recipe_report(data))
-    if any(n.startswith("test_e2e_precision") for n in names):
+    if any(n.startswith("test_e2e_precision[") for n in names):
         parts.append(precision_report(data))
+    if any(n.startswith("test_e2e_precision_step") for n in names):
+        parts.append(precision_step_report(data))
     return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 
