@@ -284,11 +284,12 @@ STEP_STAGES = ("stage1", "stage2", "prior")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's bf16 units; on CUDA bf16 is the default")
 @pytest.mark.parametrize("stage", STEP_STAGES)
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", [*PRECISIONS, "bf16-everywhere"])
 def test_e2e_precision_step(benchmark, record, threads, stage, precision):
     """One training step (forward + backward, fastdae.plan.stage_models: the trainer's models and loss,
     LPIPS on with a random VGG16) of the default preset's stage at its batch, under the stage's autocast
-    (fastdae.precision) at fp32 and at bf16: the per-step effect the whole-recipe members average out."""
+    (fastdae.precision) at fp32 and at bf16: the per-step effect the whole-recipe members average out.
+    "bf16-everywhere" autocasts the stage whatever the policy says: for the prior, what the policy avoids."""
     from fastdae.plan import stage_models
     from fastdae.precision import autocast, resolve
 
@@ -299,6 +300,10 @@ def test_e2e_precision_step(benchmark, record, threads, stage, precision):
     batch = getattr(cfg, stage).batch_size
 
     def step() -> None:
+        if precision == "bf16-everywhere":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                models.step(batch, False)
+            return
         with autocast(cpu, precision, stage):
             models.step(batch, False)
 
@@ -308,7 +313,7 @@ def test_e2e_precision_step(benchmark, record, threads, stage, precision):
     record(
         stage=stage,
         precision=precision,
-        autocast=resolve(cpu, precision, stage),
+        autocast="bf16" if precision == "bf16-everywhere" else resolve(cpu, precision, stage),
         batch=batch,
         load_avg_1min_before=load_before,
         load_avg_1min_after=os.getloadavg()[0],
@@ -491,18 +496,19 @@ def precision_step_report(data: dict[str, Any]) -> list[str]:
         f"{runs[0]['stats']['rounds']} rounds per member; 1-minute load average {min(loads):.1f} to {max(loads):.1f}.",
         "",
         "| stage | batch | autocast under bf16 | fp32 ms (min / median) | bf16 ms (min / median) "
-        "| bf16 / fp32 (min) | bf16 / fp32 (median) |",
-        "|---|---|---|---|---|---|---|",
+        "| bf16 / fp32 (min) | bf16 / fp32 (median) | bf16 everywhere / fp32 (median) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for stage in STEP_STAGES:
-        f, b = by.get((stage, "fp32")), by.get((stage, "bf16"))
+        f, b, e = (by.get((stage, p)) for p in ("fp32", "bf16", "bf16-everywhere"))
         if f is None or b is None:
             continue
         fs, bs = f["stats"], b["stats"]
+        forced = f"{e['stats']['median'] / fs['median']:.2f}x" if e is not None else "not measured"
         lines.append(
             f"| {stage} | {b['extra_info']['batch']} | {b['extra_info']['autocast']} | {1e3 * fs['min']:.0f} / "
             f"{1e3 * fs['median']:.0f} | {1e3 * bs['min']:.0f} / {1e3 * bs['median']:.0f} | "
-            f"{bs['min'] / fs['min']:.2f}x | {bs['median'] / fs['median']:.2f}x |"
+            f"{bs['min'] / fs['min']:.2f}x | {bs['median'] / fs['median']:.2f}x | {forced} |"
         )
     return lines
 
