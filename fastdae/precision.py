@@ -26,13 +26,13 @@ import torch
 log = logging.getLogger("fastdae")
 
 # stages whose forward passes are convolutional (autoencoder, discriminator, LPIPS' VGG16): bf16 pays on CPU
-CPU_BF16_STAGES = ("stage1", "cache", "stage2", "decode")
+CPU_BF16_STAGES = ("stage1", "cache", "stage2")
 
 
 def resolve(device: torch.device, precision: str, stage: str | None = None) -> str:
     """The precision a forward pass of `stage` runs in: "fp32", "bf16" or "fp16". stage None: a pass
-    outside any named stage (e.g. an evaluation of an autoencoder), treated as an autoencoder stage.
-    "decode": the stage-2 decoder turning sampled latents into images; "samples": the DiT sampler."""
+    outside any named stage, treated as an autoencoder stage (e.g. the Sampler's decoder: the stage-2
+    decoder turning sampled latents into images); "samples": the Sampler's DiT."""
     if precision == "fp16":
         return "fp16"
     if device.type == "cuda":

@@ -63,7 +63,7 @@ class Sampler:
         if self.bottleneck is not None:
             idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # (B*h*h,)
             z = self.bottleneck.latent({"indices": idx.view(B, h, h)})
-        with autocast(self.device, self.precision, "decode"):
+        with autocast(self.device, self.precision):  # no stage: the autoencoder's policy (fastdae.precision)
             return self.decoder(z).float().clamp(-1, 1)  # (B, 3, H, W)
 
     def generate(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:

@@ -22,7 +22,6 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
         (CPU, "bf16", "stage1", "bf16"),
         (CPU, "bf16", "cache", "bf16"),
         (CPU, "bf16", "stage2", "bf16"),
-        (CPU, "bf16", "decode", "bf16"),
         (CPU, "bf16", None, "bf16"),
         (CPU, "bf16", "prior", "fp32"),
         (CPU, "bf16", "samples", "fp32"),

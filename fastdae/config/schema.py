@@ -155,9 +155,8 @@ class TrainConfig:
     """A whole DAE run (PAPER.md §2, §5). `mode`: "dae" (weak decoder in stage 1, then stage 2),
     "joint" (full decoder for stage1.steps + stage2.steps, no stage 2), "control" (full decoder for
     stage1.steps, then stage 2). `stages` run in order; each reads earlier outputs from out_dir.
-    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": bf16 autocast on CUDA, and on CPU
-    in the autoencoder stages only (the prior stays fp32: fastdae.precision); "fp16": fp16 autocast
-    with a GradScaler (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
+    `precision` "auto": bf16 autocast on CUDA, fp32 on CPU; "fp16": fp16 autocast with a GradScaler
+    (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
     Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`: continue each listed stage from
     its last checkpoint (finished stages are skipped) when its identity matches (README: resume);
     `overwrite`: clear an out_dir that holds another run first."""

@@ -21,12 +21,13 @@ from fastdae.data.procedural import (
 # ---------------------------------------------------------------------------------------------
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The dataset a DataConfig names, with images of cfg.size x cfg.size."""
+    if cfg.name not in PROCEDURAL:
+        cfg.require_root()  # a config builds without a root (the paper-scale presets); a dataset does not
     if cfg.name in PROCEDURAL:
         return (ProceduralShapes if cfg.name == "shapes" else ProceduralTextures)(cfg.num_samples, cfg.size, cfg.seed)
-    root = cfg.require_root()
     if cfg.name == "folder":
-        return ImageFolder(root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
-    ds = ArrayDataset(root)
+        return ImageFolder(cfg.root, cfg.size, cfg.resize, cfg.crop, cfg.flip)
+    ds = ArrayDataset(cfg.root)
     if ds.image_size != (cfg.size, cfg.size):
         raise ValueError(f"{cfg.root}: images are {ds.image_size[1]}x{ds.image_size[0]}, DataConfig.size is {cfg.size}")
     return ds

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fastdae
 from fastdae.cli import main
-from fastdae.config import MODES, ConfigError, apply_overrides, check_environment, preset
+from fastdae.config import MODES, STAGES, ConfigError, apply_overrides, check_environment, load_config, preset
 from fastdae.config.presets import PRESETS
 from fastdae.config.presets.paper import PAPER
 from fastdae.plan import count, stage_models
@@ -50,6 +50,14 @@ def _get(cfg, key):
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def test_presets():
+    assert set(STAGES) == set(preset("default").stages)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(TypeError, match="config must be"):
+        load_config(3)
 
 
 def test_every_paper_preset_is_registered():

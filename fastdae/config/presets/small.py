@@ -18,7 +18,7 @@ def _vq() -> TrainConfig:
             "out_dir": "runs/vq",
             "data": {"name": "shapes", "size": 32, "num_samples": 4096},
             "autoencoder": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 4, "num_codes": 128},
-            "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.3},  # README: the ablation
+            "weak_decoder": {"width_mult": 0.5, "num_res_blocks": 1, "dropout": 0.3},  # results/README.md: the ablation
             "stage1": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
             "stage2": {"steps": 400, "batch_size": 16, "lr": 2e-3, "disc": disc, "log_every": 50, "ckpt_every": 200},
             "cache": {"batch_size": 256, "shard_size": 2048},
@@ -51,7 +51,7 @@ def _default() -> TrainConfig:
     """The README's main job: the `vq` recipe with a KL bottleneck, a linear path from latent to pixels and
     the colour term, so that reconstructions and samples keep colour (results/prior-diagnosis, sixth pass)."""
     # VQ + linear path + chroma_weight 0.5 kept the colour but drew samples at validity 0.67 (3000 prior steps):
-    # coloured shapes are combinations of codes a flow must hit exactly; KL latents are continuous (PAPER.md
+    # coloured shapes are combinations of codes a flow must hit exactly; KL latents are continuous (docs/paper.md
     # 2: a DiT on continuous latents) and reached validity 0.79-0.87 on four runs. The prior then takes batch 64
     # for 1700 steps at lr 3e-3 (sqrt-scaled), the same time as 32 x 3000: validity 0.789 -> 0.828 on one
     # autoencoder's latents. Fused Adam: 0.6 ms instead of 2.2 ms an update
