@@ -91,6 +91,12 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def stat_s(benchmark, stat: str = "median") -> float:
+    """pytest-benchmark's `stat` (median, min, ...) in seconds, or nan when timing is off
+    (--benchmark-disable runs each member once, untimed: CI's full-size check)."""
+    return getattr(benchmark.stats.stats, stat) if benchmark.stats else float("nan")
+
+
 def cuda_time(fn: Callable[[], object]) -> dict:
     """GPU time of fn() (no host sync inside) from CUDA events via triton.testing.do_bench: the
     caller has run fn once (compile, autotune), do_bench warms up again, flushes L2 before every
@@ -139,7 +145,7 @@ def timed(benchmark, record, bench_device):
         record(**extra)
         if "cuda_median_ms" in extra:
             return extra["cuda_median_ms"] / 1e3
-        return benchmark.stats.stats.median if benchmark.stats else float("nan")  # nan: --benchmark-disable
+        return stat_s(benchmark)
 
     return _timed
 

@@ -6,6 +6,7 @@
     python -m fastdae compare --preset default --seeds 5 --out results/study-textures --data.name textures
     python -m fastdae sample --run runs/x --num-samples 50000 --out samples.npz
     python -m fastdae fid REAL FAKE --inception pt_inception-2015-12-05-6726825d.pth
+    python -m fastdae plan --preset imagenet256-kl --gpus 8 --gpu h100 --mfu 0.4 [--json]
 
 COMMANDS lists the subcommands (name -> (help, add_arguments, run)). A config the run cannot use
 (bad value, YAML, preset, missing file, a run folder that holds another run, a cache of other data)
@@ -215,6 +216,33 @@ def _fid(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ---- plan -------------------------------------------------------------------------------------
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the run is spread over (DDP)")
+    p.add_argument("--gpu", default="h100", help="h100, h200 or a100 (published dense bf16 peak and memory)")
+    p.add_argument("--images", type=int, help="images in the dataset (default: ImageNet-1k's 1,281,167 for a folder)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation the time estimate assumes")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+
+
+def _plan(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from fastdae.plan import plan, table
+
+    try:
+        report = plan(_base_config(args, extra), args.gpu, args.gpus, args.images, args.mfu, args.preset or args.config)
+    except ValueError as e:  # ConfigError (a ValueError too) is reported by main
+        from fastdae.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            raise
+        return _usage_error("plan", e)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else table(report))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "train": ("run the DAE recipe (stage 1, cache, stage 2, prior, samples)", _train_arguments, _train),
     "compare": (
@@ -226,6 +254,11 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
         "generate N samples of a finished run as an ADM-evaluator .npz (resumable, torchrun-ready)",
         _sample_arguments,
         _sample,
+    ),
+    "plan": (
+        "estimate a config's per-stage FLOPs, GPU memory, largest batch, cache size and wall time (estimated)",
+        _plan_arguments,
+        _plan,
     ),
     "fid": (
         "Fréchet Inception distance between two image folders / .npz files (local Inception weights)",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdae.kernels.vq import vq_nearest
+from fastdae.models.autoencoder import VQBottleneck
 from fastdae.models.diffusion import Diffusion, Generators, LatentScaler
 from fastdae.models.dit import DiT
 from fastdae.precision import autocast
@@ -28,7 +29,7 @@ class Sampler:
     decoder: nn.Module
     scaler: LatentScaler
     diffusion: Diffusion
-    bottleneck: nn.Module | None  # the frozen VQ bottleneck, None for KL latents
+    bottleneck: VQBottleneck | None  # the frozen VQ bottleneck, None for KL latents
     steps: int
     sampler: str
     cfg_scale: float
@@ -47,7 +48,7 @@ class Sampler:
         generator: one for the batch, or one per sample (Diffusion.sample)."""
         B, C, h = n, self.dit.in_channels, self.dit.input_size
         y = labels.to(self.device) if labels is not None else None
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, "samples"):
             z = self.diffusion.sample(
                 self.dit,
                 (B, C, h, h),
@@ -61,9 +62,9 @@ class Sampler:
             )
         z = self.scaler.denormalize(z.float())  # (B, C, h, h) in the decoder's latent scale
         if self.bottleneck is not None:
-            idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # type: ignore[arg-type, union-attr]  # (B*h*h,)
-            z = self.bottleneck.latent({"indices": idx.view(B, h, h)})  # type: ignore[operator]
-        with autocast(self.device, self.precision):
+            idx, _ = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, C), self.bottleneck.quantizer.codebook)  # (B*h*h,)
+            z = self.bottleneck.latent({"indices": idx.view(B, h, h)})
+        with autocast(self.device, self.precision):  # no stage: the autoencoder's policy (fastdae.precision)
             return self.decoder(z).float().clamp(-1, 1)  # (B, 3, H, W)
 
     def generate(self, n: int, labels: Tensor | None, generator: Generators) -> Tensor:

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("data", "cache", "pretrained"),
     ("config",),
-    ("measure", "sampler"),
+    ("measure", "sampler", "plan"),
     ("training",),
     ("evaluation", "sampling"),
     ("cli", "__main__"),

@@ -13,7 +13,8 @@ for near misses) and the cross-field rules (image size vs the autoencoder's down
 DiT's patch size). A `ConfigError` names the dotted key, what it must be and what it got.
 
 One module per job: schema.py (the dataclasses, key names, ConfigError), checks.py (`validate`,
-`check_environment`), parse.py (dicts, YAML, overrides, `load_config`), presets.py.
+`check_environment`), parse.py (dicts, YAML, overrides, `load_config`), presets/ (small.py: the
+CPU-sized presets; paper.py: the paper-scale ones).
 """
 
 from fastdae.config.checks import CHOICES, check_environment, get_key, validate

@@ -24,7 +24,7 @@ from fastdae.config.schema import (
     check_choice,
     did_you_mean,
 )
-from fastdae.data import CROPS, DATASETS
+from fastdae.data import CROPS, DATASETS, PROCEDURAL
 from fastdae.models.autoencoder import BOTTLENECKS
 
 
@@ -211,7 +211,12 @@ def check_environment(cfg: TrainConfig) -> None:
                 f"{key}=true needs the {package} package, which is not installed (pip install {package}), "
                 f"or set {key}=false"
             )
-    files = {"data.root": cfg.data.root if cfg.data.name != "shapes" else None}
+    if cfg.data.name not in PROCEDURAL:
+        try:
+            cfg.data.require_root("data.root")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    files = {"data.root": cfg.data.root if cfg.data.name not in PROCEDURAL else None}
     for stage in ("stage1", "stage2"):
         for name in ("lpips_trunk", "lpips_lin"):
             files[f"{stage}.{name}"] = get_key(cfg, f"{stage}.{name}")

@@ -22,6 +22,8 @@ from fastdae.data.procedural import (
 # ---------------------------------------------------------------------------------------------
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The dataset a DataConfig names, with images of cfg.size x cfg.size."""
+    if cfg.name not in PROCEDURAL:
+        cfg.require_root()  # a config builds without a root (the paper-scale presets); a dataset does not
     if cfg.name in PROCEDURAL:
         return (ProceduralShapes if cfg.name == "shapes" else ProceduralTextures)(cfg.num_samples, cfg.size, cfg.seed)
     if cfg.name == "folder":

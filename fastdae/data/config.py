@@ -48,8 +48,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"DataConfig.name must be one of {DATASETS}, got {self.name!r}")
-        if self.name not in PROCEDURAL and not self.root:
-            raise ValueError(f"DataConfig.root is required for name={self.name!r} (a folder or .npy/.npz file)")
         if self.size < 1 or self.num_samples < 1:
             raise ValueError(f"DataConfig.size and num_samples must be >= 1, got {self.size}, {self.num_samples}")
         if self.crop not in CROPS:
@@ -59,6 +57,15 @@ class DataConfig:
         h = self.holdout
         if h is not None and not (0 < h < 1 or (h >= 1 and float(h).is_integer())):
             raise ValueError(f"DataConfig.holdout must be a fraction in (0, 1) or a whole count >= 1, got {h!r}")
+
+    def require_root(self, key: str = "DataConfig.root") -> str:
+        """The root of a folder / array dataset; ValueError naming `key` when it is not set."""
+        if not self.root:
+            raise ValueError(
+                f"{key} is required for data.name={self.name!r}: the folder of images (one subfolder per "
+                f"class) or the .npy/.npz file, e.g. --data.root /datasets/imagenet/train"
+            )
+        return self.root
 
     def holdout_count(self, n: int) -> int:
         """Items held out of a dataset of n items (procedural: n = num_samples; see split_dataset)."""

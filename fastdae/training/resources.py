@@ -38,6 +38,7 @@ class RunResources(RunFolder):
         self.dist, self.device = setup_distributed(cfg.device)
         self.resume_from: dict[str, Path | None] = {}
         self._sha: dict[Path, tuple[tuple[int, int], str]] = {}
+        self.stage: str | None = None  # the stage running now (Run.begin): the precision policy is per stage
 
     @classmethod
     def open(cls: type[R], root: str | os.PathLike, device: str = "auto") -> R:
@@ -71,7 +72,8 @@ class RunResources(RunFolder):
         return dataset_fingerprint(self.dataset)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.cfg.precision)
+        """The running stage's autocast (fastdae.precision: on CPU, bf16 only where it pays)."""
+        return autocast(self.device, self.cfg.precision, self.stage)
 
     @property
     def fp16(self) -> bool:

@@ -265,6 +265,7 @@ class Run(RunResources):
     def begin(self, stage: str) -> bool:
         """Before a stage: False when it finished earlier (resume, same identity); else prepares its
         folder (continued from `resume_from[stage]`, or cleared and given its identity.json)."""
+        self.stage = stage
         if stage in ("stage2", "prior", "samples") and self.pretrained_stage1 is not None:
             self.pretrained_stage1.release_encoder()  # later stages read latents only: free the encoder's memory
         if stage in ("stage2", "prior"):

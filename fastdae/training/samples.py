@@ -12,12 +12,13 @@ images: this stage draws its grid with it, and `fastdae.sample` its N samples at
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from fastdae.config import PriorConfig
+from fastdae.models.autoencoder import VQBottleneck
 from fastdae.models.diffusion import SAMPLERS, LatentScaler, make_diffusion
 from fastdae.sampler import Sampler
 from fastdae.training.checkpoint import load_weights, save_weights
@@ -67,7 +68,9 @@ def build_sampler(
         decoder=decoder.to(r.device).eval(),
         scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
         diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),  # type: ignore[arg-type]
-        bottleneck=r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None,
+        bottleneck=cast(VQBottleneck, r.frozen_bottleneck())
+        if r.bottleneck_kind == "vq"
+        else None,  # vq: a VQBottleneck
         clip_x0=p.clip_x0,
         precision=cfg.precision,
         device=r.device,

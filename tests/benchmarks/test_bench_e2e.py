@@ -36,4 +36,4 @@ def test_bench_e2e_runs_at_quick_size(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "7 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "18 passed" in proc.stdout, proc.stdout[-2000:]  # 2 recipe, 2 component, 2 + 9 precision, 3 checks

@@ -1,12 +1,8 @@
-"""Named configs: `default` (the README's main job), `vq` (the studies' recipe), `tiny` (tests)."""
+"""The CPU-sized presets: `default` (the README's main job), `vq` (the studies' recipe), `tiny` (tests)."""
 
 from __future__ import annotations
 
-from fastdae.config.schema import (
-    ConfigError,
-    TrainConfig,
-    did_you_mean,
-)
+from fastdae.config.schema import TrainConfig
 
 
 # ---- presets ----------------------------------------------------------------------------------
@@ -98,10 +94,4 @@ def _tiny() -> TrainConfig:
     )
 
 
-PRESETS = {"default": _default, "vq": _vq, "tiny": _tiny}
-
-
-def preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; known: {sorted(PRESETS)}")
-    return PRESETS[name]()
+SMALL = {"default": _default, "vq": _vq, "tiny": _tiny}
