@@ -297,7 +297,7 @@ def fid(
     progress: bool = False,
 ) -> float:
     """Fréchet Inception distance between `real` and `fake` (folders, image .npz or statistics .npz):
-    fastdae.metrics.frechet_distance of their Inception statistics. Symmetric in its two sides."""
+    fastdae.measure.frechet_distance of their Inception statistics. Symmetric in its two sides."""
     net = _Inception(inception, _device(device))  # one network for both sides
     a, b = (_statistics(Path(side), net, batch_size, stats_cache, num_workers, progress) for side in (real, fake))
     value = frechet_distance(a, b)

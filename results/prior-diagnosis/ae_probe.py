@@ -12,7 +12,7 @@ import torch
 from common import Timer, dump
 
 import fastdae.models.autoencoder as A
-from fastdae import metrics as M
+from fastdae import measure as M
 from fastdae.config import preset
 from fastdae.data import ProceduralShapes
 from fastdae.train.loop import save_grid

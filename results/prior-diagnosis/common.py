@@ -1,6 +1,6 @@
 """Shared helpers of the prior diagnosis: a finished run's pieces (cache, frozen bottleneck, final
 decoder), the judge classifier (fastdae.compare.build_judge, trained once and reused from a folder),
-and sample scoring with fastdae.metrics.sample_validity. Run scripts from the worktree root with
+and sample scoring with fastdae.measure.sample_validity. Run scripts from the worktree root with
 PYTHONPATH=$PWD; every script pins torch to one thread so several can share the 2-core machine."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from fastdae import metrics as M  # noqa: E402
+from fastdae import measure as M  # noqa: E402
 from fastdae.cache import LatentCache  # noqa: E402
 from fastdae.compare import EvalConfig, build_judge  # noqa: E402
 from fastdae.config import TrainConfig, preset  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 from common import decode, dump, judge, score
 from safetensors.torch import load_file
 
-from fastdae import metrics as M
+from fastdae import measure as M
 from fastdae.compare import _load_autoencoder
 from fastdae.config import TrainConfig
 from fastdae.data import ProceduralShapes

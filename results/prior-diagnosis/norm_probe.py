@@ -17,7 +17,7 @@ from common import Timer, dump
 from torch import nn
 
 import fastdae.models.autoencoder as A
-from fastdae import metrics as M
+from fastdae import measure as M
 from fastdae.config import preset
 from fastdae.data import ProceduralShapes
 

@@ -7,8 +7,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from fastdae import metrics as M
-from fastdae.evaluation.judge import EvalConfig, build_judge
+from fastdae import measure as M
+from fastdae.measure.judge import EvalConfig, build_judge
 from fastdae.training.run import Run
 
 r = Run.open(sys.argv[1])

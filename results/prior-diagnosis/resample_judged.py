@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from fastdae import metrics as M
-from fastdae.evaluation.judge import EvalConfig, build_judge
+from fastdae import measure as M
+from fastdae.measure.judge import EvalConfig, build_judge
 from fastdae.training.run import Run
 from fastdae.training.samples import build_sampler
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastdae.evaluation.judge import EvalConfig, build_judge
+from fastdae.measure.judge import EvalConfig, build_judge
 from fastdae.training.logs import save_grid
 from fastdae.training.run import Run
 from fastdae.training.samples import build_sampler

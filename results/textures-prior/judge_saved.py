@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from fastdae import metrics as M
-from fastdae.evaluation.judge import EvalConfig, build_judge
+from fastdae import measure as M
+from fastdae.measure.judge import EvalConfig, build_judge
 from fastdae.training.run import Run
 
 ev = EvalConfig(**yaml.safe_load(open("results/shapes-dae/eval.yaml")))

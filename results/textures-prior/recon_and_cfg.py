@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from fastdae import metrics as M
+from fastdae import measure as M
 from fastdae.evaluation.evaluate import _encode, _load_autoencoder
-from fastdae.evaluation.judge import EvalConfig, build_judge
-from fastdae.training.run import Run, RunFolder
+from fastdae.measure.judge import EvalConfig, build_judge
+from fastdae.training.paths import RunFolder
+from fastdae.training.run import Run
 from fastdae.training.samples import build_sampler
 
 run_dir, judge_dir, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fastdae import metrics as M
-from fastdae.evaluation.judge import EvalConfig, build_judge
+from fastdae import measure as M
+from fastdae.measure.judge import EvalConfig, build_judge
 from fastdae.training.checkpoint import load_weights
 from fastdae.training.run import Run
 from fastdae.training.samples import build_sampler
