@@ -1,0 +1,187 @@
+"""CPU thread settings on a quiet and on a busy machine (issue 23, finding 6; docs/cpu.md).
+
+    pytest benchmarks/bench_threads.py --benchmark-only
+
+One training step of the tiny preset's prior (`fastdae.config.preset("tiny")`: DiT-T/2 over its 4 x 8 x 8
+latents; batch BATCH, the batch issue 23 measured the step at) in a worker process per setting: the
+OpenMP spin must be chosen before torch loads, so every member is its own interpreter, started with
+its environment and driven over a pipe (one round = one step; the pipe adds ~0.1 ms).
+
+Members (what differs is only the environment of the worker and its thread count):
+  torch-default       what a run did before fastdae chose anything: libgomp's spin, torch's threads
+  fastdae-default     `python -m fastdae` / `fastdae.threads.configure()` now: FASTDAE_SPIN=auto, threads
+                      auto, and the stall watch of a training stage (it may have dropped to one thread
+                      during the warm-up steps: worker_threads in extra_info)
+  passive             OMP_WAIT_POLICY=PASSIVE, threads auto
+  one-thread          libgomp's spin, 1 thread
+  bounded-one-thread  FASTDAE_SPIN=bounded, 1 thread (what the stall watch could drop to)
+Groups: `threads-quiet` (nothing added; the load average beside each member is in extra_info, since
+the machine may be shared) and `threads-busy` (BUSY processes spinning `yes` at the same priority,
+started by the fixture, killed at its end and bounded by `timeout` if the run dies). The goal:
+fastdae-default within 1.5x of the best member of each group, and not slower than torch-default quiet.
+Run it on a quiet machine for the quiet figures; a shared machine's load shows up in `loadavg`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BATCH = 64
+BUSY = 2
+BUSY_LIMIT_S = 1800  # the busy processes die by themselves after this, whatever happens to pytest
+ROUNDS = 20
+# steps before the timed rounds, for every member: the stall watch's warm-up, reference and probe
+WARMUP_STEPS = 24
+ROOT = Path(__file__).resolve().parents[1]
+OMP_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTDAE_SPIN", "MKL_NUM_THREADS")
+# member -> (FASTDAE_SPIN, threads): threads 0 = auto
+MEMBERS: dict[str, tuple[str, int]] = {
+    "torch-default": ("libgomp", 0),
+    "fastdae-default": ("auto", 0),
+    "passive": ("passive", 0),
+    "one-thread": ("libgomp", 1),
+    "bounded-one-thread": ("bounded", 1),
+}
+
+
+# ---- the worker (python bench_threads.py --worker SPIN THREADS) ----------------------------------
+def worker(spin: str, threads: int) -> None:
+    """Configure the threads before torch loads, build the tiny preset's prior step, then run one
+    step per 'step' line on stdin and answer 'ok <threads>' (after WARMUP_STEPS steps, 'ready' first). The
+    fastdae-default member (FASTDAE_SPIN=auto, threads auto) ticks a StallWatch after every step,
+    as a training stage does (fastdae/training/logs.py)."""
+    os.environ["FASTDAE_SPIN"] = spin
+    from fastdae import threads as fthreads
+
+    fthreads.configure(threads or "auto")
+    import torch
+
+    from fastdae.config import preset
+    from fastdae.models.diffusion import make_diffusion
+    from fastdae.models.dit import DiT_models
+
+    cfg = preset("tiny")
+    size = cfg.data.size // 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # the latents' side
+    torch.manual_seed(0)
+    model = DiT_models[cfg.prior.model](
+        input_size=size, in_channels=cfg.autoencoder.z_channels, num_classes=0, learn_sigma=False
+    )
+    diffusion = make_diffusion(cfg.prior.objective, cfg.prior.schedule, cfg.prior.num_timesteps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.prior.lr)
+    x0 = torch.randn(BATCH, cfg.autoencoder.z_channels, size, size)
+
+    def step() -> None:
+        loss = diffusion.loss(model, x0, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    watch = fthreads.StallWatch("bench", enabled=spin == "auto" and threads == 0)
+    for _ in range(WARMUP_STEPS):
+        step()
+        watch.tick()
+    print(f"ready {torch.get_num_threads()} {fthreads.spin_in_effect()}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        step()
+        watch.tick()
+        print(f"ok {torch.get_num_threads()}", flush=True)
+
+
+# ---- the pytest side -------------------------------------------------------------------------
+def _clean_env(spin: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["FASTDAE_SPIN"] = spin
+    return env
+
+
+class Worker:
+    def __init__(self, spin: str, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", spin, str(threads)],
+            env=_clean_env(spin),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ready = self._read().split()
+        assert ready[0] == "ready", ready
+        self.threads, self.spin = int(ready[1]), ready[2]
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker died (status {self.proc.wait()})")
+        return line
+
+    def step(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        self.threads = int(self._read().split()[1])  # the count now: the stall watch may change it
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module", params=["quiet", "busy"])
+def condition(request) -> Iterator[str]:
+    """'busy': BUSY `yes` processes for the module's busy tests, each killed at the end (and bounded by timeout)."""
+    if request.param == "quiet":
+        yield "quiet"
+        return
+    if shutil.which("yes") is None or shutil.which("timeout") is None:
+        pytest.skip("needs `yes` and `timeout` (coreutils)")
+    procs = [subprocess.Popen(["timeout", str(BUSY_LIMIT_S), "yes"], stdout=subprocess.DEVNULL) for _ in range(BUSY)]
+    time.sleep(2.0)  # let the scheduler see them
+    try:
+        yield "busy"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_thread_settings(benchmark, record, condition, member):
+    benchmark.group = f"threads-{condition}"
+    spin, threads = MEMBERS[member]
+    w = Worker(spin, threads)
+    try:
+        load_before, threads_at_start = os.getloadavg(), w.threads
+        benchmark.pedantic(w.step, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+        record(
+            member=member,
+            condition=condition,
+            busy_processes=BUSY if condition == "busy" else 0,
+            worker_threads_at_start=threads_at_start,
+            worker_threads_at_end=w.threads,
+            worker_spin=w.spin,
+            batch=BATCH,
+            loadavg_before=list(load_before),
+            loadavg_after=list(os.getloadavg()),
+            cpus=len(os.sched_getaffinity(0)),
+        )
+    finally:
+        w.close()
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    worker(sys.argv[2], int(sys.argv[3]))
