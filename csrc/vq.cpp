@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -32,7 +33,9 @@
 // The micro-kernel once per instruction set (csrc/vq_kernel.h), picked per call by cpu_isa():
 //   generic: the baseline (SSE2 on x86-64), 8 lanes as two xmm, 3 rows;
 //   avx2:    8 lanes in ymm, 3 rows (16 registers);
-//   avx512:  16 lanes in zmm, 6 rows (32 registers), masked-store minimum updates.
+//   avx512:  16 lanes in zmm, 6 rows (32 registers), masked-store minimum updates;
+//   amx:     for D >= 16, a bf16 coarse pass on the tile unit and an exact fp32 re-rank (csrc/vq_amx.h);
+//            below D = 16 (and at avx512bf16, which has no kernel of its own) the avx512 micro-kernel.
 namespace {
 namespace generic {
 #define VQ_W 8
@@ -75,6 +78,15 @@ namespace avx512 {
 }  // namespace avx512
 }  // namespace
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,amx-tile,amx-bf16")
+namespace {
+namespace amx {
+#include "vq_amx.h"
+}  // namespace amx
+}  // namespace
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -87,6 +99,7 @@ constexpr int64_t NR_MAX = 32;
 void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* idx, float* dist) {
 #if FASTDAE_X86
   const Isa isa = fastdae_cpu::cpu_isa();
+  if (isa >= Isa::amx && x.size(1) >= amx::AMX_MIN_D) return amx::search(x, codebook, idx, dist);
   if (isa >= Isa::avx512) return avx512::search(x, codebook, idx, dist);
   if (isa >= Isa::avx2) return avx2::search(x, codebook, idx, dist);
 #endif

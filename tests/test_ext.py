@@ -172,8 +172,12 @@ def test_every_isa_path_reports_itself_and_finds_the_exact_nearest_codes(cap):
         from fastdae import _ext
         from fastdae.kernels.vq import vq_nearest
         from fastdae.kernels.lpips import lpips_head, lpips_head_ref
-        from tests.kernels.test_vq import nearest_check
+        from tests.kernels.test_vq import near_ties, nearest_check
         torch.manual_seed(0)
+        x, c, truth = near_ties(64, 2048, 64)
+        idx, sqdist = vq_nearest(x, c, impl="cpp")
+        nearest_check(x, c, idx, sqdist)
+        assert _ext.cpu_isa() != "amx" or torch.equal(idx, truth)
         for N, K, D in [(97, 300, 24), (40, 50, 7), (64, 1000, 256), (33, 1, 8)]:
             x, c = torch.randn(N, D), torch.randn(K, D)
             idx, sqdist = vq_nearest(x, c, impl="cpp")
