@@ -16,8 +16,8 @@ Members (what differs is only the environment of the worker and its thread count
   one-thread          libgomp's spin, 1 thread
   bounded-one-thread  FASTDAE_SPIN=bounded, 1 thread (what the stall watch could drop to)
 Groups: `threads-quiet` (nothing added; the load average beside each member is in extra_info, since
-the machine may be shared) and `threads-busy` (BUSY processes spinning `yes` at the same priority,
-started by the fixture, killed at its end and bounded by `timeout` if the run dies). The goal:
+the machine may be shared) and `threads-busy` (BUSY Python processes spinning at the same priority,
+started by the fixture, killed at its end, and ending by themselves after BUSY_LIMIT_S if the run dies). The goal:
 fastdae-default within 1.5x of the best member of each group, and not slower than torch-default quiet.
 Run it on a quiet machine for the quiet figures; a shared machine's load shows up in `loadavg`.
 """
@@ -25,7 +25,6 @@ Run it on a quiet machine for the quiet figures; a shared machine's load shows u
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +35,8 @@ import pytest
 
 BATCH = 64
 BUSY = 2
-BUSY_LIMIT_S = 1800  # the busy processes die by themselves after this, whatever happens to pytest
-ROUNDS = 20
+BUSY_LIMIT_S = 1200  # the busy processes end by themselves after this, whatever happens to pytest
+ROUNDS = 15
 # steps before the timed rounds, for every member: the stall watch's warm-up, reference and probe
 WARMUP_STEPS = 24
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,15 +140,21 @@ class Worker:
             self.proc.wait()
 
 
+def _busy_process() -> subprocess.Popen:
+    """One process spinning on a core at normal priority that ends by itself after BUSY_LIMIT_S (so a
+    killed pytest leaves nothing behind for long); the fixture kills it directly (no wrapper process
+    whose death would orphan it)."""
+    code = f"import time\nend = time.monotonic() + {BUSY_LIMIT_S}\nwhile time.monotonic() < end:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module", params=["quiet", "busy"])
 def condition(request) -> Iterator[str]:
-    """'busy': BUSY `yes` processes for the module's busy tests, each killed at the end (and bounded by timeout)."""
+    """'busy': BUSY spinning processes beside the module's busy tests, killed at the end."""
     if request.param == "quiet":
         yield "quiet"
         return
-    if shutil.which("yes") is None or shutil.which("timeout") is None:
-        pytest.skip("needs `yes` and `timeout` (coreutils)")
-    procs = [subprocess.Popen(["timeout", str(BUSY_LIMIT_S), "yes"], stdout=subprocess.DEVNULL) for _ in range(BUSY)]
+    procs = [_busy_process() for _ in range(BUSY)]
     time.sleep(2.0)  # let the scheduler see them
     try:
         yield "busy"
