@@ -5,16 +5,21 @@
 One training step of the tiny preset's prior (`fastdae.config.preset("tiny")`: DiT-T/2 over its 4 x 8 x 8
 latents; batch BATCH, the batch issue 23 measured the step at) in a worker process per setting: the
 OpenMP spin must be chosen before torch loads, so every member is its own interpreter, started with
-its environment and driven over a pipe (one round = one step; the pipe adds ~0.1 ms).
+its environment and driven over a pipe (one round = one step; the pipe adds ~0.1 ms). All members'
+workers live at once, and the figures to compare are `interleaved_median_ms` / `interleaved_min_ms`
+in extra_info: INTERLEAVED_ROUNDS rounds of one step of every member in a shuffled order, so that on a
+machine whose other load comes and goes every member sees the same load (pytest-benchmark's own
+TIMED_ROUNDS rounds run one member after another).
 
 Members (what differs is only the environment of the worker and its thread count):
   torch-default       what a run did before fastdae chose anything: libgomp's spin, torch's threads
-  fastdae-default     `python -m fastdae` / `fastdae.threads.configure()` now: FASTDAE_SPIN=auto, threads
+  fastdae-default     `python -m fastdae` / `fastdae.threads.configure()` now: FASTDAE_SPIN=auto (passive
+                      if the load is above the CPUs when the worker starts, else bounded), threads
                       auto, and the stall watch of a training stage (it may have dropped to one thread
                       during the warm-up steps: worker_threads in extra_info)
-  passive             OMP_WAIT_POLICY=PASSIVE, threads auto
+  passive             FASTDAE_SPIN=passive (OMP_WAIT_POLICY=PASSIVE), threads auto
+  bounded             FASTDAE_SPIN=bounded (GOMP_SPINCOUNT=100000), threads auto
   one-thread          libgomp's spin, 1 thread
-  bounded-one-thread  FASTDAE_SPIN=bounded, 1 thread (what the stall watch could drop to)
 Groups: `threads-quiet` (nothing added; the load average beside each member is in extra_info, since
 the machine may be shared) and `threads-busy` (BUSY Python processes spinning at the same priority,
 started by the fixture, killed at its end, and ending by themselves after BUSY_LIMIT_S if the run dies). The goal:
@@ -25,6 +30,8 @@ Run it on a quiet machine for the quiet figures; a shared machine's load shows u
 from __future__ import annotations
 
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +43,8 @@ import pytest
 BATCH = 64
 BUSY = 2
 BUSY_LIMIT_S = 1200  # the busy processes end by themselves after this, whatever happens to pytest
-ROUNDS = 15
+INTERLEAVED_ROUNDS = 12  # the figures to compare: every member's steps interleaved
+TIMED_ROUNDS = 3  # pytest-benchmark's own rounds per member, one member after another
 # steps before the timed rounds, for every member: the stall watch's warm-up, reference and probe
 WARMUP_STEPS = 24
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +54,8 @@ MEMBERS: dict[str, tuple[str, int]] = {
     "torch-default": ("libgomp", 0),
     "fastdae-default": ("auto", 0),
     "passive": ("passive", 0),
+    "bounded": ("bounded", 0),
     "one-thread": ("libgomp", 1),
-    "bounded-one-thread": ("bounded", 1),
 }
 
 
@@ -164,28 +172,48 @@ def condition(request) -> Iterator[str]:
             p.wait()
 
 
-@pytest.mark.parametrize("member", list(MEMBERS))
-def test_thread_settings(benchmark, record, condition, member):
-    benchmark.group = f"threads-{condition}"
-    spin, threads = MEMBERS[member]
-    w = Worker(spin, threads)
+@pytest.fixture(scope="module")
+def measured(condition) -> Iterator[dict]:
+    """Every member's worker (started one after another, each warming up alone), then
+    INTERLEAVED_ROUNDS rounds that time one step of every member in a shuffled order: on a machine
+    whose other load comes and goes, these are the figures to compare (each member sees the same load)."""
+    workers: dict[str, Worker] = {}
     try:
-        load_before, threads_at_start = os.getloadavg(), w.threads
-        benchmark.pedantic(w.step, rounds=ROUNDS, iterations=1, warmup_rounds=2)
-        record(
-            member=member,
-            condition=condition,
-            busy_processes=BUSY if condition == "busy" else 0,
-            worker_threads_at_start=threads_at_start,
-            worker_threads_at_end=w.threads,
-            worker_spin=w.spin,
-            batch=BATCH,
-            loadavg_before=list(load_before),
-            loadavg_after=list(os.getloadavg()),
-            cpus=len(os.sched_getaffinity(0)),
-        )
+        for member, (spin, threads) in MEMBERS.items():
+            workers[member] = Worker(spin, threads)
+        times: dict[str, list[float]] = {m: [] for m in MEMBERS}
+        loads, order, rng = [], list(MEMBERS), random.Random(0)
+        for _ in range(INTERLEAVED_ROUNDS):
+            rng.shuffle(order)
+            for member in order:
+                t0 = time.perf_counter()
+                workers[member].step()
+                times[member].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+        yield {"workers": workers, "times": times, "loads": loads}
     finally:
-        w.close()
+        for w in workers.values():
+            w.close()
+
+
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_thread_settings(benchmark, record, condition, measured, member):
+    benchmark.group = f"threads-{condition}"
+    w, times = measured["workers"][member], measured["times"][member]
+    benchmark.pedantic(w.step, rounds=TIMED_ROUNDS, iterations=1)
+    record(
+        member=member,
+        condition=condition,
+        busy_processes=BUSY if condition == "busy" else 0,
+        worker_threads_at_end=w.threads,
+        worker_spin=w.spin,
+        batch=BATCH,
+        interleaved_median_ms=1e3 * statistics.median(times),
+        interleaved_min_ms=1e3 * min(times),
+        interleaved_rounds=len(times),
+        loadavg_1min_during=[min(measured["loads"]), max(measured["loads"])],
+        cpus=len(os.sched_getaffinity(0)),
+    )
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":

@@ -4,7 +4,8 @@ torch's CPU ops run on OpenMP (libgomp) threads, which spin at every barrier bef
 an idle machine the spin is what makes a step fast; when other processes hold the cores, a thread
 spins while the partner it waits for is descheduled, and a step gets several times slower. Two
 knobs matter, and they are set at different times:
-  * the spin (`FASTDAE_SPIN`): libgomp reads it once, when it starts, i.e. at `import torch`. So
+  * the spin (`FASTDAE_SPIN`; auto: passive when the load is above the CPUs at start-up, else a
+    bounded spin): libgomp reads it once, when it starts, i.e. at `import torch`. So
     `python -m fastdae` chooses it first thing (`prepare_env`), and a Python-API user calls
     `fastdae.threads.configure()` before importing torch (after, only the thread count can change);
   * the thread count (config key `threads`, `torch.set_num_threads`): any time.
@@ -29,13 +30,14 @@ log = logging.getLogger("fastdae")
 SPIN_ENV = "FASTDAE_SPIN"
 # FASTDAE_SPIN value -> the libgomp variables it sets (only where the user set neither of them).
 # "bounded": spin at most ~100k iterations, then sleep: as fast as the default spin when the cores
-# are free, and it stops burning the time slice of a descheduled partner (benchmarks/bench_threads.py).
+# are free (issue 23: 53 vs 52 ms), and it stops burning the time slice of a descheduled partner.
+# "passive": sleep at once: the fastest on a busy machine, slower on a quiet one (benchmarks/bench_threads.py).
 SPIN_SETTINGS: dict[str, dict[str, str]] = {
     "bounded": {"GOMP_SPINCOUNT": "100000"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "libgomp": {},  # libgomp's own default (spin long): what torch does without fastdae
 }
-DEFAULT_SPIN = "bounded"
+DEFAULT_SPIN = "bounded"  # FASTDAE_SPIN=auto on a machine whose load is within its CPUs
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 STALL_WARMUP = 3  # steps skipped before the reference steps (allocator, caches, first-touch)
@@ -69,23 +71,31 @@ def resolve_threads(threads: int | str) -> int:
     return threads
 
 
-def spin_setting(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
-    """The FASTDAE_SPIN setting ("auto" -> DEFAULT_SPIN); ValueError names the variable and the choices."""
+def spin_setting(environ: os._Environ[str] | dict[str, str] | None = None, load: float | None = None) -> str:
+    """The FASTDAE_SPIN setting. "auto" (the default): "passive" when the 1-minute load average
+    (`load`, default os.getloadavg) is above the CPUs this process may use (other work holds the
+    cores at start-up: a sleeping wait measured fastest there), else "bounded" (as fast as libgomp's
+    long spin on free cores). ValueError names the variable and the choices."""
     env = os.environ if environ is None else environ
     value = env.get(SPIN_ENV, "auto").strip().lower() or "auto"
     if value == "auto":
-        return DEFAULT_SPIN
+        if load is None:
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):  # not Unix
+                load = 0.0
+        return "passive" if load > available_cpus() else DEFAULT_SPIN
     if value not in SPIN_SETTINGS:
         raise ValueError(f"{SPIN_ENV} must be one of auto, {', '.join(SPIN_SETTINGS)}; got {value!r}")
     return value
 
 
-def prepare_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+def prepare_env(environ: os._Environ[str] | dict[str, str] | None = None, load: float | None = None) -> str:
     """Set the OpenMP spin for FASTDAE_SPIN in `environ` (default os.environ), before torch loads.
     A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (nothing is set then). Returns what governs
     the spin: the setting's name, or "user" (the user's variables), or "fixed" (torch already loaded)."""
     env = os.environ if environ is None else environ
-    setting = spin_setting(env)
+    setting = spin_setting(env, load)
     if environ is None and "torch" in sys.modules:
         return "fixed"
     if any(v in env for v in _OMP_VARS):

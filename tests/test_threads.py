@@ -62,11 +62,16 @@ def test_the_threads_config_key_defaults_to_auto_and_rejects_negatives():
         apply_overrides(TrainConfig(), ["threads=-2"])
 
 
-def test_the_default_spin_is_bounded_and_a_users_own_variables_win():
+def test_the_default_spin_is_bounded_on_free_cores_passive_on_busy_ones_and_a_users_own_variables_win(monkeypatch):
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
     env: dict[str, str] = {}
-    assert threads.prepare_env(env) == "bounded" and env == {"GOMP_SPINCOUNT": "100000"}
+    assert threads.prepare_env(env, load=1.5) == "bounded" and env == {"GOMP_SPINCOUNT": "100000"}
+    env = {}
+    assert threads.prepare_env(env, load=3.0) == "passive" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     env = {"FASTDAE_SPIN": "passive"}
-    assert threads.prepare_env(env) == "passive" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert threads.prepare_env(env, load=0.0) == "passive" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"FASTDAE_SPIN": "bounded"}
+    assert threads.prepare_env(env, load=9.0) == "bounded" and env["GOMP_SPINCOUNT"] == "100000"
     env = {"FASTDAE_SPIN": "libgomp"}
     assert threads.prepare_env(env) == "libgomp" and set(env) == {"FASTDAE_SPIN"}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
@@ -101,7 +106,7 @@ def test_python_m_fastdae_sets_the_spin_before_torch_loads():
             pass
         print(seen["torch_loaded"], os.environ.get("GOMP_SPINCOUNT"))
         """,
-        {},
+        {"FASTDAE_SPIN": "bounded"},
     )
     assert out.stdout.strip().splitlines()[-1] == "False 100000", out.stderr
 
@@ -128,7 +133,7 @@ def test_configure_before_torch_sets_spin_and_threads_after_torch_only_threads()
         import torch
         print(s.spin, s.threads, torch.get_num_threads(), os.environ.get("GOMP_SPINCOUNT"))
         """,
-        {},
+        {"FASTDAE_SPIN": "bounded"},
     )
     assert out.stdout.split() == ["bounded", "1", "1", "100000"], out.stderr
     out = run_python("import torch, fastdae.threads as t; s = t.configure(1); print(s.spin, s.threads)", {})
