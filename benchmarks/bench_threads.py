@@ -40,6 +40,11 @@ from pathlib import Path
 
 import pytest
 
+if __name__ != "__main__":  # not in the worker: benchmarks/conftest.py imports torch, which must load after the spin
+    from conftest import HAS_CUDA  # benchmarks/conftest.py (pytest puts its folder on sys.path)
+
+    pytestmark = pytest.mark.skipif(HAS_CUDA, reason="CPU threads: a CPU benchmark (gpu_check.sh skips it)")
+
 BATCH = 64
 BUSY = 2
 BUSY_LIMIT_S = 1200  # the busy processes end by themselves after this, whatever happens to pytest
