@@ -15,7 +15,10 @@ distance dot products (median and best round), and for the search the accuracy o
 ACC_ROWS rows against float64: the fraction of rows whose chosen code is the float64 argmin, and the
 largest excess distance of a chosen code over the minimum, relative to ||x||^2 + max ||c||^2.
 FAISS searches a prebuilt index (its add() is outside the timed call: its best case), with as many
-OpenMP threads as torch uses.
+OpenMP threads as torch uses. On CPU the fastdae member records the instruction set its kernel ran on
+(`cpu_isa`: on a CPU with AMX, D >= 16 takes the bf16 coarse pass + exact fp32 re-rank of
+csrc/vq_amx.h; FASTDAE_CPU_ISA=avx512 in the environment measures the fp32 micro-kernel instead). For
+the one-thread comparison with FAISS: OMP_NUM_THREADS=1 pytest benchmarks/bench_vq.py -k nearest.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pytest
 import torch
 from conftest import HAS_CUDA, peak_extra_memory, stat_s  # benchmarks/conftest.py (pytest puts its folder on sys.path)
 
+from fastdae import _ext
 from fastdae.kernels.vq import vector_quantize, vq_nearest
 
 try:
@@ -169,6 +173,8 @@ def test_vq_nearest(benchmark, timed, bench_device, N, K, D, member, dtype):
     peak = None if "faiss" in member else _run_or_skip(lambda: peak_extra_memory(step, bench_device), bench_device)
     _time(timed, benchmark, step, member, N, K, D, dtype, peak)
     benchmark.extra_info.update(_accuracy(z, codebook, idx))
+    if member == "fastdae" and bench_device.type == "cpu":  # which kernel ran (csrc/cpu_dispatch.h)
+        benchmark.extra_info.update(cpu_isa=_ext.cpu_isa(), amx_path=_ext.cpu_isa() == "amx" and D >= 16)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU FLOP/s yardstick of the vq-nearest groups")

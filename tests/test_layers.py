@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastdae"
 
 # lowest first; a unit is a subpackage or a top-level module of fastdae
 LAYERS: list[tuple[str, ...]] = [
-    ("files", "_ext", "_lazy", "precision"),
+    ("files", "_ext", "_lazy", "precision", "threads"),
     ("kernels",),
     ("nn",),
     ("models",),

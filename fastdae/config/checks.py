@@ -82,6 +82,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("cache.batch_size", lambda v: v >= 1, ">= 1"),
     ("cache.shard_size", lambda v: v >= 1, ">= 1"),
     ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("threads", lambda v: v >= 0, ">= 0 (0: auto, the CPUs this process may use)"),
 )
 
 

@@ -162,8 +162,9 @@ class TrainConfig:
     (CUDA only). `tensorboard`: scalars and image grids in <stage>/tb; `wandb`: the same to Weights &
     Biases (needs the wandb package; its own settings, e.g. WANDB_MODE=offline, apply). `resume`:
     continue each listed stage from its last checkpoint (finished stages are skipped) when its
-    identity matches (docs/training.md: resume);
-    `overwrite`: clear an out_dir that holds another run first."""
+    identity matches (docs/training.md: resume); `overwrite`: clear an out_dir that holds another run
+    first. `threads`: torch's CPU threads, 0 = auto (OMP_NUM_THREADS if set, else the CPUs this
+    process may use; fastdae/threads.py, docs/cpu.md)."""
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -181,6 +182,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     num_workers: int = 0
+    threads: int = 0
     progress: bool = True
     tensorboard: bool = False
     wandb: bool = False

@@ -24,7 +24,18 @@ from typing import Any
 from fastdae.config import ConfigError, TrainConfig
 
 # keys that say how to run, not what is trained
-RUN_CONTROL = ("out_dir", "stages", "resume", "overwrite", "device", "num_workers", "progress", "tensorboard", "wandb")
+RUN_CONTROL = (
+    "out_dir",
+    "stages",
+    "resume",
+    "overwrite",
+    "device",
+    "num_workers",
+    "threads",
+    "progress",
+    "tensorboard",
+    "wandb",
+)
 # keys a resumed run may change (steps: see the module docstring; compile changes how, not what, is computed)
 SAFE_KEYS = (*RUN_CONTROL, "*.lr", "*.log_every", "*.ckpt_every", "*.steps", "*.compile", "cache.batch_size")
 SAMPLING = (

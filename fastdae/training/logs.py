@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastdae import files
+from fastdae.threads import StallWatch, apply_threads
 from fastdae.training.optim import check_finite
 from fastdae.training.run import Run, log
 
@@ -87,6 +88,9 @@ class StepLog:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
         self.last: dict[str, float] = {}
         self.wait = 0.0
+        if run.device.type == "cpu":  # the `threads` key, and a watch for a machine that gets busy (docs/cpu.md)
+            apply_threads(run.cfg.threads)
+        self.stall = StallWatch(stage, enabled=run.device.type == "cpu", may_drop=run.cfg.threads == 0)
         self.t0 = self.t_log = time.perf_counter()
         self.step_log = start
 
@@ -104,6 +108,7 @@ class StepLog:
         shown in TensorBoard / W&B at checkpoint steps."""
         self.nonfinite |= ~torch.isfinite(losses["loss"].detach())
         self.bar.update(1)
+        self.stall.tick()
         if not self.due(done):
             return
         if images is not None and (done % self.ckpt_every == 0 or done == self.steps):

@@ -356,3 +356,45 @@ def test_gpu_large(N, K, D, dtype):
     e = torch.autograd.grad((ref.z_q * upstream.double()).sum() + ref.loss, (z, cb))
     for a, b in zip(g, e, strict=True):
         assert (a.double() - b).norm() <= 1e-2 * b.norm() + 1e-6
+
+
+def near_ties(N: int, K: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, D) and codes on spheres around each row whose radii differ by 2e-4 relative: far above
+    fp32's rounding, far below bf16's (2^-8), so a bf16 coarse pass alone cannot rank them. Every row's
+    codes are shuffled among the others' (a row's nearest is its own smallest sphere). Returns
+    (x, codebook, the float64 argmin)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64) * 10
+    per = K // N
+    radius = 3 * (1 + 2e-4 * torch.randperm(per * N, generator=g).double().view(N, per))
+    w = torch.nn.functional.normalize(torch.randn(N, per, D, generator=g, dtype=torch.float64), dim=-1)
+    codes = (x[:, None] + radius[..., None] * w).view(-1, D)
+    codebook = codes[torch.randperm(len(codes), generator=g)].float()
+    xf = x.float()
+    full = torch.cdist(xf.double(), codebook.double()).square()
+    return xf, codebook, full.argmin(1)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
+@pytest.mark.parametrize("N, K, D", [(64, 2048, 64), (32, 1024, 256), (40, 640, 17), (96, 960, 32)])
+def test_cpp_nearest_is_exact_on_near_ties_below_bf16_resolution(N, K, D):
+    # With AMX the coarse pass is bf16 (csrc/vq_amx.h) and the fp32 re-rank of direct differences must
+    # find the float64 argmin exactly (the gaps are far above fp32 rounding). The fp32 micro-kernel
+    # of the other paths ranks by the expanded score ||c||^2 / 2 - x.c, exact to its rounding only.
+    x, codebook, truth = near_ties(N, K, D)
+    idx, sqdist = vq_nearest(x, codebook, impl="cpp")
+    if _ext.cpu_isa() == "amx":
+        assert torch.equal(idx, truth), f"{(idx != truth).sum().item()} rows off"
+    nearest_check(x, codebook, idx, sqdist)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ op not built")
+@pytest.mark.parametrize("D", [16, 64, 256])
+def test_cpp_nearest_takes_the_lowest_of_duplicate_codes(D):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(50, D, generator=g)
+    codebook = torch.cat([base, base, base])  # code k, k + 50 and k + 100 are equal
+    x = base[torch.randint(50, (200,), generator=g)] + 0.01 * torch.randn(200, D, generator=g)
+    idx, _ = vq_nearest(x, codebook, impl="cpp")
+    full = torch.cdist(x.double(), codebook.double()).square()
+    assert (idx < 50).all() and torch.equal(idx, full[:, :50].argmin(1))
