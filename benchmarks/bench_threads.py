@@ -1,9 +1,9 @@
-"""CPU thread settings on a quiet and on a busy machine (issue 23, finding 6; docs/cpu.md).
+"""CPU thread settings on a quiet and on a busy machine (docs/cpu.md).
 
     pytest benchmarks/bench_threads.py --benchmark-only
 
 One training step of the tiny preset's prior (`fastdae.config.preset("tiny")`: DiT-T/2 over its 4 x 8 x 8
-latents; batch BATCH, the batch issue 23 measured the step at) in a worker process per setting: the
+latents; batch BATCH, the batch an earlier review measured the step at) in a worker process per setting: the
 OpenMP spin must be chosen before torch loads, so every member is its own interpreter, started with
 its environment and driven over a pipe (one round = one step; the pipe adds ~0.1 ms). All members'
 workers live at once, and the figures to compare are `interleaved_median_ms` / `interleaved_min_ms`

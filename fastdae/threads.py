@@ -1,4 +1,4 @@
-"""CPU threads on a machine that other work shares (issue 23, finding 6; docs/cpu.md has the figures).
+"""CPU threads on a machine that other work shares (docs/cpu.md has the figures).
 
 torch's CPU ops run on OpenMP (libgomp) threads, which spin at every barrier before they sleep. On
 an idle machine the spin is what makes a step fast; when other processes hold the cores, a thread
@@ -30,7 +30,7 @@ log = logging.getLogger("fastdae")
 SPIN_ENV = "FASTDAE_SPIN"
 # FASTDAE_SPIN value -> the libgomp variables it sets (only where the user set neither of them).
 # "bounded": spin at most ~100k iterations, then sleep: as fast as the default spin when the cores
-# are free (issue 23: 53 vs 52 ms), and it stops burning the time slice of a descheduled partner.
+# are free (measured earlier: 53 vs 52 ms), and it stops burning the time slice of a descheduled partner.
 # "passive": sleep at once: the fastest on a busy machine, slower on a quiet one (benchmarks/bench_threads.py).
 SPIN_SETTINGS: dict[str, dict[str, str]] = {
     "bounded": {"GOMP_SPINCOUNT": "100000"},

@@ -1,6 +1,6 @@
-"""fastdae/_ext.py and csrc/cpu_dispatch.h: a killed builder never blocks the next process (issue 23,
-finding 1), the cache key names the instruction set compiled for and the library is portable, and
-every ISA path the CPU offers gives the exact nearest codes (issue 23, finding 2)."""
+"""fastdae/_ext.py and csrc/cpu_dispatch.h: a killed builder never blocks the next process,
+the cache key names the instruction set compiled for and the library is portable, and
+every ISA path the CPU offers gives the exact nearest codes."""
 
 from __future__ import annotations
 

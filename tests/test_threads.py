@@ -1,6 +1,5 @@
 """fastdae/threads.py: the `threads` setting, the spin chosen before torch loads (`python -m fastdae`,
-`configure`), and the stall watch that drops to one thread on a machine that got busy (issue 23,
-finding 6)."""
+`configure`), and the stall watch that drops to one thread on a machine that got busy."""
 
 from __future__ import annotations
 
