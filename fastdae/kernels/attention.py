@@ -95,17 +95,8 @@ def _hint(sb, sh, sn, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(
-    base,
-    rows,
-    n_rows,
-    row_stride,
-    d_stride,
-    D_START: tl.constexpr,
-    D_BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
-):
+def _load_rows(base, rows, n_rows, row_stride, d_stride, D_START: tl.constexpr, D_BLOCK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):  # fmt: skip
     """(len(rows), D_BLOCK) tile of columns D_START... of a (n_rows, HEAD_DIM) matrix; zeros outside it."""
     cols = D_START + tl.arange(0, D_BLOCK)
     ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * d_stride
@@ -138,22 +129,9 @@ def _load_vec(base, rows, n_rows, MASK_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(
-    desc,
-    b,
-    h,
-    start,
-    base,
-    n_rows,
-    row_stride,
-    d_stride,
-    D_START: tl.constexpr,
-    D_BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _load_tile(desc, b, h, start, base, n_rows, row_stride, d_stride, D_START: tl.constexpr,
+        D_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr,
+        USE_TMA: tl.constexpr):  # fmt: skip
     """Rows start ... start + BLOCK, columns D_START ... of one (batch, head): through the TMA
     descriptor `desc` (over the (B, H, N, D) view, block (1, 1, BLOCK, D_BLOCK); rows and columns
     outside the tensor read as zeros, so no masks) when USE_TMA, else pointer loads from `base`."""
@@ -167,37 +145,10 @@ def _load_tile(
 
 
 @triton.jit
-def _fwd_step(
-    acc0,
-    acc1,
-    m_i,
-    l_i,
-    q0,
-    q1,
-    k_base,
-    v_base,
-    kd0,
-    kd1,
-    vd0,
-    vd1,
-    b,
-    h,
-    start_n,
-    N_KV,
-    skn,
-    skd,
-    svn,
-    svd,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b, h, start_n, N_KV,
+        skn, skd, svn, svd, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+        USE_TMA: tl.constexpr):  # fmt: skip
     """One K/V tile of the online softmax: rescale the running (acc, m, l) to the new row max."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
@@ -225,46 +176,11 @@ def _fwd_step(
 
 
 @triton.jit
-def _attention_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    kd0,
-    kd1,
-    vd0,
-    vd1,
-    o_ptr,
-    lse_ptr,
-    H,
-    N_Q,
-    N_KV,
-    qk_scale,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sob,
-    soh,
-    son,
-    sod,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, o_ptr, lse_ptr, H, N_Q, N_KV,
+        qk_scale, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+        USE_TMA: tl.constexpr):  # fmt: skip
     """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -287,69 +203,17 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # the row sum, in each of 16 equal columns
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _fwd_step(
-            acc0,
-            acc1,
-            m_i,
-            l_i,
-            q0,
-            q1,
-            k_base,
-            v_base,
-            kd0,
-            kd1,
-            vd0,
-            vd1,
-            b32,
-            h32,
-            start_n,
-            N_KV,
-            skn,
-            skd,
-            svn,
-            svd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_N,
-            False,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
+                                         start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N,
+                                         False, PRECISION, USE_TMA)
+        # fmt: on
     if n_full < N_KV:
-        acc0, acc1, m_i, l_i = _fwd_step(
-            acc0,
-            acc1,
-            m_i,
-            l_i,
-            q0,
-            q1,
-            k_base,
-            v_base,
-            kd0,
-            kd1,
-            vd0,
-            vd1,
-            b32,
-            h32,
-            n_full,
-            N_KV,
-            skn,
-            skd,
-            svn,
-            svd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_N,
-            True,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
+                                         n_full, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N,
+                                         True, PRECISION, USE_TMA)
+        # fmt: on
     o_base = o_ptr + b * sob + h * soh
     l_i = tl.max(l_i, 1)  # the 16 columns are equal
     inv_l = 1.0 / l_i
@@ -362,25 +226,8 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(
-    o_ptr,
-    do_ptr,
-    delta_ptr,
-    H,
-    N_Q,
-    sob,
-    soh,
-    son,
-    sod,
-    sdb,
-    sdh,
-    sdn,
-    sdd,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
+def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N_Q, sob, soh, son, sod, sdb, sdh, sdn,
+        sdd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """Delta_i = sum_d O_id dO_id (B, H, N) float32; BLOCK_D is a power of two >= HEAD_DIM (no dot here)."""
     sob, soh, son = _hint(sob, soh, son, ALIGN)
     sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
@@ -393,41 +240,10 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_step(
-    dk0,
-    dk1,
-    dv0,
-    dv1,
-    k0,
-    k1,
-    v0,
-    v1,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    qd0,
-    qd1,
-    dod0,
-    dod1,
-    b,
-    h,
-    start_m,
-    N_Q,
-    sqn,
-    sqd,
-    sdn,
-    sdd,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, qd0, qd1,
+        dod0, dod1, b, h, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale, HEAD_DIM: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        MASK_M: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
     """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q0 = _load_tile(qd0, b, h, start_m, q_base, N_Q, sqn, sqd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
@@ -455,58 +271,12 @@ def _bwd_dkdv_step(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    qd0,
-    qd1,
-    dod0,
-    dod1,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    H,
-    N_Q,
-    N_KV,
-    qk_scale,
-    scale,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sdb,
-    sdh,
-    sdn,
-    sdd,
-    sdkb,
-    sdkh,
-    sdkn,
-    sdkd,
-    sdvb,
-    sdvh,
-    sdvn,
-    sdvd,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qd0, qd1, dod0, dod1, lse_ptr, delta_ptr,
+        dk_ptr, dv_ptr, H, N_Q, N_KV, qk_scale, scale, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh,
+        svn, svd, sdb, sdh, sdn, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+        USE_TMA: tl.constexpr):  # fmt: skip
     """qd0, qd1, dod0, dod1: TMA descriptors of Q's and dO's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -538,77 +308,17 @@ def _attention_bwd_dkdv_kernel(
     dv1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
-            dk0,
-            dk1,
-            dv0,
-            dv1,
-            k0,
-            k1,
-            v0,
-            v1,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            qd0,
-            qd1,
-            dod0,
-            dod1,
-            b32,
-            h32,
-            start_m,
-            N_Q,
-            sqn,
-            sqd,
-            sdn,
-            sdd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_M,
-            False,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
+                                            qd0, qd1, dod0, dod1, b32, h32, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, False, PRECISION, USE_TMA)
+        # fmt: on
     if m_full < N_Q:
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(
-            dk0,
-            dk1,
-            dv0,
-            dv1,
-            k0,
-            k1,
-            v0,
-            v1,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            qd0,
-            qd1,
-            dod0,
-            dod1,
-            b32,
-            h32,
-            m_full,
-            N_Q,
-            sqn,
-            sqd,
-            sdn,
-            sdd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_M,
-            True,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
+                                            qd0, qd1, dod0, dod1, b32, h32, m_full, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, True, PRECISION, USE_TMA)
+        # fmt: on
     dk_base = dk_ptr + b * sdkb + h * sdkh
     dv_base = dv_ptr + b * sdvb + h * sdvh
     _store_rows(dk_base, dk0 * scale, cols, N_KV, sdkn, sdkd, 0, D0, HEAD_DIM)
@@ -619,39 +329,10 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_step(
-    dq0,
-    dq1,
-    q0,
-    q1,
-    do0,
-    do1,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    kd0,
-    kd1,
-    vd0,
-    vd1,
-    b,
-    h,
-    start_n,
-    N_KV,
-    skn,
-    skd,
-    svn,
-    svd,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b, h,
+        start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+        D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+        PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
     """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
@@ -674,53 +355,11 @@ def _bwd_dq_step(
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    kd0,
-    kd1,
-    vd0,
-    vd1,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dq_ptr,
-    H,
-    N_Q,
-    N_KV,
-    qk_scale,
-    scale,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sdb,
-    sdh,
-    sdn,
-    sdd,
-    sdqb,
-    sdqh,
-    sdqn,
-    sdqd,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
+def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, do_ptr, lse_ptr, delta_ptr,
+        dq_ptr, H, N_Q, N_KV, qk_scale, scale, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn,
+        svd, sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+        D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
     """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
     sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
     skb, skh, skn = _hint(skb, skh, skn, ALIGN)
@@ -748,73 +387,17 @@ def _attention_bwd_dq_kernel(
     dq1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _bwd_dq_step(
-            dq0,
-            dq1,
-            q0,
-            q1,
-            do0,
-            do1,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            kd0,
-            kd1,
-            vd0,
-            vd1,
-            b32,
-            h32,
-            start_n,
-            N_KV,
-            skn,
-            skd,
-            svn,
-            svd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_N,
-            False,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
+                                start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False,
+                                PRECISION, USE_TMA)
+        # fmt: on
     if n_full < N_KV:
-        dq0, dq1 = _bwd_dq_step(
-            dq0,
-            dq1,
-            q0,
-            q1,
-            do0,
-            do1,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            kd0,
-            kd1,
-            vd0,
-            vd1,
-            b32,
-            h32,
-            n_full,
-            N_KV,
-            skn,
-            skd,
-            svn,
-            svd,
-            qk_scale,
-            HEAD_DIM,
-            D0,
-            D1,
-            SPLIT,
-            BLOCK_N,
-            True,
-            PRECISION,
-            USE_TMA,
-        )
+        # fmt: off
+        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
+                                n_full, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True,
+                                PRECISION, USE_TMA)
+        # fmt: on
     dq_base = dq_ptr + b * sdqb + h * sdqh
     _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
     if SPLIT:
@@ -983,6 +566,12 @@ def bwd_launches(
     tma_kv = uses_tma(align_kv, arch, D, q, grad)  # dK/dV streams Q and dO
     align_q = align_elems(q, k, v, grad, dq)
     tma_q = uses_tma(align_q, arch, D, k, v)  # dQ streams K and V
+    # fmt: off
+    dkdv_args = (q, k, v, grad, *_descriptors(q, D, tma_kv), *_descriptors(grad, D, tma_kv), lse, delta, dk, dv, H, N,
+                 M, scale * LOG2E, scale, *inputs, *strides(dk), *strides(dv))
+    dq_args = (q, k, v, *_descriptors(k, D, tma_q), *_descriptors(v, D, tma_q), grad, lse, delta, dq, H, N, M,
+               scale * LOG2E, scale, *inputs, *strides(dq))
+    # fmt: on
     return [
         KernelLaunch(
             _attention_bwd_delta_kernel,
@@ -993,26 +582,7 @@ def bwd_launches(
         ),
         KernelLaunch(
             _attention_bwd_dkdv_kernel,
-            (
-                q,
-                k,
-                v,
-                grad,
-                *_descriptors(q, D, tma_kv),
-                *_descriptors(grad, D, tma_kv),
-                lse,
-                delta,
-                dk,
-                dv,
-                H,
-                N,
-                M,
-                scale * LOG2E,
-                scale,
-                *inputs,
-                *strides(dk),
-                *strides(dv),
-            ),
+            dkdv_args,
             dict(consts, ALIGN=align_kv, USE_TMA=tma_kv),
             launch_configs("dkdv", D, arch),
             lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
@@ -1021,24 +591,7 @@ def bwd_launches(
         ),
         KernelLaunch(
             _attention_bwd_dq_kernel,
-            (
-                q,
-                k,
-                v,
-                *_descriptors(k, D, tma_q),
-                *_descriptors(v, D, tma_q),
-                grad,
-                lse,
-                delta,
-                dq,
-                H,
-                N,
-                M,
-                scale * LOG2E,
-                scale,
-                *inputs,
-                *strides(dq),
-            ),
+            dq_args,
             dict(consts, ALIGN=align_q, USE_TMA=tma_q),
             launch_configs("dq", D, arch),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),

@@ -65,25 +65,11 @@ def _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS: tl.constexpr):
 
 
 @triton.jit
-def _lpips_head_fwd_kernel(
-    f0_ptr,
-    f1_ptr,
-    w_ptr,
-    part_ptr,
-    C,
-    HW,
-    part_stride_b,
-    inv_hw,
-    s0b,
-    s0c,
-    s0p,
-    s1b,
-    s1c,
-    s1p,
-    EPS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+def _load_tile(f0_ptr, f1_ptr, w_ptr, C, HW, s0b, s0c, s0p, s1b, s1c, s1p, EPS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    """This program's tile of both maps (program (tile, b): positions tile*BLOCK_P ... of image b, all
+    channels c): the mask of live (channel, position) lanes, the normalised fp32 tiles of
+    _load_normalised and the channel weights w (BLOCK_C,), 0 past C."""
     tile = tl.program_id(0)
     b = tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
@@ -93,49 +79,27 @@ def _lpips_head_fwd_kernel(
     off1 = _tile_offsets(b, c, p, s1b, s1c, s1p)
     x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
     w = tl.load(w_ptr + c, mask=c < C, other=0.0)
+    return tile, b, c, p, mask, x0, x1, n0, n1, r0, r1, w
+
+
+@triton.jit
+def _lpips_head_fwd_kernel(f0_ptr, f1_ptr, w_ptr, part_ptr, C, HW, part_stride_b, inv_hw, s0b, s0c, s0p,
+        s1b, s1c, s1p, EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    tile, b, c, p, mask, x0, x1, n0, n1, r0, r1, w = _load_tile(
+        f0_ptr, f1_ptr, w_ptr, C, HW, s0b, s0c, s0p, s1b, s1c, s1p, EPS, BLOCK_C, BLOCK_P
+    )
     d = x0 * r0[None, :] - x1 * r1[None, :]  # masked lanes: x = 0 -> d = 0
     tile_sum = tl.sum(tl.sum(w[:, None] * d * d, axis=0), axis=0)
     tl.store(part_ptr + b.to(tl.int64) * part_stride_b + tile, tile_sum * inv_hw)
 
 
 @triton.jit
-def _lpips_head_bwd_kernel(
-    f0_ptr,
-    f1_ptr,
-    w_ptr,
-    grad_ptr,
-    g0_ptr,
-    g1_ptr,
-    C,
-    HW,
-    inv_hw,
-    s0b,
-    s0c,
-    s0p,
-    s1b,
-    s1c,
-    s1p,
-    t0b,
-    t0c,
-    t0p,
-    t1b,
-    t1c,
-    t1p,
-    EPS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    NEED0: tl.constexpr,
-    NEED1: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    c = tl.arange(0, BLOCK_C)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = (c < C)[:, None] & (p < HW)[None, :]
-    off0 = _tile_offsets(b, c, p, s0b, s0c, s0p)
-    off1 = _tile_offsets(b, c, p, s1b, s1c, s1p)
-    x0, x1, n0, n1, r0, r1 = _load_normalised(f0_ptr, f1_ptr, off0, off1, mask, EPS)
-    w = tl.load(w_ptr + c, mask=c < C, other=0.0)
+def _lpips_head_bwd_kernel(f0_ptr, f1_ptr, w_ptr, grad_ptr, g0_ptr, g1_ptr, C, HW, inv_hw, s0b, s0c,
+        s0p, s1b, s1c, s1p, t0b, t0c, t0p, t1b, t1c, t1p, EPS: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, NEED0: tl.constexpr, NEED1: tl.constexpr):  # fmt: skip
+    tile, b, c, p, mask, x0, x1, n0, n1, r0, r1, w = _load_tile(
+        f0_ptr, f1_ptr, w_ptr, C, HW, s0b, s0c, s0p, s1b, s1c, s1p, EPS, BLOCK_C, BLOCK_P
+    )
     coef = 2.0 * tl.load(grad_ptr + b) * inv_hw
     a = (coef * w)[:, None] * (x0 * r0[None, :] - x1 * r1[None, :])  # dL/du0 (BLOCK_C, BLOCK_P)
     if NEED0:

@@ -100,31 +100,10 @@ def _x_dot_c(x_hi, x_lo, ct, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scan_tile(
-    seg_key,
-    x_hi,
-    x_lo,
-    x_aug,
-    x_rows,
-    row_mask,
-    c_ptr,
-    caug_ptr,
-    k0,
-    tile_in_seg,
-    K,
-    sxd,
-    sck,
-    scd,
-    D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr,
-    SEG_BITS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    AUG_PRECISION: tl.constexpr,
-    LOP3: tl.constexpr,
-    MASK_K: tl.constexpr,
-):
+def _scan_tile(seg_key, x_hi, x_lo, x_aug, x_rows, row_mask, c_ptr, caug_ptr, k0, tile_in_seg, K, sxd,
+        sck, scd, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+        SEG_BITS: tl.constexpr, PRECISION: tl.constexpr, AUG_PRECISION: tl.constexpr,
+        LOP3: tl.constexpr, MASK_K: tl.constexpr):  # fmt: skip
     """Codes k0 ... k0 + BLOCK_K into the running minimum key of each (row, lane) of the segment:
     one LOP3 and one integer min per (row, code) pair. The MMA itself produces
     x.c - ||c||^2 / 2 - ||x||^2 / 2 - margin = -(||x - c||^2 / 2 + margin) < 0 (the squared norms
@@ -187,35 +166,10 @@ def _fold(run_key, run_code, seg_key, tile0, BLOCK_K: tl.constexpr, SEG_BITS: tl
 
 
 @triton.jit
-def _vq_nearest_fwd_kernel(
-    x_ptr,
-    xaug_ptr,
-    c_ptr,
-    caug_ptr,
-    csq_sum_ptr,
-    idx_ptr,
-    dist_ptr,
-    zq_ptr,
-    N,
-    K,
-    sxn,
-    sxd,
-    sck,
-    scd,
-    szn,
-    szd,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr,
-    SEG_BITS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    AUG_PRECISION: tl.constexpr,
-    LOP3: tl.constexpr,
-    WRITE_ZQ: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
+def _vq_nearest_fwd_kernel(x_ptr, xaug_ptr, c_ptr, caug_ptr, csq_sum_ptr, idx_ptr, dist_ptr, zq_ptr, N,
+        K, sxn, sxd, sck, scd, szn, szd, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, SEG_BITS: tl.constexpr, PRECISION: tl.constexpr,
+        AUG_PRECISION: tl.constexpr, LOP3: tl.constexpr, WRITE_ZQ: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     if ALIGN > 1:  # row strides are multiples of 16 bytes (launcher-checked): vector loads of rows.
         # Hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
         sxn = tl.multiple_of(sxn.to(tl.int64), ALIGN)
@@ -241,59 +195,18 @@ def _vq_nearest_fwd_kernel(
     for t0 in range(0, n_full, seg):  # segments of 2^SEG_BITS full tiles: no code masks
         seg_key = tl.full((BLOCK_N, BLOCK_K), int_max, tl.int32)
         for t in range(t0, tl.minimum(t0 + seg, n_full)):
-            seg_key = _scan_tile(
-                seg_key,
-                x_hi,
-                x_lo,
-                x_aug,
-                x_rows,
-                row_mask,
-                c_ptr,
-                caug_ptr,
-                t * BLOCK_K,
-                t - t0,
-                K,
-                sxd,
-                sck,
-                scd,
-                D,
-                BLOCK_K,
-                BLOCK_D,
-                D_CHUNKS,
-                SEG_BITS,
-                PRECISION,
-                AUG_PRECISION,
-                LOP3,
-                False,
-            )
+            # fmt: off
+            seg_key = _scan_tile(seg_key, x_hi, x_lo, x_aug, x_rows, row_mask, c_ptr, caug_ptr, t * BLOCK_K, t - t0, K,
+                                 sxd, sck, scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, SEG_BITS, PRECISION, AUG_PRECISION, LOP3,
+                                 False)
+            # fmt: on
         run_key, run_code = _fold(run_key, run_code, seg_key, t0, BLOCK_K, SEG_BITS)
     if n_full * BLOCK_K < K:  # the tail tile, a segment of its own
         seg_key = tl.full((BLOCK_N, BLOCK_K), int_max, tl.int32)
-        seg_key = _scan_tile(
-            seg_key,
-            x_hi,
-            x_lo,
-            x_aug,
-            x_rows,
-            row_mask,
-            c_ptr,
-            caug_ptr,
-            n_full * BLOCK_K,
-            0,
-            K,
-            sxd,
-            sck,
-            scd,
-            D,
-            BLOCK_K,
-            BLOCK_D,
-            D_CHUNKS,
-            SEG_BITS,
-            PRECISION,
-            AUG_PRECISION,
-            LOP3,
-            True,
-        )
+        # fmt: off
+        seg_key = _scan_tile(seg_key, x_hi, x_lo, x_aug, x_rows, row_mask, c_ptr, caug_ptr, n_full * BLOCK_K, 0, K, sxd,
+                             sck, scd, D, BLOCK_K, BLOCK_D, D_CHUNKS, SEG_BITS, PRECISION, AUG_PRECISION, LOP3, True)
+        # fmt: on
         run_key, run_code = _fold(run_key, run_code, seg_key, n_full, BLOCK_K, SEG_BITS)
     # in range even when every score is NaN (a non-finite codebook, whose distances are NaN below)
     best_idx = tl.minimum(run_code, K - 1)
