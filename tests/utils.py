@@ -1,12 +1,16 @@
 """Shared test helpers: numerics for kernel tests (flash-attention's rule: a kernel's error against a
 float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor), and
 the tiny trainer config, log reader and folder snapshot of the training tests, and the encode
-functions, index-carrying dataset and small-shard `build` of the latent cache tests."""
+functions, index-carrying dataset and small-shard `build` of the latent cache tests, and the
+subprocess that runs benchmark files as `pytest benchmarks/` does."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +19,10 @@ from torch.utils.data import Dataset
 
 from fastdae.cache import LatentCache
 from fastdae.config import TrainConfig, apply_overrides, preset
+
+REPO = Path(__file__).resolve().parents[1]
+# how the benchmarks are sized: set per call of run_benchmarks, never inherited
+BENCH_ENV = ("FASTDAE_BENCH_QUICK", "FASTDAE_BENCH_SIZE")
 
 # floor of the relative error allowed, per dtype of the inputs
 ERR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -142,3 +150,20 @@ def reseal(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return json.dumps({**body, "checksum": digest})
+
+
+def run_benchmarks(target: Path, tmp_path: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """`pytest <target> --benchmark-disable` (each member called once, untimed) in a subprocess, as
+    `pytest benchmarks/` runs it (benchmarks/conftest.py, not tests/'), with `env` set. Without
+    TRITON_INTERPRET: the benchmarks' CPU paths are C++ / torch, as a user runs them."""
+    base = {k: v for k, v in os.environ.items() if k not in (*BENCH_ENV, "TRITON_INTERPRET")}
+    cmd = [sys.executable, "-m", "pytest", str(target), "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
+    return subprocess.run(
+        [*cmd, f"--basetemp={tmp_path / 'pytest'}"],
+        cwd=REPO,
+        env={**base, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
