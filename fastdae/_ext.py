@@ -26,13 +26,14 @@ import hashlib
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from fastdae import files
 
 # The instruction set the C++ files are compiled for: a portable baseline, never -march=native
 # (a cache shared by machines with different CPUs would hand an AVX-512 library to an AVX2 node:
@@ -44,7 +45,6 @@ _LDFLAGS = ["-fopenmp"]
 _PKG = Path(__file__).resolve().parent
 LOCK_NAME = "fastdae.lock"  # ours (flock); torch's baton is "lock"
 _BATON_NAME = "lock"
-_POLL_S = 0.2
 
 
 class ExtLockTimeout(RuntimeError):
@@ -90,32 +90,19 @@ def entry_name(stem: str) -> str:
 
 @contextmanager
 def build_lock(directory: Path, timeout: float) -> Iterator[None]:
-    """An exclusive flock on directory/fastdae.lock, released by the OS if this process dies.
-    Waits at most `timeout` seconds, then raises ExtLockTimeout naming the holder's pid."""
-    import fcntl
-
+    """An exclusive flock on directory/fastdae.lock (fastdae.files.exclusive_lock), released by the OS if
+    this process dies. Waits at most `timeout` seconds, then raises ExtLockTimeout naming the holder's pid."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                    raise ExtLockTimeout(
-                        f"{path} is held by pid {holder} (building or loading the C++ ops) for more than "
-                        f"{timeout:g} s (FASTDAE_EXT_LOCK_TIMEOUT)"
-                    ) from None
-                time.sleep(_POLL_S)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def busy(pid: str) -> str:
+        return (
+            f"{path} is held by pid {pid or 'unknown'} (building or loading the C++ ops) for more than "
+            f"{timeout:g} s (FASTDAE_EXT_LOCK_TIMEOUT)"
+        )
+
+    with files.exclusive_lock(path, busy, timeout, ExtLockTimeout):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 @functools.cache

@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _HASH_CHUNK = 1 << 20
+_LOCK_POLL_S = 0.2  # how often a waiter retries a held lock
 
 
 def temp_name(path: Path) -> Path:
@@ -66,29 +68,44 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+def exclusive_lock(
+    path: Path, busy: Callable[[str], str], timeout: float = 0.0, error: type[Exception] = FileExistsError
+) -> Iterator[None]:
     """Hold an flock on the file `path` (created, holding this pid, removed on exit): the OS releases it
-    when its holder dies, so a killed holder never blocks the next one. Held by another process:
-    FileExistsError(busy), where "{holder}" in `busy` becomes " (pid N)"."""
+    when its holder dies, so a killed holder never blocks the next one. Held by another process for
+    longer than `timeout` seconds (0: at once): error(busy(the holder's pid, "" when it wrote none))."""
+    deadline = time.monotonic() + timeout
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_by(fd, deadline)
         except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip()
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise FileExistsError(busy.replace("{holder}", f" (pid {pid})" if pid else "")) from None
+            raise error(busy(pid)) from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # else the holder removed the file as we opened it: lock the new one
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         path.unlink(missing_ok=True)  # before unlocking: a waiter then opens (and locks) a new file
         os.close(fd)
+
+
+def _flock_by(fd: int, deadline: float) -> None:
+    """An exclusive flock on fd, polled until `deadline` (time.monotonic); BlockingIOError after it."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_LOCK_POLL_S)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -122,10 +122,14 @@ def exclusive(out: Path, active: bool = True) -> Iterator[None]:
         yield
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    busy = (
-        f"sample: another fastdae sample{{holder}} is writing {out}; wait for it (run again then and the "
-        f"finished samples are found) or pick another --out"
-    )
+
+    def busy(pid: str) -> str:
+        holder = f" (pid {pid})" if pid else ""
+        return (
+            f"sample: another fastdae sample{holder} is writing {out}; wait for it (run again then and the "
+            f"finished samples are found) or pick another --out"
+        )
+
     with files.exclusive_lock(out.with_name(f".{out.name}.lock"), busy):
         yield
 
