@@ -180,11 +180,11 @@ class StallWatch:
         self.load = 0.0
 
     def tick(self) -> str | None:
+        if not (self.enabled and self.may_drop):
+            return None  # nothing to decide: keep no step times (a GPU run's list would grow every step)
         now = time.perf_counter()
         self.times.append(now - self.last)
         self.last = now
-        if not (self.enabled and self.may_drop):
-            return None
         n = len(self.times)
         if self.probing_from is not None:
             return self._finish_probe() if n >= PROBE_STEPS else None
