@@ -158,24 +158,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     from fastdae.sampling import sample
 
-    if extra:
-        return _usage_error("sample", f"unrecognized arguments {extra}")
-    try:
-        out = sample(
-            args.run,
-            args.num_samples,
-            args.out,
-            args.png_dir,
-            args.batch_size,
-            args.cfg_scale,
-            args.seed,
-            args.labels,
-            args.steps,
-            args.sampler,
-            args.device,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        return _usage_error("sample", e)
+    out = _call_api(sample, args, extra)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"samples: {out}")
     return 0
@@ -197,22 +180,7 @@ def _fid_arguments(p: argparse.ArgumentParser) -> None:
 def _fid(args: argparse.Namespace, extra: list[str]) -> int:
     from fastdae.measure.fid import fid
 
-    if extra:
-        return _usage_error("fid", f"unrecognized arguments {extra}")
-    try:
-        value = fid(
-            args.real,
-            args.fake,
-            args.inception,
-            args.batch_size,
-            args.stats_cache,
-            args.device,
-            args.num_workers,
-            progress=True,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        return _usage_error("fid", e)
-    print(f"FID: {value:.4f}")
+    print(f"FID: {_call_api(fid, args, extra, progress=True):.4f}")
     return 0
 
 
@@ -290,6 +258,22 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
 
+class UsageError(Exception):
+    """What the user asked of a command cannot be done: main prints it as one line, exit status 2."""
+
+
+def _call_api(fn: Callable[..., Any], args: argparse.Namespace, extra: list[str], **kwargs: Any) -> Any:
+    """fn(**the parsed arguments, **kwargs), for commands whose argument names are fn's parameter
+    names (sample, fid). They take no --key overrides, so `extra` is an error; fn's ValueError (bad
+    input, a stale run) is the user's, as an OSError on a file they named is (see main)."""
+    if extra:
+        raise UsageError(f"unrecognized arguments {extra}")
+    try:
+        return fn(**{k: v for k, v in vars(args).items() if k != "command"}, **kwargs)
+    except ValueError as e:
+        raise UsageError(one_line(e)) from None
+
+
 def _usage_error(command: str, e: object) -> int:
     """What the user asked for cannot be done (bad input, a missing or stale run): one line on stderr,
     no traceback, exit status USAGE_ERROR, as for config errors."""
@@ -310,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command][2](args, extra)
-    except (ConfigError, CacheError, ImageFileError) as e:  # the user's config, run folder or data: one line
+    except (ConfigError, CacheError, ImageFileError, UsageError) as e:  # the user's config, run, data: one line
         return _usage_error(args.command, e)
     except OSError as e:  # a file the user named (or one in their run or data) cannot be read or written
         return _usage_error(args.command, e)

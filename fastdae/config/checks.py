@@ -8,22 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fastdae.config.schema import (
-    DEVICE_PATTERN,
-    LR_SCHEDULES,
-    MODES,
-    OBJECTIVES,
-    OPTIMIZERS,
-    POSTERIORS,
-    PRECISIONS,
-    SCHEDULES,
-    STAGES,
-    TIME_SAMPLINGS,
-    ConfigError,
-    TrainConfig,
-    check_choice,
-    did_you_mean,
-)
+from fastdae.config import schema
+from fastdae.config.schema import DEVICE_PATTERN, STAGES, ConfigError, TrainConfig, check_choice, did_you_mean
 from fastdae.data import CROPS, DATASETS, PROCEDURAL
 from fastdae.models.autoencoder import BOTTLENECKS
 
@@ -43,17 +29,17 @@ def _samplers() -> tuple[str, ...]:
 
 # dotted key -> allowed names, checked as soon as the value is read (see _build)
 CHOICES: dict[str, Any] = {
-    "mode": MODES,
-    "precision": PRECISIONS,
+    "mode": schema.MODES,
+    "precision": schema.PRECISIONS,
     "autoencoder.bottleneck": BOTTLENECKS,
     "data.name": DATASETS,
     "data.crop": CROPS,
-    "prior.objective": OBJECTIVES,
-    "prior.schedule": SCHEDULES,
-    "prior.time_sampling": TIME_SAMPLINGS,
-    "stage1.posterior": POSTERIORS,
-    **{f"{p}.optimizer": OPTIMIZERS for p in ("stage1", "stage2", "prior")},
-    **{f"{p}.lr_schedule": LR_SCHEDULES for p in ("stage1", "stage2", "prior")},
+    "prior.objective": schema.OBJECTIVES,
+    "prior.schedule": schema.SCHEDULES,
+    "prior.time_sampling": schema.TIME_SAMPLINGS,
+    "stage1.posterior": schema.POSTERIORS,
+    **{f"{p}.optimizer": schema.OPTIMIZERS for p in ("stage1", "stage2", "prior")},
+    **{f"{p}.lr_schedule": schema.LR_SCHEDULES for p in ("stage1", "stage2", "prior")},
 }
 
 SEED_LIMIT = 2**63  # torch and numpy generators take 64-bit seeds; larger ones overflow in the middle of a run

@@ -5,7 +5,7 @@ and the complexity-penalised distance D(P_z, P_x) between latent and data distri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,21 @@ def lipschitz_lower_bound(
     return ratio.max().item()
 
 
+def _probe_batches(
+    name: str, decoder: Decoder, latents: Tensor, count: tuple[str, int], batch_size: int, seed: int
+) -> Iterator[tuple[Tensor, torch.Generator]]:
+    """The Jacobian probes' frame: checked arguments (count: the probe's (name, value) iteration
+    count, >= 1), the decoder in eval mode without autograd, and the latents in NCHW-contiguous
+    batches (forward-mode group norm needs them), each with the probe's one seeded generator."""
+    _check_latents(latents, name)
+    if count[1] < 1:
+        raise ValueError(f"{name}: {count[0]} must be >= 1, got {count[1]}")
+    gen = torch.Generator().manual_seed(seed)
+    with _eval_mode(decoder), torch.no_grad():
+        for z in latents.contiguous().split(batch_size):
+            yield z, gen
+
+
 def jacobian_spectral_norm(
     decoder: Decoder, latents: Tensor, iters: int = 20, batch_size: int = 64, seed: int = 0
 ) -> float:
@@ -100,22 +115,17 @@ def jacobian_spectral_norm(
     sigma_max ~ ||J v|| after `iters` steps (converges from below at rate (sigma_2 / sigma_1)^2).
     A batch is one call of the decoder: its Jacobian is block diagonal when samples do not interact
     (true in eval mode for conv / group-norm decoders), so all latents of a batch iterate together."""
-    _check_latents(latents, "jacobian_spectral_norm")
-    if iters < 1:
-        raise ValueError(f"jacobian_spectral_norm: iters must be >= 1, got {iters}")
-    gen = torch.Generator().manual_seed(seed)
     sigmas = []
-    with _eval_mode(decoder), torch.no_grad():
-        for z in latents.contiguous().split(batch_size):  # forward-mode group norm needs NCHW-contiguous inputs
-            v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
-            v = v / _flat_norm(v).view(-1, *[1] * (z.dim() - 1))
-            _, vjp_fn = torch.func.vjp(decoder, z)
-            for _ in range(iters):
-                _, jv = torch.func.jvp(decoder, (z,), (v,))
-                (w,) = vjp_fn(jv)  # J^T J v
-                v = w / _flat_norm(w).clamp(min=1e-30).view(-1, *[1] * (z.dim() - 1))
+    for z, gen in _probe_batches("jacobian_spectral_norm", decoder, latents, ("iters", iters), batch_size, seed):
+        v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+        v = v / _flat_norm(v).view(-1, *[1] * (z.dim() - 1))
+        _, vjp_fn = torch.func.vjp(decoder, z)
+        for _ in range(iters):
             _, jv = torch.func.jvp(decoder, (z,), (v,))
-            sigmas.append(_flat_norm(jv.double()))
+            (w,) = vjp_fn(jv)  # J^T J v
+            v = w / _flat_norm(w).clamp(min=1e-30).view(-1, *[1] * (z.dim() - 1))
+        _, jv = torch.func.jvp(decoder, (z,), (v,))
+        sigmas.append(_flat_norm(jv.double()))
     return torch.cat(sigmas).mean().item()
 
 
@@ -126,19 +136,15 @@ def jacobian_frobenius_hutchinson(
     for Rademacher v (entries +-1) in latent space, `samples` jvp's per latent (exact for every v
     when J's columns are orthogonal). Returns (mean over latents of the ||J||_F^2 estimates,
     mean over latents of their square roots)."""
-    _check_latents(latents, "jacobian_frobenius_hutchinson")
-    if samples < 1:
-        raise ValueError(f"jacobian_frobenius_hutchinson: samples must be >= 1, got {samples}")
-    gen = torch.Generator().manual_seed(seed)
     estimates = []
-    with _eval_mode(decoder), torch.no_grad():
-        for z in latents.contiguous().split(batch_size):
-            sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-            for _ in range(samples):
-                v = (torch.randint(0, 2, z.shape, generator=gen) * 2 - 1).to(dtype=z.dtype, device=z.device)
-                _, jv = torch.func.jvp(decoder, (z,), (v,))
-                sq += _flat_norm(jv.double()).square()
-            estimates.append(sq / samples)
+    batches = _probe_batches("jacobian_frobenius_hutchinson", decoder, latents, ("samples", samples), batch_size, seed)
+    for z, gen in batches:
+        sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+        for _ in range(samples):
+            v = (torch.randint(0, 2, z.shape, generator=gen) * 2 - 1).to(dtype=z.dtype, device=z.device)
+            _, jv = torch.func.jvp(decoder, (z,), (v,))
+            sq += _flat_norm(jv.double()).square()
+        estimates.append(sq / samples)
     est = torch.cat(estimates)
     return est.mean().item(), est.sqrt().mean().item()
 

@@ -29,7 +29,9 @@ import os
 import pickle
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ from fastdae.data.folder import read_rgb8
 from fastdae.files import sha256_file
 from fastdae.measure import GaussianStats, frechet_distance, gaussian_stats
 from fastdae.models.inception import INPUT_SIZE, FIDInceptionV3
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 STATS_VERSION = 1  # part of the cache key: bump when the preprocessing changes
@@ -233,53 +238,62 @@ def _save_stats(path: Path, stats: GaussianStats) -> None:
     os.replace(tmp, path)
 
 
+class FIDOptions(TypedDict, total=False):
+    """The keyword options of `fid` and `statistics`; their defaults are _Reader's."""
+
+    batch_size: int  # images per Inception batch (50)
+    stats_cache: str | os.PathLike | None  # folder caching each image source's statistics (None: no cache)
+    device: str  # "auto" (CUDA when available), "cpu", "cuda:1", ...
+    num_workers: int | None  # image-decoding workers for folders (None: the CPU cores, at most 8)
+    progress: bool  # a progress bar per image source (False)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Image sources -> Inception statistics, with one network for every source it reads."""
+
+    net: _Inception
+    batch_size: int = 50
+    stats_cache: str | os.PathLike | None = None
+    num_workers: int | None = None
+    progress: bool = False
+
+    @classmethod
+    def open(cls, inception: str | os.PathLike | None, device: str = "auto", **options: Any) -> _Reader:
+        return cls(_Inception(inception, _device(device)), **options)
+
+    def statistics(self, path: Path) -> GaussianStats:
+        if not path.exists():
+            raise FileNotFoundError(f"fid: {path} does not exist")
+        if self.batch_size < 1 or (self.num_workers is not None and self.num_workers < 0):
+            raise ValueError(
+                f"fid: batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
+            )
+        if path.is_file():
+            if path.suffix != ".npz":
+                raise ValueError(f"fid: {path} must be a folder of images or an .npz (arr_0 images, or mu and sigma)")
+            stats = _stats_file(path)
+            if stats is not None:
+                return stats
+        cached = None
+        if self.stats_cache is not None:
+            source = {"version": STATS_VERSION, "inception": self.net.sha256, "source": fingerprint(path)}
+            cached = Path(self.stats_cache) / f"{hashlib.sha256(json.dumps(source).encode()).hexdigest()}.npz"
+            if cached.is_file():
+                return _stats_file(cached)
+        stats = _image_stats(path, self.net, self.batch_size, self.num_workers, self.progress)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _save_stats(cached, stats)
+        return stats
+
+
 def statistics(
-    source: str | os.PathLike,
-    inception: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    stats_cache: str | os.PathLike | None = None,
-    device: str = "auto",
-    num_workers: int | None = None,
-    progress: bool = False,
+    source: str | os.PathLike, inception: str | os.PathLike | None = None, **options: Unpack[FIDOptions]
 ) -> GaussianStats:
     """(mu (2048,), sigma (2048, 2048)) float64 Inception statistics of one source (see the module
-    docstring); with stats_cache, read from / written to the cache."""
-    return _statistics(
-        Path(source), _Inception(inception, _device(device)), batch_size, stats_cache, num_workers, progress
-    )
-
-
-def _statistics(
-    path: Path,
-    net: _Inception,
-    batch_size: int,
-    stats_cache: str | os.PathLike | None,
-    num_workers: int | None,
-    progress: bool,
-) -> GaussianStats:
-    if not path.exists():
-        raise FileNotFoundError(f"fid: {path} does not exist")
-    if batch_size < 1 or (num_workers is not None and num_workers < 0):
-        raise ValueError(f"fid: batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise ValueError(f"fid: {path} must be a folder of images or an .npz (arr_0 images, or mu and sigma)")
-        stats = _stats_file(path)
-        if stats is not None:
-            return stats
-    cached = None
-    if stats_cache is not None:
-        key = hashlib.sha256(
-            json.dumps({"version": STATS_VERSION, "inception": net.sha256, "source": fingerprint(path)}).encode()
-        ).hexdigest()
-        cached = Path(stats_cache) / f"{key}.npz"
-        if cached.is_file():
-            return _stats_file(cached)
-    stats = _image_stats(path, net, batch_size, num_workers, progress)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _save_stats(cached, stats)
-    return stats
+    docstring); with stats_cache, read from / written to the cache. Options: FIDOptions."""
+    return _Reader.open(inception, **options).statistics(Path(source))
 
 
 def _device(device: str) -> torch.device:
@@ -290,16 +304,13 @@ def fid(
     real: str | os.PathLike,
     fake: str | os.PathLike,
     inception: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    stats_cache: str | os.PathLike | None = None,
-    device: str = "auto",
-    num_workers: int | None = None,
-    progress: bool = False,
+    **options: Unpack[FIDOptions],
 ) -> float:
     """Fréchet Inception distance between `real` and `fake` (folders, image .npz or statistics .npz):
-    fastdae.measure.frechet_distance of their Inception statistics. Symmetric in its two sides."""
-    net = _Inception(inception, _device(device))  # one network for both sides
-    a, b = (_statistics(Path(side), net, batch_size, stats_cache, num_workers, progress) for side in (real, fake))
+    fastdae.measure.frechet_distance of their Inception statistics. Symmetric in its two sides.
+    Options: FIDOptions."""
+    reader = _Reader.open(inception, **options)  # one network for both sides
+    a, b = reader.statistics(Path(real)), reader.statistics(Path(fake))
     value = frechet_distance(a, b)
     if not math.isfinite(value):  # checked inputs make this unreachable; a NaN must never print as a score
         raise ValueError(f"fid: the Fréchet distance of {real} and {fake} is {value}, not a number")
