@@ -49,6 +49,7 @@ from torch import Tensor
 from fastdae import files
 from fastdae.measure.fid import npz_image_batches
 from fastdae.sampler import Sampler
+from fastdae.training.distributed import Dist
 from fastdae.training.identity import differences
 from fastdae.training.run import Run
 from fastdae.training.samples import SETTINGS_SINCE, build_sampler
@@ -115,13 +116,12 @@ def _check_disk(out: Path, num_samples: int, image_size: int) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path, active: bool = True) -> Iterator[None]:
+def exclusive(out: Path, d: Dist | None = None) -> Iterator[None]:
     """Hold `.<out name>.lock` next to out (fastdae.files.exclusive_lock): a second writer of the same
-    out is refused with FileExistsError instead of racing for its shards."""
-    if not active:
-        yield
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out is refused with FileExistsError instead of racing for its shards. Under torchrun (d) rank 0
+    takes the lock and every rank learns whether it got it, so a refused run stops on every rank
+    (none waits at a barrier for a rank that has left)."""
+    d = d or Dist()
 
     def busy(pid: str) -> str:
         holder = f" (pid {pid})" if pid else ""
@@ -130,7 +130,17 @@ def exclusive(out: Path, active: bool = True) -> Iterator[None]:
             f"finished samples are found) or pick another --out"
         )
 
-    with files.exclusive_lock(out.with_name(f".{out.name}.lock"), busy):
+    with contextlib.ExitStack() as held:
+        refused = None
+        if d.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                held.enter_context(files.exclusive_lock(out.with_name(f".{out.name}.lock"), busy))
+            except FileExistsError as e:
+                refused = str(e)
+        refused = d.from_main(refused)
+        if refused is not None:
+            raise FileExistsError(refused)
         yield
 
 
@@ -314,7 +324,7 @@ def sample(
     if labels not in LABEL_MODES:  # before anything is written
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels, **s.identity}
-    with exclusive(out, r.dist.is_main):
+    with exclusive(out, r.dist):
         return _sample_locked(r, s, out, Path(png_dir) if png_dir is not None else None, settings, batch_size, progress)
 
 

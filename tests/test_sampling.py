@@ -349,6 +349,39 @@ def test_a_second_sample_on_the_same_out_is_refused_while_the_first_writes_it(ru
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.npz.json"]
 
 
+REFUSED_SCRIPT = textwrap.dedent("""
+    import os
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from fastdae.cli import main
+
+    code = main(["sample", "--run", sys.argv[1], "--num-samples", "4", "--out", sys.argv[2], "--steps", "1"])
+    open(sys.argv[2] + ".rank" + os.environ["RANK"], "w").write(str(code))
+""")
+
+
+@pytest.mark.slow
+def test_a_second_sample_under_torchrun_is_refused_on_every_rank(run_dir, tmp_path):
+    """Rank 0 takes the lock and tells the others: no rank waits at a barrier for one that has left."""
+    out = tmp_path / "s.npz"
+    (tmp_path / "script.py").write_text(REFUSED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with sampling.exclusive(out):
+        proc = subprocess.run(
+            [*cmd, str(tmp_path / "script.py"), str(run_dir), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"s.npz.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert proc.stderr.count("another fastdae sample") == 2, proc.stderr[-3000:]
+    assert not out.exists() and not (tmp_path / "s.npz.parts").exists()
+
+
 @pytest.mark.parametrize("stage,file", [("stage2", "decoder.safetensors"), ("prior", "dit.safetensors")])
 def test_a_bit_flipped_final_decoder_or_dit_is_refused_not_decoded_with(run_dir, tmp_path, capsys, stage, file):
     run = tmp_path / "run"

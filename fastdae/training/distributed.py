@@ -14,13 +14,15 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+T = TypeVar("T")
 
 # what Dist.agree tells a user whose ranks read different datasets
 SAME_DATA = (
@@ -42,6 +44,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value`, on every rank (it is returned as it is without torchrun)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def agree(self, what: str, value: str, hint: str) -> None:
         """Raise RuntimeError on every rank unless all ranks hold the same `value` (e.g. the dataset's
