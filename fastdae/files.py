@@ -1,6 +1,6 @@
 """Small file helpers shared by the trainer, the latent cache and the exports: atomic writes (temp
-name in the same folder, fsync, rename; the temp is removed on any failure, ENOSPC included),
-sha256 of files, an exclusive lock file (flock) and this process's torch.distributed rank."""
+name in the same folder, fsync, rename; the temp is removed on any failure, ENOSPC included), JSON
+objects read back, sha256 of files, an exclusive lock file (flock) and this process's torch.distributed rank."""
 
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in a file fastdae wrote; None when it is absent or unreadable, or is no longer
+    one (edited: bad JSON or UTF-8, nesting deep enough for a RecursionError, another type)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
 
 
 @contextlib.contextmanager

@@ -31,7 +31,6 @@ the one the samples stage draws its grid with.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -83,15 +82,6 @@ def _check_device(device: str) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if (index and not index.isdigit()) or int(index or 0) >= count:
         raise ValueError(f"sample: device={device!r} but torch sees {count} CUDA device(s); use 'auto' or 'cpu'")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object written by this module, None when absent, unreadable or not an object (edited)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _existing_folder(path: Path) -> Path:
@@ -339,7 +329,7 @@ def _sample_locked(
     digits = max(6, len(str(num_samples - 1)))
     sidecar = out.with_name(out.name + ".json")
     if out.is_file():
-        previous = _read_json(sidecar) or {}
+        previous = files.read_json_object(sidecar) or {}
         if not _same_settings(previous.get("settings"), settings):
             raise FileExistsError(
                 f"sample: {out} holds samples of other settings (or was not written by fastdae "
@@ -352,7 +342,7 @@ def _sample_locked(
         return out  # already complete
     parts = out.with_name(out.name + PARTS_SUFFIX)
     settings_file = parts / SETTINGS_FILE
-    if settings_file.exists() and not _same_settings(_read_json(settings_file), settings):
+    if settings_file.exists() and not _same_settings(files.read_json_object(settings_file), settings):
         raise FileExistsError(
             f"sample: {parts} holds partial samples of other settings ({settings_file}); "
             f"remove it or pick another --out"

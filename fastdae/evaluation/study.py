@@ -21,7 +21,6 @@ is refused, not mixed in). What is evaluated, on which data, is in `EvalConfig`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -70,7 +69,7 @@ def _run_study(
             identity = _eval_identity(run_cfg, ev)
             if s == 0:
                 grids[name] = str(RunFolder(run_cfg).sample_grid)
-            earlier = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+            earlier = files.read_json_object(eval_file)  # absent or edited: evaluated again
             if earlier is not None and _same_eval(earlier, identity):
                 runs[name].append(earlier)  # evaluated earlier with this config and judge: reuse
                 continue

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,7 +149,7 @@ def _dataset_classifier(
     root = out_dir / "judge"
     weights, meta = root / "classifier.safetensors", root / "classifier.json"
     device = device_of(cfg)
-    if weights.is_file() and meta.is_file() and json.loads(meta.read_text()) == identity:
+    if weights.is_file() and files.read_json_object(meta) == identity:
         model = ShapeClassifier(num_classes)
         model.load_state_dict(load_file(str(weights)))
         return model.to(device).eval()

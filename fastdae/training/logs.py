@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import json
 import math
 import os
 import time
@@ -217,7 +216,7 @@ def notice_once(run: Run, key: str, message: str) -> None:
     every start. Rank 0 only."""
     if not run.dist.is_main:
         return
-    seen = json.loads(run.notices_file.read_text()) if run.notices_file.is_file() else {}
+    seen = files.read_json_object(run.notices_file) or {}  # an edited notices.json says them again
     if key in seen:
         return
     log.info(message)

@@ -7,7 +7,6 @@ it, `summarize()` at the end.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -40,16 +39,6 @@ class Result:
     cache: Path | None = None
     sample_grid: Path | None = None
     summary: Path | None = None
-
-
-def json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in a file fastdae wrote, None when it is not one (edited: bad JSON, nesting deep
-    enough for a RecursionError, another type)."""
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class Run(RunResources):
@@ -93,7 +82,7 @@ class Run(RunResources):
         path = self.metrics_file(stage)
         if not path.is_file():
             return {}
-        data = json_object(path)
+        data = files.read_json_object(path)
         if data is None:
             raise RunError(f"{path} is not a stage's metrics (edited or corrupted); train {stage} again")
         return data
@@ -125,7 +114,7 @@ class Run(RunResources):
         path = self.identity_file(stage)
         if not path.is_file():
             return None
-        rec = json_object(path)
+        rec = files.read_json_object(path)
         if rec is not None and isinstance(rec.get("config"), dict) and isinstance(rec.get("inputs"), dict):
             return rec
         raise RunError(f"{path} is not a stage identity (edited or corrupted); use overwrite to start the run again")
