@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastdae.data import MapDataset
 from fastdae.models.losses import AutoencoderLoss
 from fastdae.training.checkpoint import State
 from fastdae.training.distributed import wrap_ddp
@@ -75,8 +76,11 @@ def update_step(
 def discriminator_step(run: Run, crit: AutoencoderLoss, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
     """One hinge-loss step of the discriminator on real x and (detached) x_hat (B, 3, H, W), in the
     stage's micro-batches; returns its loss (the mean over them)."""
+    disc_train = crit.disc_train
+    if disc_train is None:
+        raise ValueError("discriminator_step: the GAN is off (disc.weight = 0)")
     upd, losses = state.updaters["discriminator"], []
-    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), crit.disc_train):  # type: ignore[arg-type]
+    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), disc_train):
         with run.autocast():
             d_loss = crit.discriminator_loss(xm, xm_hat)
         upd.backward(d_loss)
@@ -105,6 +109,6 @@ def evaluate(run: Run, stage: str, reconstruct: Callable[[list[int]], tuple[Tens
         trackers.close()
 
 
-def images_at(dataset: Any, indices: list[int]) -> Tensor:
+def images_at(dataset: MapDataset, indices: list[int]) -> Tensor:
     """(B, 3, H, W) images of dataset items."""
     return torch.stack([dataset[i][0] for i in indices])

@@ -79,7 +79,10 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT.fullmatch(path.name).group(1))  # type: ignore[union-attr]
+    match = CHECKPOINT.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a ckpt-<step> folder")
+    return int(match.group(1))
 
 
 @dataclass

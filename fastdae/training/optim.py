@@ -50,8 +50,8 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
         split = {k: split_batch(v, parts) for k, v in batch.items()}
         return [{k: v[i] for k, v in split.items()} for i in range(parts)]
     if isinstance(batch, (list, tuple)):
-        split = [split_batch(v, parts) for v in batch]  # type: ignore[assignment]
-        return [type(batch)(v[i] for v in split) for i in range(parts)]
+        columns = [split_batch(v, parts) for v in batch]
+        return [type(batch)(v[i] for v in columns) for i in range(parts)]
     raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
 
 
@@ -168,12 +168,15 @@ class EMA(nn.Module):
     warm-up decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the init.
     Its state_dict is the averaged module's."""
 
+    source: nn.Module  # set in __init__ as a plain reference, not a submodule
+
     def __init__(self, source: nn.Module, decay: float) -> None:
         super().__init__()
         self.decay = decay
         self.module = copy.deepcopy(unwrap(source)).eval().requires_grad_(False)
         self.__dict__["source"] = unwrap(source)  # a plain reference, not a registered submodule
 
+    # nn.Module overloads state_dict (destination= or not); this forwards either to the averaged module
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self.module.state_dict(*args, **kwargs)
 
@@ -183,8 +186,8 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)  # type: ignore[union-attr]
-        for b_ema, b in zip(self.module.buffers(), self.source.buffers(), strict=True):  # type: ignore[union-attr]
+        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), self.source.buffers(), strict=True):
             b_ema.copy_(b)
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fastdae.models.diffusion import LatentScaler, make_diffusion
-from fastdae.models.dit import DiT_models
+from fastdae.models.dit import DiT, DiT_models
 from fastdae.training import distributed
 from fastdae.training.checkpoint import State, restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
@@ -24,7 +23,7 @@ from fastdae.training.run import Run
 BETAS = (0.9, 0.999)  # DiT's AdamW betas
 
 
-def build_dit(r: Run) -> nn.Module:
+def build_dit(r: Run) -> DiT:
     """The configured DiT over the run's latents, (channels, size / downsample) (validated in the config)."""
     cfg = r.cfg
     return DiT_models[cfg.prior.model](
@@ -43,7 +42,7 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + 2)
     model = build_dit(r).to(device)
     model_train = wrap_ddp(model, r.dist, device, p.compile)
-    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)  # type: ignore[arg-type]
+    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)
     upd = Updater(model.parameters(), p, total_steps=p.steps, fp16=r.fp16, device=device, betas=BETAS)
     state = State({"dit": model}, {"dit": upd})
     ema = ema_or_none(model, p.ema_decay)
@@ -59,8 +58,8 @@ def run(r: Run) -> dict[str, Any]:
         parts = []
         for fields in upd.micro_batches(to_device(log.batch(batches), device), model_train):
             with torch.no_grad():
-                x0 = scaler.normalize(bottleneck.latent(fields))  # type: ignore[operator]  # (b, C, h, w), ~unit variance per channel
-            y = fields["label"] if model.num_classes > 0 else None  # type: ignore[operator]
+                x0 = scaler.normalize(bottleneck.latent(fields))  # (b, C, h, w), ~unit variance per channel
+            y = fields["label"] if model.num_classes > 0 else None
             with r.autocast():
                 loss = diffusion.loss(model_train, x0, y)
             upd.backward(loss)

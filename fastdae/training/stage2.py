@@ -56,10 +56,10 @@ def run(r: Run) -> dict[str, Any]:
         micro = []  # (loss terms, x_hat) per micro-batch
         for fm, xm in upd.micro_batches((fields, x), decoder_train):  # B / grad_accum items each
             with torch.no_grad():
-                z = bottleneck.latent(fm)  # type: ignore[operator]  # (b, C, h, w): frozen codebook lookup or posterior draw
+                z = bottleneck.latent(fm)  # (b, C, h, w): frozen codebook lookup or posterior draw
             with r.autocast():
                 x_hat = decoder_train(z)
-                loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)  # type: ignore[arg-type]
+                loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)
             upd.backward(loss)
             micro.append(({"loss": loss.detach(), **terms}, x_hat.detach()))
         terms, x_hat = update_step(r, crit, state, "decoder", step, x, micro)
@@ -73,15 +73,16 @@ def run(r: Run) -> dict[str, Any]:
     if r.dist.is_main:
 
         def reconstruct(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            z = bottleneck.latent(to_device(cache.gather(idx), device), sample=False)  # type: ignore[operator]
+            z = bottleneck.latent(to_device(cache.gather(idx), device), sample=False)
             return images_at(r.dataset, idx), final(z)
 
         metrics["eval"] = evaluate(r, "stage2", reconstruct)
         save_weights(r.decoder_file("stage2"), final.state_dict())
-        if r.pretrained_stage1 is not None:  # the source encoder + this decoder, in the source's format
+        source = cfg.stage1.encoder
+        if source is not None:  # the source encoder + this decoder, in the source's format
             from fastdae.pretrained.source import export_decoder, source_kind
 
-            kind = source_kind(cfg.stage1.encoder)  # type: ignore[arg-type]
-            metrics[kind] = str(export_decoder(final, cfg.stage1.encoder, r.export_dir(kind)))  # type: ignore[arg-type]
+            kind = source_kind(source)
+            metrics[kind] = str(export_decoder(final, source, r.export_dir(kind)))
     metrics["lpips"] = crit.lpips is not None
     return metrics
