@@ -20,12 +20,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from fastdae.data import MapDataset
+
+T = TypeVar("T")
 
 FORMAT_VERSION = 2  # 2: the manifest carries a checksum
 MANIFEST = "manifest.json"
@@ -142,7 +147,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return m
 
 
-def gather_images(dataset: Dataset, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+def gather_images(dataset: MapDataset, indices: np.ndarray) -> tuple[Tensor, Tensor]:
     """Dataset items -> images (B, 3, H, W), labels int64 (B,); batched through `__getitems__` when
     the dataset has it (ProceduralShapes renders a whole batch at once)."""
     idx = [int(i) for i in indices]
@@ -155,8 +160,8 @@ def gather_images(dataset: Dataset, indices: np.ndarray) -> tuple[Tensor, Tensor
 class FlipView(Dataset):
     """Index space of the cache over a dataset of n items: i >= n is item i - n flipped along W."""
 
-    def __init__(self, dataset: Dataset, flip: bool) -> None:
-        self.dataset, self.n, self.flip = dataset, len(dataset), flip  # type: ignore[arg-type]
+    def __init__(self, dataset: MapDataset, flip: bool) -> None:
+        self.dataset, self.n, self.flip = dataset, len(dataset), flip
 
     def __len__(self) -> int:
         return self.n * (2 if self.flip else 1)
@@ -176,5 +181,5 @@ class FlipView(Dataset):
         return images[0], labels[0]
 
 
-def no_collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def no_collate(batch: T) -> T:
     return batch  # FlipView.__getitems__ already returns the stacked batch

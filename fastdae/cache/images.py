@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from torch.utils.data import Dataset
 from fastdae import files
 from fastdae.cache.format import LABEL, CacheError
 from fastdae.cache.reader import LatentCache
+
+if TYPE_CHECKING:
+    from fastdae.data import MapDataset
 
 IMAGE_FIELD = "image"
 IMAGE_ENCODER = "fastdae-uint8-images/1"  # the manifest's encoder_sha256: what was stored, in place of an encoder
@@ -67,7 +71,7 @@ def _encode(images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
 
 def build_images(
     root: str | os.PathLike,
-    dataset: Dataset,
+    dataset: MapDataset,
     *,
     dataset_fingerprint: str,
     batch_size: int = 256,

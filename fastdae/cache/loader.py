@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from fastdae import files
 from fastdae.cache.format import FlipView
@@ -20,6 +19,7 @@ from fastdae.cache.images import ImageCache
 
 if TYPE_CHECKING:
     from fastdae.cache.reader import LatentCache
+    from fastdae.data import MapDataset
 
 
 class CacheLoader:
@@ -57,7 +57,7 @@ class CacheLoader:
         drop_last: bool = True,
         num_workers: int = 0,
         epoch_offset: int = 0,
-        image_dataset: Dataset | None = None,
+        image_dataset: MapDataset | None = None,
         prefetch: int = 8,
         pin_memory: bool = False,
         rank: int | None = None,
@@ -143,13 +143,13 @@ class CacheLoader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _index_space(image_dataset: Dataset, flip: bool) -> Dataset:
+def _index_space(image_dataset: MapDataset, flip: bool) -> ImageCache | FlipView:
     """The images in the latent cache's index space: an ImageCache already is (_check_paired checks
     its flip against the cache's), any other dataset is wrapped in FlipView."""
     return image_dataset if isinstance(image_dataset, ImageCache) else FlipView(image_dataset, flip)
 
 
-def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
+def _check_paired(cache: LatentCache, image_dataset: MapDataset) -> None:
     flip = cache.manifest["flip"]
     if isinstance(image_dataset, ImageCache):
         if image_dataset.flip != flip or image_dataset.n != cache.dataset_len:
@@ -158,7 +158,7 @@ def _check_paired(cache: LatentCache, image_dataset: Dataset) -> None:
                 f"not match latent cache {cache.root} of {cache.dataset_len} dataset items (flip={flip})"
             )
         return
-    n = len(image_dataset)  # type: ignore[arg-type]  # map-style datasets are Sized; Dataset does not say so
+    n = len(image_dataset)
     if n * (2 if flip else 1) != len(cache):
         raise ValueError(
             f"image dataset of {n} items does not match latent cache {cache.root} of {len(cache)} items (flip={flip})"

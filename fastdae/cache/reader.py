@@ -9,15 +9,18 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from fastdae import files
 from fastdae.cache.format import MANIFEST, SAFETENSORS_DTYPES, TORCH_READ, CacheError, read_manifest
+
+if TYPE_CHECKING:
+    from fastdae.cache.writer import EncodeFn
+    from fastdae.data import MapDataset
 
 MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
 
@@ -99,12 +102,12 @@ class _Shard:
         base, n, arrays = 8 + header_len, self.stop - self.start, {}
         for name, spec in self.fields.items():
             entry = header.get(name)
-            stored = np.dtype(SAFETENSORS_DTYPES.get(entry["dtype"], np.void)) if entry else None
+            stored = np.dtype(SAFETENSORS_DTYPES.get(entry["dtype"], np.void) if entry else np.void)  # void: refused
             shape = (n, *spec["shape"])
             if (
                 entry is None
                 or tuple(entry["shape"]) != shape
-                or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe")  # type: ignore[arg-type]
+                or not np.can_cast(stored, np.dtype(spec["dtype"]), "safe")
             ):
                 raise CacheError(
                     f"cache shard {self.path}: field {name!r} is {entry and (entry['dtype'], entry['shape'])}, "
@@ -114,7 +117,6 @@ class _Shard:
             if not 0 <= lo <= hi <= len(raw) - base:
                 raise CacheError(f"cache shard {self.path}: field {name!r} lies outside the file")
             # plain ndarrays over the map (np.memmap's subclass hooks cost more than the copy itself)
-            assert stored is not None  # the check above raised when the entry is missing
             arrays[name] = np.frombuffer(
                 raw, dtype=stored.newbyteorder("<"), count=(hi - lo) // stored.itemsize, offset=base + lo
             ).reshape(shape)
@@ -125,6 +127,7 @@ class _Shard:
         return {"path": self.path, "record": self.record, "fields": self.fields}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # mypy refuses __init__ on an instance (a subclass's could take other arguments); _Shard has no subclass
         self.__init__(state["path"], state["record"], state["fields"])  # type: ignore[misc]
 
 
@@ -175,7 +178,7 @@ class LatentCache:
         Checked when every listed shard still has its sidecar (the writer keeps them)."""
         from fastdae.cache.writer import _Moments
 
-        moments = _Moments()
+        moments = _Moments.empty()
         for shard in self._shards:
             sidecar = shard.path.with_name(shard.path.name + ".json")
             try:
@@ -185,7 +188,7 @@ class LatentCache:
                 moments = moments.merge(_Moments.from_dict(record["moments"]))
             except (OSError, ValueError, RecursionError, KeyError, TypeError):
                 return
-        if moments.mean is None or moments.m2 is None:
+        if moments.n == 0:
             return  # no latents recorded: nothing to compare against
         m = self.manifest
         want = {"channel_mean": moments.mean, "channel_std": np.sqrt(moments.m2 / moments.n)}
@@ -198,11 +201,11 @@ class LatentCache:
                 )
 
     @classmethod
-    def build(cls, root: str | os.PathLike, dataset: Dataset, encode: Any, **kwargs: Any) -> LatentCache:
+    def build(cls, root: str | os.PathLike, dataset: MapDataset, encode: EncodeFn, **kwargs: Any) -> LatentCache:
         """Encode every item of `dataset` once and write the cache (fastdae.cache.writer.build), then open it."""
         from fastdae.cache.writer import build
 
-        build(root, dataset, encode, **kwargs)  # type: ignore[arg-type]
+        build(Path(root), dataset, encode, **kwargs)
         return cls(root, verify="lazy")  # every shard was just hashed
 
     def __len__(self) -> int:
@@ -284,6 +287,6 @@ class LatentCache:
 
         return CacheLoader(self, batch_size, **kwargs)
 
-    def paired_loader(self, image_dataset: Dataset, batch_size: int, **kwargs: Any) -> Any:
+    def paired_loader(self, image_dataset: MapDataset, batch_size: int, **kwargs: Any) -> Any:
         """Batches of (fields, images) with the same indices, for stage 2 (a loader with image_dataset)."""
         return self.loader(batch_size, image_dataset=image_dataset, **kwargs)

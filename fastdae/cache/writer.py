@@ -8,14 +8,15 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fastdae import files
 from fastdae.cache.format import (
@@ -31,6 +32,9 @@ from fastdae.cache.format import (
     no_collate,
     shard_name,
 )
+
+if TYPE_CHECKING:
+    from fastdae.data import MapDataset
 
 EncodeFn = Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
 
@@ -54,14 +58,21 @@ def _stored(name: str, t: Tensor) -> np.ndarray:
     raise TypeError(f"field {name!r} must be an integer or floating tensor, got {t.dtype}")
 
 
+@dataclass
 class _Moments:
     """Per-channel count, mean and M2 = sum (x - mean)^2 in float64, merged with the exact parallel
     formulas of Chan et al. (1979): n = na + nb, d = mb - ma, mean = ma + d nb / n,
     M2 = M2a + M2b + d^2 na nb / n. Merging in a fixed order makes the result independent of how
     the items were split over ranks."""
 
-    def __init__(self, n: int = 0, mean: np.ndarray | None = None, m2: np.ndarray | None = None) -> None:
-        self.n, self.mean, self.m2 = n, mean, m2
+    n: int
+    mean: np.ndarray  # (C,)
+    m2: np.ndarray  # (C,)
+
+    @classmethod
+    def empty(cls) -> _Moments:
+        """No items yet (n = 0): merging it with other moments gives those."""
+        return cls(0, np.zeros(0), np.zeros(0))
 
     @classmethod
     def of(cls, x: Tensor) -> _Moments:
@@ -76,15 +87,15 @@ class _Moments:
             return other
         if other.n == 0:
             return self
-        if self.mean.shape != other.mean.shape:  # type: ignore[union-attr]
-            raise ValueError(f"stats_latent channel count changed from {self.mean.shape[0]} to {other.mean.shape[0]}")  # type: ignore[union-attr]
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"stats_latent channel count changed from {self.mean.shape[0]} to {other.mean.shape[0]}")
         n = self.n + other.n
-        delta = other.mean - self.mean  # type: ignore[operator]
-        return _Moments(n, self.mean + delta * (other.n / n), self.m2 + other.m2 + delta**2 * (self.n * other.n / n))  # type: ignore[operator]
+        delta = other.mean - self.mean
+        return _Moments(n, self.mean + delta * (other.n / n), self.m2 + other.m2 + delta**2 * (self.n * other.n / n))
 
     def to_dict(self) -> dict[str, Any]:
         # Python floats round-trip exactly through JSON (repr is shortest-exact)
-        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}  # type: ignore[union-attr]
+        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _Moments:
@@ -212,7 +223,7 @@ def _merge_manifest(
                     f"{prev['shape']} elsewhere"
                 )
             prev["dtype"] = np.result_type(np.dtype(prev["dtype"]), np.dtype(spec["dtype"])).name
-    moments = _Moments()
+    moments = _Moments.empty()
     for r in records:  # shard order, whatever rank wrote it: same floats as a single-process build
         moments = moments.merge(_Moments.from_dict(r["moments"]))
     return {
@@ -226,8 +237,8 @@ def _merge_manifest(
         "fields": fields,
         "shards": [{k: r[k] for k in ("file", "start", "stop", "bytes", "sha256")} for r in records],
         # population statistics of stats_latent over items and positions, per channel
-        "channel_mean": moments.mean.tolist(),  # type: ignore[union-attr]
-        "channel_std": np.sqrt(moments.m2 / moments.n).tolist(),  # type: ignore[operator]
+        "channel_mean": moments.mean.tolist(),
+        "channel_std": np.sqrt(moments.m2 / moments.n).tolist(),
         "channel_count": moments.n,
         "build": {
             "seconds": seconds,
@@ -254,7 +265,7 @@ def _remove_unlisted(root: Path, listed: set[str]) -> None:
 
 def build(
     root: str | Path,
-    dataset: Dataset,
+    dataset: MapDataset,
     encode: EncodeFn,
     *,
     batch_size: int = 256,
@@ -279,7 +290,7 @@ def build(
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(dataset) == 0:
         raise ValueError("cannot build a latent cache of an empty dataset")
     t0 = time.perf_counter()
     root = Path(root)
@@ -311,8 +322,8 @@ def build(
         for start, stop in ranges.values()
         for a in range(start, stop, batch_size)
     ]
-    loader = iter(
-        DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate) if batches else ()  # type: ignore[arg-type]
+    loader: Iterator[tuple[Tensor, Tensor]] = iter(
+        DataLoader(view, batch_sampler=batches, num_workers=num_workers, collate_fn=no_collate) if batches else ()
     )
 
     from tqdm import tqdm
@@ -327,9 +338,9 @@ def build(
     with torch.no_grad(), bar:
         for k, (start, stop) in ranges.items():
             parts: dict[str, list[Tensor]] = {}
-            moments = _Moments()
+            moments = _Moments.empty()
             for _ in range(start, stop, batch_size):
-                images, labels = next(loader)  # type: ignore[var-annotated]
+                images, labels = next(loader)
                 fields, latent = _check_encoded(encode(images), len(images))
                 if parts and set(fields) | {LABEL} != set(parts):
                     raise ValueError(f"encode returned fields {sorted(fields)}, earlier {sorted(set(parts) - {LABEL})}")
@@ -346,7 +357,7 @@ def build(
         mine_records = [r for rs in gathered for r in rs]
     if rank == 0:
         encoded = sum(r["stop"] - r["start"] for r in mine_records if r.get("encoded"))
-        manifest = _merge_manifest(mine_records, identity, len(dataset), time.perf_counter() - t0, encoded, world)  # type: ignore[arg-type]
+        manifest = _merge_manifest(mine_records, identity, len(dataset), time.perf_counter() - t0, encoded, world)
         files.write_bytes(root / MANIFEST, json.dumps({**manifest, "checksum": checksum(manifest)}, indent=1).encode())
         _remove_unlisted(root, {s["file"] for s in manifest["shards"]})
     if world > 1:

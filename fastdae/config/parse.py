@@ -8,7 +8,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from fastdae.config.checks import (
     CHOICES,
@@ -37,10 +37,10 @@ def build(cls: type, d: dict[str, Any], where: str) -> Any:
         if name not in d:
             continue
         value = d[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigTypeError(f"config key {where + name!r} must be a mapping, got {type(value).__name__}")
-            value = build(tp, value, f"{where}{name}.")  # type: ignore[arg-type]
+            value = build(tp, value, f"{where}{name}.")
         else:
             value = coerce(value, tp, where + name)
             if where + name in CHOICES:  # before the component's own check, to suggest the near miss
@@ -56,8 +56,11 @@ def build(cls: type, d: dict[str, Any], where: str) -> Any:
 
 def coerce(value: Any, tp: Any, key: str, from_text: bool = True) -> Any:
     """Check (and convert where lossless: ints for float fields and, with from_text, strings from the
-    command line) a value against a field type: bool, int, float, str, list[T], T | None."""
+    command line) a value against a field type: bool, int, float, str, list[T], T | None, and a Literal
+    of names as str (`build` then checks the name against CHOICES)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return coerce(value, type(args[0]), key, from_text)
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:

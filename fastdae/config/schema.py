@@ -16,6 +16,7 @@ import yaml
 
 from fastdae.data import DataConfig
 from fastdae.models.autoencoder import AutoencoderConfig, WeakDecoderConfig
+from fastdae.models.diffusion import Objective, Schedule, TimeSampling
 from fastdae.models.discriminator import DiscriminatorConfig
 
 MODES = ("dae", "joint", "control")
@@ -135,9 +136,9 @@ class PriorConfig(OptimConfig):
     logit_normal (SD3; see fastdae.models.diffusion.make_diffusion)."""
 
     model: str = "DiT-T/2"
-    objective: str = "flow"
-    schedule: str = "linear"
-    time_sampling: str = "uniform"
+    objective: Objective = "flow"
+    schedule: Schedule = "linear"
+    time_sampling: TimeSampling = "uniform"
     num_timesteps: int = 1000
     steps: int = 2000
     batch_size: int = 64

@@ -15,14 +15,15 @@ textures: 5; a folder: its class subfolders, 1 without; an array: 1 + its larges
     ds = build_dataset(DataConfig(name="array", root="faces.npz", size=64))
     train, heldout = split_dataset(ds, cfg)     # disjoint; together every item (procedural: see split_dataset)
 
-One module per job: config.py (DataConfig, names, the pixel convention), procedural.py, folder_index.py
+One module per job: config.py (DataConfig, names, the pixel convention and the protocols that type
+it: MapDataset, ImageDataset, LabeledDataset), procedural.py, folder_index.py
 (the cached index of an image folder), folder.py (ImageFolder), arrays.py (ArrayDataset), build.py
 (build_dataset), split.py (split_dataset, dataset_fingerprint).
 """
 
 from fastdae.data.arrays import ArrayDataset
 from fastdae.data.build import build_dataset
-from fastdae.data.config import CROPS, DATASETS, PROCEDURAL, DataConfig
+from fastdae.data.config import CROPS, DATASETS, PROCEDURAL, DataConfig, ImageDataset, LabeledDataset, MapDataset
 from fastdae.data.folder import ImageFolder
 from fastdae.data.folder_index import FolderIndex
 from fastdae.data.procedural import ProceduralDataset, ProceduralShapes, ProceduralTextures
@@ -35,7 +36,10 @@ __all__ = [
     "DataConfig",
     "DatasetSplit",
     "FolderIndex",
+    "ImageDataset",
     "ImageFolder",
+    "LabeledDataset",
+    "MapDataset",
     "PROCEDURAL",
     "ProceduralDataset",
     "ProceduralShapes",

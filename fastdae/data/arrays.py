@@ -50,7 +50,8 @@ class ArrayDataset(Dataset):
         self.num_classes = int(self.labels.max()) + 1  # over every label, not a sample of them
         self.source = source
         chw = self.images.dtype != np.uint8
-        self.image_size = tuple(self.images.shape[2:4] if chw else self.images.shape[1:3])  # (H, W)
+        h, w = self.images.shape[2:4] if chw else self.images.shape[1:3]
+        self.image_size = (int(h), int(w))  # (H, W)
 
     @staticmethod
     def _load(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:

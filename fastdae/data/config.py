@@ -1,10 +1,12 @@
-"""DataConfig (what the `data:` section of a run config holds), the dataset names, and the one pixel
-convention every dataset shares: images float32 (3, H, W) in [-1, 1].
+"""DataConfig (what the `data:` section of a run config holds), the dataset names, the one pixel
+convention every dataset shares (images float32 (3, H, W) in [-1, 1]) and the protocols that type it
+(MapDataset, ImageDataset, LabeledDataset).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -77,6 +79,34 @@ class DataConfig:
             else HOLDOUT_FRACTION
         )
         return round(h * n) if h < 1 else int(h)
+
+
+class MapDataset(Protocol):
+    """A map-style dataset of (image float32 (3, H, W) in [-1, 1], label int64 scalar) items: what the
+    latent cache reads. torch's Dataset does not declare __len__, this does."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]: ...
+
+
+class ImageDataset(MapDataset, Protocol):
+    """What training reads of a dataset: its items, `num_classes` (over the whole dataset) and
+    `image_size` (H, W). Every fastdae dataset is one."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_size(self) -> tuple[int, int]: ...
+
+
+class LabeledDataset(ImageDataset, Protocol):
+    """An ImageDataset with every item's label up front, `labels` (N,) ints: what split_dataset
+    stratifies by (a folder, an array, a part of one; the procedural datasets generate theirs)."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
 
 
 def _to_signed_unit(rgb_uint8: np.ndarray) -> Tensor:

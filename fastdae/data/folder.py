@@ -135,7 +135,8 @@ class ImageFolder(Dataset):
         im = open_rgb8(path)
         if self.resize and min(im.width, im.height) != s:
             scale = s / min(im.width, im.height)
-            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)  # type: ignore[attr-defined]
+            wh = (max(s, round(im.width * scale)), max(s, round(im.height * scale)))
+            im = im.resize(wh, Image.Resampling.BICUBIC)
         if min(im.width, im.height) < s:
             raise ImageFileError(
                 f"image {path} is {im.width}x{im.height}, smaller than size {s}x{s}; "

@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 
 from fastdae.data.config import (
     DataConfig,
+    ImageDataset,
+    LabeledDataset,
+    MapDataset,
 )
 from fastdae.data.procedural import (
     ProceduralDataset,
@@ -40,12 +43,12 @@ class DatasetSplit(Dataset):
     class); its identity is the base's plus the part's name and indices, so a fingerprint of a part
     covers the split."""
 
-    def __init__(self, base: Dataset, indices: np.ndarray, part: str) -> None:
+    def __init__(self, base: LabeledDataset, indices: np.ndarray, part: str) -> None:
         self.base, self.indices, self.part = base, np.asarray(indices, dtype=np.int64), part
-        self.labels = np.asarray(base.labels)[self.indices]  # type: ignore[attr-defined]
-        self.num_classes = base.num_classes  # type: ignore[attr-defined]
+        self.labels = np.asarray(base.labels)[self.indices]
+        self.num_classes = base.num_classes
         self.classes = getattr(base, "classes", None)
-        self.image_size = base.image_size  # type: ignore[attr-defined]
+        self.image_size = base.image_size
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -62,7 +65,7 @@ class DatasetSplit(Dataset):
         return self.base[int(self.indices[i])]
 
 
-def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+def split_dataset(ds: ProceduralDataset | LabeledDataset, cfg: DataConfig) -> tuple[ImageDataset, ImageDataset]:
     """(train, heldout): training (stage 1, the cache, stage 2, the prior) sees only `train`, the
     evaluation judge only `heldout`; deterministic for a config (seeded by cfg.seed).
 
@@ -76,25 +79,25 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if isinstance(ds, ProceduralDataset):
         h = max(1, cfg.holdout_count(len(ds)))  # a dataset has >= 1 item
         return ds, ds.part(len(ds), len(ds) + h)
-    n, h = len(ds), cfg.holdout_count(len(ds))  # type: ignore[arg-type]
+    n, h = len(ds), cfg.holdout_count(len(ds))
     if h >= n:
         raise ValueError(
             f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
             f"none to train on; lower it"
         )
-    order = stratified_order(ds.labels, cfg.seed)  # type: ignore[attr-defined]
+    order = stratified_order(ds.labels, cfg.seed)
     return DatasetSplit(ds, np.sort(order[h:]), "train"), DatasetSplit(ds, order[:h], "heldout")
 
 
-def dataset_fingerprint(ds: Dataset, num_probes: int = 8) -> str:
+def dataset_fingerprint(ds: MapDataset, num_probes: int = 8) -> str:
     """sha256 hex of a dataset's identity: class, `identity()` (if defined), length, and `num_probes`
     items spread over the index range. fastdae's identities cover every image: an array's content
     hash, a folder's per-file stat (see ImageFolder.identity), a procedural one's generator settings; the
     probes guard other datasets. Probes are drawn under a fixed torch seed (random crops and flips
     repeat) and hashed after rounding to 8 bits, so last-bit float differences between machines
     do not change the fingerprint."""
-    n = len(ds)  # type: ignore[arg-type]
-    ident = getattr(ds, "identity", dict)()  # type: ignore[var-annotated]
+    n = len(ds)
+    ident: dict[str, Any] = getattr(ds, "identity", dict)()
     h = hashlib.sha256()
     h.update(
         json.dumps(

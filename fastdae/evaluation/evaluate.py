@@ -6,7 +6,7 @@ fastdae.training.paths.RunFolder (the one owner of the run layout)."""
 from __future__ import annotations
 
 import csv
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,8 +17,11 @@ from fastdae.config import TrainConfig
 from fastdae.measure.judge import EvalConfig, Judge, device_of, training_images
 from fastdae.training.paths import RunFolder
 
+if TYPE_CHECKING:
+    from fastdae.models.autoencoder import Decoder, Encoder, KLBottleneck, VQBottleneck
 
-def _load_autoencoder(run: RunFolder, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:
+
+def _load_autoencoder(run: RunFolder, device: torch.device) -> tuple[Encoder, VQBottleneck | KLBottleneck, Decoder]:
     """The run's frozen encoder and bottleneck (stage 1) and final decoder (stage 1's in mode joint,
     else stage 2's), in eval mode."""
     from fastdae.models.autoencoder import build_bottleneck, build_decoder, build_encoder
@@ -29,11 +32,13 @@ def _load_autoencoder(run: RunFolder, device: torch.device) -> tuple[nn.Module, 
     load_weights(run.encoder_file, encoder, prefix="encoder.")
     load_weights(run.encoder_file, bottleneck, prefix="bottleneck.")
     load_weights(run.decoder_file(run.final_decoder_stage), decoder)
-    return tuple(m.to(device).eval().requires_grad_(False) for m in (encoder, bottleneck, decoder))  # type: ignore[return-value]
+    for m in (encoder, bottleneck, decoder):
+        m.to(device).eval().requires_grad_(False)  # in place
+    return encoder, bottleneck, decoder
 
 
 @torch.no_grad()
-def _encode(encoder: nn.Module, bottleneck: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+def _encode(encoder: nn.Module, bottleneck: VQBottleneck | KLBottleneck, images: Tensor, batch_size: int) -> Tensor:
     """Deterministic latents (N, C, h, w): VQ codebook vectors, or the KL posterior mean."""
     device = next(encoder.parameters()).device
     return torch.cat([bottleneck.encode_fields(encoder(x.to(device)))[1] for x in images.split(batch_size)])

@@ -60,7 +60,7 @@ def load_stage1(folder: str | os.PathLike, posterior: str = "mean", device: str 
     return taming_vqgan.load_taming_stage1(*taming_files(folder), device=device)
 
 
-def build_decoder(folder: str | os.PathLike) -> nn.Module:
+def build_decoder(folder: str | os.PathLike) -> diffusers_vae.DiffusersDecoder | taming_vqgan.TamingDecoder:
     """A fresh stage-2 decoder in the source's architecture (diffusers' or taming's Decoder)."""
     if source_kind(folder) == "diffusers":
         return diffusers_vae.DiffusersDecoder.from_source(folder)

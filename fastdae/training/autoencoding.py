@@ -9,20 +9,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastdae.data import MapDataset
 from fastdae.models.losses import AutoencoderLoss
-from fastdae.training.checkpoint import State
+from fastdae.training.checkpoint import State, restore
 from fastdae.training.distributed import wrap_ddp
-from fastdae.training.logs import Trackers, eval_chunks, mean_terms, notice_once, reconstruction_eval
+from fastdae.training.logs import Trackers, eval_chunks, notice_once, reconstruction_eval
 from fastdae.training.optim import Updater
 from fastdae.training.run import Run
 
 LPIPS_OFF = "LPIPS is off: no local VGG16 weights given (set lpips_trunk to a torchvision vgg16 state dict)"
 
 
-def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Module) -> tuple[AutoencoderLoss, State]:
-    """The criterion (L1 + LPIPS + GAN) and a checkpoint State with `generator`'s Updater (the stage's
-    loop options) and, when the GAN is on, the discriminator with its own (Adam at disc.lr, constant,
-    no warm-up; grad_accum, grad_clip and fp16 as the stage)."""
+def losses_and_state(
+    run: Run, s: Any, stage: str, name: str, generator: nn.Module, decoder: nn.Module
+) -> tuple[AutoencoderLoss, State, int]:
+    """The criterion (L1 + LPIPS + GAN), a checkpoint State and the step to start from. The State holds
+    `generator` as `name` with its Updater (the stage's loop options), the EMA of `decoder` as
+    emas["decoder"] when s.ema_decay > 0 and, when the GAN is on, the discriminator with its own
+    Updater (Adam at disc.lr, constant, no warm-up; grad_accum, grad_clip and fp16 as the stage); on
+    resume it is restored from the stage's checkpoint, with the configured learning rates."""
     crit = AutoencoderLoss(s, run.device, wrap=lambda m: wrap_ddp(m, run.dist, run.device, s.compile))
     if crit.lpips is None and s.lpips_weight > 0:
         notice_once(run, "lpips_off", LPIPS_OFF)
@@ -44,45 +49,37 @@ def losses_and_state(run: Run, s: Any, stage: str, name: str, generator: nn.Modu
             schedule="constant",
             warmup_steps=0,
         )
-    return crit, state
-
-
-def learning_rates(s: Any, name: str) -> dict[str, float]:
-    """Configured learning rates by optimizer name (applied again after a resume)."""
-    return {name: s.lr, "discriminator": s.disc.lr}
+    state.keep_ema("decoder", decoder, s.ema_decay)
+    start = restore(run.resume_from[stage], state, {name: s.lr, "discriminator": s.disc.lr})
+    return crit, state, start
 
 
 def update_step(
-    run: Run,
-    crit: AutoencoderLoss,
-    state: State,
-    name: str,
-    step: int,
-    x: Tensor,
-    micro: list[tuple[dict[str, Tensor], Tensor]],
+    run: Run, crit: AutoencoderLoss, state: State, name: str, step: int, x: Tensor
 ) -> tuple[dict[str, Any], Tensor]:
-    """After the generator's micro-batches (their loss terms and x_hat): the generator's optimizer
-    step, then the discriminator's when the GAN is on. Returns the step's log terms and x_hat
-    (B, 3, H, W)."""
+    """After the generator's micro-batches (each backward given its loss terms and x_hat): the
+    generator's optimizer step, the discriminator's when the GAN is on, then the EMA's. Returns the
+    step's log terms and x_hat (B, 3, H, W)."""
     upd = state.updaters[name]
-    terms = {**mean_terms([t for t, _ in micro]), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
-    x_hat = torch.cat([xh for _, xh in micro])
+    terms, x_hat = upd.logged_step(), upd.output
     if crit.gan_active(step):
         terms["d_loss"] = discriminator_step(run, crit, state, x, x_hat)
+    state.update_emas(step)
     return terms, x_hat
 
 
 def discriminator_step(run: Run, crit: AutoencoderLoss, state: State, x: Tensor, x_hat: Tensor) -> Tensor:
     """One hinge-loss step of the discriminator on real x and (detached) x_hat (B, 3, H, W), in the
     stage's micro-batches; returns its loss (the mean over them)."""
-    upd, losses = state.updaters["discriminator"], []
-    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), crit.disc_train):  # type: ignore[arg-type]
+    disc_train = crit.disc_train
+    if disc_train is None:
+        raise ValueError("discriminator_step: the GAN is off (disc.weight = 0)")
+    upd = state.updaters["discriminator"]
+    for xm, xm_hat in upd.micro_batches((x, x_hat.detach()), disc_train):
         with run.autocast():
             d_loss = crit.discriminator_loss(xm, xm_hat)
         upd.backward(d_loss)
-        losses.append({"d_loss": d_loss.detach()})
-    upd.step()
-    return mean_terms(losses)["d_loss"]
+    return upd.logged_step()["loss"]
 
 
 @torch.no_grad()
@@ -105,6 +102,6 @@ def evaluate(run: Run, stage: str, reconstruct: Callable[[list[int]], tuple[Tens
         trackers.close()
 
 
-def images_at(dataset: Any, indices: list[int]) -> Tensor:
+def images_at(dataset: MapDataset, indices: list[int]) -> Tensor:
     """(B, 3, H, W) images of dataset items."""
     return torch.stack([dataset[i][0] for i in indices])

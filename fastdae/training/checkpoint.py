@@ -27,7 +27,7 @@ from torch import nn
 from fastdae import files
 from fastdae.training.distributed import unwrap
 from fastdae.training.identity import RunError
-from fastdae.training.optim import Updater
+from fastdae.training.optim import EMA, Updater
 
 if TYPE_CHECKING:  # run.py imports this module
     from fastdae.training.run import Run
@@ -79,23 +79,46 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT.fullmatch(path.name).group(1))  # type: ignore[union-attr]
+    match = CHECKPOINT.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a ckpt-<step> folder")
+    return int(match.group(1))
 
 
 @dataclass
 class State:
-    """What a checkpoint holds, by name: modules (EMAs as ema_<name>) and updaters (optimizer, LR
-    scheduler and GradScaler states, in state.pt under "optimizers", "schedulers", "scalers")."""
+    """What a checkpoint holds, by name: modules, their EMAs (saved as ema_<name>) and updaters
+    (optimizer, LR scheduler and GradScaler states, in state.pt under "optimizers", "schedulers",
+    "scalers")."""
 
     modules: dict[str, nn.Module]
     updaters: dict[str, Updater] = field(default_factory=dict)
+    emas: dict[str, EMA] = field(default_factory=dict)
+
+    def keep_ema(self, name: str, module: nn.Module, decay: float) -> None:
+        """Keep emas[name], an EMA of `module`'s weights, when decay > 0 (0: no EMA)."""
+        if decay > 0:
+            self.emas[name] = EMA(module, decay)
+
+    def update_emas(self, step: int) -> None:
+        """After the optimizer step of (0-based) `step`."""
+        for ema in self.emas.values():
+            ema.update(step)
+
+    def final(self, name: str, module: nn.Module) -> nn.Module:
+        """The weights a stage writes for `name`: its EMA's when one is kept, else `module`'s."""
+        return self.emas[name].module if name in self.emas else module
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """Every module a checkpoint holds, by file name: the modules, then the EMAs as ema_<name>."""
+        return {**self.modules, **{f"ema_{name}": ema for name, ema in self.emas.items()}}
 
 
 def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
     final = stage_dir / f"ckpt-{step:08d}"
     with files.atomic_path(final) as tmp:
         tmp.mkdir()
-        for name, module in state.modules.items():
+        for name, module in state.saved_modules().items():
             save_weights(tmp / f"{name}.safetensors", unwrap(module).state_dict())
         with files.atomic_path(tmp / "state.pt") as state_file:
             parts = {k: u.state_dict() for k, u in state.updaters.items()}
@@ -127,7 +150,7 @@ def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:
     updaters named in `lrs` then use the configured learning rate (it may change on resume)."""
     if path is None:
         return 0
-    for name, module in state.modules.items():
+    for name, module in state.saved_modules().items():
         load_weights(path / f"{name}.safetensors", unwrap(module))
     try:
         saved = torch.load(path / "state.pt", weights_only=True)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from fastdae.data import MapDataset
 
 T = TypeVar("T")
 
@@ -95,7 +97,7 @@ def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = F
     # the GAN's adaptive weight differentiates the compiled graph twice (autograd.grad with
     # retain_graph, then backward): compiled backwards must not donate (free) their saved buffers
     torch._functorch.config.donated_buffer = False
-    return torch.compile(module)  # type: ignore[return-value]
+    return torch.compile(module)  # type: ignore[return-value]  # typed as a callable; a module's is an nn.Module
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -135,13 +137,13 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def image_batches(
-    dataset: Dataset, batch_size: int, seed: int, start_step: int, d: Dist, num_workers: int, device: torch.device
+    dataset: MapDataset, batch_size: int, seed: int, start_step: int, d: Dist, num_workers: int, device: torch.device
 ) -> Iterator[Any]:
     """Endless (images, labels) batches of `batch_size` per rank from global step `start_step`."""
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, d.rank, d.world_size)  # type: ignore[arg-type]
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, d.rank, d.world_size)
     return iter(
         DataLoader(
-            dataset,
+            dataset,  # type: ignore[arg-type]  # typed as torch's Dataset class; it takes any map-style dataset
             batch_sampler=sampler,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",

@@ -29,8 +29,13 @@ def run(r: Run) -> dict[str, Any]:
 
 def image_cache(r: Run, uint8: bool = False) -> ImageCache:
     """run/cache/images, checked against this run's dataset (stage 2 reads it with cache.images)."""
-    root, size = r.cache_dir / FOLDER, tuple(r.dataset.image_size)  # every fastdae dataset has image_size (H, W)
-    return ImageCache(root, dataset_fingerprint=r.fingerprint, flip=r.cfg.cache.flip, image_size=size, uint8=uint8)
+    return ImageCache(
+        r.cache_dir / FOLDER,
+        dataset_fingerprint=r.fingerprint,
+        flip=r.cfg.cache.flip,
+        image_size=r.dataset.image_size,  # (H, W)
+        uint8=uint8,
+    )
 
 
 def images(r: Run) -> dict[str, Any]:
@@ -74,7 +79,7 @@ def latents(r: Run) -> dict[str, Any]:
     def encode(images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         with r.autocast():
             h = encoder(images.to(device, non_blocking=True))
-        fields, latent = bottleneck.encode_fields(h.float())  # type: ignore[operator]  # the bottleneck in fp32: exact code choice
+        fields, latent = bottleneck.encode_fields(h.float())  # the bottleneck in fp32: exact code choice
         return {k: v.cpu() for k, v in fields.items()}, latent.cpu()
 
     t0 = time.perf_counter()

@@ -31,11 +31,6 @@ CURVE_STAGES = ("stage1", "stage2", "prior")  # the stages with a log.csv
 NOT_LOSSES = ("step", "images_per_s", "time_s", "lr", "grad_norm", "lambda")
 
 
-def mean_terms(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-key mean of a step's micro-batch loss terms (tensors or floats)."""
-    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-
-
 class CSVLog:
     """log.csv of one stage. On resume from step s, rows after s (written before a crash) are dropped,
     so the file is the loss curve of the run as if it had never stopped. Columns are the union of

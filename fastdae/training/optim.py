@@ -6,7 +6,7 @@ A step of a stage loop, whatever the options:
     for part in upd.micro_batches(batch, model_train):   # grad_accum equal parts of the batch
         loss = ...(part)
         upd.backward(loss)                               # (scaled) loss / grad_accum
-    grad_norm = upd.step()                               # unscale -> clip -> step -> schedule
+    terms = upd.logged_step()                            # unscale -> clip -> step -> schedule
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def mean_terms(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-key mean of a step's micro-batch loss terms (tensors or floats)."""
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """A batch (a tensor, or dicts/tuples/lists of tensors, all (B, ...)) as `parts` batches of B / parts."""
     if isinstance(batch, Tensor):
@@ -50,8 +55,8 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
         split = {k: split_batch(v, parts) for k, v in batch.items()}
         return [{k: v[i] for k, v in split.items()} for i in range(parts)]
     if isinstance(batch, (list, tuple)):
-        split = [split_batch(v, parts) for v in batch]  # type: ignore[assignment]
-        return [type(batch)(v[i] for v in split) for i in range(parts)]
+        columns = [split_batch(v, parts) for v in batch]
+        return [type(batch)(v[i] for v in columns) for i in range(parts)]
     raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
 
 
@@ -102,6 +107,8 @@ class Updater:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self._parts = 0
+        self._terms: list[dict[str, Tensor]] = []  # this step's micro-batches' loss terms (backward)
+        self._outputs: list[Tensor] = []  # and their outputs, when given
 
     def micro_batches(self, batch: Any, *ddp_modules: nn.Module) -> Iterator[Any]:
         """The step's batch in grad_accum equal parts; under DDP the gradient all-reduce of
@@ -116,14 +123,19 @@ class Updater:
                             stack.enter_context(m.no_sync())
                 yield part
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, terms: dict[str, Tensor] | None = None, output: Tensor | None = None) -> None:
         """Add d(loss / grad_accum)/dparams (fp16: scaled) to the gradients; the first part of a step
         starts from zero (other losses' backward may have reached these parameters, e.g. the
-        generator's loss through the discriminator)."""
+        generator's loss through the discriminator). The loss and its `terms` are kept (detached) for
+        the step's log (logged_step), the micro-batch's `output` for `output`."""
         if self._parts == 0:
             self.opt.zero_grad(set_to_none=True)
+            self._terms, self._outputs = [], []
         self._parts += 1
         self.scaler.scale(loss / self.grad_accum).backward()
+        self._terms.append({"loss": loss.detach(), **(terms or {})})
+        if output is not None:
+            self._outputs.append(output.detach())
 
     def step(self) -> Tensor:
         """unscale -> clip -> optimizer step -> scheduler step; returns the pre-clip gradient norm (a
@@ -137,6 +149,18 @@ class Updater:
         self.scaler.update()
         self.sched.step()
         return norm
+
+    def logged_step(self) -> dict[str, Any]:
+        """`step()`, returning the step's log terms: the mean over its micro-batches of the loss and the
+        terms given to backward, the lr the step used and the pre-clip gradient norm."""
+        lr = self.lr  # before step() moves the schedule on
+        grad_norm = self.step()
+        return {**mean_terms(self._terms), "lr": lr, "grad_norm": grad_norm}
+
+    @property
+    def output(self) -> Tensor:
+        """The outputs given to this step's backward calls, concatenated: (B, ...) of the whole batch."""
+        return torch.cat(self._outputs)
 
     def set_lr(self, lr: float) -> None:
         """Make `lr` the base rate after a checkpoint restored the old one (lr may change on resume):
@@ -168,12 +192,15 @@ class EMA(nn.Module):
     warm-up decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the init.
     Its state_dict is the averaged module's."""
 
+    source: nn.Module  # set in __init__ as a plain reference, not a submodule
+
     def __init__(self, source: nn.Module, decay: float) -> None:
         super().__init__()
         self.decay = decay
         self.module = copy.deepcopy(unwrap(source)).eval().requires_grad_(False)
         self.__dict__["source"] = unwrap(source)  # a plain reference, not a registered submodule
 
+    # nn.Module overloads state_dict (destination= or not); this forwards either to the averaged module
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self.module.state_dict(*args, **kwargs)
 
@@ -183,13 +210,9 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)  # type: ignore[union-attr]
-        for b_ema, b in zip(self.module.buffers(), self.source.buffers(), strict=True):  # type: ignore[union-attr]
+        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), self.source.buffers(), strict=True):
             b_ema.copy_(b)
-
-
-def ema_or_none(module: nn.Module, decay: float) -> EMA | None:
-    return EMA(module, decay) if decay > 0 else None
 
 
 def check_finite(nonfinite: Tensor, stage: str, step: int, d: Dist) -> None:

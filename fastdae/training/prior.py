@@ -10,21 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fastdae.models.diffusion import LatentScaler, make_diffusion
-from fastdae.models.dit import DiT_models
+from fastdae.models.dit import DiT, DiT_models
 from fastdae.training import distributed
 from fastdae.training.checkpoint import State, restore, save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
-from fastdae.training.logs import StepLog, mean_terms
-from fastdae.training.optim import Updater, ema_or_none
+from fastdae.training.logs import StepLog
+from fastdae.training.optim import Updater
 from fastdae.training.run import Run
 
 BETAS = (0.9, 0.999)  # DiT's AdamW betas
 
 
-def build_dit(r: Run) -> nn.Module:
+def build_dit(r: Run) -> DiT:
     """The configured DiT over the run's latents, (channels, size / downsample) (validated in the config)."""
     cfg = r.cfg
     return DiT_models[cfg.prior.model](
@@ -43,12 +42,10 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + 2)
     model = build_dit(r).to(device)
     model_train = wrap_ddp(model, r.dist, device, p.compile)
-    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)  # type: ignore[arg-type]
+    diffusion = make_diffusion(p.objective, p.schedule, p.num_timesteps, p.time_sampling)
     upd = Updater(model.parameters(), p, total_steps=p.steps, fp16=r.fp16, device=device, betas=BETAS)
     state = State({"dit": model}, {"dit": upd})
-    ema = ema_or_none(model, p.ema_decay)
-    if ema is not None:
-        state.modules["ema_dit"] = ema
+    state.keep_ema("dit", model, p.ema_decay)
     start = restore(r.resume_from["prior"], state, {"dit": p.lr})
     loader = cache.loader(batch, seed=cfg.seed, num_workers=max(1, cfg.num_workers), pin_memory=device.type == "cuda")
     batches = cache_batches(loader, start)
@@ -56,22 +53,19 @@ def run(r: Run) -> dict[str, Any]:
     model.train()
     for step in range(start, p.steps):
         distributed.seed_step(cfg.seed, "prior", step, r.dist.rank)
-        parts = []
         for fields in upd.micro_batches(to_device(log.batch(batches), device), model_train):
             with torch.no_grad():
-                x0 = scaler.normalize(bottleneck.latent(fields))  # type: ignore[operator]  # (b, C, h, w), ~unit variance per channel
-            y = fields["label"] if model.num_classes > 0 else None  # type: ignore[operator]
+                x0 = scaler.normalize(bottleneck.latent(fields))  # (b, C, h, w), ~unit variance per channel
+            y = fields["label"] if model.num_classes > 0 else None
             with r.autocast():
                 loss = diffusion.loss(model_train, x0, y)
             upd.backward(loss)
-            parts.append({"loss": loss.detach()})
-        terms = {**mean_terms(parts), "lr": upd.lr, "grad_norm": upd.step()}  # the lr this step used
-        if ema is not None:
-            ema.update(step)
+        terms = upd.logged_step()
+        state.update_emas(step)
         log.step(step + 1, terms)
         save_if_due(r, "prior", step + 1, p.steps, p.ckpt_every, state)
     metrics = log.finish()
     if r.dist.is_main:
-        save_weights(r.dit_file, (ema.module if ema is not None else model).state_dict())
+        save_weights(r.dit_file, state.final("dit", model).state_dict())
     metrics["num_classes"] = model.num_classes
     return metrics

@@ -11,9 +11,7 @@ import dataclasses
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, TypeVar
 
 from fastdae import files
 from fastdae.config import TrainConfig, load_config
@@ -22,7 +20,11 @@ from fastdae.training.checkpoint import load_weights
 from fastdae.training.distributed import setup_distributed
 
 if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
-    from fastdae.pretrained.diffusers_vae import FrozenStage1
+    from fastdae.cache import LatentCache
+    from fastdae.data import ImageDataset
+    from fastdae.models.autoencoder import Decoder, KLBottleneck, VQBottleneck
+    from fastdae.pretrained.diffusers_vae import DiffusersDecoder, FrozenStage1
+    from fastdae.pretrained.taming_vqgan import TamingDecoder
 
 from fastdae.training.paths import CONFIG_FILE, MissingOutputError, RunFolder
 
@@ -58,7 +60,7 @@ class RunResources(RunFolder):
         return f"{stage}.steps", getattr(c, stage).steps
 
     @cached_property
-    def dataset(self) -> Any:
+    def dataset(self) -> ImageDataset:
         """The training part of the configured dataset (fastdae.data.split_dataset): the held-out part
         is for evaluation only and never reaches stage 1, the cache, stage 2 or the prior."""
         from fastdae.data import build_dataset, split_dataset
@@ -132,17 +134,18 @@ class RunResources(RunFolder):
         pre = self.pretrained_stage1
         return self.cfg.autoencoder.bottleneck if pre is None else pre.kind
 
-    def build_decoder(self) -> nn.Module:
+    def build_decoder(self) -> Decoder | DiffusersDecoder | TamingDecoder:
         """A fresh full decoder: fastdae's (autoencoder config) or, with stage1.encoder, one in its architecture."""
-        if self.pretrained_stage1 is None:
+        source = self.cfg.stage1.encoder
+        if source is None:
             from fastdae.models.autoencoder import build_decoder
 
             return build_decoder(self.cfg.autoencoder)
         from fastdae.pretrained.source import build_decoder as build_pretrained_decoder
 
-        return build_pretrained_decoder(self.cfg.stage1.encoder)  # type: ignore[arg-type]
+        return build_pretrained_decoder(source)
 
-    def open_cache(self) -> Any:
+    def open_cache(self) -> LatentCache:
         """run/cache, verified against the frozen encoder it was built from and this run's dataset."""
         from fastdae.cache import LatentCache
 
@@ -150,7 +153,7 @@ class RunResources(RunFolder):
         cache.check(encoder_sha256=self.encoder_sha256(), dataset_fingerprint=self.fingerprint)
         return cache
 
-    def frozen_bottleneck(self) -> nn.Module:
+    def frozen_bottleneck(self) -> VQBottleneck | KLBottleneck:
         """The frozen bottleneck (VQ codebook) in eval mode: stage 1's, from stage1/encoder.safetensors,
         or the pretrained encoder's."""
         if self.pretrained_stage1 is not None:

@@ -63,13 +63,13 @@ class Run(RunResources):
         digest = self.sha256(self.require(path, stage))
         recorded = self._metrics(stage).get("weights", {})
         want = recorded.get(path.name) if isinstance(recorded, dict) else None
-        if want is not None and want != digest:
-            raise RunError(
-                f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
-                f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
-                f"(stages=['{stage}', ...])"
-            )
-        return digest
+        if want is None or want == digest:
+            return digest
+        raise RunError(
+            f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
+            f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
+            f"(stages=['{stage}', ...])"
+        )
 
     def verify_weights(self, stage: str) -> None:
         """Every weight file `stage` recorded (finish) still has its recorded sha256 (verified_sha256)."""

@@ -12,7 +12,7 @@ images: this stage draws its grid with it, and `fastdae.sample` its N samples at
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -31,6 +31,14 @@ from fastdae.training.run import Run, log
 SETTINGS_SINCE = {"clip_x0": PriorConfig.clip_x0}
 
 
+class SamplerSettings(TypedDict):
+    """How a Sampler draws (the prior config's, or fastdae.sample's arguments); part of its identity."""
+
+    steps: int
+    sampler: str
+    cfg_scale: float
+
+
 def build_sampler(
     r: Run, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None
 ) -> Sampler:
@@ -38,12 +46,12 @@ def build_sampler(
     the cache's per-channel latent statistics (the cache checked against the encoder and dataset) and,
     for VQ, the frozen codebook. steps, sampler, cfg_scale default to the run's prior config."""
     cfg, p = r.cfg, r.cfg.prior
-    settings = {
+    settings: SamplerSettings = {
         "steps": p.sample_steps if steps is None else steps,
         "sampler": sampler or p.sampler,
         "cfg_scale": p.cfg_scale if cfg_scale is None else cfg_scale,
     }
-    if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:  # type: ignore[operator]
+    if settings["sampler"] not in SAMPLERS or settings["steps"] < 1:
         raise ValueError(f"sampler must be one of {SAMPLERS} and steps >= 1, got {settings}")
     dit_file = r.require(r.dit_file, "prior")
     decoder_file = r.require(r.decoder_file(r.final_decoder_stage), r.final_decoder_stage)
@@ -63,19 +71,18 @@ def build_sampler(
         "precision": cfg.precision,
         **settings,
     }
+    frozen = r.frozen_bottleneck() if r.bottleneck_kind == "vq" else None
     return Sampler(
-        dit=dit.to(r.device).eval(),  # type: ignore[arg-type]
+        dit=dit.to(r.device).eval(),
         decoder=decoder.to(r.device).eval(),
         scaler=LatentScaler(cache.channel_mean, cache.channel_std).to(r.device),
-        diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),  # type: ignore[arg-type]
-        bottleneck=cast(VQBottleneck, r.frozen_bottleneck())
-        if r.bottleneck_kind == "vq"
-        else None,  # vq: a VQBottleneck
+        diffusion=make_diffusion(p.objective, p.schedule, p.num_timesteps),
+        bottleneck=frozen if isinstance(frozen, VQBottleneck) else None,  # vq: samples snap to its codes
         clip_x0=p.clip_x0,
         precision=cfg.precision,
         device=r.device,
         identity=identity,
-        **settings,  # type: ignore[arg-type]
+        **settings,
     )
 
 
@@ -118,8 +125,11 @@ def judge_samples(r: Run, images: Tensor, labels: Tensor) -> dict[str, Any]:
 
     ev = EvalConfig(classifier_steps=r.cfg.prior.judge_steps)
     judge = build_judge(r.cfg, ev, r.root, log.info)
-    scores = M.sample_validity(judge.classifier, images, labels, ev.validity_threshold)  # type: ignore[arg-type]
-    scores["fd_feat"] = M.frechet_score(judge.classifier, images, judge.stats["FD-feat"], ev.batch_size)  # type: ignore[arg-type]
+    classifier = judge.classifier
+    if classifier is None:
+        raise ValueError("judge_samples needs a dataset with >= 2 classes (the judge has no classifier)")
+    scores = M.sample_validity(classifier, images, labels, ev.validity_threshold)
+    scores["fd_feat"] = M.frechet_score(classifier, images, judge.stats["FD-feat"], ev.batch_size)
     log.info(
         f"samples: class accuracy {scores['class_accuracy']:.3f}, validity {scores['validity']:.3f} "
         f"(judge; real held-out images: {judge.reference.get('class_accuracy_real', float('nan')):.3f}, "

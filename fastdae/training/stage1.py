@@ -15,11 +15,10 @@ import torch
 
 from fastdae.models.autoencoder import Autoencoder, build_decoder
 from fastdae.training import distributed
-from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
-from fastdae.training.checkpoint import restore, save_if_due, save_weights
+from fastdae.training.autoencoding import evaluate, images_at, losses_and_state, update_step
+from fastdae.training.checkpoint import save_if_due, save_weights
 from fastdae.training.distributed import image_batches, to_device, wrap_ddp
 from fastdae.training.logs import StepLog
-from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
 
@@ -31,11 +30,7 @@ def run(r: Run) -> dict[str, Any]:
     weak = cfg.weak_decoder if cfg.mode == "dae" else None
     ae = Autoencoder(cfg.autoencoder, build_decoder(cfg.autoencoder, weak)).to(device)
     ae_train = wrap_ddp(ae, r.dist, device, s.compile)
-    crit, state = losses_and_state(r, s, "stage1", "autoencoder", ae)
-    ema = ema_or_none(ae.decoder, s.ema_decay)
-    if ema is not None:
-        state.modules["ema_decoder"] = ema
-    start = restore(r.resume_from["stage1"], state, learning_rates(s, "autoencoder"))
+    crit, state, start = losses_and_state(r, s, "stage1", "autoencoder", ae, ae.decoder)
     upd = state.updaters["autoencoder"]
     batches = image_batches(r.dataset, batch, cfg.seed, start, r.dist, cfg.num_workers, device)
     log = StepLog(r, "stage1", steps, start, s.log_every, s.ckpt_every, batch * r.dist.world_size)
@@ -43,21 +38,17 @@ def run(r: Run) -> dict[str, Any]:
     for step in range(start, steps):
         distributed.seed_step(cfg.seed, "stage1", step, r.dist.rank)
         x = to_device(log.batch(batches)[0], device)  # (B, 3, H, W) in [-1, 1]
-        micro = []  # (loss terms, x_hat) per micro-batch
         for xm in upd.micro_batches(x, ae_train):  # (B / grad_accum, 3, H, W) each
             with r.autocast():
                 x_hat, aux = ae_train(xm)  # aux: the bottleneck's loss term (VQ commitment / KL)
                 loss, terms = crit.generator_loss(xm, x_hat, aux, step, ae.decoder.last_layer)
-            upd.backward(loss)
-            micro.append(({"loss": loss.detach(), **terms}, x_hat.detach()))
-        terms, x_hat = update_step(r, crit, state, "autoencoder", step, x, micro)
-        if ema is not None:
-            ema.update(step)
+            upd.backward(loss, terms, x_hat)  # terms and x_hat kept for the log and the discriminator
+        terms, x_hat = update_step(r, crit, state, "autoencoder", step, x)  # generator, discriminator, EMA
         log.step(step + 1, terms, images=(x, x_hat))
         save_if_due(r, "stage1", step + 1, steps, s.ckpt_every, state)
     metrics = log.finish()
 
-    decoder = ema.module if ema is not None else ae.decoder
+    decoder = state.final("decoder", ae.decoder)
     if r.dist.is_main:
         ae.eval()  # no dropout, no EMA codebook updates
 

@@ -14,12 +14,11 @@ import torch
 
 from fastdae.cache.images import to_signed_unit
 from fastdae.training import distributed
-from fastdae.training.autoencoding import evaluate, images_at, learning_rates, losses_and_state, update_step
-from fastdae.training.checkpoint import restore, save_if_due, save_weights
+from fastdae.training.autoencoding import evaluate, images_at, losses_and_state, update_step
+from fastdae.training.checkpoint import save_if_due, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
 from fastdae.training.encode import image_cache
 from fastdae.training.logs import StepLog
-from fastdae.training.optim import ema_or_none
 from fastdae.training.run import Run
 
 
@@ -30,11 +29,7 @@ def run(r: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + 1)  # a fresh decoder, not stage 1's initialisation
     decoder = r.build_decoder().to(device)  # fastdae's, or diffusers' Decoder with stage1.encoder
     decoder_train = wrap_ddp(decoder, r.dist, device, s.compile)
-    crit, state = losses_and_state(r, s, "stage2", "decoder", decoder)
-    ema = ema_or_none(decoder, s.ema_decay)
-    if ema is not None:
-        state.modules["ema_decoder"] = ema
-    start = restore(r.resume_from["stage2"], state, learning_rates(s, "decoder"))
+    crit, state, start = losses_and_state(r, s, "stage2", "decoder", decoder, decoder)
     upd = state.updaters["decoder"]
     # with cache.images the targets come decoded from run/cache/images as uint8, made floats on the device
     # (the same floats as the dataset's): no file opened, a quarter of the bytes copied
@@ -53,35 +48,32 @@ def run(r: Run) -> dict[str, Any]:
         fields, x = to_device(log.batch(batches), device)  # cached fields of x; x (B, 3, H, W)
         if x.dtype == torch.uint8:  # from the image cache
             x = to_signed_unit(x)
-        micro = []  # (loss terms, x_hat) per micro-batch
         for fm, xm in upd.micro_batches((fields, x), decoder_train):  # B / grad_accum items each
             with torch.no_grad():
-                z = bottleneck.latent(fm)  # type: ignore[operator]  # (b, C, h, w): frozen codebook lookup or posterior draw
+                z = bottleneck.latent(fm)  # (b, C, h, w): frozen codebook lookup or posterior draw
             with r.autocast():
                 x_hat = decoder_train(z)
-                loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)  # type: ignore[arg-type]
-            upd.backward(loss)
-            micro.append(({"loss": loss.detach(), **terms}, x_hat.detach()))
-        terms, x_hat = update_step(r, crit, state, "decoder", step, x, micro)
-        if ema is not None:
-            ema.update(step)
+                loss, terms = crit.generator_loss(xm, x_hat, 0.0, step, decoder.last_layer)
+            upd.backward(loss, terms, x_hat)  # terms and x_hat kept for the log and the discriminator
+        terms, x_hat = update_step(r, crit, state, "decoder", step, x)  # generator, discriminator, EMA
         log.step(step + 1, terms, images=(x, x_hat))
         save_if_due(r, "stage2", step + 1, s.steps, s.ckpt_every, state)
     metrics = log.finish()
 
-    final = ema.module if ema is not None else decoder.eval()
+    final = state.final("decoder", decoder).eval()
     if r.dist.is_main:
 
         def reconstruct(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            z = bottleneck.latent(to_device(cache.gather(idx), device), sample=False)  # type: ignore[operator]
+            z = bottleneck.latent(to_device(cache.gather(idx), device), sample=False)
             return images_at(r.dataset, idx), final(z)
 
         metrics["eval"] = evaluate(r, "stage2", reconstruct)
         save_weights(r.decoder_file("stage2"), final.state_dict())
-        if r.pretrained_stage1 is not None:  # the source encoder + this decoder, in the source's format
+        source = cfg.stage1.encoder
+        if source is not None:  # the source encoder + this decoder, in the source's format
             from fastdae.pretrained.source import export_decoder, source_kind
 
-            kind = source_kind(cfg.stage1.encoder)  # type: ignore[arg-type]
-            metrics[kind] = str(export_decoder(final, cfg.stage1.encoder, r.export_dir(kind)))  # type: ignore[arg-type]
+            kind = source_kind(source)
+            metrics[kind] = str(export_decoder(final, source, r.export_dir(kind)))
     metrics["lpips"] = crit.lpips is not None
     return metrics
