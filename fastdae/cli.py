@@ -284,7 +284,7 @@ def _usage_error(command: str, e: object) -> int:
 def main(argv: list[str] | None = None) -> int:
     from fastdae.cache import CacheError
     from fastdae.config import ConfigError
-    from fastdae.data.folder import ImageFileError
+    from fastdae.data import DataError
 
     parser = argparse.ArgumentParser(prog="fastdae", description="Decoupled autoencoders with a latent cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command][2](args, extra)
-    except (ConfigError, CacheError, ImageFileError, UsageError) as e:  # the user's config, run, data: one line
+    except (ConfigError, CacheError, DataError, UsageError) as e:  # the user's config, run, data: one line
         return _usage_error(args.command, e)
     except OSError as e:  # a file the user named (or one in their run or data) cannot be read or written
         return _usage_error(args.command, e)

@@ -213,6 +213,15 @@ def test_one_line_reduces_a_worker_traceback_to_its_error():
     assert cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "/x/y: Permission denied"
 
 
+def test_a_holdout_that_leaves_nothing_to_train_on_exits_2_in_one_line(tmp_path, capsys):
+    root = tmp_path / "data.npz"
+    np.savez(root, images=np.zeros((4, 16, 16, 3), np.uint8))
+    args = ["--data.name", "array", "--data.root", str(root), "--data.size", "16", "--data.holdout", "4"]
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args]) == 2
+    assert "holds out 4 of the dataset's 4 items and leaves none to train on" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "kind,content,match",
     [

@@ -23,7 +23,16 @@ it: MapDataset, ImageDataset, LabeledDataset), procedural.py, folder_index.py
 
 from fastdae.data.arrays import ArrayDataset
 from fastdae.data.build import build_dataset
-from fastdae.data.config import CROPS, DATASETS, PROCEDURAL, DataConfig, ImageDataset, LabeledDataset, MapDataset
+from fastdae.data.config import (
+    CROPS,
+    DATASETS,
+    PROCEDURAL,
+    DataConfig,
+    DataError,
+    ImageDataset,
+    LabeledDataset,
+    MapDataset,
+)
 from fastdae.data.folder import ImageFolder
 from fastdae.data.folder_index import FolderIndex
 from fastdae.data.procedural import ProceduralDataset, ProceduralShapes, ProceduralTextures
@@ -34,6 +43,7 @@ __all__ = [
     "CROPS",
     "DATASETS",
     "DataConfig",
+    "DataError",
     "DatasetSplit",
     "FolderIndex",
     "ImageDataset",

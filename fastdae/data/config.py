@@ -1,6 +1,6 @@
 """DataConfig (what the `data:` section of a run config holds), the dataset names, the one pixel
 convention every dataset shares (images float32 (3, H, W) in [-1, 1]) and the protocols that type it
-(MapDataset, ImageDataset, LabeledDataset).
+(MapDataset, ImageDataset, LabeledDataset) and DataError.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ HOLDOUT_FRACTION = 0.1  # folder / array default: a tenth of each class is held 
 # procedural default: items generated past the training range (they cost the training set nothing);
 # enough for the judge's default parts (512 evaluation + 8192 classifier images + the sample-count floor)
 PROCEDURAL_HOLDOUT = 16384
+
+
+class DataError(ValueError):
+    """The user's data cannot be used as configured (e.g. a holdout that leaves nothing to train on,
+    an unreadable image file: ImageFileError): the command line reports it in one line, not as a bug."""
 
 
 @dataclass

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdae.data.config import (
-    IMAGE_SUFFIXES,
-)
+from fastdae.data.config import IMAGE_SUFFIXES, DataError
 
 
 # ---------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------
-class ImageFileError(ValueError):
+class ImageFileError(DataError):
     """An image file or folder that cannot be read or used (the message names it): a file error of the
     user's data, which the command line reports in one line, not a bug."""
 

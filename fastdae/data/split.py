@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from fastdae.data.config import (
     DataConfig,
+    DataError,
     ImageDataset,
     LabeledDataset,
     MapDataset,
@@ -81,7 +82,7 @@ def split_dataset(ds: ProceduralDataset | LabeledDataset, cfg: DataConfig) -> tu
         return ds, ds.part(len(ds), len(ds) + h)
     n, h = len(ds), cfg.holdout_count(len(ds))
     if h >= n:
-        raise ValueError(
+        raise DataError(
             f"DataConfig.holdout={cfg.holdout!r} holds out {h} of the dataset's {n} items and leaves "
             f"none to train on; lower it"
         )

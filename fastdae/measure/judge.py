@@ -18,7 +18,15 @@ from fastdae import files
 from fastdae import measure as M
 from fastdae.cache.format import gather_images
 from fastdae.config import TrainConfig
-from fastdae.data import DataConfig, DatasetSplit, ProceduralDataset, build_dataset, dataset_fingerprint, split_dataset
+from fastdae.data import (
+    DataConfig,
+    DataError,
+    DatasetSplit,
+    ProceduralDataset,
+    build_dataset,
+    dataset_fingerprint,
+    split_dataset,
+)
 
 PARTS = ("eval", "floor", "classifier")  # the judge's runs of the held-out split, in this order
 
@@ -178,7 +186,7 @@ def build_judge(cfg: TrainConfig, ev: EvalConfig, out_dir: Path, log: Any = prin
         **{f"{k}_images": len(r) for k, r in ranges.items()},
     }
     if len(ranges["eval"]) < 2:
-        raise ValueError(
+        raise DataError(
             f"the held-out split has {len(heldout)} items, too few for the judge (it needs >= 2 "
             f"evaluation images); raise data.holdout"
         )
