@@ -22,6 +22,7 @@ import fastdae
 from fastdae import sampling
 from fastdae.cli import main
 from fastdae.config import apply_overrides, load_config, preset
+from fastdae.files import sha256_file
 from fastdae.sampler import to_uint8
 from fastdae.training.identity import RunError
 
@@ -288,11 +289,15 @@ def test_a_moved_run_samples_and_a_stale_or_unfinished_one_is_refused(run_dir, t
     assert images.shape == (2, 16, 16, 3)
 
     encoder = moved / "stage1" / "encoder.safetensors"  # stage 1 trained again: prior and stage 2 are stale
-    weights = load_file(encoder)
+    metrics_file, weights = moved / "stage1" / "metrics.json", load_file(encoder)
+    metrics = json.loads(metrics_file.read_text())
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, encoder)
+    retrained = {**metrics, "weights": {**metrics["weights"], encoder.name: sha256_file(encoder)}}
+    metrics_file.write_text(json.dumps(retrained))  # what stage 1 records when it writes the file
     assert main(["sample", "--run", str(moved), "--num-samples", "2", "--out", str(tmp_path / "a.npz")]) == 2
     assert re.search(r"stage2 in .* is stale.*encoder: '", capsys.readouterr().err)
     save_file(weights, encoder)
+    metrics_file.write_text(json.dumps(metrics))
 
     cfg = apply_overrides(load_config(moved / "config.yaml"), ["prior.num_timesteps=500"])
     cfg.save(moved / "config.yaml")  # the DiT would be rebuilt with another schedule than it was trained on
@@ -382,8 +387,10 @@ def test_a_second_sample_under_torchrun_is_refused_on_every_rank(run_dir, tmp_pa
     assert not out.exists() and not (tmp_path / "s.npz.parts").exists()
 
 
-@pytest.mark.parametrize("stage,file", [("stage2", "decoder.safetensors"), ("prior", "dit.safetensors")])
-def test_a_bit_flipped_final_decoder_or_dit_is_refused_not_decoded_with(run_dir, tmp_path, capsys, stage, file):
+@pytest.mark.parametrize(
+    "stage,file", [("stage1", "encoder.safetensors"), ("stage2", "decoder.safetensors"), ("prior", "dit.safetensors")]
+)
+def test_a_bit_flipped_encoder_final_decoder_or_dit_is_refused_naming_it(run_dir, tmp_path, capsys, stage, file):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     path = run / stage / file

@@ -11,13 +11,14 @@ import dataclasses
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastdae import files
 from fastdae.config import TrainConfig, load_config
 from fastdae.precision import autocast
 from fastdae.training.checkpoint import load_weights
 from fastdae.training.distributed import setup_distributed
+from fastdae.training.identity import RunError
 
 if TYPE_CHECKING:  # the trainer imports integrations only when stage1.encoder is set
     from fastdae.cache import LatentCache
@@ -116,7 +117,32 @@ class RunResources(RunFolder):
         the pretrained encoder's (class, config and encoder-side tensors)."""
         if self.pretrained_stage1 is not None:
             return self.pretrained_stage1.sha256
-        return self.sha256(self.require(self.encoder_file, "stage1"))
+        return self.verified_sha256(self.encoder_file, "stage1")
+
+    def verified_sha256(self, path: Path, stage: str) -> str:
+        """sha256 of a weight file `stage` wrote, checked against the one it recorded when it wrote it
+        (metrics.json "weights"): a file changed since (a flipped bit) is refused, never decoded with.
+        A run of an older fastdae recorded none: its files are hashed unchecked."""
+        digest = self.sha256(self.require(path, stage))
+        recorded = self._metrics(stage).get("weights", {})
+        want = recorded.get(path.name) if isinstance(recorded, dict) else None
+        if want is None or want == digest:
+            return digest
+        raise RunError(
+            f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
+            f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
+            f"(stages=['{stage}', ...])"
+        )
+
+    def _metrics(self, stage: str) -> dict[str, Any]:
+        """metrics.json of a finished stage ({} when absent); RunError when it is no JSON object."""
+        path = self.metrics_file(stage)
+        if not path.is_file():
+            return {}
+        data = files.read_json_object(path)
+        if data is None:
+            raise RunError(f"{path} is not a stage's metrics (edited or corrupted); train {stage} again")
+        return data
 
     # the latent the cache holds: fastdae's autoencoder config, or what stage1.encoder produces
     @property

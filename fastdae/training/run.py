@@ -56,36 +56,11 @@ class Run(RunResources):
             out["dit"] = self.verified_sha256(self.dit_file, "prior")
         return out
 
-    def verified_sha256(self, path: Path, stage: str) -> str:
-        """sha256 of a weight file `stage` wrote, checked against the one it recorded when it wrote it
-        (metrics.json "weights"): a file changed since (a flipped bit) is refused, never decoded with.
-        A run of an older fastdae recorded none: its files are hashed unchecked."""
-        digest = self.sha256(self.require(path, stage))
-        recorded = self._metrics(stage).get("weights", {})
-        want = recorded.get(path.name) if isinstance(recorded, dict) else None
-        if want is None or want == digest:
-            return digest
-        raise RunError(
-            f"{path} changed after {stage} wrote it (corrupted or replaced): its sha256 is {digest[:16]}..., "
-            f"{stage} recorded {str(want)[:16]}... in {self.metrics_file(stage).name}; train {stage} again "
-            f"(stages=['{stage}', ...])"
-        )
-
     def verify_weights(self, stage: str) -> None:
         """Every weight file `stage` recorded (finish) still has its recorded sha256 (verified_sha256)."""
         recorded = self._metrics(stage).get("weights", {})
         for name in recorded if isinstance(recorded, dict) else ():
             self.verified_sha256(self.stage_dir(stage) / name, stage)
-
-    def _metrics(self, stage: str) -> dict[str, Any]:
-        """metrics.json of a finished stage ({} when absent); RunError when it is no JSON object."""
-        path = self.metrics_file(stage)
-        if not path.is_file():
-            return {}
-        data = files.read_json_object(path)
-        if data is None:
-            raise RunError(f"{path} is not a stage's metrics (edited or corrupted); train {stage} again")
-        return data
 
     def changed_inputs(self, stage: str, rec: dict[str, Any]) -> list[str]:
         """What `stage` read (its recorded identity `rec`) that differs now; a missing input says so."""
