@@ -59,7 +59,15 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
+from fastdae.kernels._common import (
+    KERNEL_DTYPES,
+    check_tensors,
+    define_op_pair,
+    dot,
+    interpreted,
+    on_device,
+    precision,
+)
 from fastdae.kernels._dispatch import route, triton_interpret
 from fastdae.kernels._launch import (
     ALIGN_BYTES,
@@ -640,10 +648,20 @@ def _like(t: Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops (kernels/_common.py: define_op): CUDA runs the Triton launchers above; every other device
+# The ops (kernels/_common.py: define_op_pair): CUDA runs the Triton launchers above; every other device
 # the reference kernels here (attention has no C++ kernel: on CPU impl="auto" takes torch's SDPA
 # above the op). torch.compile sees one node per pass; autograd saves (q, k, v, o, lse).
 # ---------------------------------------------------------------------------------------------
+# q (B, H, N, D), k, v (B, H, M, D) -> (o (B, H, N, D), lse2 (B, H, N) float32): lse2 = logsumexp
+# of the scaled scores / ln 2
+_FWD_SCHEMA = "attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+# (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
+_BWD_SCHEMA = (
+    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+
+
 def _fwd_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The forward kernel's outputs in torch: o in the kernel's (B, N, H, D) buffer, lse in base 2."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -689,30 +707,20 @@ def _backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
     return dq, dk, dv, None
 
 
+_attention_fwd_op, _attention_bwd_op = define_op_pair(
+    (_FWD_SCHEMA, _fwd_triton, _fwd_reference, _fwd_fake),
+    (_BWD_SCHEMA, _bwd_triton, _bwd_reference, _bwd_fake),
+    autograd=_backward,
+    setup_context=_setup_context,
+)
+
+
+# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas
 def _interpreted_backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
     q, k, v, o, lse = ctx.saved_tensors
     return *_bwd_triton(grad_o, q, k, v, o, lse, ctx.scale), None
 
 
-# q (B, H, N, D), k, v (B, H, M, D) -> (o (B, H, N, D), lse2 (B, H, N) float32): lse2 = logsumexp
-# of the scaled scores / ln 2
-_attention_fwd_op = define_op(
-    "attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-    cuda=_fwd_triton,
-    reference=_fwd_reference,
-    fake=_fwd_fake,
-    backward=_backward,
-    setup_context=_setup_context,
-)
-# (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
-_attention_bwd_op = define_op(
-    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
-    " -> (Tensor, Tensor, Tensor)",
-    cuda=_bwd_triton,
-    reference=_bwd_reference,
-    fake=_bwd_fake,
-)
-# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas
 _attention_interpreted = interpreted(_fwd_triton, _setup_context, _interpreted_backward)
 
 
