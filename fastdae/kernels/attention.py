@@ -41,9 +41,9 @@ row sums on the tensor cores (P @ ones) and folds the score scale into the exp2 
 File order: Triton kernels -> launch config -> launchers -> ops (reference and fake kernels, autograd) ->
 attention_ref -> attention.
 
-Length (~1,270 lines, over the package's ~400): one op is one file in the house order above
-(kernels, configs, launchers, op, reference, public function), and the Triton calls pass 20-45
-arguments each, one per line as ruff formats them: about half the file is argument lists.
+Length (~830 lines, over the package's ~400): one op is one file in the house order above
+(kernels, configs, launchers, op, reference, public function), and the Triton kernels take 20-45
+arguments each.
 """
 
 from __future__ import annotations

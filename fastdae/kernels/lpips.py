@@ -19,7 +19,7 @@ written to a (B, tiles) buffer and summed in a fixed order, so results are deter
 
 File order: Triton kernels -> launchers -> ops (reference and fake kernels, autograd) -> lpips_head_ref -> lpips_head.
 
-Length (~430 lines, just over the package's ~400): one op is one file in the house order above.
+Length (~400 lines, the package's bound): one op is one file in the house order above.
 """
 
 from __future__ import annotations
