@@ -4,6 +4,7 @@ and, for the per-score figures, how many scores one main-loop trip covers)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,87 +43,49 @@ def _tile_scores(meta: dict) -> int:
     return meta["BLOCK_M"] * meta["BLOCK_N"] if "BLOCK_N" in meta else 0
 
 
+def _trips(n: int, block: str | None) -> Callable[[dict], int]:
+    """Main-loop trips of one program stepping over n rows by the config's `block` (None: no loop)."""
+    return lambda meta: n // meta[block] if block else 1
+
+
 def attention_cases(quick: bool = False) -> list[Case]:
     """B=8 H=16, N in {1024, 4096}, D in {64, 72, 128}, bf16, contiguous and fused-qkv. fp32 has no
     rows: impl="triton" refuses it on a GPU (attention.kernel_unsupported)."""
+    shapes = itertools.product(
+        (64, 72, 128), ("bf16",), ("contiguous", "fused-qkv"), (1024,) if quick else (1024, 4096)
+    )
+    return [case for D, dtype, layout, N in shapes for case in _attention_shape_cases(8, 16, N, D, dtype, layout)]
+
+
+def _attention_shape_cases(B: int, H: int, N: int, D: int, dtype: str, layout: str) -> list[Case]:
+    """The forward, Delta pre-pass, dK/dV and dQ launches at one shape."""
     from fastdae.kernels import attention as A
 
-    B, H = 8, 16
-    cases = []
-    for D in (64, 72, 128):
-        for dtype in ("bf16",):
-            for layout in ("contiguous", "fused-qkv"):
-                for N in (1024,) if quick else (1024, 4096):
-                    dt = _dt(dtype)
-                    if layout == "contiguous":
-                        q, k, v = (torch.empty(B, H, N, D, dtype=dt, device="meta") for _ in range(3))
-                    else:  # what the DiT passes: views of one (B, N, 3, H, D) projection
-                        q, k, v = torch.empty(B, N, 3, H, D, dtype=dt, device="meta").permute(2, 0, 3, 1, 4).unbind(0)
-                    o = torch.empty(B, N, H, D, dtype=dt, device="meta").transpose(1, 2)
-                    lse = torch.empty(B, H, N, device="meta")
-                    grads = [torch.empty(B, H, N, D, dtype=dt, device="meta") for _ in range(4)]  # do, dq, dk, dv
-                    el = q.element_size()
-                    io_bytes = B * H * N * D * el
-                    bhnmd = B * H * N * N * D
-                    prec = A._precision(dt)
-                    shipped = A.auto_uses_kernel(q)
-                    shape = f"B{B} H{H} N{N} D{D} {layout}"
-                    fwd = A.fwd_launch(q, k, v, o, lse, D**-0.5)
-                    do, dq_, dk_, dv_ = grads
-                    delta, dkdv, dq = A.bwd_launches(do, q, k, v, o, lse, lse, dq_, dk_, dv_, D**-0.5)
-                    cases += [
-                        Case(
-                            "attention_fwd",
-                            shape,
-                            dtype,
-                            fwd,
-                            4 * bhnmd,
-                            4 * io_bytes + 4 * B * H * N,
-                            lambda m, N=N: N // m["BLOCK_N"],
-                            _peak_key(dtype, prec),
-                            shipped,
-                            _tile_scores,
-                            extra_mma_flops=2 * B * H * N * N * 16,
-                        ),
-                        Case(
-                            "attention_bwd_delta",
-                            shape,
-                            dtype,
-                            delta,
-                            2 * B * H * N * D,
-                            2 * io_bytes,
-                            lambda m: 1,
-                            _peak_key(dtype, prec),
-                            shipped,
-                            _tile_scores,
-                        ),
-                        Case(
-                            "attention_bwd_dkdv",
-                            shape,
-                            dtype,
-                            dkdv,
-                            8 * bhnmd,
-                            6 * io_bytes + 8 * B * H * N,
-                            lambda m, N=N: N // m["BLOCK_M"],
-                            _peak_key(dtype, prec),
-                            shipped,
-                            _tile_scores,
-                            narrow_ok=2,  # lse and Delta
-                        ),
-                        Case(
-                            "attention_bwd_dq",
-                            shape,
-                            dtype,
-                            dq,
-                            6 * bhnmd,
-                            5 * io_bytes + 8 * B * H * N,
-                            lambda m, N=N: N // m["BLOCK_N"],
-                            _peak_key(dtype, prec),
-                            shipped,
-                            _tile_scores,
-                        ),
-                    ]
-    return cases
+    dt = _dt(dtype)
+    if layout == "contiguous":
+        q, k, v = (torch.empty(B, H, N, D, dtype=dt, device="meta") for _ in range(3))
+    else:  # what the DiT passes: views of one (B, N, 3, H, D) projection
+        q, k, v = torch.empty(B, N, 3, H, D, dtype=dt, device="meta").permute(2, 0, 3, 1, 4).unbind(0)
+    o = torch.empty(B, N, H, D, dtype=dt, device="meta").transpose(1, 2)
+    lse = torch.empty(B, H, N, device="meta")
+    do, dq, dk, dv = (torch.empty(B, H, N, D, dtype=dt, device="meta") for _ in range(4))
+    launches = (A.fwd_launch(q, k, v, o, lse, D**-0.5), *A.bwd_launches(do, q, k, v, o, lse, lse, dq, dk, dv, D**-0.5))
+    io_bytes = B * H * N * D * q.element_size()
+    bhnmd = B * H * N * N * D
+    rows = B * H * N  # entries of lse / Delta
+    # per launch: family, flops, compulsory bytes, the block a main-loop trip steps N by (None: no loop),
+    # narrow_ok (dK/dV: lse and Delta), extra_mma_flops (the forward's row sums as P @ ones)
+    work = (
+        ("attention_fwd", 4 * bhnmd, 4 * io_bytes + 4 * rows, "BLOCK_N", 0, 2 * B * H * N * N * 16),
+        ("attention_bwd_delta", 2 * B * H * N * D, 2 * io_bytes, None, 0, 0),
+        ("attention_bwd_dkdv", 8 * bhnmd, 6 * io_bytes + 8 * rows, "BLOCK_M", 2, 0),
+        ("attention_bwd_dq", 6 * bhnmd, 5 * io_bytes + 8 * rows, "BLOCK_N", 0, 0),
+    )
+    peak, shipped, shape = _peak_key(dtype, A._precision(dt)), A.auto_uses_kernel(q), f"B{B} H{H} N{N} D{D} {layout}"
+    return [
+        Case(family, shape, dtype, launch, flops, nbytes, _trips(N, block), peak, shipped, _tile_scores, narrow, extra)
+        for launch, (family, flops, nbytes, block, narrow, extra) in zip(launches, work, strict=True)
+    ]
 
 
 def vq_cases(quick: bool = False) -> list[Case]:
@@ -184,28 +147,12 @@ def lpips_cases(quick: bool = False) -> list[Case]:
             grad = torch.empty(B, device="meta")
             n = B * C * S * S
             shape = f"B{B} C{C} {S}x{S}"
-            cases += [
-                Case(
-                    "lpips_fwd",
-                    shape,
-                    dtype,
-                    L.fwd_launch(f0, f1, w, part),
-                    8 * n,
-                    2 * n * f0.element_size(),
-                    lambda m: 1,
-                    "ieee",
-                ),
-                Case(
-                    "lpips_bwd",
-                    shape,
-                    dtype,
-                    L.bwd_launch(grad, f0, f1, w, g0, g1, True, True),
-                    20 * n,
-                    4 * n * f0.element_size(),
-                    lambda m: 1,
-                    "ieee",
-                ),
-            ]
+            el = f0.element_size()
+            for family, launch, flops, nbytes in (
+                ("lpips_fwd", L.fwd_launch(f0, f1, w, part), 8 * n, 2 * n * el),
+                ("lpips_bwd", L.bwd_launch(grad, f0, f1, w, g0, g1, True, True), 20 * n, 4 * n * el),
+            ):
+                cases.append(Case(family, shape, dtype, launch, flops, nbytes, lambda m: 1, "ieee"))
     return cases
 
 

@@ -101,6 +101,22 @@ def define_op(
     return getattr(torch.ops.fastdae, name).default
 
 
+def define_op_pair(
+    forward: tuple[str, Callable, Callable, Callable],
+    backward: tuple[str, Callable, Callable, Callable],
+    *,
+    autograd: Callable,
+    setup_context: Callable,
+):
+    """A forward op whose gradient is an op of its own, each given as (schema, cuda, reference, fake)
+    kernels of define_op; the forward's autograd formula `autograd` calls the backward op.
+    Returns (forward op, backward op)."""
+    schema, cuda, reference, fake = forward
+    fwd = define_op(schema, cuda=cuda, reference=reference, fake=fake, backward=autograd, setup_context=setup_context)
+    schema, cuda, reference, fake = backward
+    return fwd, define_op(schema, cuda=cuda, reference=reference, fake=fake)
+
+
 def interpreted(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """forward (an op's Triton launcher) with the op's autograd formula, as a function, for CPU
     tensors under TRITON_INTERPRET=1: the op's CPU kernel is C++ or the reference, so the interpreter

@@ -41,14 +41,16 @@ row sums on the tensor cores (P @ ones) and folds the score scale into the exp2 
 File order: Triton kernels -> launch config -> launchers -> ops (reference and fake kernels, autograd) ->
 attention_ref -> attention.
 
-Length (~1,270 lines, over the package's ~400): one op is one file in the house order above
-(kernels, configs, launchers, op, reference, public function), and the Triton calls pass 20-45
-arguments each, one per line as ruff formats them: about half the file is argument lists.
+Length (~830 lines, over the package's ~400): one op is one file in the house order above
+(kernels, configs, launchers, op, reference, public function), and the Triton kernels take 20-45
+arguments each.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,15 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, dot, interpreted, on_device, precision
+from fastdae.kernels._common import (
+    KERNEL_DTYPES,
+    check_tensors,
+    define_op_pair,
+    dot,
+    interpreted,
+    on_device,
+    precision,
+)
 from fastdae.kernels._dispatch import route, triton_interpret
 from fastdae.kernels._launch import (
     ALIGN_BYTES,
@@ -83,15 +93,24 @@ _route = torch.compiler.assume_constant_result(route)
 # Triton kernels. Program (tile, h, b); every (rows, D) matrix is read as chunks [0, D0), [D0, D0 + D1).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _hint(sb, sh, sn, ALIGN: tl.constexpr):
-    """The (batch, head, row) strides of one tensor, asserted multiples of ALIGN elements (16 bytes)
-    when the launcher checked it (align_elems); ALIGN = 1 claims nothing. With 16-byte aligned bases
-    this is what lets D = 72 tiles load as 128-bit / cp.async rows instead of 2-byte scalars."""
+def _program():
+    """This program's ids on the launch grid (tile, head, batch): (tile, h32, b32, h, b), head and
+    batch as int32 (TMA coordinates) and widened to int64 (offsets)."""
+    tile, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    return tile, h32, b32, h32.to(tl.int64), b32.to(tl.int64)
+
+
+@triton.jit
+def _head(ptr, sb, sh, sn, b, h, ALIGN: tl.constexpr):
+    """(base pointer, row stride) of one (batch, head) of a tensor with (batch, head, row) strides
+    (sb, sh, sn), the strides asserted multiples of ALIGN elements (16 bytes) when the launcher
+    checked them (align_elems); ALIGN = 1 claims nothing. With 16-byte aligned bases this is what
+    lets D = 72 tiles load as 128-bit / cp.async rows instead of 2-byte scalars."""
     if ALIGN > 1:  # hints attach to an op's result, not to a kernel argument: widen first (offsets are int64)
         sb = tl.multiple_of(sb.to(tl.int64), ALIGN)
         sh = tl.multiple_of(sh.to(tl.int64), ALIGN)
         sn = tl.multiple_of(sn.to(tl.int64), ALIGN)
-    return sb, sh, sn
+    return ptr + b * sb + h * sh, sn
 
 
 @triton.jit
@@ -120,6 +139,24 @@ def _store_rows(
 
 
 @triton.jit
+def _load_held(a_base, b_base, rows, n_rows, san, sad, sbn, sbd, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+        D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """The rows `rows` (BLOCK of them; past n_rows read as zeros) of the two (n_rows, HEAD_DIM)
+    matrices A and B a backward program holds across its loop (dK/dV: K and V; dQ: Q and dO), as
+    column chunks (a0, a1, b0, b1): (BLOCK, D0), (BLOCK, D1), ...; without SPLIT a1 and b1 are unused
+    zero placeholders."""
+    a0 = _load_rows(a_base, rows, n_rows, san, sad, 0, D0, HEAD_DIM, True)
+    b0 = _load_rows(b_base, rows, n_rows, sbn, sbd, 0, D0, HEAD_DIM, True)
+    if SPLIT:
+        a1 = _load_rows(a_base, rows, n_rows, san, sad, D0, D1, HEAD_DIM, True)
+        b1 = _load_rows(b_base, rows, n_rows, sbn, sbd, D0, D1, HEAD_DIM, True)
+    else:
+        a1 = tl.zeros((BLOCK, D1), dtype=a0.dtype)
+        b1 = tl.zeros((BLOCK, D1), dtype=a0.dtype)
+    return a0, a1, b0, b1
+
+
+@triton.jit
 def _load_vec(base, rows, n_rows, MASK_ROWS: tl.constexpr):
     if MASK_ROWS:
         vec = tl.load(base + rows, mask=rows < n_rows, other=0.0)
@@ -145,11 +182,37 @@ def _load_tile(desc, b, h, start, base, n_rows, row_stride, d_stride, D_START: t
 
 
 @triton.jit
-def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b, h, start_n, N_KV,
-        skn, skd, svn, svd, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-        USE_TMA: tl.constexpr):  # fmt: skip
-    """One K/V tile of the online softmax: rescale the running (acc, m, l) to the new row max."""
+def _sweep(STEP: tl.constexpr, acc, held, x_base, y_base, xd0, xd1, yd0, yd1, b, h, n, sxn, sxd, syn, syd,
+        qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """The main loop of the forward, dK/dV and dQ kernels: acc = STEP(acc, held, ...) over the
+    BLOCK-row tiles of the two (n, D) matrices the kernel streams, X and Y (forward and dQ: K and V;
+    dK/dV: Q and dO) of one (batch, head): their bases, TMA descriptors and (row, column) strides.
+    `acc` is the loop-carried tuple, `held` what the program holds across the loop. The full tiles
+    run the step compiled with MASK = False (no masks), then the partial tail tile, if any, the one
+    compiled with MASK = True."""
+    n_full = (n // BLOCK) * BLOCK
+    for start in range(0, n_full, BLOCK):
+        # fmt: off
+        acc = STEP(acc, held, x_base, y_base, xd0, xd1, yd0, yd1, b, h, start, n, sxn, sxd, syn, syd, qk_scale,
+                   HEAD_DIM, D0, D1, SPLIT, BLOCK, False, PRECISION, USE_TMA)
+        # fmt: on
+    if n_full < n:
+        # fmt: off
+        acc = STEP(acc, held, x_base, y_base, xd0, xd1, yd0, yd1, b, h, n_full, n, sxn, sxd, syn, syd, qk_scale,
+                   HEAD_DIM, D0, D1, SPLIT, BLOCK, True, PRECISION, USE_TMA)
+        # fmt: on
+    return acc
+
+
+@triton.jit
+def _fwd_step(acc, held, k_base, v_base, kd0, kd1, vd0, vd1, b, h, start_n, N_KV, skn, skd, svn, svd, qk_scale,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """One K/V tile of the online softmax (a _sweep step; held: Q's chunks): rescale the running
+    (acc, m, l) to the new row max."""
+    acc0, acc1, m_i, l_i = acc
+    q0, q1 = held
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     s = dot(q0, tl.trans(k0), None, PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -181,16 +244,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, o_ptr, lse_pt
         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
         USE_TMA: tl.constexpr):  # fmt: skip
-    """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
-    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
-    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
-    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
-    sob, soh, son = _hint(sob, soh, son, ALIGN)
-    pid_m, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    h, b = h32.to(tl.int64), b32.to(tl.int64)
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    """O and the base-2 lse of BLOCK_M query rows of one (batch, head), streaming its K/V tiles;
+    kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
+    pid_m, h32, b32, h, b = _program()
+    q_base, sqn = _head(q_ptr, sqb, sqh, sqn, b, h, ALIGN)
+    k_base, skn = _head(k_ptr, skb, skh, skn, b, h, ALIGN)
+    v_base, svn = _head(v_ptr, svb, svh, svn, b, h, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, True)  # (BLOCK_M, D0)
     if SPLIT:
@@ -201,20 +260,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, o_ptr, lse_pt
     acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # the row sum, in each of 16 equal columns
-    n_full = (N_KV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        # fmt: off
-        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
-                                         start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N,
-                                         False, PRECISION, USE_TMA)
-        # fmt: on
-    if n_full < N_KV:
-        # fmt: off
-        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
-                                         n_full, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N,
-                                         True, PRECISION, USE_TMA)
-        # fmt: on
-    o_base = o_ptr + b * sob + h * soh
+    # fmt: off
+    acc0, acc1, m_i, l_i = _sweep(_fwd_step, (acc0, acc1, m_i, l_i), (q0, q1), k_base, v_base, kd0, kd1, vd0, vd1, b32,
+                                  h32, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, PRECISION,
+                                  USE_TMA)
+    # fmt: on
+    o_base, son = _head(o_ptr, sob, soh, son, b, h, ALIGN)
     l_i = tl.max(l_i, 1)  # the 16 columns are equal
     inv_l = 1.0 / l_i
     _store_rows(o_base, acc0 * inv_l[:, None], rows, N_Q, son, sod, 0, D0, HEAD_DIM)
@@ -229,22 +280,24 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, o_ptr, lse_pt
 def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, H, N_Q, sob, soh, son, sod, sdb, sdh, sdn,
         sdd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """Delta_i = sum_d O_id dO_id (B, H, N) float32; BLOCK_D is a power of two >= HEAD_DIM (no dot here)."""
-    sob, soh, son = _hint(sob, soh, son, ALIGN)
-    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
-    pid_m, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid_m, _, _, h, b = _program()
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_rows(o_ptr + b * sob + h * soh, rows, N_Q, son, sod, 0, BLOCK_D, HEAD_DIM, True)
-    do = _load_rows(do_ptr + b * sdb + h * sdh, rows, N_Q, sdn, sdd, 0, BLOCK_D, HEAD_DIM, True)
+    o_base, son = _head(o_ptr, sob, soh, son, b, h, ALIGN)
+    o = _load_rows(o_base, rows, N_Q, son, sod, 0, BLOCK_D, HEAD_DIM, True)
+    do_base, sdn = _head(do_ptr, sdb, sdh, sdn, b, h, ALIGN)
+    do = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, BLOCK_D, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + (b * H + h) * N_Q + rows, delta, mask=rows < N_Q)
 
 
 @triton.jit
-def _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, qd0, qd1,
-        dod0, dod1, b, h, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale, HEAD_DIM: tl.constexpr,
-        D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-        MASK_M: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
-    """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form."""
+def _bwd_dkdv_step(acc, held, q_base, do_base, qd0, qd1, dod0, dod1, b, h, start_m, N_Q, sqn, sqd, sdn, sdd,
+        qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """One Q/dO tile into the (BLOCK_N, D) accumulators of dK (unscaled) and dV, in transposed form
+    (a _sweep step; held: K's and V's chunks, the lse and Delta rows of the (batch, head))."""
+    dk0, dk1, dv0, dv1 = acc
+    k0, k1, v0, v1, lse_base, delta_base = held
     rows = start_m + tl.arange(0, BLOCK_M)
     q0 = _load_tile(qd0, b, h, start_m, q_base, N_Q, sqn, sqd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
     do0 = _load_tile(dod0, b, h, start_m, do_base, N_Q, sdn, sdd, 0, D0, HEAD_DIM, BLOCK_M, MASK_M, USE_TMA)
@@ -277,50 +330,29 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qd0, qd1, dod0, dod1
         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
         USE_TMA: tl.constexpr):  # fmt: skip
-    """qd0, qd1, dod0, dod1: TMA descriptors of Q's and dO's column chunks (USE_TMA), else unused."""
-    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
-    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
-    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
-    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
-    sdkb, sdkh, sdkn = _hint(sdkb, sdkh, sdkn, ALIGN)
-    sdvb, sdvh, sdvn = _hint(sdvb, sdvh, sdvn, ALIGN)
-    pid_n, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    h, b = h32.to(tl.int64), b32.to(tl.int64)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    q_base = q_ptr + b * sqb + h * sqh
-    do_base = do_ptr + b * sdb + h * sdh
+    """dK and dV of BLOCK_N key rows of one (batch, head), streaming its Q/dO tiles; qd0, qd1, dod0,
+    dod1: TMA descriptors of Q's and dO's column chunks (USE_TMA), else unused."""
+    pid_n, h32, b32, h, b = _program()
+    k_base, skn = _head(k_ptr, skb, skh, skn, b, h, ALIGN)
+    v_base, svn = _head(v_ptr, svb, svh, svn, b, h, ALIGN)
+    q_base, sqn = _head(q_ptr, sqb, sqh, sqn, b, h, ALIGN)
+    do_base, sdn = _head(do_ptr, sdb, sdh, sdn, b, h, ALIGN)
     lse_base = lse_ptr + (b * H + h) * N_Q
     delta_base = delta_ptr + (b * H + h) * N_Q
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # K/V rows past N_KV load as 0; their dK/dV rows are never stored and no other row reads them
-    k0 = _load_rows(k_base, cols, N_KV, skn, skd, 0, D0, HEAD_DIM, True)  # (BLOCK_N, D0)
-    v0 = _load_rows(v_base, cols, N_KV, svn, svd, 0, D0, HEAD_DIM, True)
-    if SPLIT:
-        k1 = _load_rows(k_base, cols, N_KV, skn, skd, D0, D1, HEAD_DIM, True)  # (BLOCK_N, D1)
-        v1 = _load_rows(v_base, cols, N_KV, svn, svd, D0, D1, HEAD_DIM, True)
-    else:
-        k1 = tl.zeros((BLOCK_N, D1), dtype=k0.dtype)  # unused placeholders
-        v1 = tl.zeros((BLOCK_N, D1), dtype=k0.dtype)
+    k0, k1, v0, v1 = _load_held(k_base, v_base, cols, N_KV, skn, skd, svn, svd, HEAD_DIM, D0, D1, SPLIT, BLOCK_N)
     dk0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
     dv0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
     dk1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
     dv1 = tl.zeros((BLOCK_N, D1), dtype=tl.float32)
-    m_full = (N_Q // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        # fmt: off
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
-                                            qd0, qd1, dod0, dod1, b32, h32, start_m, N_Q, sqn, sqd, sdn, sdd, qk_scale,
-                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, False, PRECISION, USE_TMA)
-        # fmt: on
-    if m_full < N_Q:
-        # fmt: off
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
-                                            qd0, qd1, dod0, dod1, b32, h32, m_full, N_Q, sqn, sqd, sdn, sdd, qk_scale,
-                                            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, True, PRECISION, USE_TMA)
-        # fmt: on
-    dk_base = dk_ptr + b * sdkb + h * sdkh
-    dv_base = dv_ptr + b * sdvb + h * sdvh
+    # fmt: off
+    dk0, dk1, dv0, dv1 = _sweep(_bwd_dkdv_step, (dk0, dk1, dv0, dv1), (k0, k1, v0, v1, lse_base, delta_base),
+                                q_base, do_base, qd0, qd1, dod0, dod1, b32, h32, N_Q, sqn, sqd, sdn, sdd, qk_scale,
+                                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, PRECISION, USE_TMA)
+    # fmt: on
+    dk_base, sdkn = _head(dk_ptr, sdkb, sdkh, sdkn, b, h, ALIGN)
+    dv_base, sdvn = _head(dv_ptr, sdvb, sdvh, sdvn, b, h, ALIGN)
     _store_rows(dk_base, dk0 * scale, cols, N_KV, sdkn, sdkd, 0, D0, HEAD_DIM)
     _store_rows(dv_base, dv0, cols, N_KV, sdvn, sdvd, 0, D0, HEAD_DIM)
     if SPLIT:
@@ -329,11 +361,13 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qd0, qd1, dod0, dod1
 
 
 @triton.jit
-def _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b, h,
-        start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-        D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-        PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
-    """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled)."""
+def _bwd_dq_step(acc, held, k_base, v_base, kd0, kd1, vd0, vd1, b, h, start_n, N_KV, skn, skd, svn, svd,
+        qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """One K/V tile into the (BLOCK_M, D) accumulator of dQ (unscaled) (a _sweep step; held: Q's and
+    dO's chunks, the rows' lse and Delta)."""
+    dq0, dq1 = acc
+    q0, q1, do0, do1, lse2, delta = held
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_tile(kd0, b, h, start_n, k_base, N_KV, skn, skd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
     v0 = _load_tile(vd0, b, h, start_n, v_base, N_KV, svn, svd, 0, D0, HEAD_DIM, BLOCK_N, MASK_N, USE_TMA)
@@ -360,45 +394,25 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kd0, kd1, vd0, vd1, do_ptr, ls
         svd, sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
         D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, ALIGN: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
-    """kd0, kd1, vd0, vd1: TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
-    sqb, sqh, sqn = _hint(sqb, sqh, sqn, ALIGN)
-    skb, skh, skn = _hint(skb, skh, skn, ALIGN)
-    svb, svh, svn = _hint(svb, svh, svn, ALIGN)
-    sdb, sdh, sdn = _hint(sdb, sdh, sdn, ALIGN)
-    sdqb, sdqh, sdqn = _hint(sdqb, sdqh, sdqn, ALIGN)
-    pid_m, h32, b32 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    h, b = h32.to(tl.int64), b32.to(tl.int64)
-    q_base = q_ptr + b * sqb + h * sqh
-    do_base = do_ptr + b * sdb + h * sdh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    """dQ of BLOCK_M query rows of one (batch, head), streaming its K/V tiles; kd0, kd1, vd0, vd1:
+    TMA descriptors of K's and V's column chunks (USE_TMA), else unused."""
+    pid_m, h32, b32, h, b = _program()
+    q_base, sqn = _head(q_ptr, sqb, sqh, sqn, b, h, ALIGN)
+    do_base, sdn = _head(do_ptr, sdb, sdh, sdn, b, h, ALIGN)
+    k_base, skn = _head(k_ptr, skb, skh, skn, b, h, ALIGN)
+    v_base, svn = _head(v_ptr, svb, svh, svn, b, h, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0 = _load_rows(q_base, rows, N_Q, sqn, sqd, 0, D0, HEAD_DIM, True)  # (BLOCK_M, D0)
-    do0 = _load_rows(do_base, rows, N_Q, sdn, sdd, 0, D0, HEAD_DIM, True)
-    if SPLIT:
-        q1 = _load_rows(q_base, rows, N_Q, sqn, sqd, D0, D1, HEAD_DIM, True)  # (BLOCK_M, D1)
-        do1 = _load_rows(do_base, rows, N_Q, sdn, sdd, D0, D1, HEAD_DIM, True)
-    else:
-        q1 = tl.zeros((BLOCK_M, D1), dtype=q0.dtype)  # unused placeholders
-        do1 = tl.zeros((BLOCK_M, D1), dtype=q0.dtype)
+    q0, q1, do0, do1 = _load_held(q_base, do_base, rows, N_Q, sqn, sqd, sdn, sdd, HEAD_DIM, D0, D1, SPLIT, BLOCK_M)
     lse2 = _load_vec(lse_ptr + (b * H + h) * N_Q, rows, N_Q, True)
     delta = _load_vec(delta_ptr + (b * H + h) * N_Q, rows, N_Q, True)
     dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
     dq1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
-    n_full = (N_KV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        # fmt: off
-        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
-                                start_n, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, False,
-                                PRECISION, USE_TMA)
-        # fmt: on
-    if n_full < N_KV:
-        # fmt: off
-        dq0, dq1 = _bwd_dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, kd0, kd1, vd0, vd1, b32, h32,
-                                n_full, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, True,
-                                PRECISION, USE_TMA)
-        # fmt: on
-    dq_base = dq_ptr + b * sdqb + h * sdqh
+    # fmt: off
+    dq0, dq1 = _sweep(_bwd_dq_step, (dq0, dq1), (q0, q1, do0, do1, lse2, delta), k_base, v_base, kd0, kd1, vd0, vd1,
+                      b32, h32, N_KV, skn, skd, svn, svd, qk_scale, HEAD_DIM, D0, D1, SPLIT, BLOCK_N, PRECISION,
+                      USE_TMA)
+    # fmt: on
+    dq_base, sdqn = _head(dq_ptr, sdqb, sdqh, sdqn, b, h, ALIGN)
     _store_rows(dq_base, dq0 * scale, rows, N_Q, sdqn, sdqd, 0, D0, HEAD_DIM)
     if SPLIT:
         _store_rows(dq_base, dq1 * scale, rows, N_Q, sdqn, sdqd, D0, D1, HEAD_DIM)
@@ -526,21 +540,40 @@ def uses_tma(align: int, arch: int, head_dim: int, *streamed: Tensor) -> bool:
     return align > 1 and arch >= 90 and head_chunks(head_dim)[1] == 0 and not broadcast
 
 
+# the kernels with a main loop (_sweep), by launch_configs' name: (kernel, the block of rows a program
+# owns: BLOCK_M queries or BLOCK_N keys, the pre-hook that sizes its streamed tiles' TMA descriptors)
+_LOOP_KERNELS: dict[str, tuple[Any, str, Callable[[dict], None]]] = {
+    "fwd": (_attention_fwd_kernel, "BLOCK_M", _set_block_rows),
+    "dkdv": (_attention_bwd_dkdv_kernel, "BLOCK_N", _set_block_rows_m),
+    "dq": (_attention_bwd_dq_kernel, "BLOCK_M", _set_block_rows),
+}
+
+
+def _loop_launch(kernel: str, args: tuple, q: Tensor, owned_rows: int, align: int, use_tma: bool) -> KernelLaunch:
+    """The launch of the forward, dK/dV or dQ kernel (`kernel`: "fwd", "dkdv", "dq") for queries like
+    q, with programs (tile, head, batch) over the `owned_rows` rows (queries or keys) it owns."""
+    fn, owned_block, set_block_rows = _LOOP_KERNELS[kernel]
+    B, H, _, D = q.shape
+    return KernelLaunch(
+        fn,
+        args,
+        dict(_constexprs(D, q.dtype), ALIGN=align, USE_TMA=use_tma),
+        launch_configs(kernel, D, arch_of(q)),
+        lambda meta: (triton.cdiv(owned_rows, meta[owned_block]), H, B),
+        _TUNE_KEY,
+        set_block_rows if use_tma else None,
+    )
+
+
 def fwd_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> KernelLaunch:
     """The forward launch writing o (B, H, N, D) and lse (B, H, N) float32; scale > 0."""
     B, H, N, D = q.shape
     align = align_elems(q, k, v, o)
     use_tma = uses_tma(align, arch_of(q), D, k, v)
     descs = (*_descriptors(k, D, use_tma), *_descriptors(v, D, use_tma))
-    return KernelLaunch(
-        _attention_fwd_kernel,
-        (q, k, v, *descs, o, lse, H, N, k.shape[2], scale * LOG2E, *strides(q), *strides(k), *strides(v), *strides(o)),
-        dict(_constexprs(D, q.dtype), ALIGN=align, USE_TMA=use_tma),
-        launch_configs("fwd", D, arch_of(q)),
-        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
-        _TUNE_KEY,
-        _set_block_rows if use_tma else None,
-    )
+    sizes = (H, N, k.shape[2], scale * LOG2E)
+    args = (q, k, v, *descs, o, lse, *sizes, *strides(q), *strides(k), *strides(v), *strides(o))
+    return _loop_launch("fwd", args, q, N, align, use_tma)
 
 
 def bwd_launches(
@@ -559,7 +592,6 @@ def bwd_launches(
     """The three backward launches, in order: Delta pre-pass, dK/dV, dQ."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    consts = _constexprs(D, q.dtype)
     inputs = (*strides(q), *strides(k), *strides(v), *strides(grad))
     arch = arch_of(q)
     align_kv = align_elems(q, k, v, grad, dk, dv)
@@ -580,24 +612,8 @@ def bwd_launches(
             configs([(dict(BLOCK_M=_DELTA_BLOCK_M), _DELTA_WARPS, 3)]),
             lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
         ),
-        KernelLaunch(
-            _attention_bwd_dkdv_kernel,
-            dkdv_args,
-            dict(consts, ALIGN=align_kv, USE_TMA=tma_kv),
-            launch_configs("dkdv", D, arch),
-            lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), H, B),
-            _TUNE_KEY,
-            _set_block_rows_m if tma_kv else None,
-        ),
-        KernelLaunch(
-            _attention_bwd_dq_kernel,
-            dq_args,
-            dict(consts, ALIGN=align_q, USE_TMA=tma_q),
-            launch_configs("dq", D, arch),
-            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B),
-            _TUNE_KEY,
-            _set_block_rows if tma_q else None,
-        ),
+        _loop_launch("dkdv", dkdv_args, q, M, align_kv, tma_kv),
+        _loop_launch("dq", dq_args, q, N, align_q, tma_q),
     ]
 
 
@@ -632,10 +648,20 @@ def _like(t: Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops (kernels/_common.py: define_op): CUDA runs the Triton launchers above; every other device
+# The ops (kernels/_common.py: define_op_pair): CUDA runs the Triton launchers above; every other device
 # the reference kernels here (attention has no C++ kernel: on CPU impl="auto" takes torch's SDPA
 # above the op). torch.compile sees one node per pass; autograd saves (q, k, v, o, lse).
 # ---------------------------------------------------------------------------------------------
+# q (B, H, N, D), k, v (B, H, M, D) -> (o (B, H, N, D), lse2 (B, H, N) float32): lse2 = logsumexp
+# of the scaled scores / ln 2
+_FWD_SCHEMA = "attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+# (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
+_BWD_SCHEMA = (
+    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+
+
 def _fwd_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The forward kernel's outputs in torch: o in the kernel's (B, N, H, D) buffer, lse in base 2."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -681,30 +707,20 @@ def _backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
     return dq, dk, dv, None
 
 
+_attention_fwd_op, _attention_bwd_op = define_op_pair(
+    (_FWD_SCHEMA, _fwd_triton, _fwd_reference, _fwd_fake),
+    (_BWD_SCHEMA, _bwd_triton, _bwd_reference, _bwd_fake),
+    autograd=_backward,
+    setup_context=_setup_context,
+)
+
+
+# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas
 def _interpreted_backward(ctx, grad_o: Tensor, grad_lse: Tensor | None):
     q, k, v, o, lse = ctx.saved_tensors
     return *_bwd_triton(grad_o, q, k, v, o, lse, ctx.scale), None
 
 
-# q (B, H, N, D), k, v (B, H, M, D) -> (o (B, H, N, D), lse2 (B, H, N) float32): lse2 = logsumexp
-# of the scaled scores / ln 2
-_attention_fwd_op = define_op(
-    "attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-    cuda=_fwd_triton,
-    reference=_fwd_reference,
-    fake=_fwd_fake,
-    backward=_backward,
-    setup_context=_setup_context,
-)
-# (grad_o, q, k, v, o, lse2, scale) -> (dq, dk, dv), each laid out contiguously
-_attention_bwd_op = define_op(
-    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale)"
-    " -> (Tensor, Tensor, Tensor)",
-    cuda=_bwd_triton,
-    reference=_bwd_reference,
-    fake=_bwd_fake,
-)
-# impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers, same formulas
 _attention_interpreted = interpreted(_fwd_triton, _setup_context, _interpreted_backward)
 
 

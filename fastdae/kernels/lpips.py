@@ -19,7 +19,7 @@ written to a (B, tiles) buffer and summed in a fixed order, so results are deter
 
 File order: Triton kernels -> launchers -> ops (reference and fake kernels, autograd) -> lpips_head_ref -> lpips_head.
 
-Length (~430 lines, just over the package's ~400): one op is one file in the house order above.
+Length (~400 lines, the package's bound): one op is one file in the house order above.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op, interpreted, on_device
+from fastdae.kernels._common import KERNEL_DTYPES, check_tensors, define_op_pair, interpreted, on_device
 from fastdae.kernels._dispatch import route
 from fastdae.kernels._launch import KernelLaunch, configs, launch, num_warps_for
 
@@ -227,10 +227,19 @@ def _bwd_triton(
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops (kernels/_common.py: define_op): CUDA runs the Triton launchers above, CPU the C++ kernels
+# The ops (kernels/_common.py: define_op_pair): CUDA runs the Triton launchers above, CPU the C++ kernels
 # of csrc/lpips.cpp, any other device (and the CPU without the C++ extension) the reference kernels
 # here. torch.compile sees one node per pass; backward recomputes the norms from the saved features.
 # ---------------------------------------------------------------------------------------------
+# feats0, feats1 per layer (B, C, H, W), weights per layer (C,) float32 -> (B,) float32
+_FWD_SCHEMA = "lpips_head(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor"
+# grad (B,) -> (per-layer gradients of feats0 if need0 else [], of feats1 if need1 else [])
+_BWD_SCHEMA = (
+    "lpips_head_backward(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
+    " -> (Tensor[], Tensor[])"
+)
+
+
 def _fwd_reference(feats0: list[Tensor], feats1: list[Tensor], weights: list[Tensor]) -> Tensor:
     return lpips_head_ref(feats0, feats1, weights)
 
@@ -287,6 +296,14 @@ def _backward(ctx, grad: Tensor):
     return grads0 or none, grads1 or none, none
 
 
+_lpips_head_op, _lpips_head_backward_op = define_op_pair(
+    (_FWD_SCHEMA, _fwd_triton, _fwd_reference, _fwd_fake),
+    (_BWD_SCHEMA, _bwd_triton, _bwd_reference, _bwd_fake),
+    autograd=_backward,
+    setup_context=_setup_context,
+)
+
+
 # impl="triton" on CPU tensors under TRITON_INTERPRET=1 (tests only): the launchers with the same
 # formulas; the layers arrive flattened, as autograd.Function differentiates tensor arguments only.
 def _interpreted_forward(L: int, *tensors: Tensor) -> Tensor:
@@ -306,23 +323,6 @@ def _interpreted_backward(ctx, grad: Tensor):
     return None, *(grads0 or none), *(grads1 or none), *none
 
 
-# feats0, feats1 per layer (B, C, H, W), weights per layer (C,) float32 -> (B,) float32
-_lpips_head_op = define_op(
-    "lpips_head(Tensor[] feats0, Tensor[] feats1, Tensor[] weights) -> Tensor",
-    cuda=_fwd_triton,
-    reference=_fwd_reference,
-    fake=_fwd_fake,
-    backward=_backward,
-    setup_context=_setup_context,
-)
-# grad (B,) -> (per-layer gradients of feats0 if need0 else [], of feats1 if need1 else [])
-_lpips_head_backward_op = define_op(
-    "lpips_head_backward(Tensor grad, Tensor[] feats0, Tensor[] feats1, Tensor[] weights, bool need0, bool need1)"
-    " -> (Tensor[], Tensor[])",
-    cuda=_bwd_triton,
-    reference=_bwd_reference,
-    fake=_bwd_fake,
-)
 _lpips_head_interpreted = interpreted(_interpreted_forward, _interpreted_setup_context, _interpreted_backward)
 
 

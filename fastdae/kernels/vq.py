@@ -40,8 +40,8 @@ written in torch (a fused kernel would not pay).
 File order: Triton kernel -> launchers -> ops (reference and fake kernels, autograd) -> *_ref -> public
 functions.
 
-Length (~650 lines, over the package's ~400): one op pair is one file in the house order above; the
-kernel calls pass ~25 arguments, one per line as ruff formats them.
+Length (~580 lines, over the package's ~400): one op pair is one file in the house order above; the
+kernel calls pass ~25 arguments.
 """
 
 from __future__ import annotations
