@@ -277,7 +277,9 @@ def _call_api(fn: Callable[..., Any], args: argparse.Namespace, extra: list[str]
 def _usage_error(command: str, e: object) -> int:
     """What the user asked for cannot be done (bad input, a missing or stale run): one line on stderr,
     no traceback, exit status USAGE_ERROR, as for config errors."""
-    print(f"fastdae {command}: {one_line(e)}", file=sys.stderr)
+    message = one_line(e)
+    message = message.removeprefix(f"{command}: ")  # the API's own "sample: ..." prefix, said once
+    print(f"fastdae {command}: {message}", file=sys.stderr)
     return USAGE_ERROR
 
 

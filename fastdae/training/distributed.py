@@ -9,6 +9,7 @@ diffusion noise do not depend on how many steps ran in this process. Everything 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import socket
@@ -81,7 +82,15 @@ def setup_distributed(device: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # fastdae made the group, so it takes it down: a group left to the interpreter's teardown can
+        # abort a rank ("terminate called without an active exception") when another rank exits first
+        atexit.register(_destroy_process_group)
     return Dist(rank, world, local), dev
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, compile: bool = False) -> nn.Module:
