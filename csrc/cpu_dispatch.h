@@ -17,6 +17,15 @@
 #define FASTDAE_X86 0
 #endif
 
+// The compile target of each ISA's copy of a hot loop, defined once (the feature sets detect_hardware
+// checks): FASTDAE_TARGET_<ISA> ... FASTDAE_TARGET_END around the namespace that includes the loop.
+#define FASTDAE_TARGET(features) _Pragma("GCC push_options") _Pragma(features)
+#define FASTDAE_TARGET_AVX2 FASTDAE_TARGET("GCC target(\"avx2,fma\")")
+#define FASTDAE_TARGET_AVX512 FASTDAE_TARGET("GCC target(\"avx2,fma,avx512f,avx512dq,avx512bw,avx512vl\")")
+#define FASTDAE_TARGET_AMX \
+  FASTDAE_TARGET("GCC target(\"avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,amx-tile,amx-bf16\")")
+#define FASTDAE_TARGET_END _Pragma("GCC pop_options")
+
 namespace fastdae_cpu {
 
 enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };

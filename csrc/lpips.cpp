@@ -57,32 +57,12 @@ Layer prepare(const at::Tensor& f0, const at::Tensor& f1, const at::Tensor& w) {
   return L;
 }
 
+}  // namespace
+
 // The tile loops once per instruction set (csrc/lpips_kernel.h: the compiler vectorises them for
 // the target), picked per call by cpu_isa(): the portable baseline, AVX2 + FMA, AVX-512.
-namespace generic {
-#include "lpips_kernel.h"
-}  // namespace generic
-}  // namespace
-
-#if FASTDAE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace {
-namespace avx2 {
-#include "lpips_kernel.h"
-}  // namespace avx2
-}  // namespace
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")
-namespace {
-namespace avx512 {
-#include "lpips_kernel.h"
-}  // namespace avx512
-}  // namespace
-#pragma GCC pop_options
-#endif
+#define FASTDAE_KERNEL "lpips_kernel.h"
+#include "isa_copies.h"
 
 namespace {
 

@@ -1,6 +1,6 @@
 // The LPIPS head's tile loops (csrc/lpips.cpp describes them), compiled once per instruction set:
-// lpips.cpp includes this file (no include guard) inside a namespace per ISA, under
-// `#pragma GCC target(...)`, after the headers, the constants and `Layer` it uses (none are included here).
+// (csrc/isa_copies.h, no include guard), after the headers, the constants and `Layer` it uses (none
+// are included here).
 
 // src: one image's map; dst[c * TP + p] for positions p0 .. p0 + np, lanes np .. TP zero-filled.
 template <typename scalar_t>

@@ -36,57 +36,17 @@
 //   avx512:  16 lanes in zmm, 6 rows (32 registers), masked-store minimum updates;
 //   amx:     for D >= 16, a bf16 coarse pass on the tile unit and an exact fp32 re-rank (csrc/vq_amx.h);
 //            below D = 16 (and at avx512bf16, which has no kernel of its own) the avx512 micro-kernel.
-namespace {
-namespace generic {
-#define VQ_W 8
-#define VQ_MR 3
-#define VQ_AVX512 0
-#include "vq_kernel.h"
-#undef VQ_W
-#undef VQ_MR
-#undef VQ_AVX512
-}  // namespace generic
-}  // namespace
+#define FASTDAE_KERNEL "vq_kernel.h"
+#include "isa_copies.h"
 
 #if FASTDAE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace {
-namespace avx2 {
-#define VQ_W 8
-#define VQ_MR 3
-#define VQ_AVX512 0
-#include "vq_kernel.h"
-#undef VQ_W
-#undef VQ_MR
-#undef VQ_AVX512
-}  // namespace avx2
-}  // namespace
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")
-namespace {
-namespace avx512 {
-#define VQ_W 16
-#define VQ_MR 6
-#define VQ_AVX512 1
-#include "vq_kernel.h"
-#undef VQ_W
-#undef VQ_MR
-#undef VQ_AVX512
-}  // namespace avx512
-}  // namespace
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,amx-tile,amx-bf16")
+FASTDAE_TARGET_AMX
 namespace {
 namespace amx {
 #include "vq_amx.h"
 }  // namespace amx
 }  // namespace
-#pragma GCC pop_options
+FASTDAE_TARGET_END
 #endif
 
 namespace {

@@ -1,13 +1,11 @@
-// The fp32 nearest-code micro-kernel (csrc/vq.cpp describes it), compiled once per instruction set:
-// vq.cpp includes this file (no include guard) inside a namespace per ISA, under
-// `#pragma GCC target(...)`, after defining
-//   VQ_W       lanes per vector (8: ymm / two xmm, 16: zmm)
-//   VQ_MR      rows per micro-kernel (MR x NV accumulators + NV codes + a broadcast fit the registers)
-//   VQ_AVX512  1 where the running-minimum update may use AVX-512 masked stores
-// and after including <immintrin.h>, ATen and the standard headers it uses (none are included here).
+// The fp32 nearest-code micro-kernel (csrc/vq.cpp describes it), compiled once per instruction set
+// (csrc/isa_copies.h, no include guard): FASTDAE_AVX512 is 1 in the AVX-512 copy (16 lanes in zmm,
+// 6 rows, masked-store minimum updates), 0 in the others (8 lanes: ymm or two xmm, 3 rows).
+// <immintrin.h>, ATen and the standard headers it uses come first (none are included here).
 
-constexpr int64_t W = VQ_W;    // lanes per vector
-constexpr int64_t MR = VQ_MR;  // rows per micro-kernel
+constexpr int64_t W = FASTDAE_AVX512 ? 16 : 8;  // lanes per vector
+// rows per micro-kernel: MR x NV accumulators + NV codes + a broadcast fit the registers
+constexpr int64_t MR = FASTDAE_AVX512 ? 6 : 3;
 constexpr int64_t NV = 2;       // vectors of codes per micro-kernel
 constexpr int64_t NR = NV * W;  // codes per panel
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
@@ -27,7 +25,7 @@ inline vf load_vf(const float* p) {
 // best_idx[]. The running minima live in L1, not registers, to leave the registers to the
 // accumulators (GCC spills the codes otherwise): with AVX-512 a compare and two masked stores.
 inline void update_min(vf s, float* best, int32_t* best_idx, vi code) {
-#if VQ_AVX512
+#if FASTDAE_AVX512
   const __mmask16 lt = _mm512_cmp_ps_mask(s, _mm512_loadu_ps(best), _CMP_LT_OQ);
   _mm512_mask_storeu_ps(best, lt, s);
   _mm512_mask_storeu_epi32(best_idx, lt, reinterpret_cast<__m512i>(code));
