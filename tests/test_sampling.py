@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 import zipfile
 from pathlib import Path
@@ -25,8 +23,8 @@ from fastdae.config import apply_overrides, load_config, preset
 from fastdae.files import sha256_file
 from fastdae.sampler import to_uint8
 from fastdae.training.identity import RunError
+from tests.utils import torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -240,23 +238,7 @@ SCRIPT = textwrap.dedent("""
 def test_torchrun_shards_match_one_process(run_dir, tmp_path):
     single = read_npz(fastdae.sample(run_dir, 22, tmp_path / "single.npz", batch_size=4, progress=False))
     (tmp_path / "script.py").write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(tmp_path / "script.py"),
-            str(run_dir),
-            str(tmp_path / "ddp.npz"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun(tmp_path / "script.py", run_dir, tmp_path / "ddp.npz")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = read_npz(tmp_path / "ddp.npz")
     assert all(np.array_equal(x, y) for x, y in zip(single, ddp, strict=True))  # same batches, wherever they ran
@@ -371,16 +353,8 @@ def test_a_second_sample_under_torchrun_is_refused_on_every_rank(run_dir, tmp_pa
     """Rank 0 takes the lock and tells the others: no rank waits at a barrier for one that has left."""
     out = tmp_path / "s.npz"
     (tmp_path / "script.py").write_text(REFUSED_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     with sampling.exclusive(out):
-        proc = subprocess.run(
-            [*cmd, str(tmp_path / "script.py"), str(run_dir), str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        proc = torchrun(tmp_path / "script.py", run_dir, out, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"s.npz.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
     assert proc.stderr.count("another fastdae sample") == 2, proc.stderr[-3000:]

@@ -1,8 +1,8 @@
 """Shared test helpers: numerics for kernel tests (flash-attention's rule: a kernel's error against a
 float64 reference may be at most 2x the error plain torch makes in the same dtype, plus a floor), and
 the tiny trainer config, log reader and folder snapshot of the training tests, and the encode
-functions, index-carrying dataset and small-shard `build` of the latent cache tests, and the
-subprocess that runs benchmark files as `pytest benchmarks/` does."""
+functions, index-carrying dataset and small-shard `build` of the latent cache tests, the
+subprocess that runs benchmark files as `pytest benchmarks/` does, and a script run under torchrun."""
 
 from __future__ import annotations
 
@@ -162,6 +162,20 @@ def run_benchmarks(target: Path, tmp_path: Path, timeout: int, **env: str) -> su
         [*cmd, f"--basetemp={tmp_path / 'pytest'}"],
         cwd=REPO,
         env={**base, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def torchrun(script: Path, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 script args...` (one node, 2 gloo ranks, one thread
+    each) from this checkout; never raises on a failed run (the caller asserts on returncode)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    return subprocess.run(
+        [*cmd, *(str(a) for a in args)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=timeout,

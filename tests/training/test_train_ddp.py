@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastdae.config import apply_overrides, preset
+from tests.utils import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = {"stage1", "cache", "stage2", "prior", "samples"}
@@ -79,8 +80,7 @@ def one_node(tmp_path_factory) -> tuple[Path, list[dict]]:
     """A run of every stage on one node of 2 processes (--standalone)."""
     tmp = tmp_path_factory.mktemp("one-node")
     cfg = _config(tmp, "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp / "script.py")]
-    proc = subprocess.run([*cmd, str(cfg)], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = torchrun(tmp / "script.py", cfg, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run", _reports(proc.stdout)
 

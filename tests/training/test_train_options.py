@@ -6,11 +6,8 @@ trained, and resumes exactly."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from fastdae.config import ConfigError, apply_overrides, check_environment, pres
 from fastdae.training import distributed
 from fastdae.training.identity import config_identity
 from fastdae.training.optim import Updater, lr_factor
-from tests.utils import read_log, tiny
+from tests.utils import read_log, tiny, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,23 +264,7 @@ def test_grad_accumulation_under_torchrun_matches_one_process(tmp_path):
         "from fastdae.training import train; train(TrainConfig.load(sys.argv[1]))"
     )
     (tmp_path / "script.py").write_text(script)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(tmp_path / "script.py"),
-            str(tmp_path / "cfg.yaml"),
-        ],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun(tmp_path / "script.py", tmp_path / "cfg.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = (read_log(r / "stage1" / "log.csv") for r in (one.run_dir, tmp_path / "ddp"))
     assert_same_curves(want, got, ("grad_norm",), rel=1e-4)  # rank 0 logs its own loss; the norm is global
