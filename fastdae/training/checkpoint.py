@@ -17,7 +17,6 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -28,9 +27,6 @@ from fastdae import files
 from fastdae.training.distributed import unwrap
 from fastdae.training.identity import RunError
 from fastdae.training.optim import EMA, Updater
-
-if TYPE_CHECKING:  # run.py imports this module
-    from fastdae.training.run import Run
 
 LATEST = "latest"
 CORRUPT_ADVICE = (
@@ -137,12 +133,6 @@ def save_checkpoint(stage_dir: Path, step: int, state: State) -> Path:
     for old in older[:-1]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def save_if_due(run: Run, stage: str, done: int, steps: int, every: int, state: State) -> None:
-    """Rank 0 checkpoints every `every` steps and at the last step."""
-    if (done % every == 0 or done == steps) and run.dist.is_main:
-        save_checkpoint(run.stage_dir(stage), done, state)
 
 
 def restore(path: Path | None, state: State, lrs: dict[str, float]) -> int:

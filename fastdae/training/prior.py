@@ -14,7 +14,7 @@ import torch
 from fastdae.models.diffusion import LatentScaler, make_diffusion
 from fastdae.models.dit import DiT, DiT_models
 from fastdae.training import distributed
-from fastdae.training.checkpoint import State, restore, save_if_due, save_weights
+from fastdae.training.checkpoint import State, restore, save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
 from fastdae.training.logs import StepLog
 from fastdae.training.optim import Updater
@@ -63,7 +63,7 @@ def run(r: Run) -> dict[str, Any]:
         terms = upd.logged_step()
         state.update_emas(step)
         log.step(step + 1, terms)
-        save_if_due(r, "prior", step + 1, p.steps, p.ckpt_every, state)
+        r.save_if_due("prior", step + 1, p.steps, p.ckpt_every, state)
     metrics = log.finish()
     if r.dist.is_main:
         save_weights(r.dit_file, state.final("dit", model).state_dict())

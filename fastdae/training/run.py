@@ -16,7 +16,7 @@ from typing import Any
 
 from fastdae import files
 from fastdae.config import STAGES, ConfigError
-from fastdae.training.checkpoint import checkpoint_step, latest_checkpoint
+from fastdae.training.checkpoint import State, checkpoint_step, latest_checkpoint, save_checkpoint
 from fastdae.training.distributed import SAME_DATA
 from fastdae.training.identity import RunError, config_identity, differences
 from fastdae.training.paths import RUN_MARKER, MissingOutputError, is_run_entry
@@ -283,6 +283,11 @@ class Run(RunResources):
             files.write_json(self.metrics_file(stage), {**metrics, "weights": weights})
 
         self._on_main(write)
+
+    def save_if_due(self, stage: str, done: int, steps: int, every: int, state: State) -> None:
+        """Rank 0 checkpoints `stage` after `done` of its `steps` steps: every `every` steps and at the end."""
+        if (done % every == 0 or done == steps) and self.dist.is_main:
+            save_checkpoint(self.stage_dir(stage), done, state)
 
     def _on_main(self, fn: Callable[[], object]) -> None:
         """fn() on rank 0 between barriers: every rank has read the folder before, and sees the change after."""

@@ -16,7 +16,7 @@ import torch
 from fastdae.models.autoencoder import Autoencoder, build_decoder
 from fastdae.training import distributed
 from fastdae.training.autoencoding import evaluate, images_at, losses_and_state, update_step
-from fastdae.training.checkpoint import save_if_due, save_weights
+from fastdae.training.checkpoint import save_weights
 from fastdae.training.distributed import image_batches, to_device, wrap_ddp
 from fastdae.training.logs import StepLog
 from fastdae.training.run import Run
@@ -45,7 +45,7 @@ def run(r: Run) -> dict[str, Any]:
             upd.backward(loss, terms, x_hat)  # terms and x_hat kept for the log and the discriminator
         terms, x_hat = update_step(r, crit, state, "autoencoder", step, x)  # generator, discriminator, EMA
         log.step(step + 1, terms, images=(x, x_hat))
-        save_if_due(r, "stage1", step + 1, steps, s.ckpt_every, state)
+        r.save_if_due("stage1", step + 1, steps, s.ckpt_every, state)
     metrics = log.finish()
 
     decoder = state.final("decoder", ae.decoder)

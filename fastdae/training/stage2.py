@@ -15,7 +15,7 @@ import torch
 from fastdae.cache.images import to_signed_unit
 from fastdae.training import distributed
 from fastdae.training.autoencoding import evaluate, images_at, losses_and_state, update_step
-from fastdae.training.checkpoint import save_if_due, save_weights
+from fastdae.training.checkpoint import save_weights
 from fastdae.training.distributed import cache_batches, to_device, wrap_ddp
 from fastdae.training.encode import image_cache
 from fastdae.training.logs import StepLog
@@ -57,7 +57,7 @@ def run(r: Run) -> dict[str, Any]:
             upd.backward(loss, terms, x_hat)  # terms and x_hat kept for the log and the discriminator
         terms, x_hat = update_step(r, crit, state, "decoder", step, x)  # generator, discriminator, EMA
         log.step(step + 1, terms, images=(x, x_hat))
-        save_if_due(r, "stage2", step + 1, s.steps, s.ckpt_every, state)
+        r.save_if_due("stage2", step + 1, s.steps, s.ckpt_every, state)
     metrics = log.finish()
 
     final = state.final("decoder", decoder).eval()
