@@ -11,7 +11,9 @@ with sorted keys, so an edited field (e.g. the channel statistics the prior scal
 Shard file names must match the writer's pattern: a manifest never makes the reader open another file.
 
 Index space: with n dataset items, item i < n is dataset[i]; with flip=True, items n..2n-1 are the
-horizontally flipped copies of 0..n-1 (their images were flipped before encoding).
+horizontally flipped copies of 0..n-1 (their images were flipped before encoding). An IndexSpace
+serves the images of that index space: FlipView through a dataset, or the decoded-image cache
+(fastdae.cache.images.ImageCache) from its shards; `index_space` gives the one for a dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -157,20 +160,26 @@ def gather_images(dataset: MapDataset, indices: np.ndarray) -> tuple[Tensor, Ten
     return images, labels
 
 
-class FlipView(Dataset):
-    """Index space of the cache over a dataset of n items: i >= n is item i - n flipped along W."""
+class IndexSpace(Dataset, ABC):
+    """Images in a cache's index space over n dataset items: len(self) is n, or 2n with `flip` (item
+    i >= n is item i - n flipped along W). `__getitems__` returns the stacked batch (images (B, 3, H, W),
+    labels int64 (B,)), not torch's list of samples. Subclasses read the unflipped items (`_read`)."""
 
-    def __init__(self, dataset: MapDataset, flip: bool) -> None:
-        self.dataset, self.n, self.flip = dataset, len(dataset), flip
+    n: int
+    flip: bool
+
+    @abstractmethod
+    def _read(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Images (B, 3, H, W) and labels int64 (B,) of items idx, all < n."""
 
     def __len__(self) -> int:
         return self.n * (2 if self.flip else 1)
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int] | np.ndarray) -> tuple[Tensor, Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"cache index out of range [0, {len(self)})")
-        images, labels = gather_images(self.dataset, idx % self.n)
+        images, labels = self._read(idx % self.n)
         flipped = torch.from_numpy(idx >= self.n)
         if flipped.any():
             images[flipped] = images[flipped].flip(-1)
@@ -181,5 +190,25 @@ class FlipView(Dataset):
         return images[0], labels[0]
 
 
+class FlipView(IndexSpace):
+    """A dataset's items in the cache's index space, read through the dataset."""
+
+    def __init__(self, dataset: MapDataset, flip: bool) -> None:
+        self.dataset, self.n, self.flip = dataset, len(dataset), flip
+
+    def _read(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        return gather_images(self.dataset, idx)
+
+
+def index_space(dataset: MapDataset | IndexSpace, flip: bool) -> IndexSpace:
+    """`dataset` in the index space of a cache with `flip`: an IndexSpace (the image cache,
+    fastdae.cache.images) already is, with that flip; any other dataset is wrapped in FlipView."""
+    if not isinstance(dataset, IndexSpace):
+        return FlipView(dataset, flip)
+    if dataset.flip != flip:
+        raise ValueError(f"images in an index space with flip={dataset.flip} given for a cache with flip={flip}")
+    return dataset
+
+
 def no_collate(batch: T) -> T:
-    return batch  # FlipView.__getitems__ already returns the stacked batch
+    return batch  # an IndexSpace's __getitems__ already returns the stacked batch

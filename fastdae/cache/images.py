@@ -2,10 +2,13 @@
 
     build_images(run / "cache" / "images", dataset, dataset_fingerprint=fp)     # once, beside the latent cache
     images = ImageCache(root, dataset_fingerprint=fp, flip=False, image_size=(256, 256))
+    LatentCache.build(run / "cache", images, encode, ...)  # the latents, from the same decoded images
     cache.paired_loader(images, 64)        # stage 2: latents and images, no image file opened
 
 Stage 2 never runs the encoder, but without this it decodes and resizes every target image at every
-step: at 256 px that is the loader's whole cost (benchmarks/results/loader-2026-12-06.md).
+step: at 256 px that is the loader's whole cost (benchmarks/results/loader-2026-12-06.md). The cache
+stage builds this first and encodes the latents from it, so each image file is decoded once in all
+(the same floats, so the same latents, bit for bit).
 
 Format: a latent cache folder (fastdae.cache.format) whose one field is "image", uint8 (3, H, W),
 written by fastdae.cache.writer.build under the identity encoder_sha256 = IMAGE_ENCODER. So the
@@ -33,10 +36,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from fastdae import files
-from fastdae.cache.format import LABEL, CacheError
+from fastdae.cache.format import LABEL, CacheError, IndexSpace
 from fastdae.cache.reader import LatentCache
 
 if TYPE_CHECKING:
@@ -97,10 +99,11 @@ def build_images(
     )
 
 
-class ImageCache(Dataset):
-    """The stored images in the latent cache's index space: len(self) is n, or 2n with `flip` (items
-    i >= n are item i - n flipped along W). `__getitems__` returns (images float32 (B, 3, H, W) in
-    [-1, 1], labels int64 (B,)), what FlipView(dataset, flip) returns, read without decoding.
+class ImageCache(IndexSpace):
+    """The stored images in the latent cache's index space (an IndexSpace): len(self) is n, or 2n with
+    `flip` (items i >= n are item i - n flipped along W). `__getitems__` returns (images float32
+    (B, 3, H, W) in [-1, 1], labels int64 (B,)), what FlipView(dataset, flip) returns, read without
+    decoding: the cache stage encodes the latents from it, and stage 2 reads its targets from it.
 
     `uint8=True` returns the stored pixels instead, for to_signed_unit on the training device: a
     quarter of the bytes to copy there, and the float conversion (at 256 px most of the loader's
@@ -136,9 +139,6 @@ class ImageCache(Dataset):
             raise CacheError(f"image cache {self.root} holds fields {have}, expected {want} (uint8 images)")
         self.n, self.flip, self.uint8 = len(self.cache), flip, uint8
 
-    def __len__(self) -> int:
-        return self.n * (2 if self.flip else 1)
-
     def verify_split(self) -> None:
         """Under torch.distributed (a collective: every rank calls it): rank r checks the sha256 of
         shards r, r + W, ... now, the ranks share what they found (a bad shard is a CacheError on every
@@ -162,16 +162,10 @@ class ImageCache(Dataset):
             raise CacheError(bad[0] + (f" (and {len(bad) - 1} more rank(s) found a bad shard)" if len(bad) > 1 else ""))
         self.cache.trust([k for k in range(self.cache.num_shards) if k % world != rank])
 
-    def __getitems__(self, indices: list[int] | np.ndarray) -> tuple[Tensor, Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"image cache index out of range [0, {len(self)})")
-        fields = self.cache.gather(idx % self.n, widen=False)
-        pixels, flipped = fields[IMAGE_FIELD], torch.from_numpy(idx >= self.n)
-        if flipped.any():
-            pixels[flipped] = pixels[flipped].flip(-1)
-        return pixels if self.uint8 else to_signed_unit(pixels), fields[LABEL].to(torch.int64)
+    def _read(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        fields = self.cache.gather(idx, widen=False)
+        return fields[IMAGE_FIELD], fields[LABEL].to(torch.int64)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        images, labels = self.__getitems__([i])
-        return images[0], labels[0]
+    def __getitems__(self, indices: list[int] | np.ndarray) -> tuple[Tensor, Tensor]:
+        pixels, labels = super().__getitems__(indices)  # flipped as uint8: a quarter of the bytes
+        return pixels if self.uint8 else to_signed_unit(pixels), labels

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastdae import files
-from fastdae.cache.format import FlipView
+from fastdae.cache.format import IndexSpace, index_space
 from fastdae.cache.images import ImageCache
 
 if TYPE_CHECKING:
@@ -83,7 +83,9 @@ class CacheLoader:
         )
         self.num_threads, self.prefetch = max(1, num_workers), prefetch
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA build and device
-        self.images: Any = _index_space(image_dataset, cache.manifest["flip"]) if image_dataset is not None else None
+        self.images: IndexSpace | None = (
+            None if image_dataset is None else index_space(image_dataset, cache.manifest["flip"])
+        )
         self.epoch, self.start_batch = epoch_offset, 0
         n, w = len(cache), self.world_size
         self.per_rank = n // w if drop_last else math.ceil(n / w)
@@ -115,7 +117,7 @@ class CacheLoader:
             fields = {name: t.pin_memory() for name, t in fields.items()}
         if self.images is None:
             return fields
-        images = self.images.__getitems__(idx.tolist())[0]  # FlipView and ImageCache batch their reads
+        images = self.images.__getitems__(idx.tolist())[0]  # an IndexSpace batches its reads
         return fields, images.pin_memory() if self._pin else images
 
     def __iter__(self) -> Iterator[Any]:
@@ -141,12 +143,6 @@ class CacheLoader:
             self.epoch, self.start_batch = epoch + 1, 0
         finally:  # also when the consumer stops early: drop what was prefetched
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _index_space(image_dataset: MapDataset, flip: bool) -> ImageCache | FlipView:
-    """The images in the latent cache's index space: an ImageCache already is (_check_paired checks
-    its flip against the cache's), any other dataset is wrapped in FlipView."""
-    return image_dataset if isinstance(image_dataset, ImageCache) else FlipView(image_dataset, flip)
 
 
 def _check_paired(cache: LatentCache, image_dataset: MapDataset) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdae import files
-from fastdae.cache.format import MANIFEST, SAFETENSORS_DTYPES, TORCH_READ, CacheError, read_manifest
+from fastdae.cache.format import MANIFEST, SAFETENSORS_DTYPES, TORCH_READ, CacheError, IndexSpace, read_manifest
 
 if TYPE_CHECKING:
     from fastdae.cache.writer import EncodeFn
@@ -201,7 +201,9 @@ class LatentCache:
                 )
 
     @classmethod
-    def build(cls, root: str | os.PathLike, dataset: MapDataset, encode: EncodeFn, **kwargs: Any) -> LatentCache:
+    def build(
+        cls, root: str | os.PathLike, dataset: MapDataset | IndexSpace, encode: EncodeFn, **kwargs: Any
+    ) -> LatentCache:
         """Encode every item of `dataset` once and write the cache (fastdae.cache.writer.build), then open it."""
         from fastdae.cache.writer import build
 

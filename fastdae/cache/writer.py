@@ -27,8 +27,9 @@ from fastdae.cache.format import (
     SHARD_PATTERN,
     STORED_FLOAT,
     CacheError,
-    FlipView,
+    IndexSpace,
     checksum,
+    index_space,
     no_collate,
     shard_name,
 )
@@ -265,7 +266,7 @@ def _remove_unlisted(root: Path, listed: set[str]) -> None:
 
 def build(
     root: str | Path,
-    dataset: MapDataset,
+    dataset: MapDataset | IndexSpace,
     encode: EncodeFn,
     *,
     batch_size: int = 256,
@@ -277,6 +278,8 @@ def build(
     progress: bool = True,
 ) -> None:
     """Encode every item of `dataset` (and flipped copies with flip=True) once and write the cache.
+    `dataset` may already be in the cache's index space, with the same flip (format.IndexSpace: the
+    image cache of fastdae.cache.images, whose images are the dataset's, decoded once).
 
     `encode(images (B, 3, H, W) float) -> (fields, stats_latent)` is called under torch.no_grad;
     fields map names to (B, ...) tensors to store (e.g. VQ {"indices": (B, h, w) int64}, KL
@@ -290,12 +293,12 @@ def build(
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    if len(dataset) == 0:
+    view = index_space(dataset, flip)
+    if view.n == 0:
         raise ValueError("cannot build a latent cache of an empty dataset")
     t0 = time.perf_counter()
     root = Path(root)
     rank, world = files.dist_rank_world()
-    view = FlipView(dataset, flip)
     count = len(view)
     identity = {
         "format_version": FORMAT_VERSION,
@@ -357,7 +360,7 @@ def build(
         mine_records = [r for rs in gathered for r in rs]
     if rank == 0:
         encoded = sum(r["stop"] - r["start"] for r in mine_records if r.get("encoded"))
-        manifest = _merge_manifest(mine_records, identity, len(dataset), time.perf_counter() - t0, encoded, world)
+        manifest = _merge_manifest(mine_records, identity, view.n, time.perf_counter() - t0, encoded, world)
         files.write_bytes(root / MANIFEST, json.dumps({**manifest, "checksum": checksum(manifest)}, indent=1).encode())
         _remove_unlisted(root, {s["file"] for s in manifest["shards"]})
     if world > 1:

@@ -1,15 +1,17 @@
 """The cache step: one pass of the frozen stage-1 encoder over the dataset -> run/cache (fastdae.LatentCache),
-and with cache.images the decoded images -> run/cache/images (fastdae.cache.images) for stage 2.
+and with cache.images the decoded images -> run/cache/images (fastdae.cache.images) for stage 2, built
+first: the encoder then reads its images from there, so each image file is decoded once, and the latents
+are the dataset's, bit for bit (the stored images read back as the same floats).
 
 A complete cache of the same encoder file (sha256), dataset fingerprint, flip and shard size is
 reused as is; an interrupted build keeps its finished shards (LatentCache.build). The image cache
-follows the same rules with the dataset fingerprint alone (no encoder reads it).
+follows the same rules with the dataset fingerprint alone (no encoder made it).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -19,12 +21,16 @@ from fastdae.models.autoencoder import build_encoder
 from fastdae.training.checkpoint import load_weights
 from fastdae.training.run import Run
 
+if TYPE_CHECKING:
+    from fastdae.cache.format import IndexSpace
+    from fastdae.data import MapDataset
+
 
 def run(r: Run) -> dict[str, Any]:
-    metrics = latents(r)
-    if r.cfg.cache.images:
-        metrics["images"] = images(r)
-    return metrics
+    if not r.cfg.cache.images:
+        return latents(r, r.dataset)
+    stored = images(r)
+    return {**latents(r, image_cache(r)), "images": stored}
 
 
 def image_cache(r: Run, uint8: bool = False) -> ImageCache:
@@ -60,7 +66,9 @@ def images(r: Run) -> dict[str, Any]:
     return {"reused": False, "count": count, "time_s": elapsed, "images_per_s": count / elapsed}
 
 
-def latents(r: Run) -> dict[str, Any]:
+def latents(r: Run, source: MapDataset | IndexSpace) -> dict[str, Any]:
+    """The latent cache: reused when complete and of this encoder and dataset, else encoded from
+    `source`, the dataset or its image cache (resuming its shards)."""
     cfg, device = r.cfg, r.device
     sha = r.encoder_sha256()
     try:  # flip and shard_size are part of the stage's identity (checked by Run.prepare)
@@ -85,7 +93,7 @@ def latents(r: Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     cache = LatentCache.build(
         r.cache_dir,
-        r.dataset,
+        source,
         encode,
         batch_size=cfg.cache.batch_size,
         shard_size=cfg.cache.shard_size,

@@ -4,6 +4,7 @@ index space, and its identity rules (dataset, size, crop, corruption, resume).""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -16,6 +17,8 @@ from fastdae.cache.format import FlipView
 from fastdae.cache.images import ImageCache, build_images, to_signed_unit
 from fastdae.config import ConfigError, apply_overrides, preset
 from fastdae.data import ImageFolder, ProceduralShapes, dataset_fingerprint
+from tests.utils import build as build_latents
+from tests.utils import content, encode_kl
 
 
 def make_folder(root, n: int = 10, size: tuple[int, int] = (20, 14)) -> None:
@@ -171,6 +174,23 @@ def test_the_paired_loader_gives_the_same_batches_from_the_image_cache(tmp_path,
         assert torch.equal(fa["mean"], fb["mean"]) and torch.equal(xa, xb)
     with pytest.raises(ValueError, match="does not match latent cache"):
         latents.paired_loader(open_images(tmp_path / "images", folder, flip=False), 4)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_latents_encoded_from_the_image_cache_are_byte_identical_to_those_from_the_dataset(tmp_path, folder, flip):
+    build(tmp_path / "images", folder)  # shards of 4 images: the latent shards of 6 below straddle them
+    cached = open_images(tmp_path / "images", folder, flip)
+    kw = {"shard_size": 6, "batch_size": 4, "flip": flip, "dataset_fingerprint": dataset_fingerprint(folder)}
+    roots = [tmp_path / "from-dataset", tmp_path / "from-images"]
+    for root, source in zip(roots, (folder, cached), strict=True):
+        build_latents(root, source, encode_kl, **kw)
+    a, b = ({p.name: p.read_bytes() for p in root.glob("shard-*")} for root in roots)  # shards and sidecars
+    assert len(a) == 2 * math.ceil(len(folder) * (2 if flip else 1) / 6) and a == b
+    manifests = [json.loads((root / "manifest.json").read_text()) for root in roots]
+    assert manifests[0]["dataset_len"] == len(folder) and content(manifests[0]) == content(manifests[1])
+    # images of the other flip are refused, not encoded as another index space
+    with pytest.raises(ValueError, match="flip"):
+        build_latents(tmp_path / "other", cached, encode_kl, **{**kw, "flip": not flip})
 
 
 def test_cache_images_is_refused_for_random_crops_and_flips():
