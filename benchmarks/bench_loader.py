@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastdae.cache import LatentCache
-from fastdae.cache.format import FlipView, no_collate
+from fastdae.cache.format import index_space, no_collate
 from fastdae.cache.images import ImageCache, build_images, to_signed_unit
 from fastdae.data import ImageFolder, dataset_fingerprint
 
@@ -130,8 +130,7 @@ def main() -> None:
                 rates = []
                 for _ in range(args.repeats):
                     if loader == "dataloader":
-                        view = source if isinstance(source, ImageCache) else FlipView(source, False)
-                        rates.append(dataloader_rate(view, args.images, args.batch, workers))
+                        rates.append(dataloader_rate(index_space(source, False), args.images, args.batch, workers))
                     else:
                         rates.append(
                             stage2_rate(latents, images_u8 if source is images else source, args.batch, workers)
