@@ -139,6 +139,9 @@ class ImageCache(IndexSpace):
             raise CacheError(f"image cache {self.root} holds fields {have}, expected {want} (uint8 images)")
         self.n, self.flip, self.uint8 = len(self.cache), flip, uint8
 
+    def __repr__(self) -> str:
+        return f"image cache {self.root}"
+
     def verify_split(self) -> None:
         """Under torch.distributed (a collective: every rank calls it): rank r checks the sha256 of
         shards r, r + W, ... now, the ranks share what they found (a bad shard is a CacheError on every

@@ -15,7 +15,6 @@ import torch
 
 from fastdae import files
 from fastdae.cache.format import IndexSpace, index_space
-from fastdae.cache.images import ImageCache
 
 if TYPE_CHECKING:
     from fastdae.cache.reader import LatentCache
@@ -147,10 +146,10 @@ class CacheLoader:
 
 def _check_paired(cache: LatentCache, image_dataset: MapDataset) -> None:
     flip = cache.manifest["flip"]
-    if isinstance(image_dataset, ImageCache):
+    if isinstance(image_dataset, IndexSpace):  # e.g. the image cache: already in an index space
         if image_dataset.flip != flip or image_dataset.n != cache.dataset_len:
             raise ValueError(
-                f"image cache {image_dataset.root} of {image_dataset.n} images (flip={image_dataset.flip}) does "
+                f"{image_dataset!r} of {image_dataset.n} images (flip={image_dataset.flip}) does "
                 f"not match latent cache {cache.root} of {cache.dataset_len} dataset items (flip={flip})"
             )
         return
