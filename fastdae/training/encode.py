@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 def run(r: Run) -> dict[str, Any]:
     if not r.cfg.cache.images:
         return latents(r, r.dataset)
-    stored = images(r)
-    return {**latents(r, image_cache(r)), "images": stored}
+    cached, stored = images(r)
+    return {**latents(r, cached), "images": stored}
 
 
 def image_cache(r: Run, uint8: bool = False) -> ImageCache:
@@ -44,11 +44,13 @@ def image_cache(r: Run, uint8: bool = False) -> ImageCache:
     )
 
 
-def images(r: Run) -> dict[str, Any]:
-    """The decoded-image cache: reused when complete and of this dataset, else built (resuming its shards)."""
+def images(r: Run) -> tuple[ImageCache, dict[str, Any]]:
+    """The decoded-image cache, opened, and its metrics: reused when complete and of this dataset, else
+    built (resuming its shards)."""
     cfg = r.cfg
     try:
-        return {"reused": True, "count": image_cache(r).n}
+        cached = image_cache(r)
+        return cached, {"reused": True, "count": cached.n}
     except CacheError:
         pass
     t0 = time.perf_counter()
@@ -62,8 +64,8 @@ def images(r: Run) -> dict[str, Any]:
         progress=cfg.progress and r.dist.is_main,
     )
     elapsed = time.perf_counter() - t0
-    count = image_cache(r).n
-    return {"reused": False, "count": count, "time_s": elapsed, "images_per_s": count / elapsed}
+    cached = image_cache(r)
+    return cached, {"reused": False, "count": cached.n, "time_s": elapsed, "images_per_s": cached.n / elapsed}
 
 
 def latents(r: Run, source: MapDataset | IndexSpace) -> dict[str, Any]:
